@@ -1,0 +1,1 @@
+"""The write path: transports turn bytes into Uplinks; the pipeline batches, decodes, stores, then acks."""

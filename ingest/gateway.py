@@ -1,0 +1,86 @@
+"""The gateway process: transports + pipeline + a heartbeat row that /health reads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import UTC, datetime
+
+import psycopg
+
+from iotjx.db import connect
+from iotjx.settings import Settings
+
+from .mqtt import MqttIngest
+from .pipeline import Pipeline
+from .registry import DeviceRegistry
+from .writer import Writer
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Owns the pipeline and the MQTT ingest; `start`, then `stop` (drains, acks, closes)."""
+
+    def __init__(self, settings: Settings, *, heartbeat_s: float = 2.0) -> None:
+        if settings.database_url is None:
+            raise ValueError("the gateway needs IOTJX_DATABASE_URL")
+        self.settings = settings
+        url = settings.database_url
+        self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"))
+        self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
+        self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
+                                 batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max)
+        self.mqtt = MqttIngest(settings, self.pipeline.submit)
+        self._heartbeat_s = heartbeat_s
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.started_at = datetime.now(UTC)
+
+    def start(self) -> None:
+        try:
+            from decoders.warmup import warm_up
+        except ImportError:
+            warm_up = None
+        if warm_up is not None:
+            warm_up()      # numba kernels compiled (or loaded from cache) before the first batch
+        self.pipeline.start()
+        self.mqtt.start()
+        self._heartbeat = threading.Thread(target=self._beat, name="iotjx-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def stop(self) -> None:
+        self.mqtt.stop()
+        self.pipeline.stop()
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(5)
+        self._write_status()
+        self.writer.close()
+        self.registry.close()
+
+    def status(self) -> dict:
+        counters = dict(self.pipeline.counters)
+        counters.update({f"mqtt.{k}": v for k, v in self.mqtt.counters.items()})
+        return {"broker_connected": self.mqtt.connected.is_set(), "queue_depth": self.pipeline.queue_depth,
+                "counters": counters, "last_error": self.pipeline.last_error}
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            self._write_status()
+
+    def _write_status(self) -> None:
+        s = self.status()
+        try:
+            with connect(self.settings.database_url, autocommit=True, application_name="iotjx-heartbeat") as conn:
+                conn.execute("""
+                    INSERT INTO gateway_status (gateway_id, started_at, updated_at, broker_connected, queue_depth, counters)
+                    VALUES (%s, %s, now(), %s, %s, %s)
+                    ON CONFLICT (gateway_id) DO UPDATE SET started_at = excluded.started_at,
+                        updated_at = now(), broker_connected = excluded.broker_connected,
+                        queue_depth = excluded.queue_depth, counters = excluded.counters""",
+                    (self.settings.mqtt_client_id, self.started_at, s["broker_connected"], s["queue_depth"],
+                     json.dumps({**s["counters"], "last_error": s["last_error"]})))
+        except psycopg.Error as exc:
+            log.warning("heartbeat not written: %s", str(exc).splitlines()[0])

@@ -1,0 +1,112 @@
+"""The one writer: a decoded batch goes to the database with COPY, in one transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from iotjx.db.migrations import ensure_partitions
+from iotjx.model import Uplink
+
+log = logging.getLogger(__name__)
+
+RAW_COLUMNS = ("received_at", "device_id", "transport", "payload", "meta", "outcome")
+REJECT_COLUMNS = ("received_at", "device_id", "transport", "codec", "payload", "reason", "detail", "meta")
+
+
+@dataclass(slots=True)
+class WriteSet:
+    """Everything one batch adds: readings per table, rejects, the raw log, and device liveness."""
+
+    readings: dict[str, tuple[tuple[str, ...], list[tuple]]] = field(default_factory=dict)
+    rejects: list[tuple] = field(default_factory=list)
+    raw: list[tuple] = field(default_factory=list)
+    seen: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # device -> (first, last, count)
+    days: set[date] = field(default_factory=set)
+
+    def add_raw(self, u: Uplink, outcome: str) -> None:
+        when = datetime.fromtimestamp(u.received_at, UTC)
+        self.days.add(when.date())
+        self.raw.append((when, u.device_id, u.transport, u.payload, Jsonb(u.meta) if u.meta else None, outcome))
+
+    def add_reject(self, u: Uplink, codec: str | None, reason: str, detail: str) -> None:
+        self.rejects.append((datetime.fromtimestamp(u.received_at, UTC), u.device_id, u.transport, codec,
+                             u.payload, reason, detail, Jsonb(u.meta) if u.meta else None))
+        self.add_raw(u, f"rejected:{reason}")
+
+    def add_stored(self, u: Uplink) -> None:
+        self.add_raw(u, "stored")
+        first, last, count = self.seen.get(u.device_id, (u.received_at, u.received_at, 0))
+        self.seen[u.device_id] = (min(first, u.received_at), max(last, u.received_at), count + 1)
+
+
+_SEEN_UPSERT = """
+    INSERT INTO device_state AS s (device_id, first_seen, last_seen, uplinks)
+    SELECT device_id, to_timestamp(first_s), to_timestamp(last_s), n
+    FROM unnest(%s::text[], %s::float8[], %s::float8[], %s::int8[]) AS t(device_id, first_s, last_s, n)
+    ON CONFLICT (device_id) DO UPDATE SET
+        first_seen = least(s.first_seen, excluded.first_seen),
+        last_seen = greatest(s.last_seen, excluded.last_seen),
+        uplinks = s.uplinks + excluded.uplinks"""
+
+
+class Writer:
+    """Owns one connection; `write` commits a WriteSet or raises, leaving nothing half-written."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection]) -> None:
+        self._connect = connect
+        self._conn: psycopg.Connection | None = None
+        self._partition_days: set[date] = set()
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def write(self, ws: WriteSet) -> None:
+        conn = self.conn
+        try:
+            self._ensure_days(conn, ws.days)
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    for table, (columns, rows) in ws.readings.items():
+                        if rows:
+                            _copy(cur, table, columns, rows)
+                    if ws.rejects:
+                        _copy(cur, "rejected_uplinks", REJECT_COLUMNS, ws.rejects)
+                    if ws.raw:
+                        _copy(cur, "raw_uplinks", RAW_COLUMNS, ws.raw)
+                    if ws.seen:
+                        ids = list(ws.seen)
+                        cur.execute(_SEEN_UPSERT, (ids, [ws.seen[d][0] for d in ids],
+                                                   [ws.seen[d][1] for d in ids], [ws.seen[d][2] for d in ids]))
+        except psycopg.OperationalError:
+            self.close()
+            raise
+
+    def _ensure_days(self, conn: psycopg.Connection, days: set[date]) -> None:
+        new = days - self._partition_days
+        if not new:
+            return
+        with conn.transaction():
+            ensure_partitions(conn, min(new) - timedelta(days=1), max(new) + timedelta(days=2))
+        self._partition_days |= {min(new) + timedelta(days=k) for k in range(-1, (max(new) - min(new)).days + 3)}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+def _copy(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)

@@ -1,0 +1,247 @@
+"""Versioned, idempotent schema migrations, applied by `iotjx db upgrade` and at every start-up.
+
+TimescaleDB when the extension can be created (hypertables, compression segmented by device,
+retention); otherwise plain PostgreSQL with native range partitions by day, created ahead by
+`ensure_partitions` and dropped by `drop_expired_partitions`.  The choice is made once, by the
+first migration, and recorded in `iotjx_meta`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+LOCK_ID = 0x10_7A_5C   # advisory lock serialising concurrent start-ups
+
+CITIES = (
+    (360100, "南昌", "Nanchang"), (360200, "景德镇", "Jingdezhen"), (360300, "萍乡", "Pingxiang"),
+    (360400, "九江", "Jiujiang"), (360500, "新余", "Xinyu"), (360600, "鹰潭", "Yingtan"),
+    (360700, "赣州", "Ganzhou"), (360800, "吉安", "Ji'an"), (360900, "宜春", "Yichun"),
+    (361000, "抚州", "Fuzhou"), (361100, "上饶", "Shangrao"),
+)
+
+# Time-partitioned tables: name -> time column.  Their days are created ahead by the writer.
+TIME_TABLES = {"raw_uplinks": "received_at", "water_readings": "time"}
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[psycopg.Connection, bool], None]
+
+
+def _time_table(conn: psycopg.Connection, timescale: bool, name: str, columns: str, time_col: str,
+                segment_by: str = "device_id") -> None:
+    if timescale:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}\n)")
+        conn.execute(f"SELECT create_hypertable('{name}', '{time_col}', chunk_time_interval => interval '1 day', "
+                     "if_not_exists => true)")
+        conn.execute(f"ALTER TABLE {name} SET (timescaledb.compress, timescaledb.compress_segmentby = "
+                     f"'{segment_by}', timescaledb.compress_orderby = '{time_col} DESC')")
+        conn.execute(f"SELECT add_compression_policy('{name}', interval '7 days', if_not_exists => true)")
+    else:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}\n) PARTITION BY RANGE ({time_col})")
+
+
+def _m1_foundation(conn: psycopg.Connection, timescale: bool) -> None:
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS cities (
+            code integer PRIMARY KEY,            -- GB/T 2260 division code
+            name_zh text NOT NULL,
+            name_en text NOT NULL UNIQUE)""")
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO cities (code, name_zh, name_en) VALUES (%s, %s, %s) ON CONFLICT (code) DO NOTHING",
+                        CITIES)
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS sites (
+            site_id bigserial PRIMARY KEY,
+            city_code integer NOT NULL REFERENCES cities(code),
+            kind text NOT NULL,                  -- residential, community, scenic_spot, campus, farm, dev_zone, road, ...
+            name text NOT NULL,
+            UNIQUE (city_code, kind, name))""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS device_models (
+            model text PRIMARY KEY,
+            codec text NOT NULL,
+            pilot text NOT NULL CHECK (pilot IN ('water', 'fire', 'traffic')),
+            vendor text NOT NULL DEFAULT '',
+            settings jsonb NOT NULL DEFAULT '{}',
+            reporting_interval_s integer NOT NULL CHECK (reporting_interval_s > 0))""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS devices (
+            device_id text PRIMARY KEY,          -- IMEI or carrier platform id
+            model text NOT NULL REFERENCES device_models(model),
+            pilot text NOT NULL CHECK (pilot IN ('water', 'fire', 'traffic')),
+            network text NOT NULL CHECK (network IN ('nbiot', 'cat1')),
+            site_id bigint REFERENCES sites(site_id),
+            installed_at timestamptz NOT NULL DEFAULT now(),
+            status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'inactive', 'retired')),
+            reporting_interval_s integer CHECK (reporting_interval_s > 0),   -- NULL: the model's
+            created_at timestamptz NOT NULL DEFAULT now())""")
+    conn.execute("CREATE INDEX IF NOT EXISTS devices_site ON devices (site_id)")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS device_state (
+            device_id text PRIMARY KEY REFERENCES devices(device_id) ON DELETE CASCADE,
+            first_seen timestamptz NOT NULL,
+            last_seen timestamptz NOT NULL,
+            uplinks bigint NOT NULL DEFAULT 0)""")
+    _time_table(conn, timescale, "raw_uplinks", """
+            received_at timestamptz NOT NULL,
+            device_id text NOT NULL,
+            transport text NOT NULL,
+            payload bytea NOT NULL,
+            meta jsonb,
+            outcome text NOT NULL                -- stored / rejected:<reason>""", "received_at")
+    conn.execute("CREATE INDEX IF NOT EXISTS raw_uplinks_device ON raw_uplinks (device_id, received_at DESC)")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS rejected_uplinks (
+            reject_id bigserial PRIMARY KEY,
+            received_at timestamptz NOT NULL,
+            device_id text NOT NULL,
+            transport text NOT NULL,
+            codec text,
+            payload bytea NOT NULL,
+            reason text NOT NULL,                -- decoders.REASONS code, or unknown_device
+            detail text NOT NULL DEFAULT '',
+            meta jsonb)""")
+    conn.execute("CREATE INDEX IF NOT EXISTS rejected_uplinks_time ON rejected_uplinks (received_at DESC)")
+    _time_table(conn, timescale, "water_readings", """
+            time timestamptz NOT NULL,           -- when the gateway received the uplink
+            device_id text NOT NULL,
+            meter_address text,
+            meter_type smallint,
+            flow_m3 double precision,            -- current cumulative flow
+            settlement_flow_m3 double precision,
+            meter_time timestamptz,              -- the meter's own clock, UTC
+            status integer,
+            valve text,
+            battery_low boolean,
+            transport text NOT NULL""", "time")
+    conn.execute("CREATE INDEX IF NOT EXISTS water_readings_device ON water_readings (device_id, time DESC)")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS target_progress (
+            target_id text PRIMARY KEY,          -- operator-entered values for targets no device measures
+            value double precision NOT NULL,
+            note text NOT NULL DEFAULT '',
+            updated_at timestamptz NOT NULL DEFAULT now())""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS gateway_status (
+            gateway_id text PRIMARY KEY,
+            started_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            broker_connected boolean NOT NULL,
+            queue_depth integer NOT NULL,
+            counters jsonb NOT NULL DEFAULT '{}')""")
+    conn.execute(r"""
+        CREATE OR REPLACE FUNCTION iotjx_ensure_day_partitions(tbl text, first_day date, last_day date)
+        RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE d date; made integer := 0; part text;
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid
+                           WHERE c.relname = tbl) THEN
+                RETURN 0;                        -- a hypertable: TimescaleDB makes its own chunks
+            END IF;
+            PERFORM pg_advisory_xact_lock(hashtext('iotjx_partitions_' || tbl));
+            d := first_day;
+            WHILE d <= last_day LOOP
+                part := format('%s_p%s', tbl, to_char(d, 'YYYYMMDD'));
+                IF to_regclass(part) IS NULL THEN
+                    EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
+                                   part, tbl, d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC');
+                    made := made + 1;
+                END IF;
+                d := d + 1;
+            END LOOP;
+            RETURN made;
+        END $$""")
+    conn.execute(r"""
+        CREATE OR REPLACE FUNCTION iotjx_drop_day_partitions_before(tbl text, keep_from date)
+        RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE r record; dropped integer := 0;
+        BEGIN
+            FOR r IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                     JOIN pg_class p ON p.oid = i.inhparent
+                     WHERE p.relname = tbl AND c.relname ~ ('^' || tbl || '_p[0-9]{8}$')
+                       AND to_date(right(c.relname, 8), 'YYYYMMDD') < keep_from LOOP
+                EXECUTE format('DROP TABLE %I', r.relname);
+                dropped := dropped + 1;
+            END LOOP;
+            RETURN dropped;
+        END $$""")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
+)
+
+
+def _choose_storage(conn: psycopg.Connection) -> str:
+    """Record, once, whether this schema lives on TimescaleDB or plain PostgreSQL."""
+    conn.execute("CREATE TABLE IF NOT EXISTS iotjx_meta (key text PRIMARY KEY, value text NOT NULL)")
+    row = conn.execute("SELECT value FROM iotjx_meta WHERE key = 'storage'").fetchone()
+    if row:
+        return row[0]
+    kind = "postgresql"
+    if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone():
+        try:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            kind = "timescaledb"
+        except psycopg.Error as exc:
+            log.warning("timescaledb is installed but cannot be created (%s); using plain PostgreSQL", exc)
+    conn.execute("INSERT INTO iotjx_meta (key, value) VALUES ('storage', %s)", (kind,))
+    return kind
+
+
+def upgrade(url: str, raw_retention_days: int = 30) -> dict[str, object]:
+    """Apply every pending migration; returns the storage kind and the versions applied now."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
+        try:
+            with conn.transaction():
+                kind = _choose_storage(conn)
+                conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version integer PRIMARY KEY, name text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now())""")
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for m in MIGRATIONS:
+                if m.version in done:
+                    continue
+                with conn.transaction():
+                    m.apply(conn, kind == "timescaledb")
+                    conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (m.version, m.name))
+                applied.append(m.version)
+                log.info("applied migration %d: %s", m.version, m.name)
+            if kind == "timescaledb":
+                conn.execute("SELECT remove_retention_policy('raw_uplinks', if_exists => true)")
+                conn.execute("SELECT add_retention_policy('raw_uplinks', %s::interval)", (f"{raw_retention_days} days",))
+            today = datetime.now(UTC).date()
+            ensure_partitions(conn, today - timedelta(days=1), today + timedelta(days=7))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_ID,))
+    log.info("storage: %s (%s)", kind, "hypertables, compression by device, retention" if kind == "timescaledb"
+             else "native range partitions by day")
+    return {"storage": kind, "applied": applied, "version": MIGRATIONS[-1].version}
+
+
+def ensure_partitions(conn: psycopg.Connection, first_day: date, last_day: date) -> int:
+    """Create the daily partitions of every time table that cover [first_day, last_day]."""
+    made = 0
+    for table in TIME_TABLES:
+        row = conn.execute("SELECT iotjx_ensure_day_partitions(%s, %s, %s)", (table, first_day, last_day)).fetchone()
+        made += row[0] if row else 0
+    return made
+
+
+def drop_expired_partitions(conn: psycopg.Connection, raw_retention_days: int) -> int:
+    """Plain-PostgreSQL retention for the raw-uplink log (TimescaleDB has its own policy)."""
+    keep_from = datetime.now(UTC).date() - timedelta(days=raw_retention_days)
+    row = conn.execute("SELECT iotjx_drop_day_partitions_before('raw_uplinks', %s)", (keep_from,)).fetchone()
+    return row[0] if row else 0

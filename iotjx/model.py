@@ -1,0 +1,43 @@
+"""Domain types that cross package lines: defined once, frozen and slotted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+PILOTS = ("water", "fire", "traffic")
+NETWORKS = ("nbiot", "cat1")
+TRANSPORTS = ("mqtt", "coap", "http")
+
+
+def _no_ack() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """Bytes as a device sent them, and how they arrived. Transports make these; nothing parses them
+    before the pipeline.  `ack` tells the transport the uplink is committed (MQTT PUBACK, CoAP 2.04)."""
+
+    device_id: str
+    payload: bytes
+    transport: str
+    received_at: float                     # epoch seconds, set by the transport on arrival
+    meta: dict[str, Any] = field(default_factory=dict)   # topic, peer, radio figures from envelopes
+    ack: Callable[[], None] = _no_ack
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A registered device: the registry, not the topic, decides what it is."""
+
+    device_id: str                         # IMEI or platform id
+    model: str
+    codec: str
+    pilot: str                             # water / fire / traffic
+    network: str                           # nbiot / cat1
+    site_id: int | None
+    reporting_interval_s: int
+    status: str = "active"
+    codec_settings: dict[str, Any] = field(default_factory=dict)

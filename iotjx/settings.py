@@ -1,0 +1,80 @@
+"""One typed settings object, read once from ``IOTJX_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of iotjx; the README's settings table is generated from these descriptions."""
+
+    model_config = SettingsConfigDict(env_prefix="IOTJX_", env_file=None, extra="ignore")
+
+    database_url: str | None = Field(
+        None, description="PostgreSQL/TimescaleDB URL; unset: `iotjx demo` starts an embedded PostgreSQL")
+    mqtt_url: str | None = Field(
+        None, description="Broker URL `mqtt://host:port`; unset: the demo uses `mosquitto` on PATH or an embedded amqtt broker")
+    mqtt_protocol: str = Field("5", description="MQTT protocol of the gateway's client: `5` or `3.1.1`")
+    mqtt_client_id: str = Field("iotjx-gateway-1", description="Client id of this gateway (persistent session)")
+    mqtt_topic_prefix: str = Field("iotjx", description="Uplinks on `{prefix}/up/{device_id}`, downlinks on `{prefix}/down/{device_id}`")
+    mqtt_shared_group: str | None = Field(
+        None, description="When set, subscribe as `$share/{group}/…` so replicas split one stream (MQTT 5)")
+    mqtt_username: str | None = Field(None, description="Broker user name")
+    mqtt_password: str | None = Field(None, description="Broker password")
+    coap_bind: str = Field("0.0.0.0:5683", description="CoAP listen address")
+    api_bind: str = Field("127.0.0.1:8000", description="HTTP API listen address")
+    batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
+    batch_age_ms: int = Field(200, ge=1, description="A batch is written when its oldest uplink is this old")
+    queue_max: int = Field(50_000, ge=1, description="Uplinks held in memory; a full queue stops reading from the transport")
+    live_factor: float = Field(
+        1.5, gt=0, description="A device is live when its last uplink is within live_factor × its reporting interval")
+    device_tz_offset_minutes: int = Field(480, description="Local time of device clocks (China time, UTC+8)")
+    raw_retention_days: int = Field(30, ge=1, description="Days the raw-uplink log keeps original bytes")
+    data_dir: Path = Field(Path(".iotjx"), description="Where the demo keeps its embedded database and broker files")
+    targets_file: Path | None = Field(None, description="Targets catalogue (TOML); unset: the bundled one")
+    log_level: str = Field("INFO", description="Python log level")
+
+    @field_validator("mqtt_protocol")
+    @classmethod
+    def _protocol(cls, value: str) -> str:
+        if value not in ("5", "3.1.1"):
+            raise ValueError("mqtt_protocol must be '5' or '3.1.1'")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+                raise ValueError("mqtt_url must look like mqtt://host:1883")
+        return value
+
+    @property
+    def mqtt_host_port(self) -> tuple[str, int]:
+        if self.mqtt_url is None:
+            raise ValueError("no broker configured (IOTJX_MQTT_URL)")
+        parts = urlsplit(self.mqtt_url)
+        return parts.hostname or "127.0.0.1", parts.port or 1883
+
+    @property
+    def uplink_topic_filter(self) -> str:
+        topic = f"{self.mqtt_topic_prefix}/up/+"
+        return f"$share/{self.mqtt_shared_group}/{topic}" if self.mqtt_shared_group else topic
+
+
+def bind_address(value: str) -> tuple[str, int]:
+    """`host:port` as a pair."""
+    host, _, port = value.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, validated once."""
+    return Settings()
