@@ -1,0 +1,1 @@
+"""What operators act on, computed from the stored data: coverage against targets, rollups, alarms."""

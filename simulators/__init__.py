@@ -1,0 +1,1 @@
+"""Device simulators that send exactly what devices send (through the decoders' encoders)."""

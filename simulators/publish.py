@@ -1,0 +1,74 @@
+"""Publishing uplinks over MQTT as devices do (QoS 1), counting what the broker acknowledged."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+@dataclass(slots=True)
+class PublishStats:
+    sent: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+
+
+class MqttPublisher:
+    """One MQTT connection that publishes many devices' uplinks on `{prefix}/up/{device_id}`."""
+
+    def __init__(self, host: str, port: int, *, prefix: str = "iotjx", client_id: str = "",
+                 max_inflight: int = 1000, protocol: str = "3.1.1") -> None:
+        self.prefix = prefix
+        self.stats = PublishStats()
+        self._lock = threading.Lock()
+        self._all_acked = threading.Condition(self._lock)
+        self._pending = 0
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+        self._client.max_inflight_messages_set(max_inflight)
+        self._client.max_queued_messages_set(0)
+        self._client.on_publish = self._on_publish
+        self._connected = threading.Event()
+        self._client.on_connect = lambda c, u, f, rc, p: self._connected.set() if not rc.is_failure else None
+        self._client.connect(host, port, keepalive=30)
+        self._client.loop_start()
+        if not self._connected.wait(10):
+            self.close()
+            raise ConnectionError(f"no MQTT broker answered at {host}:{port}")
+
+    def publish(self, device_id: str, payload: bytes, qos: int = 1) -> None:
+        with self._lock:
+            self._pending += 1
+        info = self._client.publish(f"{self.prefix}/up/{device_id}", payload, qos=qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            with self._lock:
+                self._pending -= 1
+                self.stats.failed += 1
+            return
+        self.stats.sent += 1
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.stats.acknowledged += 1
+            if self._pending == 0:
+                self._all_acked.notify_all()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until the broker acknowledged everything published; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._all_acked.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
