@@ -119,7 +119,9 @@ def _object(app_type: int, o: bytes, time: datetime | None) -> dict[str, Any]:
 def decode_reference(payload: bytes, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The header fields and information objects of one frame; DecodeError with the reason otherwise."""
     tz = int(settings.get("tz_offset_minutes", 480))
-    start = CHECKSUM_FROM[settings.get("checksum_from", "serial")]
+    start = CHECKSUM_FROM.get(settings.get("checksum_from", "serial"))
+    if start is None:
+        raise ValueError(f"checksum_from must be one of {sorted(CHECKSUM_FROM)}, not {settings['checksum_from']!r}")
     size = len(payload)
     if size == 0:
         raise DecodeError("empty", "no bytes")

@@ -19,7 +19,7 @@ from decoders.gb26875_encode import heartbeat, random_object, sample_payloads, s
 CASES = Path(__file__).parent / "cases" / "gb26875"
 CASE_NAMES = sorted(p.stem for p in CASES.glob("*.json"))
 APP_TYPES = (1, 2, 3, 4, 5, 8, 21, 24, 25, 28)
-SETTINGS = ({"checksum_from": "serial"}, {"checksum_from": "command"})
+SETTINGS = ({"checksum_from": "serial"}, {"checksum_from": "command"}, {"checksum_from": "command", "tz_offset_minutes": 0})
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -260,3 +260,5 @@ def test_no_input_raises_out_of_a_batch() -> None:
 def test_kernel_refuses_an_unknown_checksum_start() -> None:
     with pytest.raises(ValueError, match="checksum_from"):
         decode_batch("gb26875", sample_payloads(1), {"checksum_from": "length"})
+    with pytest.raises(ValueError, match="checksum_from"):
+        decode("gb26875", sample_payloads(1)[0], {"checksum_from": "length"})
