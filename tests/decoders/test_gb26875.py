@@ -19,7 +19,8 @@ from decoders.gb26875_encode import heartbeat, random_object, sample_payloads, s
 CASES = Path(__file__).parent / "cases" / "gb26875"
 CASE_NAMES = sorted(p.stem for p in CASES.glob("*.json"))
 APP_TYPES = (1, 2, 3, 4, 5, 8, 21, 24, 25, 28)
-SETTINGS = ({"checksum_from": "serial"}, {"checksum_from": "command"}, {"checksum_from": "command", "tz_offset_minutes": 0})
+SETTINGS = ({"checksum_from": "serial"}, {"checksum_from": "command"},
+            {"checksum_from": "command", "tz_offset_minutes": 0})
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
