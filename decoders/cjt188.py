@@ -145,6 +145,16 @@ def _meter_time(data: bytes, tz_offset_minutes: int) -> datetime | None:
     return local - timedelta(minutes=tz_offset_minutes)
 
 
+def _resolve_di(d0: int, d1: int, family: int, di_mode: int) -> int:
+    """cjt188_layout.resolve_di in plain Python (its jitted callee would compile on first use)."""
+    low_first, high_first = d1 << 8 | d0, d0 << 8 | d1
+    if di_mode != 2 and lay.di_layout.py_func(low_first, family) >= 0:
+        return low_first
+    if di_mode != 1 and lay.di_layout.py_func(high_first, family) >= 0:
+        return high_first
+    return -1
+
+
 def _frame(payload: bytes) -> bytes:
     """The frame from 68 to 16 with its length, end byte and checksum checked."""
     if not payload:
@@ -190,7 +200,7 @@ def decode_reference(payload: bytes, settings: Mapping[str, Any]) -> dict[str, A
     order = settings["di_order"]
     if order not in DI_ORDERS:
         raise ValueError(f"di_order must be one of {sorted(DI_ORDERS)}, not {order!r}")
-    di = int(lay.resolve_di.py_func(frame[11], frame[12], family, DI_ORDERS[order]))
+    di = _resolve_di(frame[11], frame[12], family, DI_ORDERS[order])
     if di < 0:
         raise DecodeError("unsupported", f"data identifier bytes {frame[11]:02X} {frame[12]:02X}")
     layout = lay.di_layout.py_func(di, family)
