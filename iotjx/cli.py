@@ -188,3 +188,7 @@ def main() -> None:  # pragma: no cover - console script entry
 
 
 __all__ = ["app"]
+
+
+if __name__ == "__main__":  # python -m iotjx.cli
+    app()

@@ -1,0 +1,125 @@
+"""Real services for the tests: PostgreSQL at 127.0.0.1:5432 when it answers (else an embedded one),
+and a Mosquitto started with the project's configuration on a spare port (else embedded amqtt).
+
+IOTJX_TEST_DATABASE_URL names a server to use instead; if it is given but unreachable the whole run
+stops, rather than silently testing against something else."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from iotjx.settings import Settings
+
+LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def _with_db(url: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory) -> str:
+    given = os.environ.get("IOTJX_TEST_DATABASE_URL")
+    if given:
+        if not _answers(given):
+            pytest.exit(f"IOTJX_TEST_DATABASE_URL={given} does not answer", returncode=3)
+        return given
+    if _answers(LOCAL_PG):
+        return LOCAL_PG
+    from iotjx.db.embedded import start_embedded_postgres
+    return start_embedded_postgres(tmp_path_factory.mktemp("embedded") / "pg")
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url) -> Iterator[str]:
+    """A database migrated once; each test gets a copy of it."""
+    from iotjx.runtime import prepare_database
+
+    name = f"iotjx_tpl_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    prepare_database(Settings(database_url=_with_db(pg_admin_url, name)))
+    yield name
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_admin_url, template_db) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"iotjx_t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield _with_db(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class BrokerHandle:
+    def __init__(self, impl, protocol: str) -> None:
+        self.impl = impl
+        self.protocol = protocol
+
+    @property
+    def url(self) -> str:
+        return self.impl.url
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return "127.0.0.1", self.impl.port
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Iterator[BrokerHandle]:
+    """Mosquitto with deploy/mosquitto/mosquitto.conf on a spare port; amqtt where none is installed."""
+    from iotjx.broker import AmqttBroker, MosquittoProcess
+
+    if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
+        impl = MosquittoProcess(tmp_path_factory.mktemp("mosquitto")).start()
+        handle = BrokerHandle(impl, "5")
+    else:
+        impl = AmqttBroker().start()
+        handle = BrokerHandle(impl, "3.1.1")
+    yield handle
+    impl.stop()
+
+
+@pytest.fixture
+def settings(db_url, broker) -> Settings:
+    return Settings(database_url=db_url, mqtt_url=broker.url, mqtt_protocol=broker.protocol,
+                    mqtt_client_id=f"iotjx-test-{uuid.uuid4().hex[:8]}",
+                    mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50)
+
+
+@pytest.fixture
+def no_thread_leaks() -> Iterator[None]:
+    """Fails a test that leaves iotjx or paho threads running (clean shut-down)."""
+    before = set(threading.enumerate())
+    yield
+    import time
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [t for t in set(threading.enumerate()) - before
+                if t.is_alive() and (t.name.startswith("iotjx") or "paho" in t.name or t.name.startswith("Thread"))]
+        if not left:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"threads left running: {[t.name for t in left]}")
