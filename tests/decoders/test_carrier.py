@@ -150,7 +150,7 @@ envelope_like = st.fixed_dictionaries({}, optional={
 
 
 @pytest.mark.parametrize("codec", ["ctwing", "onenet"])
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.binary(max_size=200) | envelope_like.map(lambda d: json.dumps(d).encode()))
 def test_only_decode_errors_escape(codec, data):
     try:
