@@ -108,7 +108,7 @@ class MqttIngest:
             device_id = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""
             if "/" in device_id:
                 device_id = ""
-            ack = partial(client.ack, msg.mid, msg.qos) if msg.qos > 0 else _nothing
+            ack = partial(_puback, client, msg.mid, msg.qos) if msg.qos > 0 else _nothing
             if not device_id:
                 self.counters["bad_topic"] += 1
             self._submit(Uplink(device_id=device_id or f"?{topic}", payload=msg.payload, transport="mqtt",
@@ -118,5 +118,10 @@ class MqttIngest:
             log.exception("uplink on %s (%d bytes) could not be queued", msg.topic, len(msg.payload))
 
 
-def _nothing() -> None:
+def _puback(client: mqtt.Client, mid: int, qos: int, outcome) -> None:
+    # Rejected uplinks are committed too (rejects table): every outcome is acknowledged.
+    client.ack(mid, qos)
+
+
+def _nothing(outcome) -> None:
     return None

@@ -136,7 +136,7 @@ class Pipeline:
                 return ws
         for u in batch:
             try:
-                u.ack()
+                u.ack(ws.outcome(u))
             except Exception:  # a transport that cannot ack must not stop the writer
                 log.exception("ack failed for an uplink from %s", u.device_id)
         self.batches += 1

@@ -11,10 +11,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from iotjx.db.migrations import ensure_partitions
-from iotjx.model import Uplink
+from iotjx.model import Outcome, Uplink
 
 log = logging.getLogger(__name__)
 
+STORED = Outcome("stored")
 RAW_COLUMNS = ("received_at", "device_id", "transport", "payload", "meta", "outcome")
 REJECT_COLUMNS = ("received_at", "device_id", "transport", "codec", "payload", "reason", "detail", "meta")
 
@@ -28,6 +29,10 @@ class WriteSet:
     raw: list[tuple] = field(default_factory=list)
     seen: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # device -> (first, last, count)
     days: set[date] = field(default_factory=set)
+    outcomes: dict[int, Outcome] = field(default_factory=dict)          # id(uplink) -> outcome
+
+    def outcome(self, u: Uplink) -> Outcome:
+        return self.outcomes.get(id(u), STORED)
 
     def add_raw(self, u: Uplink, outcome: str) -> None:
         when = datetime.fromtimestamp(u.received_at, UTC)
@@ -38,6 +43,7 @@ class WriteSet:
         self.rejects.append((datetime.fromtimestamp(u.received_at, UTC), u.device_id, u.transport, codec,
                              u.payload, reason, detail, Jsonb(u.meta) if u.meta else None))
         self.add_raw(u, f"rejected:{reason}")
+        self.outcomes[id(u)] = Outcome("rejected", reason, detail)
 
     def add_stored(self, u: Uplink) -> None:
         self.add_raw(u, "stored")

@@ -11,7 +11,19 @@ NETWORKS = ("nbiot", "cat1")
 TRANSPORTS = ("mqtt", "coap", "http")
 
 
-def _no_ack() -> None:
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of an uplink, told to its transport once committed: `stored`, `duplicate` or
+    `rejected` (with the reject reason and the decoder's detail).  Rejected uplinks are committed too
+    (in the rejects table), so MQTT acknowledges them all; CoAP and HTTP answer with an error code."""
+
+    status: str
+    reason: str | None = None
+    detail: str = ""
+    downlink: bytes | None = None        # a queued command to hand the device in the response
+
+
+def _no_ack(outcome: Outcome) -> None:
     return None
 
 
@@ -25,7 +37,7 @@ class Uplink:
     transport: str
     received_at: float                     # epoch seconds, set by the transport on arrival
     meta: dict[str, Any] = field(default_factory=dict)   # topic, peer, radio figures from envelopes
-    ack: Callable[[], None] = _no_ack
+    ack: Callable[[Outcome], None] = _no_ack
 
 
 @dataclass(frozen=True, slots=True)
