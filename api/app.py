@@ -24,7 +24,7 @@ GATEWAY_STALE_S = 30
 
 class DeviceIn(BaseModel):
     device_id: str = Field(examples=["869975034012345"], description="IMEI or carrier platform id")
-    model: str = Field(examples=["cjt188-nb-water"])
+    model: str = Field(examples=["cjt188-nb-water-std"])
     network: Literal["nbiot", "cat1"]
     city: str = Field(examples=["360600", "Yingtan", "鹰潭"], description="division code or name")
     site_kind: str = Field(examples=["residential"])
@@ -131,7 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/devices/bulk", response_model=RegistrationResult, summary="Register devices from CSV (all or nothing)",
               openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"},
                   "example": "device_id,model,network,city,site_kind,site_name\n"
-                             "869975034012345,cjt188-nb-water,nbiot,Yingtan,residential,龙岗小区\n"}}}})
+                             "869975034012345,cjt188-nb-water-std,nbiot,Yingtan,residential,龙岗小区\n"}}}})
     async def register_bulk(request: Request) -> RegistrationResult:
         body = await request.body()
         try:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,17 @@ import psycopg
 
 import decoders
 from decoders import DecodeError
+from decoders.carrier import unwrap
 from iotjx.model import Device, Uplink
 
 from .registry import DeviceRegistry
-from .sinks import SINKS
+from .sinks import RADIO, WATER, radio_row, rows_for, water_fast_mask, water_rows_from_batch
 from .writer import WriteSet, Writer
 
 log = logging.getLogger(__name__)
+
+ENVELOPES = ("ctwing", "onenet")
+FIELDS = "fields"      # pseudo-codec: an object-model push whose platform already decoded the fields
 
 
 class Pipeline:
@@ -147,42 +152,110 @@ class Pipeline:
     def build(self, batch: Sequence[Uplink]) -> WriteSet:
         """The rows a batch turns into; pure apart from the registry lookup."""
         ws = WriteSet()
+        batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
+        batch = [u for u in batch if u is not None]
         devices = self._registry.lookup(u.device_id for u in batch)
-        groups: dict[tuple[str, str], list[Uplink]] = defaultdict(list)
-        settings_of: dict[tuple[str, str], dict[str, Any]] = {}
+        groups: dict[tuple[str, str, str], list[Uplink]] = defaultdict(list)
+        settings_of: dict[tuple[str, str, str], dict[str, Any]] = {}
         for u in batch:
             device = devices.get(u.device_id)
             if device is None:
                 ws.add_reject(u, None, "unknown_device", "no registered, active device with this id")
                 continue
-            key = (device.codec, _settings_key(device))
+            codec, settings = device.codec, device.codec_settings
+            if codec in ENVELOPES:
+                u = self._open_device_envelope(ws, u, device)
+                if u is None:
+                    continue
+                codec, settings = device.inner_codec or "", device.inner_settings
+            if "service_data" in u.meta:
+                codec, settings = FIELDS, device.codec_settings
+            key = (codec, device.family, _settings_key(settings))
             groups[key].append(u)
-            settings_of[key] = device.codec_settings
-        for (codec, _), uplinks in groups.items():
-            self._decode_group(ws, codec, settings_of[(codec, _)], uplinks)
+            settings_of[key] = settings
+        for key, uplinks in groups.items():
+            self._decode_group(ws, key[0], key[1], settings_of[key], uplinks)
         return ws
 
-    def _decode_group(self, ws: WriteSet, codec: str, settings: dict[str, Any], uplinks: list[Uplink]) -> None:
-        sink = SINKS.get(codec)
-        if sink is None:
+    def _open_pushed_envelope(self, ws: WriteSet, u: Uplink) -> Uplink | None:
+        """A carrier push names its device inside the envelope: open it to know whose uplink it is."""
+        codec = u.meta["envelope"]
+        try:
+            envelope, inner = unwrap(codec, u.payload)
+        except DecodeError as exc:
+            ws.add_reject(u, codec, exc.reason, exc.detail)
+            return None
+        device_id = envelope.get("imei") or envelope.get("device_id") or ""
+        return self._after_envelope(ws, replace(u, device_id=device_id), codec, envelope, inner)
+
+    def _open_device_envelope(self, ws: WriteSet, u: Uplink, device: Device) -> Uplink | None:
+        if u.meta.get("envelope_opened"):
+            return u
+        try:
+            envelope, inner = unwrap(device.codec, u.payload, device.codec_settings)
+        except DecodeError as exc:
+            ws.add_reject(u, device.codec, exc.reason, exc.detail)
+            return None
+        return self._after_envelope(ws, u, device.codec, envelope, inner)
+
+    def _after_envelope(self, ws: WriteSet, u: Uplink, codec: str, envelope: dict[str, Any],
+                        inner: bytes | None) -> Uplink | None:
+        radio = {k: v for k, v in (envelope.get("radio") or {}).items() if v is not None}
+        meta = {**u.meta, "envelope": codec, "envelope_opened": True, "sequence": envelope.get("sequence")}
+        if radio:
+            meta["radio"] = radio
+        if inner is None and envelope.get("kind") in ("online", "offline"):
+            ws.add_event(replace(u, meta=meta), f"event:{envelope['kind']}", radio_row(u, codec, radio))
+            return None
+        if inner is None and not envelope.get("service_data"):
+            ws.add_reject(u, codec, "schema", "the push carries neither a payload nor service data")
+            return None
+        if inner is None:
+            meta["service_data"] = envelope["service_data"]    # an object-model push: fields, not bytes
+        return replace(u, meta=meta, payload=inner if inner is not None else u.payload)
+
+    def _decode_group(self, ws: WriteSet, codec: str, family: str, settings: dict[str, Any],
+                      uplinks: list[Uplink]) -> None:
+        if codec == FIELDS:
+            name_map = settings.get("name_map") or {}
             for u in uplinks:
-                ws.add_reject(u, codec, "unsupported", f"no readings table for codec {codec}")
+                fields = {name_map.get(k, k): v for k, v in u.meta["service_data"].items()}
+                self._store_record(ws, u, codec, family, {"fields": fields})
+            return
+        if not codec:
+            for u in uplinks:
+                ws.add_reject(u, None, "unsupported", "an envelope model without an inner codec")
             return
         result = decoders.decode_batch(codec, [u.payload for u in uplinks], settings)
         ok = result.status == 0
         for i in np.flatnonzero(~ok):
             u = uplinks[i]
             ws.add_reject(u, codec, result.reason(i) or "unknown", _detail(codec, u.payload, settings))
-        rows = sink.rows(result, uplinks, ok)
-        if rows:
-            columns, existing = ws.readings.setdefault(sink.table, (sink.columns, []))
-            existing.extend(rows)
-        for i in np.flatnonzero(ok):
-            ws.add_stored(uplinks[i])
+        fast = water_fast_mask(result) if codec == "cjt188" else np.zeros(len(uplinks), dtype=bool)
+        if fast.any():
+            ws.add_rows(WATER.table, WATER.all_columns, water_rows_from_batch(result, uplinks, fast))
+            for i in np.flatnonzero(fast):
+                ws.add_stored(uplinks[i])
+        for i in np.flatnonzero(ok & ~fast):
+            self._store_record(ws, uplinks[i], codec, family, result.record(i))
+
+    def _store_record(self, ws: WriteSet, u: Uplink, codec: str, family: str, record: dict[str, Any]) -> None:
+        try:
+            table, rows = rows_for(codec, family, record)
+        except ValueError as exc:
+            ws.add_reject(u, codec, "unsupported", str(exc))
+            return
+        ws.add_rows(table.table, table.all_columns, [table.row(u, r) for r in rows])
+        radio = u.meta.get("radio")
+        if radio:
+            row = radio_row(u, u.meta.get("envelope", "payload"), radio)
+            if row is not None:
+                ws.add_rows(RADIO.table, RADIO.all_columns, [row])
+        ws.add_stored(u)
 
 
-def _settings_key(device: Device) -> str:
-    return repr(sorted(device.codec_settings.items())) if device.codec_settings else ""
+def _settings_key(settings: dict[str, Any]) -> str:
+    return repr(sorted(settings.items())) if settings else ""
 
 
 def _detail(codec: str, payload: bytes, settings: dict[str, Any]) -> str:

@@ -1,56 +1,180 @@
-"""Where decoded readings go: one wide table per device family, rows built from batch columns."""
+"""Where decoded readings go: one wide table per device family.
+
+A codec with its own record shape (CJ/T 188, GB/T 26875.3, GB/T 43229, parking) has a function that
+turns one decoded record into rows; CJ/T 188, the bulk of the traffic, also has a columnar path that
+reads the batch columns directly.  Field-mapped codecs (SenML, JSON, carrier object models) put each
+mapped field in the family table's column of the same name, and whatever has no column in `extra`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
+from psycopg.types.json import Jsonb
 
 from decoders import Batch
 from decoders.cjt188 import MISSING_TIME, VALVE_STATES
+from decoders.cjt188_layout import WATER_CURRENT
 from iotjx.model import Uplink
+
+COMMON = ("time", "device_id", "transport")
 
 
 @dataclass(frozen=True, slots=True)
-class Sink:
-    """A family's readings table and how one decoded batch becomes its rows."""
+class FamilyTable:
+    """A family's readings table: its columns after the common (time, device_id, transport)."""
 
     table: str
     columns: tuple[str, ...]
-    rows: Callable[[Batch, Sequence[Uplink], np.ndarray], list[tuple]]
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        return COMMON + self.columns
+
+    def row(self, u: Uplink, values: dict[str, Any]) -> tuple:
+        return (_utc(u.received_at), u.device_id, u.transport) + tuple(values.get(c) for c in self.columns)
+
+
+WATER = FamilyTable("water_readings", ("meter_address", "meter_type", "flow_m3", "settlement_flow_m3", "meter_time",
+                                       "status", "valve", "battery_low", "extra"))
+FIRE = FamilyTable("fire_events", ("sent_at", "serial", "command", "app_type", "object_index", "system_type",
+                                   "system_address", "component_type", "component_address", "state", "flags",
+                                   "fire_alarm", "fault", "description", "analog_type", "analog_value",
+                                   "analog_unit", "operation", "operator", "software_version", "event_time", "extra"))
+TRAFFIC = FamilyTable("traffic_flow", ("division_code", "device_type", "device_number", "operation", "channel",
+                                       "count_a", "count_b", "count_c", "occupancy_pct", "speed_kmh", "length_m",
+                                       "headway_s", "gap_s", "stops", "stop_duration_s", "extra"))
+PARKING = FamilyTable("parking_events", ("occupied", "occupancy_changed", "frame_kind", "frame_counter",
+                                         "battery_low", "battery_mv", "temperature_c", "mag_x", "mag_y", "mag_z",
+                                         "error_flags", "extra"))
+RADIO = FamilyTable("radio_readings", ("source", "rsrp_dbm", "sinr_db", "rsrq_db", "ecl", "pci", "cell_id"))
+FAMILIES: dict[str, FamilyTable] = {"water": WATER, "fire": FIRE, "traffic": TRAFFIC, "parking": PARKING}
 
 
 def _utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-def _water_rows(batch: Batch, uplinks: Sequence[Uplink], ok: np.ndarray) -> list[tuple]:
+def _json(value: dict[str, Any] | None) -> Jsonb | None:
+    return Jsonb(json.loads(json.dumps(value, default=str))) if value else None
+
+
+# --------------------------------------------------------------------------- codec-shaped records
+
+def _water(record: dict[str, Any]) -> list[dict[str, Any]]:
+    known = set(WATER.columns)
+    extra = {k: v for k, v in record.items() if k not in known and k not in ("control", "di", "serial",
+                                                                              "flow_unit", "settlement_unit")}
+    return [{**{k: record.get(k) for k in WATER.columns}, "extra": _json(extra)}]
+
+
+def _fire(record: dict[str, Any]) -> list[dict[str, Any]]:
+    header = {"sent_at": record.get("sent_at"), "serial": record.get("serial"), "command": record.get("command"),
+              "app_type": record.get("app_type")}
+    objects = record.get("objects") or []
+    if not objects:
+        return [header]
+    rows = []
+    for k, o in enumerate(objects):
+        flags = o.get("flags") or {}
+        rows.append({**header, "object_index": k, "system_type": o.get("system_type"),
+                     "system_address": o.get("system_address"), "component_type": o.get("component_type"),
+                     "component_address": o.get("component_address"), "state": o.get("state"),
+                     "flags": _json(flags), "fire_alarm": flags.get("fire_alarm"), "fault": flags.get("fault"),
+                     "description": o.get("description"), "analog_type": o.get("analog_type"),
+                     "analog_value": o.get("value"), "analog_unit": o.get("unit"), "operation": o.get("operation"),
+                     "operator": o.get("operator"), "software_version": o.get("software_version"),
+                     "event_time": o.get("time")})
+    return rows
+
+
+def _traffic(record: dict[str, Any]) -> list[dict[str, Any]]:
+    header = {k: record.get(k) for k in ("division_code", "device_type", "device_number", "operation")}
+    lanes = record.get("lanes") or []
+    if not lanes:
+        return [header]
+    known = set(TRAFFIC.columns)
+    return [{**header, **{k: v for k, v in lane.items() if k in known},
+             "extra": _json({k: v for k, v in lane.items() if k not in known})} for lane in lanes]
+
+
+def _parking(record: dict[str, Any]) -> list[dict[str, Any]]:
+    known = set(PARKING.columns)
+    return [{**{k: record.get(k) for k in PARKING.columns},
+             "extra": _json({k: v for k, v in record.items() if k not in known and v is not None})}]
+
+
+CODEC_ROWS: dict[str, tuple[FamilyTable, Callable[[dict[str, Any]], list[dict[str, Any]]]]] = {
+    "cjt188": (WATER, _water),
+    "gb26875": (FIRE, _fire),
+    "gbt43229": (TRAFFIC, _traffic),
+    "parking": (PARKING, _parking),
+}
+
+
+def field_rows(table: FamilyTable, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a field-mapped record (SenML, JSON, carrier object models): mapped names that are
+    columns go to their column, the rest to `extra`."""
+    fields = dict(record.get("fields") or {})
+    if "time" in record and record["time"] is not None:
+        fields.setdefault("measured_at", record["time"])
+    known = set(table.columns) - {"extra"}
+    values = {k: v for k, v in fields.items() if k in known}
+    values["extra"] = _json({k: v for k, v in fields.items() if k not in known})
+    return [values]
+
+
+def rows_for(codec: str, family: str, record: dict[str, Any]) -> tuple[FamilyTable, list[dict[str, Any]]]:
+    """The table and rows one decoded record becomes."""
+    if codec in CODEC_ROWS:
+        return CODEC_ROWS[codec][0], CODEC_ROWS[codec][1](record)
+    table = FAMILIES.get(family)
+    if table is None:
+        raise ValueError(f"no readings table for family {family!r}")
+    return table, field_rows(table, record)
+
+
+def radio_row(u: Uplink, source: str, radio: dict[str, Any]) -> tuple | None:
+    """A radio_readings row when the envelope carried any radio figure."""
+    values = {"source": source, "rsrp_dbm": radio.get("rsrp_dbm"), "sinr_db": radio.get("sinr_db"),
+              "rsrq_db": radio.get("rsrq_db"), "ecl": radio.get("ecl"), "pci": radio.get("pci"),
+              "cell_id": radio.get("cell_id")}
+    if all(v is None for k, v in values.items() if k != "source"):
+        return None
+    return RADIO.row(u, values)
+
+
+# --------------------------------------------------------------------------- CJ/T 188 columnar path
+
+def water_fast_mask(batch: Batch) -> np.ndarray:
+    """The frames of a CJ/T 188 batch that `water_rows_from_batch` handles: decoded 901F water replies."""
+    return (batch.status == 0) & (batch.columns["layout"] == WATER_CURRENT)
+
+
+def water_rows_from_batch(batch: Batch, uplinks: Sequence[Uplink], ok: np.ndarray) -> list[tuple]:
+    """Water rows straight from the numba kernel's columns (no per-record dicts)."""
     c = batch.columns
+    status_missing = c["status_missing"]
     flow = c["flow_m3"]
     settlement = c["settlement_flow_m3"]
     meter_time = c["meter_time"]
+    address, meter_type, status = c["address"], c["meter_type"], c["status"]
+    valve, battery = c["valve"], c["battery_low"]
     rows = []
     for i in np.flatnonzero(ok):
         u = uplinks[i]
         when = int(meter_time[i])
         rows.append((
-            _utc(u.received_at), u.device_id, f"{int(c['address'][i]):014d}", int(c["meter_type"][i]),
+            _utc(u.received_at), u.device_id, u.transport, f"{int(address[i]):014d}", int(meter_type[i]),
             None if np.isnan(flow[i]) else float(flow[i]),
             None if np.isnan(settlement[i]) else float(settlement[i]),
             None if when == MISSING_TIME else _utc(when),
-            int(c["status"][i]), VALVE_STATES[int(c["valve"][i])], bool(c["battery_low"][i]), u.transport,
+            None if status_missing[i] else int(status[i]),
+            None if status_missing[i] else VALVE_STATES[int(valve[i])],
+            None if status_missing[i] else bool(battery[i]), None,
         ))
     return rows
-
-
-WATER = Sink(
-    table="water_readings",
-    columns=("time", "device_id", "meter_address", "meter_type", "flow_m3", "settlement_flow_m3",
-             "meter_time", "status", "valve", "battery_low", "transport"),
-    rows=_water_rows,
-)
-
-# codec name -> sink.  A codec without a sink here is refused at start-up, not at the first uplink.
-SINKS: dict[str, Sink] = {"cjt188": WATER}

@@ -45,6 +45,18 @@ class WriteSet:
         self.add_raw(u, f"rejected:{reason}")
         self.outcomes[id(u)] = Outcome("rejected", reason, detail)
 
+    def add_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        if rows:
+            self.readings.setdefault(table, (columns, []))[1].extend(rows)
+
+    def add_event(self, u: Uplink, outcome: str, radio: tuple | None) -> None:
+        """A device event without a reading (a carrier's online/offline notice): logged, acknowledged."""
+        self.add_raw(u, outcome)
+        if radio is not None:
+            from .sinks import RADIO
+            self.add_rows(RADIO.table, RADIO.all_columns, [radio])
+        self.outcomes[id(u)] = Outcome("stored", None, outcome)
+
     def add_stored(self, u: Uplink) -> None:
         self.add_raw(u, "stored")
         first, last, count = self.seen.get(u.device_id, (u.received_at, u.received_at, 0))

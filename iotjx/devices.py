@@ -24,13 +24,6 @@ CSV_OPTIONAL = ("installed_at", "reporting_interval_s", "status")
 SITE_KINDS = ("residential", "commercial", "community", "scenic_spot", "museum", "campus", "farm", "dev_zone",
               "building", "road", "intersection", "parking_lot", "hydrant", "other")
 
-# Used when decoders.models (the device-model catalogue) is not available.
-BUILTIN_MODELS = (
-    {"model": "cjt188-nb-water", "codec": "cjt188", "pilot": "water", "vendor": "generic CJ/T 188 NB-IoT meter",
-     "settings": {}, "reporting_interval_s": 86400},
-)
-
-
 class RegistrationError(ValueError):
     """A device record that cannot be registered; `.errors` lists (line, message) for bulk imports."""
 
@@ -55,36 +48,33 @@ class DeviceRecord:
 
 
 def bundled_models() -> list[dict[str, Any]]:
-    """The device models iotjx ships: the decoders' model catalogue, else the built-in minimum."""
-    try:
-        from decoders.models import load_models
-    except ImportError:
-        return [dict(m) for m in BUILTIN_MODELS]
+    """The device models iotjx ships: the decoders' model catalogue (decoders/models/*.toml)."""
+    from decoders.models import load_models
+
     out = []
     for name, m in load_models().items():
-        family = getattr(m, "family", "water")
         out.append({
-            "model": name, "codec": m.codec,
-            "pilot": "traffic" if family in ("parking", "traffic") else family,
-            "vendor": getattr(m, "vendor", "") or "",
-            "settings": dict(getattr(m, "settings", {}) or {}),
-            "reporting_interval_s": int(getattr(m, "reporting_interval_s", 3600) or 3600),
+            "model": name, "codec": m.codec, "family": m.family,
+            "pilot": "traffic" if m.family in ("parking", "traffic") else m.family,
+            "vendor": m.vendor, "settings": m.codec_settings(), "inner_codec": m.inner_codec,
+            "inner_settings": dict(m.inner_settings), "reporting_interval_s": m.report_interval_s,
         })
-    names = {m["model"] for m in out}
-    out.extend(dict(m) for m in BUILTIN_MODELS if m["model"] not in names)
     return out
 
 
 def sync_models(conn: psycopg.Connection, models: Iterable[dict[str, Any]] | None = None) -> int:
     """Upsert the device models (the catalogue is the source of truth for the ones it names)."""
-    rows = [(m["model"], m["codec"], m["pilot"], m.get("vendor", ""), Jsonb(m.get("settings", {})),
+    rows = [(m["model"], m["codec"], m["pilot"], m.get("family", m["pilot"]), m.get("vendor", ""),
+             Jsonb(m.get("settings", {})), m.get("inner_codec"), Jsonb(m.get("inner_settings", {})),
              m["reporting_interval_s"]) for m in (models if models is not None else bundled_models())]
     with conn.cursor() as cur:
         cur.executemany("""
-            INSERT INTO device_models (model, codec, pilot, vendor, settings, reporting_interval_s)
-            VALUES (%s, %s, %s, %s, %s, %s)
+            INSERT INTO device_models (model, codec, pilot, family, vendor, settings, inner_codec, inner_settings,
+                                       reporting_interval_s)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (model) DO UPDATE SET codec = excluded.codec, pilot = excluded.pilot,
-                vendor = excluded.vendor, settings = excluded.settings,
+                family = excluded.family, vendor = excluded.vendor, settings = excluded.settings,
+                inner_codec = excluded.inner_codec, inner_settings = excluded.inner_settings,
                 reporting_interval_s = excluded.reporting_interval_s""", rows)
     return len(rows)
 

@@ -53,3 +53,6 @@ class Device:
     reporting_interval_s: int
     status: str = "active"
     codec_settings: dict[str, Any] = field(default_factory=dict)
+    family: str = ""                       # water / fire / traffic / parking: which readings table
+    inner_codec: str | None = None         # envelope models: the codec of the wrapped payload
+    inner_settings: dict[str, Any] = field(default_factory=dict)

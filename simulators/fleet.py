@@ -31,7 +31,7 @@ class SimulatedDevice:
     meter_address: str
 
 
-def plan_water_fleet(n: int, seed: int = 0, *, model: str = "cjt188-nb-water",
+def plan_water_fleet(n: int, seed: int = 0, *, model: str = "cjt188-nb-water-std",
                      reporting_interval_s: int | None = None, sites_per_city: int = 4) -> list[SimulatedDevice]:
     """`n` water meters spread over the eleven cities; the same seed gives the same fleet."""
     rng = random.Random(seed)

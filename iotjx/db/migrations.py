@@ -26,7 +26,8 @@ CITIES = (
 )
 
 # Time-partitioned tables: name -> time column.  Their days are created ahead by the writer.
-TIME_TABLES = {"raw_uplinks": "received_at", "water_readings": "time"}
+TIME_TABLES = {"raw_uplinks": "received_at", "water_readings": "time", "fire_events": "time",
+               "traffic_flow": "time", "parking_events": "time", "radio_readings": "time"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +177,95 @@ def _m1_foundation(conn: psycopg.Connection, timescale: bool) -> None:
         END $$""")
 
 
+def _m2_families(conn: psycopg.Connection, timescale: bool) -> None:
+    """Fire, traffic, parking and radio tables; envelope models (inner codec) in the registry."""
+    conn.execute("ALTER TABLE device_models ADD COLUMN IF NOT EXISTS family text")
+    conn.execute("ALTER TABLE device_models ADD COLUMN IF NOT EXISTS inner_codec text")
+    conn.execute("ALTER TABLE device_models ADD COLUMN IF NOT EXISTS inner_settings jsonb NOT NULL DEFAULT '{}'")
+    conn.execute("ALTER TABLE water_readings ADD COLUMN IF NOT EXISTS extra jsonb")
+    _time_table(conn, timescale, "fire_events", """
+            time timestamptz NOT NULL,
+            device_id text NOT NULL,
+            transport text NOT NULL,
+            sent_at timestamptz,                 -- the frame's time label, UTC
+            serial integer,
+            command smallint,
+            app_type smallint,                   -- NULL: a frame without information objects
+            object_index smallint,
+            system_type smallint,
+            system_address smallint,
+            component_type smallint,
+            component_address bigint,
+            state integer,
+            flags jsonb,
+            fire_alarm boolean,
+            fault boolean,
+            description text,
+            analog_type smallint,
+            analog_value double precision,
+            analog_unit text,
+            operation smallint,
+            operator smallint,
+            software_version text,
+            event_time timestamptz,
+            extra jsonb""", "time")
+    conn.execute("CREATE INDEX IF NOT EXISTS fire_events_device ON fire_events (device_id, time DESC)")
+    conn.execute("CREATE INDEX IF NOT EXISTS fire_events_alarm ON fire_events (time DESC) WHERE fire_alarm")
+    _time_table(conn, timescale, "traffic_flow", """
+            time timestamptz NOT NULL,
+            device_id text NOT NULL,
+            transport text NOT NULL,
+            division_code integer,
+            device_type smallint,
+            device_number integer,
+            operation smallint,
+            channel smallint,                    -- lane; NULL for a frame without lanes
+            count_a integer,                     -- vehicles >= 12 m
+            count_b integer,                     -- 6-12 m
+            count_c integer,                     -- < 6 m
+            occupancy_pct double precision,
+            speed_kmh double precision,
+            length_m double precision,
+            headway_s double precision,
+            gap_s double precision,
+            stops double precision,
+            stop_duration_s double precision,
+            extra jsonb""", "time")
+    conn.execute("CREATE INDEX IF NOT EXISTS traffic_flow_device ON traffic_flow (device_id, time DESC)")
+    _time_table(conn, timescale, "parking_events", """
+            time timestamptz NOT NULL,
+            device_id text NOT NULL,
+            transport text NOT NULL,
+            occupied boolean,
+            occupancy_changed boolean,
+            frame_kind text,
+            frame_counter integer,
+            battery_low boolean,
+            battery_mv integer,
+            temperature_c double precision,
+            mag_x integer,
+            mag_y integer,
+            mag_z integer,
+            error_flags integer,
+            extra jsonb""", "time")
+    conn.execute("CREATE INDEX IF NOT EXISTS parking_events_device ON parking_events (device_id, time DESC)")
+    _time_table(conn, timescale, "radio_readings", """
+            time timestamptz NOT NULL,
+            device_id text NOT NULL,
+            transport text NOT NULL,
+            source text NOT NULL,                -- ctwing / onenet / payload
+            rsrp_dbm double precision,
+            sinr_db double precision,
+            rsrq_db double precision,
+            ecl smallint,
+            pci integer,
+            cell_id bigint""", "time")
+    conn.execute("CREATE INDEX IF NOT EXISTS radio_readings_device ON radio_readings (device_id, time DESC)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
+    Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
 )
 
 
