@@ -31,7 +31,8 @@ class Gateway:
         self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"))
         self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
-                                 batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max)
+                                 batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max,
+                                 dedup_window_s=settings.dedup_window_s)
         self.mqtt = MqttIngest(settings, self.pipeline.submit)
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()

@@ -3,6 +3,7 @@ commit → ack.  Nothing is acknowledged before its commit; a bad uplink costs o
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -35,7 +36,10 @@ class Pipeline:
     that is the flow control that keeps memory bounded (the broker keeps what we have not read)."""
 
     def __init__(self, registry: DeviceRegistry, writer: Writer, *, batch_size: int = 5000,
-                 batch_age_s: float = 0.2, queue_max: int = 50_000, retry_max_s: float = 5.0) -> None:
+                 batch_age_s: float = 0.2, queue_max: int = 50_000, retry_max_s: float = 5.0,
+                 dedup_window_s: float = 86400.0) -> None:
+        self._dedup_window_s = dedup_window_s
+        self._last_purge = 0.0
         self._registry = registry
         self._writer = writer
         self._batch_size = batch_size
@@ -122,36 +126,49 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the work
     def process(self, batch: Sequence[Uplink]) -> WriteSet:
-        """Decode, store and acknowledge one batch; returns what was written."""
-        ws = self.build(batch)
+        """Deduplicate, decode, store and acknowledge one batch, in one transaction."""
         try:
-            self._writer.write(ws)
+            with self._writer.transaction() as tx:
+                fresh = batch
+                ws = WriteSet()
+                if self._dedup_window_s > 0:
+                    is_new = tx.claim([(u.device_id, dedup_key(u.payload)) for u in batch],
+                                      [u.received_at for u in batch], self._dedup_window_s)
+                    fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
+                    for u, new in zip(batch, is_new, strict=True):
+                        if not new:
+                            ws.add_duplicate(u)
+                self.build(fresh, ws)
+                tx.write(ws)
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
-            if len(batch) == 1:
-                # The database refuses this uplink's rows: keep its bytes with the reason.
-                ws = WriteSet()
-                ws.add_reject(batch[0], None, "storage", str(exc).splitlines()[0])
-                self._writer.write(ws)
-            else:
+            if len(batch) > 1:
                 half = len(batch) // 2
-                self.process(batch[:half])
+                first = self.process(batch[:half])
                 self.process(batch[half:])
-                return ws
+                return first
+            # The database refuses this uplink's rows: keep its bytes with the reason.
+            ws = WriteSet()
+            ws.add_reject(batch[0], None, "storage", str(exc).splitlines()[0])
+            self._writer.write(ws)
         for u in batch:
             try:
                 u.ack(ws.outcome(u))
             except Exception:  # a transport that cannot ack must not stop the writer
                 log.exception("ack failed for an uplink from %s", u.device_id)
         self.batches += 1
-        self.counters["stored"] += sum(len(rows) for _, rows in ws.readings.values())
+        self.counters["stored"] += ws.stored
         self.counters["rejected"] += len(ws.rejects)
+        self.counters["duplicate"] += ws.duplicates
+        if self._dedup_window_s > 0 and time.monotonic() - self._last_purge > 600:
+            self._last_purge = time.monotonic()
+            self._writer.purge_dedup(self._dedup_window_s)
         return ws
 
-    def build(self, batch: Sequence[Uplink]) -> WriteSet:
+    def build(self, batch: Sequence[Uplink], ws: WriteSet | None = None) -> WriteSet:
         """The rows a batch turns into; pure apart from the registry lookup."""
-        ws = WriteSet()
+        ws = ws if ws is not None else WriteSet()
         batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
         batch = [u for u in batch if u is not None]
         devices = self._registry.lookup(u.device_id for u in batch)
@@ -186,7 +203,9 @@ class Pipeline:
             ws.add_reject(u, codec, exc.reason, exc.detail)
             return None
         device_id = envelope.get("imei") or envelope.get("device_id") or ""
-        return self._after_envelope(ws, replace(u, device_id=device_id), codec, envelope, inner)
+        named = replace(u, device_id=device_id)
+        ws.alias(named, u)
+        return self._after_envelope(ws, named, codec, envelope, inner)
 
     def _open_device_envelope(self, ws: WriteSet, u: Uplink, device: Device) -> Uplink | None:
         if u.meta.get("envelope_opened"):
@@ -205,14 +224,18 @@ class Pipeline:
         if radio:
             meta["radio"] = radio
         if inner is None and envelope.get("kind") in ("online", "offline"):
-            ws.add_event(replace(u, meta=meta), f"event:{envelope['kind']}", radio_row(u, codec, radio))
+            event = replace(u, meta=meta)
+            ws.alias(event, u)
+            ws.add_event(event, f"event:{envelope['kind']}", radio_row(u, codec, radio))
             return None
         if inner is None and not envelope.get("service_data"):
             ws.add_reject(u, codec, "schema", "the push carries neither a payload nor service data")
             return None
         if inner is None:
             meta["service_data"] = envelope["service_data"]    # an object-model push: fields, not bytes
-        return replace(u, meta=meta, payload=inner if inner is not None else u.payload)
+        opened = replace(u, meta=meta, payload=inner if inner is not None else u.payload)
+        ws.alias(opened, u)
+        return opened
 
     def _decode_group(self, ws: WriteSet, codec: str, family: str, settings: dict[str, Any],
                       uplinks: list[Uplink]) -> None:
@@ -252,6 +275,11 @@ class Pipeline:
             if row is not None:
                 ws.add_rows(RADIO.table, RADIO.all_columns, [row])
         ws.add_stored(u)
+
+
+def dedup_key(payload: bytes) -> bytes:
+    """What makes two uplinks of one device the same: their bytes (a retransmission, a redelivery)."""
+    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 def _settings_key(settings: dict[str, Any]) -> str:

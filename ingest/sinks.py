@@ -30,6 +30,7 @@ class FamilyTable:
 
     table: str
     columns: tuple[str, ...]
+    types: tuple[tuple[str, type], ...] = ()     # non-float columns, for field-mapped values
 
     @property
     def all_columns(self) -> tuple[str, ...]:
@@ -40,17 +41,23 @@ class FamilyTable:
 
 
 WATER = FamilyTable("water_readings", ("meter_address", "meter_type", "flow_m3", "settlement_flow_m3", "meter_time",
-                                       "status", "valve", "battery_low", "extra"))
+                                       "status", "valve", "battery_low", "extra"),
+                    (("meter_address", str), ("meter_type", int), ("status", int), ("valve", str),
+                     ("battery_low", bool)))
 FIRE = FamilyTable("fire_events", ("sent_at", "serial", "command", "app_type", "object_index", "system_type",
                                    "system_address", "component_type", "component_address", "state", "flags",
                                    "fire_alarm", "fault", "description", "analog_type", "analog_value",
-                                   "analog_unit", "operation", "operator", "software_version", "event_time", "extra"))
+                                   "analog_unit", "operation", "operator", "software_version", "event_time", "extra"),
+                   (("fire_alarm", bool), ("fault", bool), ("description", str), ("state", int)))
 TRAFFIC = FamilyTable("traffic_flow", ("division_code", "device_type", "device_number", "operation", "channel",
                                        "count_a", "count_b", "count_c", "occupancy_pct", "speed_kmh", "length_m",
-                                       "headway_s", "gap_s", "stops", "stop_duration_s", "extra"))
+                                       "headway_s", "gap_s", "stops", "stop_duration_s", "extra"),
+                      (("channel", int), ("count_a", int), ("count_b", int), ("count_c", int)))
 PARKING = FamilyTable("parking_events", ("occupied", "occupancy_changed", "frame_kind", "frame_counter",
                                          "battery_low", "battery_mv", "temperature_c", "mag_x", "mag_y", "mag_z",
-                                         "error_flags", "extra"))
+                                         "error_flags", "extra"),
+                      (("occupied", bool), ("occupancy_changed", bool), ("battery_low", bool), ("battery_mv", int),
+                       ("frame_counter", int), ("frame_kind", str)))
 RADIO = FamilyTable("radio_readings", ("source", "rsrp_dbm", "sinr_db", "rsrq_db", "ecl", "pci", "cell_id"))
 FAMILIES: dict[str, FamilyTable] = {"water": WATER, "fire": FIRE, "traffic": TRAFFIC, "parking": PARKING}
 
@@ -123,9 +130,37 @@ def field_rows(table: FamilyTable, record: dict[str, Any]) -> list[dict[str, Any
     if "time" in record and record["time"] is not None:
         fields.setdefault("measured_at", record["time"])
     known = set(table.columns) - {"extra"}
-    values = {k: v for k, v in fields.items() if k in known}
-    values["extra"] = _json({k: v for k, v in fields.items() if k not in known})
+    types = dict(table.types)
+    values, extra = {}, {}
+    for k, v in fields.items():
+        if k not in known:
+            extra[k] = v
+            continue
+        try:
+            values[k] = _coerce(v, types.get(k, float))
+        except (TypeError, ValueError):
+            extra[k] = v            # a value the column cannot hold is kept, not lost
+    values["extra"] = _json(extra)
     return [values]
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if value is None or isinstance(value, datetime):
+        return value
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on", "occupied"):
+                return True
+            if value.lower() in ("false", "0", "no", "off", "free"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if kind is int:
+        f = float(value)
+        if not f.is_integer():
+            raise ValueError(value)
+        return int(f)
+    return kind(value)
 
 
 def rows_for(codec: str, family: str, record: dict[str, Any]) -> tuple[FamilyTable, list[dict[str, Any]]]:

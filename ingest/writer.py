@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -16,6 +17,7 @@ from iotjx.model import Outcome, Uplink
 log = logging.getLogger(__name__)
 
 STORED = Outcome("stored")
+DUPLICATE = Outcome("duplicate")
 RAW_COLUMNS = ("received_at", "device_id", "transport", "payload", "meta", "outcome")
 REJECT_COLUMNS = ("received_at", "device_id", "transport", "codec", "payload", "reason", "detail", "meta")
 
@@ -30,9 +32,25 @@ class WriteSet:
     seen: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # device -> (first, last, count)
     days: set[date] = field(default_factory=set)
     outcomes: dict[int, Outcome] = field(default_factory=dict)          # id(uplink) -> outcome
+    origin: dict[int, int] = field(default_factory=dict)                # id(opened envelope) -> id(as received)
+    stored: int = 0
+    duplicates: int = 0
 
     def outcome(self, u: Uplink) -> Outcome:
         return self.outcomes.get(id(u), STORED)
+
+    def alias(self, opened: Uplink, received: Uplink) -> None:
+        """`opened` (an envelope's content) answers for `received`: outcomes go to the latter."""
+        self.origin[id(opened)] = self.origin.get(id(received), id(received))
+
+    def _set(self, u: Uplink, outcome: Outcome) -> None:
+        self.outcomes[self.origin.get(id(u), id(u))] = outcome
+
+    def add_duplicate(self, u: Uplink) -> None:
+        """Seen before (a retransmission or a redelivery): logged, acknowledged, not stored again."""
+        self.add_raw(u, "duplicate")
+        self.duplicates += 1
+        self._set(u, DUPLICATE)
 
     def add_raw(self, u: Uplink, outcome: str) -> None:
         when = datetime.fromtimestamp(u.received_at, UTC)
@@ -43,7 +61,7 @@ class WriteSet:
         self.rejects.append((datetime.fromtimestamp(u.received_at, UTC), u.device_id, u.transport, codec,
                              u.payload, reason, detail, Jsonb(u.meta) if u.meta else None))
         self.add_raw(u, f"rejected:{reason}")
-        self.outcomes[id(u)] = Outcome("rejected", reason, detail)
+        self._set(u, Outcome("rejected", reason, detail))
 
     def add_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if rows:
@@ -55,10 +73,11 @@ class WriteSet:
         if radio is not None:
             from .sinks import RADIO
             self.add_rows(RADIO.table, RADIO.all_columns, [radio])
-        self.outcomes[id(u)] = Outcome("stored", None, outcome)
+        self._set(u, Outcome("stored", None, outcome))
 
     def add_stored(self, u: Uplink) -> None:
         self.add_raw(u, "stored")
+        self.stored += 1
         first, last, count = self.seen.get(u.device_id, (u.received_at, u.received_at, 0))
         self.seen[u.device_id] = (min(first, u.received_at), max(last, u.received_at), count + 1)
 
@@ -87,32 +106,50 @@ class Writer:
             self._conn = self._connect()
         return self._conn
 
-    def write(self, ws: WriteSet) -> None:
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One database transaction for a batch: claim its dedup keys, then write its rows."""
         conn = self.conn
         try:
-            self._ensure_days(conn, ws.days)
+            self._ensure_days(conn, {datetime.now(UTC).date()})
             with conn.transaction():
-                with conn.cursor() as cur:
-                    for table, (columns, rows) in ws.readings.items():
-                        if rows:
-                            _copy(cur, table, columns, rows)
-                    if ws.rejects:
-                        _copy(cur, "rejected_uplinks", REJECT_COLUMNS, ws.rejects)
-                    if ws.raw:
-                        _copy(cur, "raw_uplinks", RAW_COLUMNS, ws.raw)
-                    if ws.seen:
-                        ids = list(ws.seen)
-                        cur.execute(_SEEN_UPSERT, (ids, [ws.seen[d][0] for d in ids],
-                                                   [ws.seen[d][1] for d in ids], [ws.seen[d][2] for d in ids]))
+                yield Transaction(self, conn)
         except psycopg.OperationalError:
             self.close()
             raise
+
+    def write(self, ws: WriteSet) -> None:
+        """Write a WriteSet in a transaction of its own (no dedup claim)."""
+        with self.transaction() as tx:
+            tx.write(ws)
+
+    def purge_dedup(self, window_s: float) -> int:
+        """Forget dedup keys older than the window (they can no longer make a duplicate)."""
+        with self.conn.transaction():
+            cur = self.conn.execute("DELETE FROM uplink_dedup WHERE received_at < now() - make_interval(secs => %s)",
+                                    (window_s,))
+            return cur.rowcount
+
+    def _write_in(self, conn: psycopg.Connection, ws: WriteSet) -> None:
+        self._ensure_days(conn, ws.days)
+        with conn.cursor() as cur:
+            for table, (columns, rows) in ws.readings.items():
+                if rows:
+                    _copy(cur, table, columns, rows)
+            if ws.rejects:
+                _copy(cur, "rejected_uplinks", REJECT_COLUMNS, ws.rejects)
+            if ws.raw:
+                _copy(cur, "raw_uplinks", RAW_COLUMNS, ws.raw)
+            if ws.seen:
+                ids = list(ws.seen)
+                cur.execute(_SEEN_UPSERT, (ids, [ws.seen[d][0] for d in ids],
+                                           [ws.seen[d][1] for d in ids], [ws.seen[d][2] for d in ids]))
 
     def _ensure_days(self, conn: psycopg.Connection, days: set[date]) -> None:
         new = days - self._partition_days
         if not new:
             return
-        with conn.transaction():
+        with conn.transaction():      # a savepoint when called inside the batch's transaction
             ensure_partitions(conn, min(new) - timedelta(days=1), max(new) + timedelta(days=2))
         self._partition_days |= {min(new) + timedelta(days=k) for k in range(-1, (max(new) - min(new)).days + 3)}
 
@@ -122,6 +159,39 @@ class Writer:
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+_CLAIM = """
+    INSERT INTO uplink_dedup AS d (device_id, key, received_at)
+    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::timestamptz[])
+    ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at
+        WHERE d.received_at < excluded.received_at - make_interval(secs => %s)
+    RETURNING device_id, key"""
+
+
+class Transaction:
+    """The batch's transaction: `claim` decides which uplinks are new, `write` adds the rows."""
+
+    def __init__(self, writer: Writer, conn: psycopg.Connection) -> None:
+        self._writer = writer
+        self._conn = conn
+
+    def claim(self, keys: Sequence[tuple[str, bytes]], received_at: Sequence[float], window_s: float) -> list[bool]:
+        """For each (device, key): True when no uplink with that key was stored within the window.
+        Atomic across gateways: a concurrent claim of the same key waits for this transaction."""
+        first: dict[tuple[str, bytes], int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        unique = list(first)
+        if not unique:
+            return []
+        new = set(self._conn.execute(_CLAIM, (
+            [k[0] for k in unique], [k[1] for k in unique],
+            [datetime.fromtimestamp(received_at[first[k]], UTC) for k in unique], window_s)).fetchall())
+        return [first[k] == i and (k[0], k[1]) in new for i, k in enumerate(keys)]
+
+    def write(self, ws: WriteSet) -> None:
+        self._writer._write_in(self._conn, ws)
 
 
 def _copy(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[tuple]) -> None:

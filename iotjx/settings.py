@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
     batch_age_ms: int = Field(200, ge=1, description="A batch is written when its oldest uplink is this old")
     queue_max: int = Field(50_000, ge=1, description="Uplinks held in memory; a full queue stops reading from the transport")
+    dedup_window_s: float = Field(
+        86400, ge=0, description="An uplink whose device and payload match one stored within this window is a duplicate")
     live_factor: float = Field(
         1.5, gt=0, description="A device is live when its last uplink is within live_factor × its reporting interval")
     device_tz_offset_minutes: int = Field(480, description="Local time of device clocks (China time, UTC+8)")

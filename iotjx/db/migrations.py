@@ -263,9 +263,21 @@ def _m2_families(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS radio_readings_device ON radio_readings (device_id, time DESC)")
 
 
+def _m3_dedup(conn: psycopg.Connection, timescale: bool) -> None:
+    """Keys of recently stored uplinks: the same uplink (device + payload digest) is stored once."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS uplink_dedup (
+            device_id text NOT NULL,
+            key bytea NOT NULL,                  -- BLAKE2b-128 of the payload as received
+            received_at timestamptz NOT NULL,
+            PRIMARY KEY (device_id, key))""")
+    conn.execute("CREATE INDEX IF NOT EXISTS uplink_dedup_time ON uplink_dedup (received_at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
+    Migration(3, "uplink dedup keys", _m3_dedup),
 )
 
 
