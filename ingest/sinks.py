@@ -59,6 +59,7 @@ PARKING = FamilyTable("parking_events", ("occupied", "occupancy_changed", "frame
                       (("occupied", bool), ("occupancy_changed", bool), ("battery_low", bool), ("battery_mv", int),
                        ("frame_counter", int), ("frame_kind", str)))
 RADIO = FamilyTable("radio_readings", ("source", "rsrp_dbm", "sinr_db", "rsrq_db", "ecl", "pci", "cell_id"))
+MEASURED_AT = {"water_readings": "meter_time", "fire_events": "event_time"}
 FAMILIES: dict[str, FamilyTable] = {"water": WATER, "fire": FIRE, "traffic": TRAFFIC, "parking": PARKING}
 
 
@@ -127,8 +128,8 @@ def field_rows(table: FamilyTable, record: dict[str, Any]) -> list[dict[str, Any
     """Rows of a field-mapped record (SenML, JSON, carrier object models): mapped names that are
     columns go to their column, the rest to `extra`."""
     fields = dict(record.get("fields") or {})
-    if "time" in record and record["time"] is not None:
-        fields.setdefault("measured_at", record["time"])
+    if record.get("time") is not None:      # the device's own time for the reading, where it gave one
+        fields.setdefault(MEASURED_AT.get(table.table, "measured_at"), record["time"])
     known = set(table.columns) - {"extra"}
     types = dict(table.types)
     values, extra = {}, {}
