@@ -129,13 +129,16 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
             publisher.flush(15)
             time.sleep(settings.batch_age_ms / 1000 + 0.5)
             now = datetime.now(UTC)
+            table = breakdown(conn, live_factor=settings.live_factor, now=now)
             console.print(_coverage_tables(coverage_report(conn, catalogue, live_factor=settings.live_factor, now=now),
-                                           breakdown(conn, live_factor=settings.live_factor, now=now)))
+                                           table))
+            live, registered = sum(r["live"] for r in table), sum(r["registered"] for r in table)
             stored = conn.execute("SELECT count(*) FROM water_readings").fetchone()[0]
             reasons = conn.execute("SELECT reason, count(*) FROM rejected_uplinks GROUP BY 1 ORDER BY 1").fetchall()
+        console.print(f"live devices: {live} of {registered} registered")
         console.print(f"stored {stored} readings; rejects kept with their reason: "
                       + (", ".join(f"{r} {n}" for r, n in reasons) or "none"))
-        return 0 if stored > 0 else 1
+        return 0 if stored > 0 and live > 0 else 1
 
 
 def _coverage_tables(rows, table_rows) -> Group:

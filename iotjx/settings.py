@@ -35,7 +35,6 @@ class Settings(BaseSettings):
         86400, ge=0, description="An uplink whose device and payload match one stored within this window is a duplicate")
     live_factor: float = Field(
         1.5, gt=0, description="A device is live when its last uplink is within live_factor × its reporting interval")
-    device_tz_offset_minutes: int = Field(480, description="Local time of device clocks (China time, UTC+8)")
     raw_retention_days: int = Field(30, ge=1, description="Days the raw-uplink log keeps original bytes")
     data_dir: Path = Field(Path(".iotjx"), description="Where the demo keeps its embedded database and broker files")
     targets_file: Path | None = Field(None, description="Targets catalogue (TOML); unset: the bundled one")
