@@ -16,7 +16,7 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "storage: postgresql" in out
+    assert re.search(r"storage:\s+postgresql", out)
     assert "Coverage against targets" in out
     live = re.search(r"live devices: (\d+) of (\d+) registered", out)
     assert live and int(live.group(1)) > 0 and int(live.group(2)) == 60, out[-2000:]
