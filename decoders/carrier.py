@@ -61,6 +61,11 @@ _RADIO_SPELLINGS = {
     "cell_id": ("cellid", "cellidentity", "signalcellid", "ci"),
 }
 _SPELLING_TO_KEY = {s: key for key, spellings in _RADIO_SPELLINGS.items() for s in spellings}
+
+
+def is_radio_field(name: str) -> bool:
+    """Whether a property name is one of the radio figures' spellings (a signal report carries only these)."""
+    return str(name).lower().replace("_", "").replace("-", "") in _SPELLING_TO_KEY
 # OneNET ds_id of LwM2M object 4 (Connectivity Monitoring) resources that carry radio values.
 _OBJECT4_RESOURCES = {"4_0_2": "rsrp_dbm", "4_0_3": "rsrq_db", "4_0_8": "cell_id", "4_0_11": "sinr_db"}
 _MS_RANGE = (0, 253402300799999)       # up to 9999-12-31
