@@ -1,17 +1,22 @@
-"""The gateway process: transports + pipeline + a heartbeat row that /health reads."""
+"""The gateway process: transports (MQTT; CoAP and carrier HTTP push when enabled) + pipeline +
+downlinks for sleeping devices + a heartbeat row that /health reads."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 
 import psycopg
 
 from iotjx.db import connect
+from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings
 
+from .downlink import DownlinkService
 from .mqtt import MqttIngest
 from .pipeline import Pipeline
 from .registry import DeviceRegistry
@@ -21,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """Owns the pipeline and the MQTT ingest; `start`, then `stop` (drains, acks, closes)."""
+    """Owns the pipeline, the transports and the downlinks; `start`, then `stop` (drains, acks, closes)."""
 
     def __init__(self, settings: Settings, *, heartbeat_s: float = 2.0) -> None:
         if settings.database_url is None:
@@ -33,7 +38,17 @@ class Gateway:
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max,
                                  dedup_window_s=settings.dedup_window_s)
-        self.mqtt = MqttIngest(settings, self.pipeline.submit)
+        self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
+        self.mqtt = MqttIngest(settings, self._submit_mqtt)
+        self.coap = None
+        if settings.coap_enabled:
+            from .coap import CoapIngest, DeviceCredentials
+            credentials = DeviceCredentials(lambda: connect(url, application_name="iotjx-coap"))
+            self.coap = CoapIngest(settings, self.pipeline.submit, credentials, self.downlinks)
+        self.http = None
+        if settings.http_push_enabled:
+            from .http import HttpPushIngest
+            self.http = HttpPushIngest(settings, self.pipeline.submit)
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -47,13 +62,24 @@ class Gateway:
         if warm_up is not None:
             warm_up()      # numba kernels compiled (or loaded from cache) before the first batch
         self.pipeline.start()
+        self.downlinks.start()
         self.mqtt.start()
+        if self.coap is not None:
+            self.coap.start()
+        if self.http is not None:
+            self.http.start()
         self._heartbeat = threading.Thread(target=self._beat, name="iotjx-heartbeat", daemon=True)
         self._heartbeat.start()
 
     def stop(self) -> None:
+        # Transports first (each lets the uplinks it holds be answered), then the writer drains.
+        if self.http is not None:
+            self.http.stop()
+        if self.coap is not None:
+            self.coap.stop()
         self.mqtt.stop()
         self.pipeline.stop()
+        self.downlinks.stop()
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(5)
@@ -64,8 +90,22 @@ class Gateway:
     def status(self) -> dict:
         counters = dict(self.pipeline.counters)
         counters.update({f"mqtt.{k}": v for k, v in self.mqtt.counters.items()})
+        counters.update({f"downlink.{k}": v for k, v in self.downlinks.counters.items()})
+        for name in ("coap", "http"):
+            transport = getattr(self, name)
+            if transport is not None:
+                counters.update({f"{name}.{k}": v for k, v in transport.counters.items()})
+        if self.coap is not None and self.coap.rcvbuf is not None:
+            counters["coap.rcvbuf_bytes"] = self.coap.rcvbuf
         return {"broker_connected": self.mqtt.connected.is_set(), "queue_depth": self.pipeline.queue_depth,
                 "counters": counters, "last_error": self.pipeline.last_error}
+
+    def _submit_mqtt(self, uplink: Uplink) -> None:
+        # A device with a command waiting gets it once this uplink is committed (it is awake now);
+        # the check is a set lookup, so the other uplinks pay nothing.
+        if self.downlinks.has_pending(uplink.device_id):
+            uplink = replace(uplink, ack=partial(_then_deliver, uplink.ack, self.downlinks, uplink.device_id))
+        self.pipeline.submit(uplink)
 
     def _beat(self) -> None:
         while not self._stop.wait(self._heartbeat_s):
@@ -85,3 +125,8 @@ class Gateway:
                      json.dumps({**s["counters"], "last_error": s["last_error"]})))
         except psycopg.Error as exc:
             log.warning("heartbeat not written: %s", str(exc).splitlines()[0])
+
+
+def _then_deliver(transport_ack, downlinks: DownlinkService, device_id: str, outcome: Outcome) -> None:
+    transport_ack(outcome)
+    downlinks.after_uplink(device_id, outcome)

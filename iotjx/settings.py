@@ -10,6 +10,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "change_me", "secret", "token", "placeholder", "xxx", "test"}
+
+
 class Settings(BaseSettings):
     """Every knob of iotjx; the README's settings table is generated from these descriptions."""
 
@@ -39,12 +42,44 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".iotjx"), description="Where the demo keeps its embedded database and broker files")
     targets_file: Path | None = Field(None, description="Targets catalogue (TOML); unset: the bundled one")
     log_level: str = Field("INFO", description="Python log level")
+    # CoAP ingest (ingest/coap.py, docs/transports.md)
+    coap_enabled: bool = Field(False, description="Serve `POST coap://HOST/up/{device_id}` in the gateway")
+    coap_max_payload: int = Field(
+        16384, ge=64, le=1_048_576, description="Largest CoAP uplink (after block-wise assembly); larger gets 4.13")
+    coap_rcvbuf: int = Field(
+        4 * 1024 * 1024, ge=65536, description="SO_RCVBUF of the CoAP socket, for bursts (capped by net.core.rmem_max)")
+    coap_require_credential: bool = Field(
+        True, description="Refuse (4.01) uplinks from registered devices that have no CoAP token set")
+    coap_quarantine_unknown: bool = Field(
+        True, description="Keep uplinks from unregistered device ids as `unknown_device` rejects (answer 4.04)")
+    # Carrier-platform HTTP push (ingest/http.py)
+    http_push_enabled: bool = Field(False, description="Serve `POST /push/ctwing` and `/push/onenet` in the gateway")
+    http_push_bind: str = Field("0.0.0.0:8081", description="Listen address of the carrier push endpoint")
+    http_push_max_body: int = Field(65536, ge=256, description="Largest push body in bytes; larger gets 413")
+    ctwing_push_token: str | None = Field(
+        None, description="Token CTWing pushes must carry (header `X-Push-Token` or `?token=`); unset: endpoint off")
+    onenet_push_token: str | None = Field(
+        None, description="OneNET push token (msg_signature = base64(MD5(token+nonce+msg))); unset: endpoint off")
+    # Downlinks for sleeping devices (ingest/downlink.py)
+    downlink_ttl_s: int = Field(7 * 86400, ge=60, description="A queued command expires after this long by default")
+    downlink_max_attempts: int = Field(
+        1, ge=1, le=20, description="Deliveries of one command (on successive uplinks) while it is not acknowledged")
+    downlink_poll_s: float = Field(
+        2.0, gt=0, description="How often the gateway refreshes which devices have commands waiting, and expires old ones")
 
     @field_validator("mqtt_protocol")
     @classmethod
     def _protocol(cls, value: str) -> str:
         if value not in ("5", "3.1.1"):
             raise ValueError("mqtt_protocol must be '5' or '3.1.1'")
+        return value
+
+    @field_validator("ctwing_push_token", "onenet_push_token")
+    @classmethod
+    def _push_token(cls, value: str | None) -> str | None:
+        # OneNET allows tokens of 3-32 characters, so length cannot be the test; placeholders can.
+        if value is not None and value.strip().lower() in _PLACEHOLDER_SECRETS:
+            raise ValueError("a placeholder push token is refused: set the token configured on the carrier platform")
         return value
 
     @field_validator("mqtt_url")

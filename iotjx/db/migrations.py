@@ -274,10 +274,41 @@ def _m3_dedup(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS uplink_dedup_time ON uplink_dedup (received_at)")
 
 
+def _m4_credentials_downlinks(conn: psycopg.Connection, timescale: bool) -> None:
+    """CoAP device tokens (hashed) and commands queued for sleeping devices."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS device_credentials (
+            device_id text PRIMARY KEY REFERENCES devices(device_id) ON DELETE CASCADE,
+            scheme text NOT NULL DEFAULT 'coap-token' CHECK (scheme IN ('coap-token')),
+            salt bytea NOT NULL,                 -- 16 random bytes
+            token_hash bytea NOT NULL,           -- SHA-256(salt || token); the token itself is never stored
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now())""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS downlinks (
+            id bigserial PRIMARY KEY,
+            device_id text NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            kind text NOT NULL,                  -- valve_close, valve_open, set_interval, raw
+            params jsonb NOT NULL DEFAULT '{}',
+            payload bytea NOT NULL,              -- the bytes the device receives
+            status text NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'sent', 'acknowledged', 'expired')),
+            transport text,                      -- coap / mqtt: how it was last sent
+            attempts integer NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            sent_at timestamptz,
+            acked_at timestamptz,
+            expires_at timestamptz NOT NULL)""")
+    conn.execute("CREATE INDEX IF NOT EXISTS downlinks_device ON downlinks (device_id, id DESC)")
+    conn.execute("CREATE INDEX IF NOT EXISTS downlinks_open ON downlinks (device_id, id) "
+                 "WHERE status IN ('queued', 'sent')")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
     Migration(3, "uplink dedup keys", _m3_dedup),
+    Migration(4, "CoAP device credentials (hashed); downlinks for sleeping devices", _m4_credentials_downlinks),
 )
 
 

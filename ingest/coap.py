@@ -1,0 +1,366 @@
+"""CoAP transport: ``POST coap://HOST/up/{device_id}?t=<token>[&ack=<downlink id>]`` (aiocoap, its
+own thread and event loop).  Bytes + metadata → `Uplink` → pipeline; the answer waits for the commit.
+
+* 2.04 Changed once the reading is committed (a duplicate too: it was stored once), carrying the
+  device's next queued command, if any, with its id in Location-Query ``dl=<id>``;
+* 4.00 + diagnostic for a payload the decoder refused (kept in rejected_uplinks), 4.01 for a missing
+  or wrong token, 4.04 for another path and for an unregistered device (kept as `unknown_device`),
+  4.13 (+ Size1) past `coap_max_payload`, also mid block-wise transfer, 4.15 for a content format
+  other than 42/50/110/112, 5.00 when the database refused the rows, 5.03 while shutting down.
+
+Tokens are per device, stored as SHA-256(salt ‖ token) in device_credentials (migration 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import aiocoap
+import psycopg
+from aiocoap import error as coap_error
+from aiocoap import resource
+from aiocoap.blockwise import Block1Spool
+from aiocoap.numbers import codes
+
+from iotjx.model import Outcome, Uplink
+from iotjx.settings import Settings, bind_address
+
+from .downlink import DownlinkService, parse_ack_ids
+
+log = logging.getLogger(__name__)
+
+CONTENT_FORMATS = {42: "application/octet-stream", 50: "application/json", 110: "application/senml+json",
+                   112: "application/senml+cbor"}
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{16,128}$")    # URI-query safe without escaping
+
+
+# ----------------------------------------------------------------------------- credentials
+
+def hash_token(salt: bytes, token: str) -> bytes:
+    """SHA-256(salt ‖ token).  Tokens are ≥ 16 random characters, so a fast hash is enough and
+    keeps the check cheap at thousands of uplinks a second (a slow KDF protects weak passwords)."""
+    return hashlib.sha256(salt + token.encode()).digest()
+
+
+def set_device_token(conn: psycopg.Connection, device_id: str, token: str | None = None) -> str:
+    """Set (or rotate) a device's CoAP token; returns it (generated when not given).  LookupError
+    for an unregistered device, ValueError for a token that is not 16-128 URI-safe characters."""
+    token = token if token is not None else secrets.token_urlsafe(24)
+    if not TOKEN_PATTERN.match(token):
+        raise ValueError("a CoAP token is 16-128 characters of A-Z a-z 0-9 . _ ~ -")
+    if conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (device_id,)).fetchone() is None:
+        raise LookupError(f"no device {device_id}")
+    salt = os.urandom(16)
+    conn.execute("""INSERT INTO device_credentials (device_id, salt, token_hash) VALUES (%s, %s, %s)
+                    ON CONFLICT (device_id) DO UPDATE SET salt = excluded.salt, token_hash = excluded.token_hash,
+                        updated_at = now()""", (device_id, salt, hash_token(salt, token)))
+    return token
+
+
+class DeviceCredentials:
+    """device id → (registered?, salt, hash), cached: known devices for `ttl_s` (a rotated token is
+    re-read after a mismatch), unknown ids for `unknown_ttl_s`."""
+
+    MAX_ENTRIES = 200_000
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], ttl_s: float = 60.0,
+                 unknown_ttl_s: float = 5.0) -> None:
+        self._connect = connect
+        self._conn: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+        self._ttl_s, self._unknown_ttl_s = ttl_s, unknown_ttl_s
+        self._cache: dict[str, tuple[float, bool, bytes | None, bytes | None]] = {}
+
+    async def check(self, device_id: str, token: str | None, executor) -> str:
+        """`ok`, `bad_token`, `no_token` (none set for the device) or `unknown_device`."""
+        entry = await self._entry(device_id, executor, fresh=False)
+        verdict = _verdict(entry, token)
+        if verdict == "bad_token" and time.monotonic() - entry[0] > 2.0:
+            verdict = _verdict(await self._entry(device_id, executor, fresh=True), token)
+        return verdict
+
+    async def _entry(self, device_id: str, executor, fresh: bool):
+        entry = self._cache.get(device_id)
+        now = time.monotonic()
+        if not fresh and entry is not None and now - entry[0] < (self._ttl_s if entry[1] else self._unknown_ttl_s):
+            return entry
+        known, salt, digest = await asyncio.get_running_loop().run_in_executor(executor, self._fetch, device_id)
+        if len(self._cache) >= self.MAX_ENTRIES:      # bounded: random ids must not grow it forever
+            self._cache.clear()
+        entry = self._cache[device_id] = (time.monotonic(), known, salt, digest)
+        return entry
+
+    def _fetch(self, device_id: str) -> tuple[bool, bytes | None, bytes | None]:
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+                self._conn.autocommit = True
+            try:
+                row = self._conn.execute("""SELECT d.status, c.salt, c.token_hash FROM devices d
+                                            LEFT JOIN device_credentials c USING (device_id)
+                                            WHERE d.device_id = %s""", (device_id,)).fetchone()
+            except psycopg.OperationalError:
+                self._conn.close()
+                self._conn = None
+                raise
+        if row is None or row[0] == "retired":
+            return False, None, None
+        return True, (bytes(row[1]) if row[1] is not None else None), (bytes(row[2]) if row[2] is not None else None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _verdict(entry, token: str | None) -> str:
+    _, known, salt, digest = entry
+    if not known:
+        return "unknown_device"
+    if digest is None:
+        return "no_token"
+    if token is None or not hmac.compare_digest(hash_token(salt, token), digest):
+        return "bad_token"
+    return "ok"
+
+
+# ----------------------------------------------------------------------------- errors and block-wise
+
+class TooLarge(coap_error.ConstructionRenderableError):
+    """4.13 with Size1 = the limit (RFC 7959 §2.9.3), so a client knows what would fit."""
+
+    code = codes.REQUEST_ENTITY_TOO_LARGE
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"uplinks are limited to {limit} bytes")
+        self.limit = limit
+
+    def to_message(self):
+        message = super().to_message()
+        message.opt.size1 = self.limit
+        return message
+
+
+class BoundedBlock1Spool(Block1Spool):
+    """aiocoap's Block1 reassembly, refusing a body past `limit` as soon as Size1 or the blocks say so."""
+
+    def __init__(self, limit: int, counters: Counter) -> None:
+        super().__init__()
+        self.limit = limit
+        self._counters = counters
+
+    def feed_and_take(self, req):
+        block1 = req.opt.block1
+        if block1 is not None and ((req.opt.size1 or 0) > self.limit
+                                   or block1.block_number * block1.size + len(req.payload) > self.limit):
+            self._counters["too_large"] += 1
+            raise TooLarge(self.limit)      # the partial assembly times out with aiocoap's spool
+        return super().feed_and_take(req)
+
+
+def _response(code, text: str = "", payload: bytes = b"") -> aiocoap.Message:
+    return aiocoap.Message(code=code, payload=payload or text.encode()[:512])
+
+
+# ----------------------------------------------------------------------------- the resource
+
+class UplinkResource(resource.Resource, resource.PathCapable):
+    """/up/{device_id}: everything below /up reaches here with the rest of the path."""
+
+    def __init__(self, ingest: CoapIngest) -> None:
+        super().__init__()
+        self._ingest = ingest
+        self._block1 = BoundedBlock1Spool(ingest.settings.coap_max_payload, ingest.counters)
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._ingest.handle(request)
+
+
+class CoapIngest:
+    """The CoAP server: `start` (returns once bound; `.port`), `stop` (waits for answers in flight)."""
+
+    def __init__(self, settings: Settings, submit: Callable[[Uplink], None],
+                 credentials: DeviceCredentials, downlinks: DownlinkService | None = None) -> None:
+        self.settings = settings
+        self._submit = submit
+        self._credentials = credentials
+        self._downlinks = downlinks
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="iotjx-coap-db")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: aiocoap.Context | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._closing = False
+        self._inflight = 0
+        self._start_error: BaseException | None = None
+        self.port: int | None = None
+        self.rcvbuf: int | None = None
+        self.counters: Counter[str] = Counter()
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._serve, name="iotjx-coap", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._start_error is not None:
+            raise RuntimeError(f"CoAP server did not start on {self.settings.coap_bind}: {self._start_error}")
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Refuse new uplinks (5.03), let the ones in flight get their answer, then close."""
+        if self._thread is None:
+            return
+        self._closing = True
+        deadline = time.monotonic() + drain_s
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._thread = None
+        self._executor.shutdown(wait=True)
+        self._credentials.close()
+
+    def _serve(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._open())
+        except BaseException as exc:       # report to start(), which raises in the caller's thread
+            self._start_error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._context.shutdown())
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    async def _open(self) -> None:
+        site = resource.Site()
+        site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
+        site.add_resource(["up"], UplinkResource(self))
+        self._context = await aiocoap.Context.create_server_context(
+            site, bind=bind_address(self.settings.coap_bind), transports=["udp6"])
+        sock = self._context.request_interfaces[0].token_interface.message_interface.transport.get_extra_info("socket")
+        # A burst of devices waking at once overflows the default ~200 kB buffer (CEILINGS.md); the
+        # kernel caps the request at net.core.rmem_max and reports double the granted size.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.coap_rcvbuf)
+        self.rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+        self.port = sock.getsockname()[1]
+        if self.rcvbuf < self.settings.coap_rcvbuf:
+            log.warning("CoAP receive buffer is %d bytes, not the %d asked: raise net.core.rmem_max",
+                        self.rcvbuf, self.settings.coap_rcvbuf)
+        log.info("CoAP listening on %s port %d (receive buffer %d bytes)", self.settings.coap_bind, self.port,
+                 self.rcvbuf)
+
+    # --------------------------------------------------------------- one request
+    async def handle(self, request: aiocoap.Message) -> aiocoap.Message:
+        self.counters["requests"] += 1
+        path = request.opt.uri_path
+        if len(path) != 1 or not path[0]:
+            return self._refuse("not_found", codes.NOT_FOUND, "uplinks go to /up/{device_id}")
+        device_id = path[0]
+        content_format = None if request.opt.content_format is None else int(request.opt.content_format)
+        if content_format is not None and content_format not in CONTENT_FORMATS:
+            return self._refuse("bad_format", codes.UNSUPPORTED_CONTENT_FORMAT,
+                                f"content format {content_format}; accepted: 42, 50, 110, 112")
+        if len(request.payload) > self.settings.coap_max_payload:
+            self.counters["too_large"] += 1
+            return TooLarge(self.settings.coap_max_payload).to_message()
+        query = _query(request.opt.uri_query)
+        if self._closing:
+            return self._refuse("closing", codes.SERVICE_UNAVAILABLE, "gateway shutting down, retry")
+        self._inflight += 1
+        try:
+            return await self._accept(request, device_id, content_format, query)
+        finally:
+            self._inflight -= 1
+
+    async def _accept(self, request, device_id: str, content_format, query: dict[str, list[str]]):
+        token = (query.get("t") or [None])[0]
+        verdict = await self._credentials.check(device_id, token, self._executor)
+        if verdict == "bad_token" or (verdict == "no_token" and self.settings.coap_require_credential):
+            return self._refuse("unauthorized", codes.UNAUTHORIZED,
+                                "wrong or missing token (?t=…)" if verdict == "bad_token"
+                                else "no CoAP token is set for this device")
+        if verdict == "unknown_device" and not self.settings.coap_quarantine_unknown:
+            return self._refuse("unknown_device", codes.NOT_FOUND, f"no registered device {device_id}")
+        loop = asyncio.get_running_loop()
+        if query.get("ack") and verdict != "unknown_device" and self._downlinks is not None:
+            await self._acknowledge(loop, device_id, query["ack"])
+        done: asyncio.Future[Outcome] = loop.create_future()
+        meta = {"peer": request.remote.hostinfo, "content_format": content_format}
+        self._submit(Uplink(device_id=device_id, payload=request.payload, transport="coap",
+                            received_at=time.time(), meta=meta, ack=_resolver(loop, done)))
+        outcome = await done
+        self.counters[outcome.status] += 1
+        if outcome.status == "rejected":
+            if outcome.reason == "unknown_device":
+                return _response(codes.NOT_FOUND, f"unknown device {device_id}: uplink kept in quarantine")
+            code = codes.INTERNAL_SERVER_ERROR if outcome.reason == "storage" else codes.BAD_REQUEST
+            return _response(code, f"{outcome.reason}: {outcome.detail}")
+        response = _response(codes.CHANGED)
+        if self._downlinks is not None and self._downlinks.has_pending(device_id):
+            try:
+                claimed = await loop.run_in_executor(self._executor, self._downlinks.claim, device_id, "coap", 1)
+            except psycopg.Error as exc:      # the reading is committed: answer 2.04 without a command
+                log.warning("downlink for %s not claimed: %s", device_id, str(exc).splitlines()[0])
+                claimed = []
+            if claimed:
+                downlink_id, _, payload = claimed[0]
+                response = _response(codes.CHANGED, payload=payload)
+                response.opt.location_query = (f"dl={downlink_id}",)
+                response.opt.content_format = 42
+        return response
+
+    async def _acknowledge(self, loop, device_id: str, values: list[str]) -> None:
+        try:
+            ids = [i for v in values for i in (parse_ack_ids(v) or [])]
+            await loop.run_in_executor(self._executor, self._downlinks.acknowledge, device_id, ids)
+        except (ValueError, psycopg.Error) as exc:   # the uplink still counts; the device acks again later
+            self.counters["bad_ack"] += 1
+            log.warning("ack %s from %s not recorded: %s", values, device_id, str(exc).splitlines()[0])
+
+    def _refuse(self, counter: str, code, text: str) -> aiocoap.Message:
+        self.counters[counter] += 1
+        return _response(code, text)
+
+
+def _query(options) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in options:
+        key, _, value = item.partition("=")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> Callable[[Outcome], None]:
+    """The Uplink's ack, called in the writer thread after the commit: resolves `done` in the loop."""
+    def ack(outcome: Outcome) -> None:
+        try:
+            loop.call_soon_threadsafe(_set, done, outcome)
+        except RuntimeError:      # the server closed meanwhile: the device retransmits, dedup answers
+            pass
+    return ack
+
+
+def _set(done: asyncio.Future, outcome: Outcome) -> None:
+    if not done.done():
+        done.set_result(outcome)
