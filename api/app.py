@@ -3,35 +3,53 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 import psycopg
 from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from analytics.coverage import breakdown, coverage_report
 from iotjx import __version__
 from iotjx.db import storage_kind
-from iotjx.devices import DeviceRecord, RegistrationError, parse_csv, register_devices
+from iotjx.db.migrations import CITIES
+from iotjx.devices import (DEVICE_ID, SITE_KINDS, DeviceRecord, RegistrationError, bundled_models, parse_csv,
+                           register_devices)
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 GATEWAY_STALE_S = 30
 
 
-class DeviceIn(BaseModel):
-    device_id: str = Field(examples=["869975034012345"], description="IMEI or carrier platform id")
-    model: str = Field(examples=["cjt188-nb-water-std"])
-    network: Literal["nbiot", "cat1"]
-    city: str = Field(examples=["360600", "Yingtan", "鹰潭"], description="division code or name")
-    site_kind: str = Field(examples=["residential"])
-    site_name: str = Field(examples=["月湖区 龙岗小区"])
-    installed_at: datetime | None = None
-    reporting_interval_s: int | None = Field(None, gt=0, description="overrides the model's interval")
-    status: Literal["active", "inactive", "retired"] = "active"
+def _device_in_model() -> type[BaseModel]:
+    """The registration body, its enums taken from the model catalogue, the cities and the site kinds,
+    so that a request the schema admits is one the registry accepts."""
+    models = tuple(sorted(m["model"] for m in bundled_models()))
+    cities = tuple(sorted({str(code) for code, _, _ in CITIES} | {zh for _, zh, _ in CITIES}
+                          | {en for _, _, en in CITIES}))
+    return create_model(
+        "DeviceIn",
+        device_id=(str, Field(pattern=DEVICE_ID.pattern, examples=["869975034012345"],
+                              description="IMEI or carrier platform id")),
+        model=(Literal[models], Field(examples=["cjt188-nb-water-std"])),  # type: ignore[valid-type]
+        network=(Literal["nbiot", "cat1"], ...),
+        city=(Literal[cities], Field(examples=["360600", "Yingtan", "鹰潭"],  # type: ignore[valid-type]
+                                     description="division code or name")),
+        site_kind=(Literal[SITE_KINDS], Field(examples=["residential"])),  # type: ignore[valid-type]
+        site_name=(str, Field(min_length=1, max_length=200, examples=["月湖区 龙岗小区"])),
+        installed_at=(datetime | None, None),
+        reporting_interval_s=(int | None, Field(None, gt=0, lt=2**31, description="overrides the model's interval")),
+        status=(Literal["active", "inactive", "retired"], "active"),
+    )
+
+
+PROBLEM = {"content": {"application/problem+json": {"schema": {"type": "object", "properties": {
+    "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {}}}}}}
 
 
 class DeviceOut(BaseModel):
@@ -78,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.database_url is None:
         raise ValueError("the API needs IOTJX_DATABASE_URL")
     catalogue = load_catalogue(settings.targets_file)
+    DeviceIn = _device_in_model()
     pool = ConnectionPool(settings.database_url, min_size=1, max_size=8, open=False,
                           kwargs={"application_name": "iotjx-api", "autocommit": True})
 
@@ -94,6 +113,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RegistrationError)
     async def _registration(request: Request, exc: RegistrationError):
         return problem(422, "invalid device records", [{"line": n, "error": m} for n, m in exc.errors])
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return problem(422, "invalid request", [{"line": None, "field": ".".join(str(p) for p in e["loc"]),
+                                                  "error": e["msg"]} for e in exc.errors()])
+
+    @app.exception_handler(HTTPException)
+    async def _http_problem(request: Request, exc: HTTPException):
+        return problem(exc.status_code, HTTPStatus(exc.status_code).phrase, exc.detail)
 
     @app.exception_handler(psycopg.OperationalError)
     async def _db_down(request: Request, exc: psycopg.OperationalError):
@@ -122,13 +150,17 @@ def create_app(settings: Settings) -> FastAPI:
             out["status"] = "degraded"
         return out
 
-    @app.post("/devices", status_code=201, response_model=RegistrationResult, summary="Register or update one device")
-    def register_one(device: DeviceIn) -> RegistrationResult:
+    def register_one(device) -> RegistrationResult:
         with pool.connection() as conn:
             result = register_devices(conn, [DeviceRecord(**device.model_dump())])
         return RegistrationResult(**result)
 
+    register_one.__annotations__["device"] = DeviceIn     # built at run time from the catalogue
+    app.post("/devices", status_code=201, response_model=RegistrationResult, summary="Register or update one device",
+             responses={422: PROBLEM})(register_one)
+
     @app.post("/devices/bulk", response_model=RegistrationResult, summary="Register devices from CSV (all or nothing)",
+              responses={422: PROBLEM, 415: PROBLEM},
               openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"},
                   "example": "device_id,model,network,city,site_kind,site_name\n"
                              "869975034012345,cjt188-nb-water-std,nbiot,Yingtan,residential,龙岗小区\n"}}}})
@@ -144,7 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
         with pool.connection() as conn:
             return RegistrationResult(**register_devices(conn, records, first_line=2))
 
-    @app.get("/devices/{device_id}", response_model=DeviceOut, summary="One device and when it was last seen")
+    @app.get("/devices/{device_id}", response_model=DeviceOut, summary="One device and when it was last seen",
+             responses={404: PROBLEM})
     def get_device(device_id: str) -> DeviceOut:
         with pool.connection() as conn:
             row = conn.execute("""
@@ -179,7 +212,8 @@ def create_app(settings: Settings) -> FastAPI:
                  "deadline": t.deadline, "measure": t.measure, "city": t.city, "pilot": t.pilot,
                  "network": t.network, "site_kind": t.site_kind} for t in catalogue]
 
-    @app.put("/targets/{target_id}/progress", summary="Enter the figure for a target no device measures")
+    @app.put("/targets/{target_id}/progress", summary="Enter the figure for a target no device measures",
+             responses={404: PROBLEM, 409: PROBLEM})
     def set_progress(target_id: str, progress: Annotated[Progress, Body()]) -> dict[str, Any]:
         target = next((t for t in catalogue if t.target_id == target_id), None)
         if target is None:

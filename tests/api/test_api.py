@@ -48,7 +48,9 @@ def test_register_one_then_read_it_back(settings):
         assert got["pilot"] == "water" and got["last_seen"] is None and got["uplinks"] == 0
         assert client.get("/devices/000").status_code == 404
         bad = client.post("/devices", json={**device, "model": "no-such-model"})
-        assert bad.status_code == 422 and "unknown model" in bad.json()["detail"][0]["error"]
+        assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+        assert bad.json()["detail"][0]["field"] == "body.model"
+        assert client.post("/devices", json={**device, "city": "Atlantis"}).status_code == 422
 
 
 def test_bulk_csv_is_all_or_nothing_with_line_numbers(settings):
