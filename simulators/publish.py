@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -27,6 +28,11 @@ class MqttPublisher:
         self._lock = threading.Lock()
         self._all_acked = threading.Condition(self._lock)
         self._pending = 0
+        # mid -> callback(ok, detail) for publishes whose caller wants to hear of the PUBACK; a PUBACK
+        # can beat `publish` returning its mid, so early ones wait in `_early` for their callback.
+        self._callbacks: dict[int, Callable[[bool, str], None]] = {}
+        self._early: dict[int, tuple[bool, str]] = {}
+        self._registering = 0
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
         self._client.max_inflight_messages_set(max_inflight)
@@ -40,23 +46,53 @@ class MqttPublisher:
             self.close()
             raise ConnectionError(f"no MQTT broker answered at {host}:{port}")
 
-    def publish(self, device_id: str, payload: bytes, qos: int = 1) -> None:
+    def publish(self, device_id: str, payload: bytes, qos: int = 1,
+                on_ack: Callable[[bool, str], None] | None = None) -> None:
+        """Publish one uplink on `{prefix}/up/{device_id}`.  `on_ack(ok, detail)`, when given, is called
+        from paho's thread once the broker acknowledged (QoS 1) or refused it."""
         with self._lock:
             self._pending += 1
+            self._registering += on_ack is not None
         info = self._client.publish(f"{self.prefix}/up/{device_id}", payload, qos=qos)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
-            with self._lock:
+        early = None
+        with self._lock:
+            if on_ack is not None:
+                self._registering -= 1
+                early = self._early.pop(info.mid, None)
+                if early is None and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    self._callbacks[info.mid] = on_ack
+            if not self._registering:
+                self._early.clear()
+            if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
                 self._pending -= 1
                 self.stats.failed += 1
-            return
-        self.stats.sent += 1
+                early = (False, mqtt.error_string(info.rc))
+            else:
+                self.stats.sent += 1
+        if on_ack is not None and early is not None:
+            on_ack(*early)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        failed = bool(getattr(reason_code, "is_failure", False))
+        detail = str(reason_code) if failed else ""
         with self._lock:
             self._pending -= 1
-            self.stats.acknowledged += 1
+            if failed:
+                self.stats.failed += 1
+            else:
+                self.stats.acknowledged += 1
+            callback = self._callbacks.pop(mid, None)
+            if callback is None and self._registering:
+                self._early[mid] = (not failed, detail)
             if self._pending == 0:
                 self._all_acked.notify_all()
+        if callback is not None:
+            callback(not failed, detail)
+
+    @property
+    def pending(self) -> int:
+        """Published and not yet acknowledged by the broker."""
+        return self._pending
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until the broker acknowledged everything published; False on timeout."""

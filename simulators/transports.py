@@ -1,0 +1,185 @@
+"""Sending uplink records as the field does: MQTT (QoS 1 on ``{prefix}/up/{device_id}``), CoAP
+(``POST coap://HOST/up/{device_id}``, content-format 42, confirmable) and carrier HTTP push (the JSON
+envelope POSTed to the push URL of its carrier).  Each channel answers every record with an `Answer`:
+acknowledged (PUBACK, 2.xx), refused (an error code: the server said no) or failed (no answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .capture import UplinkRecord
+from .publish import MqttPublisher
+
+CONTENT_FORMAT_OCTET_STREAM = 42
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: str                           # acknowledged | refused | failed
+    detail: str = ""
+
+
+ACK = Answer("acknowledged")
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """Where each transport sends: the broker, the CoAP server, the carrier push URL."""
+
+    mqtt_host: str | None = None
+    mqtt_port: int = 1883
+    mqtt_prefix: str = "iotjx"
+    mqtt_protocol: str = "3.1.1"
+    coap_url: str | None = None           # coap://host:port; records go to {coap_url}/up/{device_id}
+    push_url: str | None = None           # http://host:port/push/{carrier}; {carrier} is ctwing / onenet
+    push_headers: tuple[tuple[str, str], ...] = ()
+    coap_endpoints: int = 16              # client sockets: aiocoap keeps one CON in flight per peer (NSTART 1)
+    http_connections: int = 8
+    timeout_s: float = 95.0               # > CoAP's MAX_TRANSMIT_WAIT (93 s): the exchange's own limit first
+
+    @classmethod
+    def from_settings(cls, settings, *, coap_url: str | None = None, push_url: str | None = None,
+                      push_headers: tuple[tuple[str, str], ...] = ()) -> Targets:
+        """Targets from iotjx settings: the broker of IOTJX_MQTT_URL, the CoAP server at IOTJX_COAP_BIND,
+        the push route on the API at IOTJX_API_BIND — unless given explicitly."""
+        from iotjx.settings import bind_address
+
+        host, port = settings.mqtt_host_port if settings.mqtt_url else (None, 1883)
+        coap_host, coap_port = bind_address(settings.coap_bind)
+        api_host, api_port = bind_address(settings.api_bind)
+        local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        return cls(mqtt_host=host, mqtt_port=port, mqtt_prefix=settings.mqtt_topic_prefix,
+                   mqtt_protocol=settings.mqtt_protocol,
+                   coap_url=coap_url or f"coap://{local.get(coap_host, coap_host)}:{coap_port}",
+                   push_url=push_url or f"http://{local.get(api_host, api_host)}:{api_port}/push/{{carrier}}",
+                   push_headers=push_headers)
+
+
+class MqttChannel:
+    """One MQTT connection for all devices (as a device gateway or a carrier bridge publishes)."""
+
+    def __init__(self, targets: Targets, client_id: str) -> None:
+        if targets.mqtt_host is None:
+            raise ValueError("no broker to send MQTT records to (IOTJX_MQTT_URL)")
+        self._publisher = MqttPublisher(targets.mqtt_host, targets.mqtt_port, prefix=targets.mqtt_prefix,
+                                        client_id=client_id, protocol=targets.mqtt_protocol)
+
+    async def send(self, record: UplinkRecord) -> Answer:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Answer] = loop.create_future()
+
+        def acked(ok: bool, detail: str) -> None:
+            loop.call_soon_threadsafe(_settle, answer, ACK if ok else Answer("refused", detail))
+
+        self._publisher.publish(record.device_id, record.payload, on_ack=acked)
+        return await answer
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._publisher.flush, 10)
+        self._publisher.close()
+
+
+def _settle(future: asyncio.Future, answer: Answer) -> None:
+    if not future.done():
+        future.set_result(answer)
+
+
+class CoapChannel:
+    """Confirmable POSTs from a pool of client endpoints; a device always uses the same endpoint, so
+    its uplinks keep their order."""
+
+    def __init__(self, targets: Targets) -> None:
+        if targets.coap_url is None:
+            raise ValueError("no CoAP server to send records to")
+        self._base = targets.coap_url.rstrip("/")
+        self._n = max(1, targets.coap_endpoints)
+        self._timeout = targets.timeout_s
+        self._contexts: list = []
+
+    async def open(self) -> None:
+        import aiocoap
+
+        self._contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(self._n)]
+
+    async def send(self, record: UplinkRecord) -> Answer:
+        import aiocoap
+
+        if not self._contexts:
+            await self.open()
+        context = self._contexts[zlib.crc32(record.device_id.encode()) % self._n]
+        request = aiocoap.Message(code=aiocoap.POST, uri=f"{self._base}/up/{record.device_id}",
+                                  payload=record.payload, content_format=CONTENT_FORMAT_OCTET_STREAM)
+        try:
+            response = await asyncio.wait_for(context.request(request).response, self._timeout)
+        except (asyncio.TimeoutError, aiocoap.error.Error, OSError) as exc:
+            return Answer("failed", f"{type(exc).__name__}: {exc}")
+        if response.code.is_successful():
+            return ACK
+        return Answer("refused", f"{response.code.dotted} {response.payload[:200].decode('utf-8', 'replace')}")
+
+    async def close(self) -> None:
+        for context in self._contexts:
+            await context.shutdown()
+        self._contexts = []
+
+
+class HttpChannel:
+    """Carrier pushes: POST the JSON envelope, keep-alive connections from a small thread pool (the
+    standard library's client; a push is one small request)."""
+
+    def __init__(self, targets: Targets) -> None:
+        if targets.push_url is None:
+            raise ValueError("no push URL to send carrier records to")
+        self._template = targets.push_url
+        self._headers = {"Content-Type": "application/json", **dict(targets.push_headers)}
+        self._timeout = targets.timeout_s
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, targets.http_connections),
+                                        thread_name_prefix="iotjx-push")
+        self._connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    async def send(self, record: UplinkRecord) -> Answer:
+        url = self._template.replace("{carrier}", record.route or "push")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._post, url, record.payload)
+
+    def _post(self, url: str, body: bytes) -> Answer:
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        conn = getattr(self._local, "conns", {}).get(key)
+        for attempt in (1, 2):            # a keep-alive connection the server closed: reconnect once
+            if conn is None:
+                cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                conn = cls(parts.hostname, parts.port, timeout=self._timeout)
+                self._local.__dict__.setdefault("conns", {})[key] = conn
+                with self._lock:
+                    self._connections.append(conn)
+            try:
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+                conn.request("POST", path or "/", body=body, headers=self._headers)
+                response = conn.getresponse()
+                text = response.read()[:200].decode("utf-8", "replace")
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._local.conns.pop(key, None)
+                conn = None
+                if attempt == 2:
+                    return Answer("failed", f"{type(exc).__name__}: {exc}")
+                continue
+            if 200 <= response.status < 300:
+                return ACK
+            return Answer("refused", f"{response.status} {text}")
+        return Answer("failed", "unreachable")
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
