@@ -1,7 +1,27 @@
 """MQTT transport: paho in its network thread, uplinks handed to the pipeline, PUBACK after commit.
 
 Topic scheme: devices publish on ``{prefix}/up/{device_id}`` (QoS 1); commands for a device go to
-``{prefix}/down/{device_id}``.  The registry, not the topic, says what the device is."""
+``{prefix}/down/{device_id}``.  The registry, not the topic, says what the device is.
+
+At scale (docs/ingest.md):
+- *Persistent session.*  MQTT 5: clean start off and a session expiry; MQTT 3.1.1: clean session
+  off.  What we have not acknowledged, the broker keeps for our client id and redelivers when we
+  come back — so a replica must always come back under its own client id.
+- *Shared subscription.*  With `mqtt_shared_group` set, replicas subscribe to
+  ``$share/{group}/{prefix}/up/+`` and the broker splits the stream between them.
+- *Reconnect.*  paho reconnects with exponential backoff (1 s … 30 s); every CONNACK subscribes
+  again (harmless when the session kept the subscription, necessary when it did not).
+- *Flow control.*  An uplink is acknowledged only when committed or spooled.  MQTT 5's Receive
+  Maximum (the broker sends at most that many unacknowledged messages) is set to the pipeline's
+  queue size, so the broker — not our memory — holds what we cannot take yet, and paho's network
+  thread rarely blocks in `submit`.  When it does (the queue is shared with CoAP and HTTP), it
+  stops reading the socket; the broker queues.  A block longer than 1.5 × keep-alive makes the
+  broker drop the connection; paho reconnects and the broker redelivers what was unacknowledged.
+- *Acks never cross connections.*  The writer thread acknowledges through paho's outgoing queue
+  (no lock shared with the network thread, so no deadlock).  A PUBACK is sent only on the
+  connection that delivered the message: after a reconnect the broker resends what it has not seen
+  acknowledged, with packet ids it may reuse for other messages, so a stale PUBACK could acknowledge
+  the wrong one.  The resent copy is a duplicate for the pipeline, and its PUBACK goes out."""
 
 from __future__ import annotations
 
@@ -9,20 +29,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from iotjx.model import Uplink
+from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600   # the broker keeps our session (and unacked messages) a week
-RECEIVE_MAXIMUM = 65535            # MQTT 5: let the broker keep many unacknowledged messages in flight
+RECEIVE_MAXIMUM = 65535            # MQTT 5's ceiling for unacknowledged messages in flight to us
+KEEPALIVE_S = 30
 
 
 def make_client(settings: Settings, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
@@ -42,12 +62,12 @@ def make_client(settings: Settings, client_id: str, *, manual_ack: bool = False)
     return client
 
 
-def connect_properties(settings: Settings) -> Properties | None:
+def connect_properties(settings: Settings, receive_maximum: int = RECEIVE_MAXIMUM) -> Properties | None:
     if settings.mqtt_protocol != "5":
         return None
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = SESSION_EXPIRY_S
-    props.ReceiveMaximum = RECEIVE_MAXIMUM
+    props.ReceiveMaximum = max(1, min(RECEIVE_MAXIMUM, receive_maximum))
     return props
 
 
@@ -61,9 +81,14 @@ class MqttIngest:
         self._client = make_client(settings, settings.mqtt_client_id, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
+        self._ack_lock = threading.Lock()
+        self._subscribe_mid: int | None = None
         self.connected = threading.Event()
-        self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0}
+        self.subscribed = threading.Event()
+        self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0}
 
     @property
     def client(self) -> mqtt.Client:
@@ -73,34 +98,51 @@ class MqttIngest:
         host, port = self._settings.mqtt_host_port
         kwargs = {}
         if self._settings.mqtt_protocol == "5":
-            kwargs = {"clean_start": False, "properties": connect_properties(self._settings)}
-        self._client.connect_async(host, port, keepalive=30, **kwargs)
+            kwargs = {"clean_start": False,
+                      "properties": connect_properties(self._settings, self._settings.queue_max)}
+        self._client.connect_async(host, port, keepalive=KEEPALIVE_S, **kwargs)
         self._client.loop_start()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
-        return self.connected.wait(timeout)
+        """True once connected and the broker granted the subscription."""
+        deadline = time.monotonic() + timeout
+        return self.connected.wait(timeout) and self.subscribed.wait(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         """Stop reading; what is in flight and unacknowledged the broker redelivers to our session."""
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
+        self.subscribed.clear()
 
     # paho callbacks run in its network thread: keep them short, never raise.
     def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        client.subscribe(self._settings.uplink_topic_filter, qos=1)
-        log.info("connected to %s, subscribed to %s (session present: %s)", self._settings.mqtt_url,
+        _, self._subscribe_mid = client.subscribe(self._settings.uplink_topic_filter, qos=1)
+        log.info("connected to %s, subscribing to %s (session present: %s)", self._settings.mqtt_url,
                  self._settings.uplink_topic_filter, flags.session_present)
         self.connected.set()
 
+    def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            # e.g. 0x9E: the broker does not support shared subscriptions
+            log.error("broker refused the subscription to %s: %s", self._settings.uplink_topic_filter, refused[0])
+            return
+        self.subscribed.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._ack_lock:
+            self._generation += 1
         if self.connected.is_set():
             log.warning("disconnected from the broker: %s; paho reconnects with backoff", reason_code)
             self.counters["reconnects"] += 1
         self.connected.clear()
+        self.subscribed.clear()
 
     def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -108,7 +150,7 @@ class MqttIngest:
             device_id = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""
             if "/" in device_id:
                 device_id = ""
-            ack = partial(_puback, client, msg.mid, msg.qos) if msg.qos > 0 else _nothing
+            ack = _PubAck(self, msg.mid, self._generation) if msg.qos > 0 else _nothing
             if not device_id:
                 self.counters["bad_topic"] += 1
             self._submit(Uplink(device_id=device_id or f"?{topic}", payload=msg.payload, transport="mqtt",
@@ -117,10 +159,27 @@ class MqttIngest:
         except Exception:
             log.exception("uplink on %s (%d bytes) could not be queued", msg.topic, len(msg.payload))
 
+    def _puback(self, mid: int, generation: int) -> None:
+        # Rejected uplinks are committed too (rejects table): every outcome is acknowledged.
+        with self._ack_lock:
+            if generation != self._generation:
+                self.counters["stale_acks"] += 1      # the broker resends it on the new connection
+                return
+            self._client.ack(mid, 1)
 
-def _puback(client: mqtt.Client, mid: int, qos: int, outcome) -> None:
-    # Rejected uplinks are committed too (rejects table): every outcome is acknowledged.
-    client.ack(mid, qos)
+
+class _PubAck:
+    """An uplink's ack: PUBACK on the connection that delivered it (slotted: one per message)."""
+
+    __slots__ = ("_ingest", "_mid", "_generation")
+
+    def __init__(self, ingest: MqttIngest, mid: int, generation: int) -> None:
+        self._ingest = ingest
+        self._mid = mid
+        self._generation = generation
+
+    def __call__(self, outcome: Outcome) -> None:
+        self._ingest._puback(self._mid, self._generation)
 
 
 def _nothing(outcome) -> None:

@@ -1,5 +1,20 @@
-"""Uplink → bounded queue → batch (by size or age) → decode (one numba call per codec) → COPY →
-commit → ack.  Nothing is acknowledged before its commit; a bad uplink costs one reject row."""
+"""Uplink → bounded queue → batch (by size or age) → dedup → decode → COPY → commit → ack, with a
+durable on-disk spool for when the database is away or slow.
+
+Two threads.  The intake thread (``iotjx-writer``) collects batches from the queue and numbers them;
+while the database keeps up it hands each batch to the database thread (``iotjx-db``), which
+commits it and acknowledges every uplink.  When a commit fails (OperationalError) or a batch has
+waited on the database longer than `slow_batch_s`, the pipeline switches to *spooling*: batches go
+to the journal (`ingest.spool`), fsync'd, then acknowledged with the `spooled` outcome, and the
+database thread replays the journal, oldest first, in transactions of about `batch_size` uplinks.
+When the journal is empty again, batches go straight to the database.  A journal left by a previous
+run puts the pipeline in spooling mode at start-up, so it is replayed before anything newer.
+
+Nothing is acknowledged before it is committed or fsync'd.  Memory is bounded: `queue_max` uplinks
+in the queue plus one batch in each thread.  When the journal reaches its byte limit the intake
+thread stops taking batches, the queue fills and `submit` blocks — transports stop reading and
+stop acknowledging (MQTT: the broker keeps the messages; CoAP/HTTP: devices retry) — and the
+pipeline says so in the log, once per change of state, and in its counters."""
 
 from __future__ import annotations
 
@@ -8,53 +23,64 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import psycopg
 
-import decoders
-from decoders import DecodeError
-from decoders.carrier import unwrap
-from iotjx.model import Device, Uplink
+from iotjx.model import Uplink
 
+from .metrics import UNKNOWN_CODEC, IngestMetrics
 from .registry import DeviceRegistry
-from .sinks import RADIO, WATER, radio_row, rows_for, water_fast_mask, water_rows_from_batch
-from .writer import WriteSet, Writer
+from .spool import Spool, SpoolFull
+from .writer import SPOOLED, BatchBuilder, WriteSet, Writer
 
 log = logging.getLogger(__name__)
 
-ENVELOPES = ("ctwing", "onenet")
-FIELDS = "fields"      # pseudo-codec: an object-model push whose platform already decoded the fields
+SLOW_BATCH_S = 10.0    # a batch waiting this long on the database sends the batches behind it to the spool
 
 
 class Pipeline:
-    """The batching writer thread.  Transports call `submit`, which blocks while the queue is full:
-    that is the flow control that keeps memory bounded (the broker keeps what we have not read)."""
+    """The batching writer.  Transports call `submit`, which blocks while the queue is full: that is
+    the flow control that keeps memory bounded (the broker keeps what we have not read)."""
 
     def __init__(self, registry: DeviceRegistry, writer: Writer, *, batch_size: int = 5000,
                  batch_age_s: float = 0.2, queue_max: int = 50_000, retry_max_s: float = 5.0,
-                 dedup_window_s: float = 86400.0) -> None:
+                 dedup_window_s: float = 86400.0, spool: Spool | None = None,
+                 slow_batch_s: float = SLOW_BATCH_S, metrics: IngestMetrics | None = None) -> None:
         self._dedup_window_s = dedup_window_s
         self._last_purge = 0.0
-        self._registry = registry
+        self._builder = BatchBuilder(registry)
         self._writer = writer
         self._batch_size = batch_size
         self._batch_age_s = batch_age_s
         self._retry_max_s = retry_max_s
+        self._slow_batch_s = slow_batch_s
+        self._spool = spool
         self._queue: queue.Queue[Uplink | None] = queue.Queue(maxsize=queue_max)
-        self._thread: threading.Thread | None = None
+        self._intake: threading.Thread | None = None
+        self._db: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Shared between the two threads, under `_cond`:
+        self._cond = threading.Condition()
+        self._handoff: tuple[int, list[Uplink]] | None = None   # a batch for the database thread
+        self._busy_since: float | None = None                    # when its current direct batch started
+        self._intake_done = False
+        self._spooling = spool is not None and not spool.empty   # a journal from a previous run: replay it first
+        self._full = False                                       # backpressure: the journal is at its limit
+        self._retry_at = 0.0
+        self._retry_delay = 0.1
+        self._seq = spool.last_seq() if spool is not None else 0
+        self.metrics = metrics or IngestMetrics()
         self.counters: Counter[str] = Counter()
         self.last_error: str | None = None
         self.batches = 0
 
     # ------------------------------------------------------------------ transport side
     def submit(self, uplink: Uplink) -> None:
-        """Queue one uplink; blocks while the queue is full."""
+        """Queue one uplink; blocks while the queue is full.  Its `ack` is called exactly once, after
+        it is committed (stored / duplicate / rejected) or fsync'd in the spool (spooled)."""
         self._queue.put(uplink)
         self.counters[f"received.{uplink.transport}"] += 1
 
@@ -62,29 +88,70 @@ class Pipeline:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def spool_status(self) -> dict[str, Any]:
+        """The journal as /health and the metrics show it (JSON-able)."""
+        with self._cond:
+            mode = "spooling" if self._spooling else "direct"
+            full = self._full
+            busy = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+        out: dict[str, Any] = {"enabled": self._spool is not None, "mode": mode, "full": full,
+                               "db_batch_busy_s": round(busy, 3)}
+        if self._spool is not None:
+            s = self._spool.status()
+            out.update(directory=s.directory, segments=s.segments, uplinks=s.uplinks, bytes=s.bytes,
+                       limit_bytes=s.limit_bytes, oldest_received_at=s.oldest_received_at,
+                       age_s=round(s.age_s(), 3))
+        return out
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters, batch latency, queue depth and the spool, JSON-able (see `ingest.metrics`)."""
+        return {**self.metrics.snapshot(), "queue_depth": self.queue_depth, "spool": self.spool_status()}
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="iotjx-writer", daemon=True)
-        self._thread.start()
+        if self._spooling:
+            log.warning("replaying the spool left by a previous run before anything newer")
+        self._db = threading.Thread(target=self._run_db, name="iotjx-db", daemon=True)
+        self._intake = threading.Thread(target=self._run_intake, name="iotjx-writer", daemon=True)
+        self._db.start()
+        self._intake.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write what is queued, then stop the writer thread."""
-        if self._thread is None:
+        """Write (or spool) what is queued, then stop both threads and release the spool (the pipeline
+        owns the spool it is given).  What remains spooled is replayed at the next start."""
+        if self._intake is None:
             return
         self._stopping.set()
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("writer thread did not finish within %.0f s; %d uplinks unacknowledged",
-                      timeout, self.queue_depth)
-        self._thread = None
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            log.error("the queue stays full: the writer is stuck (database away and no room to spool)")
+        deadline = time.monotonic() + timeout
+        for thread in (self._intake, self._db):
+            thread.join(max(0.1, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error("%s did not finish within %.0f s; %d uplinks unacknowledged",
+                          thread.name, timeout, self.queue_depth)
+        if self._spool is not None:
+            if not self._spool.empty:
+                s = self._spool.status()
+                log.warning("stopping with %d uplinks in the spool %s; they are replayed at the next start",
+                            s.uplinks, s.directory)
+            self._spool.close()
+        self._intake = self._db = None
 
-    def _run(self) -> None:
+    # ------------------------------------------------------------------ intake thread
+    def _run_intake(self) -> None:
         done = False
         while not done:
             batch, done = self._collect()
             if batch:
-                self._process_until_committed(batch)
+                self.metrics.count("received", Counter(u.transport for u in batch))
+                self._seq += 1
+                self._dispatch(self._seq, batch)
+        with self._cond:
+            self._intake_done = True
+            self._cond.notify_all()
 
     def _collect(self) -> tuple[list[Uplink], bool]:
         first = self._queue.get()
@@ -108,190 +175,252 @@ class Pipeline:
             batch.append(item)
         return batch, False
 
-    def _process_until_committed(self, batch: list[Uplink]) -> None:
-        delay = 0.1
+    def _dispatch(self, seq: int, batch: list[Uplink]) -> None:
+        """Hand the batch to the database thread, or spool it; waits (backpressure) when neither can."""
+        with self._cond:
+            while True:
+                if not self._spooling:
+                    if self._handoff is None and self._busy_since is None:
+                        self._handoff = (seq, batch)
+                        self._cond.notify_all()
+                        return
+                    waited = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+                    if self._spool is None or waited < self._slow_batch_s:
+                        self._cond.wait(max(0.01, self._slow_batch_s - waited) if self._spool else None)
+                        continue
+                    self._enter_spooling(f"a batch has waited {waited:.1f} s for the database")
+                if self._spool_locked(seq, batch):
+                    break
+                self._cond.wait(1.0)          # full: the replay frees room, or the journal drains
+        self._ack_spooled(batch)
+
+    # ------------------------------------------------------------------ database thread
+    def _run_db(self) -> None:
         while True:
+            with self._cond:
+                while True:
+                    if self._handoff is not None:
+                        (seq, batch), self._handoff = self._handoff, None
+                        self._busy_since = time.monotonic()
+                        break
+                    if self._intake_done:
+                        return
+                    if self._spooling and time.monotonic() >= self._retry_at:
+                        seq, batch = 0, []
+                        break
+                    self._cond.wait(max(0.01, self._retry_at - time.monotonic()) if self._spooling else None)
+            if batch:
+                try:
+                    self._direct(seq, batch)
+                finally:
+                    with self._cond:
+                        self._busy_since = None
+                        self._cond.notify_all()
+            else:
+                self._replay()
+
+    def _direct(self, seq: int, batch: list[Uplink]) -> None:
+        done: set[int] = set()
+        healthy = self.last_error is None
+        try:
+            self._store(batch, done)
+            self.last_error = None
+            return
+        except psycopg.OperationalError as exc:
+            self._db_failed(exc, len(batch))
+        rest = [u for u in batch if id(u) not in done]
+        if healthy:
+            # One immediate retry: a connection the server closed while idle reconnects fine.
             try:
-                self.process(batch)
+                self._store(rest, done)
                 self.last_error = None
                 return
             except psycopg.OperationalError as exc:
-                # The database is away: keep the batch (unacknowledged) and try again.
-                self.last_error = str(exc).splitlines()[0]
-                self.counters["db_retries"] += 1
-                log.warning("database unavailable, retrying a batch of %d in %.1f s: %s",
-                            len(batch), delay, self.last_error)
-                time.sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)
+                self._db_failed(exc, len(rest))
+            rest = [u for u in rest if id(u) not in done]
+        self._keep(seq, rest)
+
+    def _keep(self, seq: int, batch: list[Uplink]) -> None:
+        """The database did not take `batch`: spool it (its number sorts it before the batches that
+        arrived behind it), or — without a spool, or with a full one — hold it and retry."""
+        delay = 0.1
+        while True:
+            if self._spool is not None:
+                with self._cond:
+                    spooled = self._spool_locked(seq, batch)
+                    if spooled:
+                        self._enter_spooling(self.last_error or "the database refused the batch")
+                if spooled:
+                    self._ack_spooled(batch)
+                    return
+            time.sleep(delay)        # even when stopping: the batch is ours until something durable has it
+            delay = min(delay * 2, self._retry_max_s)
+            done: set[int] = set()
+            try:
+                self._store(batch, done)
+                self.last_error = None
+                return
+            except psycopg.OperationalError as exc:
+                self._db_failed(exc, len(batch))
+                batch = [u for u in batch if id(u) not in done]
+
+    def _replay(self) -> None:
+        """Replay the oldest spooled batches (about `batch_size` uplinks) in one transaction."""
+        assert self._spool is not None
+        take, uplinks = [], []
+        for segment in self._spool.segments():
+            if take and len(uplinks) + segment.uplinks > self._batch_size:
+                break
+            take.append(segment)
+            uplinks.extend(self._spool.read(segment).uplinks)
+        try:
+            if uplinks:
+                self._store(uplinks, set())
+        except psycopg.OperationalError as exc:
+            # Part of it may have committed: replaying that part again finds its dedup keys claimed.
+            self._db_failed(exc, len(uplinks))
+            with self._cond:
+                self._retry_at = time.monotonic() + self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, self._retry_max_s)
+            return
+        self.last_error = None
+        # A crash here, after the commit and before the segments are gone, replays them again at the
+        # next start: their dedup keys are claimed, so they are counted as duplicates, not stored twice.
+        self._spool.remove(take)
+        self.counters["replayed"] += len(uplinks)
+        self.metrics.count("replayed", Counter(u.transport for u in uplinks))
+        with self._cond:
+            self._retry_delay = 0.1
+            if self._spool.empty:      # appends happen under this lock: nothing can slip in behind
+                self._spooling = False
+                log.warning("spool drained: the database takes batches directly again")
+            self._cond.notify_all()    # room in the journal for an intake thread held back by a full one
+
+    # ------------------------------------------------------------------ spooling (with _cond held)
+    def _spool_locked(self, seq: int, batch: list[Uplink]) -> bool:
+        assert self._spool is not None
+        try:
+            self._spool.append(seq, batch)
+        except SpoolFull as exc:
+            self._set_full(True, str(exc))
+            return False
+        except OSError as exc:
+            self.counters["spool_errors"] += 1
+            self._set_full(True, f"the spool cannot be written: {exc}")
+            return False
+        self._set_full(False, "")
+        self.counters["spooled"] += len(batch)
+        self.metrics.count("spooled", Counter(u.transport for u in batch))
+        return True
+
+    def _enter_spooling(self, why: str) -> None:
+        if not self._spooling:
+            self._spooling = True
+            self._retry_at = time.monotonic() + self._retry_delay
+            self.counters["spool_episodes"] += 1
+            log.error("database unavailable or slow (%s): spooling uplinks to %s until it recovers",
+                      why, self._spool.directory if self._spool else "?")
+
+    def _set_full(self, full: bool, why: str) -> None:
+        if full == self._full:
+            return
+        self._full = full
+        if full:
+            self.counters["spool_full"] += 1
+            log.error("BACKPRESSURE: %s — uplinks are no longer acknowledged; transports are held back "
+                      "until the database drains the spool", why)
+        else:
+            log.error("backpressure over: the spool has room again; acknowledging uplinks")
+
+    def _ack_spooled(self, batch: list[Uplink]) -> None:
+        for u in batch:
+            try:
+                u.ack(SPOOLED)
+            except Exception:  # a transport that cannot ack must not stop the writer
+                log.exception("ack failed for a spooled uplink from %s", u.device_id)
+
+    def _db_failed(self, exc: Exception, n: int) -> None:
+        self.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self.counters["db_retries"] += 1
+        log.warning("database unavailable for a batch of %d: %s", n, self.last_error)
 
     # ------------------------------------------------------------------ the work
     def process(self, batch: Sequence[Uplink]) -> WriteSet:
-        """Deduplicate, decode, store and acknowledge one batch, in one transaction."""
+        """Deduplicate, decode, store and acknowledge one batch, in one transaction (raises
+        psycopg.OperationalError, acknowledging nothing, when the database is away)."""
+        return self._store(list(batch), set())
+
+    def _store(self, batch: list[Uplink], done: set[int]) -> WriteSet:
+        """Commit and acknowledge `batch`; ids of what committed are added to `done` as it goes (a
+        batch the database refuses is bisected, so part of it may commit before a connection fails)."""
+        started = time.perf_counter()
         try:
-            with self._writer.transaction() as tx:
-                fresh = batch
-                ws = WriteSet()
-                if self._dedup_window_s > 0:
-                    is_new = tx.claim([(u.device_id, dedup_key(u.payload)) for u in batch],
-                                      [u.received_at for u in batch], self._dedup_window_s)
-                    fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
-                    for u, new in zip(batch, is_new, strict=True):
-                        if not new:
-                            ws.add_duplicate(u)
-                self.build(fresh, ws)
-                tx.write(ws)
+            ws = self._commit(batch)
         except psycopg.OperationalError:
             raise
-        except psycopg.Error as exc:
+        except Exception as exc:
             if len(batch) > 1:
                 half = len(batch) // 2
-                first = self.process(batch[:half])
-                self.process(batch[half:])
+                first = self._store(batch[:half], done)
+                self._store(batch[half:], done)
                 return first
-            # The database refuses this uplink's rows: keep its bytes with the reason.
+            # This one uplink cannot be stored as decoded: keep its bytes with the reason.
+            reason = "storage" if isinstance(exc, psycopg.Error) else "internal"
+            if reason == "internal":
+                log.exception("uplink from %s could not be processed", batch[0].device_id)
             ws = WriteSet()
-            ws.add_reject(batch[0], None, "storage", str(exc).splitlines()[0])
+            ws.add_reject(batch[0], None, reason, (str(exc).splitlines() or [type(exc).__name__])[0])
             self._writer.write(ws)
+        done.update(id(u) for u in batch)
+        self._after_commit(batch, ws, time.perf_counter() - started)
+        return ws
+
+    def _commit(self, batch: list[Uplink]) -> WriteSet:
+        with self._writer.transaction() as tx:
+            fresh = batch
+            ws = WriteSet()
+            if self._dedup_window_s > 0:
+                is_new = tx.claim([(u.device_id, dedup_key(u.payload)) for u in batch],
+                                  [u.received_at for u in batch], self._dedup_window_s)
+                fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
+                if len(fresh) < len(batch):
+                    dups = [u for u, new in zip(batch, is_new, strict=True) if not new]
+                    for u, codec in zip(dups, self._builder.codecs(dups), strict=True):
+                        ws.add_duplicate(u, codec)
+            self._builder.build(fresh, ws)
+            tx.write(ws)
+        return ws
+
+    def _after_commit(self, batch: list[Uplink], ws: WriteSet, seconds: float) -> None:
+        outcomes: Counter[tuple[str, str, str]] = Counter()
+        reasons: Counter[str] = Counter()
         for u in batch:
+            outcome = ws.outcome(u)
             try:
-                u.ack(ws.outcome(u))
+                u.ack(outcome)
             except Exception:  # a transport that cannot ack must not stop the writer
                 log.exception("ack failed for an uplink from %s", u.device_id)
+            outcomes[(outcome.status, u.transport, ws.codec(u) or UNKNOWN_CODEC)] += 1
+            if outcome.status == "rejected":
+                reasons[outcome.reason or "unknown"] += 1
+        self.metrics.outcomes(outcomes, reasons)
+        self.metrics.batch(seconds, len(batch))
         self.batches += 1
         self.counters["stored"] += ws.stored
         self.counters["rejected"] += len(ws.rejects)
         self.counters["duplicate"] += ws.duplicates
         if self._dedup_window_s > 0 and time.monotonic() - self._last_purge > 600:
             self._last_purge = time.monotonic()
-            self._writer.purge_dedup(self._dedup_window_s)
-        return ws
+            try:
+                self._writer.purge_dedup(self._dedup_window_s)
+            except psycopg.Error as exc:    # the batch is committed; purging can wait for the next one
+                log.warning("dedup keys not purged: %s", str(exc).splitlines()[0])
 
     def build(self, batch: Sequence[Uplink], ws: WriteSet | None = None) -> WriteSet:
         """The rows a batch turns into; pure apart from the registry lookup."""
-        ws = ws if ws is not None else WriteSet()
-        batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
-        batch = [u for u in batch if u is not None]
-        devices = self._registry.lookup(u.device_id for u in batch)
-        groups: dict[tuple[str, str, str], list[Uplink]] = defaultdict(list)
-        settings_of: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for u in batch:
-            device = devices.get(u.device_id)
-            if device is None:
-                ws.add_reject(u, None, "unknown_device", "no registered, active device with this id")
-                continue
-            codec, settings = device.codec, device.codec_settings
-            if codec in ENVELOPES:
-                u = self._open_device_envelope(ws, u, device)
-                if u is None:
-                    continue
-                codec, settings = device.inner_codec or "", device.inner_settings
-            if "service_data" in u.meta:
-                codec, settings = FIELDS, device.codec_settings
-            key = (codec, device.family, _settings_key(settings))
-            groups[key].append(u)
-            settings_of[key] = settings
-        for key, uplinks in groups.items():
-            self._decode_group(ws, key[0], key[1], settings_of[key], uplinks)
-        return ws
-
-    def _open_pushed_envelope(self, ws: WriteSet, u: Uplink) -> Uplink | None:
-        """A carrier push names its device inside the envelope: open it to know whose uplink it is."""
-        codec = u.meta["envelope"]
-        try:
-            envelope, inner = unwrap(codec, u.payload)
-        except DecodeError as exc:
-            ws.add_reject(u, codec, exc.reason, exc.detail)
-            return None
-        device_id = envelope.get("imei") or envelope.get("device_id") or ""
-        named = replace(u, device_id=device_id)
-        ws.alias(named, u)
-        return self._after_envelope(ws, named, codec, envelope, inner)
-
-    def _open_device_envelope(self, ws: WriteSet, u: Uplink, device: Device) -> Uplink | None:
-        if u.meta.get("envelope_opened"):
-            return u
-        try:
-            envelope, inner = unwrap(device.codec, u.payload, device.codec_settings)
-        except DecodeError as exc:
-            ws.add_reject(u, device.codec, exc.reason, exc.detail)
-            return None
-        return self._after_envelope(ws, u, device.codec, envelope, inner)
-
-    def _after_envelope(self, ws: WriteSet, u: Uplink, codec: str, envelope: dict[str, Any],
-                        inner: bytes | None) -> Uplink | None:
-        radio = {k: v for k, v in (envelope.get("radio") or {}).items() if v is not None}
-        meta = {**u.meta, "envelope": codec, "envelope_opened": True, "sequence": envelope.get("sequence")}
-        if radio:
-            meta["radio"] = radio
-        if inner is None and envelope.get("kind") in ("online", "offline"):
-            event = replace(u, meta=meta)
-            ws.alias(event, u)
-            ws.add_event(event, f"event:{envelope['kind']}", radio_row(u, codec, radio))
-            return None
-        if inner is None and not envelope.get("service_data"):
-            ws.add_reject(u, codec, "schema", "the push carries neither a payload nor service data")
-            return None
-        if inner is None:
-            meta["service_data"] = envelope["service_data"]    # an object-model push: fields, not bytes
-        opened = replace(u, meta=meta, payload=inner if inner is not None else u.payload)
-        ws.alias(opened, u)
-        return opened
-
-    def _decode_group(self, ws: WriteSet, codec: str, family: str, settings: dict[str, Any],
-                      uplinks: list[Uplink]) -> None:
-        if codec == FIELDS:
-            name_map = settings.get("name_map") or {}
-            for u in uplinks:
-                fields = {name_map.get(k, k): v for k, v in u.meta["service_data"].items()}
-                self._store_record(ws, u, codec, family, {"fields": fields})
-            return
-        if not codec:
-            for u in uplinks:
-                ws.add_reject(u, None, "unsupported", "an envelope model without an inner codec")
-            return
-        result = decoders.decode_batch(codec, [u.payload for u in uplinks], settings)
-        ok = result.status == 0
-        for i in np.flatnonzero(~ok):
-            u = uplinks[i]
-            ws.add_reject(u, codec, result.reason(i) or "unknown", _detail(codec, u.payload, settings))
-        fast = water_fast_mask(result) if codec == "cjt188" else np.zeros(len(uplinks), dtype=bool)
-        if fast.any():
-            ws.add_rows(WATER.table, WATER.all_columns, water_rows_from_batch(result, uplinks, fast))
-            for i in np.flatnonzero(fast):
-                ws.add_stored(uplinks[i])
-        for i in np.flatnonzero(ok & ~fast):
-            self._store_record(ws, uplinks[i], codec, family, result.record(i))
-
-    def _store_record(self, ws: WriteSet, u: Uplink, codec: str, family: str, record: dict[str, Any]) -> None:
-        try:
-            table, rows = rows_for(codec, family, record)
-        except ValueError as exc:
-            ws.add_reject(u, codec, "unsupported", str(exc))
-            return
-        ws.add_rows(table.table, table.all_columns, [table.row(u, r) for r in rows])
-        radio = u.meta.get("radio")
-        if radio:
-            row = radio_row(u, u.meta.get("envelope", "payload"), radio)
-            if row is not None:
-                ws.add_rows(RADIO.table, RADIO.all_columns, [row])
-        ws.add_stored(u)
+        return self._builder.build(batch, ws)
 
 
 def dedup_key(payload: bytes) -> bytes:
     """What makes two uplinks of one device the same: their bytes (a retransmission, a redelivery)."""
     return hashlib.blake2b(payload, digest_size=16).digest()
-
-
-def _settings_key(settings: dict[str, Any]) -> str:
-    return repr(sorted(settings.items())) if settings else ""
-
-
-def _detail(codec: str, payload: bytes, settings: dict[str, Any]) -> str:
-    """The reference decoder's explanation of a reject (rejects are rare; this costs nothing at scale)."""
-    try:
-        decoders.decode(codec, payload, settings)
-    except DecodeError as exc:
-        return exc.detail
-    except Exception as exc:  # the batch said no: keep whatever the reference says
-        return f"{type(exc).__name__}: {exc}"
-    return "the batch decoder refused what the reference decoder accepts"
