@@ -1,8 +1,9 @@
 """CoAP transport: ``POST coap://HOST/up/{device_id}?t=<token>[&ack=<downlink id>]`` (aiocoap, its
 own thread and event loop).  Bytes + metadata → `Uplink` → pipeline; the answer waits for the commit.
 
-* 2.04 Changed once the reading is committed (a duplicate too: it was stored once), carrying the
-  device's next queued command, if any, with its id in Location-Query ``dl=<id>``;
+* 2.04 Changed once the reading is committed (a duplicate too: it was stored once; or `spooled`:
+  fsync'd in the gateway's journal while the database is away), carrying the device's next queued
+  command, if any, with its id in Location-Query ``dl=<id>``;
 * 4.00 + diagnostic for a payload the decoder refused (kept in rejected_uplinks), 4.01 for a missing
   or wrong token, 4.04 for another path and for an unregistered device (kept as `unknown_device`),
   4.13 (+ Size1) past `coap_max_payload`, also mid block-wise transfer, 4.15 for a content format
@@ -171,6 +172,7 @@ class BoundedBlock1Spool(Block1Spool):
 
 
 def _response(code, text: str = "", payload: bytes = b"") -> aiocoap.Message:
+    # Diagnostic payloads (RFC 7252 §5.5.2) stay short: a sleeping device pays for every byte.
     return aiocoap.Message(code=code, payload=payload or text.encode()[:512])
 
 
@@ -298,7 +300,7 @@ class CoapIngest:
         verdict = await self._credentials.check(device_id, token, self._executor)
         if verdict == "bad_token" or (verdict == "no_token" and self.settings.coap_require_credential):
             return self._refuse("unauthorized", codes.UNAUTHORIZED,
-                                "wrong or missing token (?t=…)" if verdict == "bad_token"
+                                "wrong or missing token (?t=...)" if verdict == "bad_token"
                                 else "no CoAP token is set for this device")
         if verdict == "unknown_device" and not self.settings.coap_quarantine_unknown:
             return self._refuse("unknown_device", codes.NOT_FOUND, f"no registered device {device_id}")
@@ -316,8 +318,9 @@ class CoapIngest:
                 return _response(codes.NOT_FOUND, f"unknown device {device_id}: uplink kept in quarantine")
             code = codes.INTERNAL_SERVER_ERROR if outcome.reason == "storage" else codes.BAD_REQUEST
             return _response(code, f"{outcome.reason}: {outcome.detail}")
-        response = _response(codes.CHANGED)
-        if self._downlinks is not None and self._downlinks.has_pending(device_id):
+        response = _response(codes.CHANGED)          # stored, duplicate, or spooled (fsync'd journal)
+        if (outcome.status in ("stored", "duplicate") and self._downlinks is not None
+                and self._downlinks.has_pending(device_id)):
             try:
                 claimed = await loop.run_in_executor(self._executor, self._downlinks.claim, device_id, "coap", 1)
             except psycopg.Error as exc:      # the reading is committed: answer 2.04 without a command

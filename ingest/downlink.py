@@ -202,12 +202,14 @@ class DownlinkService:
             self.mqtt.start()
 
     def stop(self) -> None:
-        if self.mqtt is not None:
-            self.mqtt.stop()
+        # The worker first, so deliveries already asked for still go out; acks arriving after that
+        # are not PUBACKed, and the broker gives them to this session again next time.
         if self._thread is not None:
             self._tasks.put(None)
-            self._thread.join(10)
+            self._thread.join(30)
             self._thread = None
+        if self.mqtt is not None:
+            self.mqtt.stop()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

@@ -207,3 +207,33 @@ def test_libcoap_client_stored_once_refusals_and_blockwise(gateway, coap_setting
     assert [bytes(p) for (p,) in raw] == [pack]               # the blocks reassembled byte for byte
     assert rows == [(reference["flow_m3"], rows[0][1])] and rows[0][1]["pulses"] == reference["pulses"]
     assert dup == 1
+
+
+def test_no_answer_before_the_commit(gateway, coap_settings):
+    """While the readings table is locked the uplink cannot commit, and the device gets no 2.04."""
+    db = coap_settings.database_url
+    meter = make_meters(register_fleet(db, 1, seed=23), seed=23)[0]
+    token = _tokens(db, [meter.device_id])[meter.device_id]
+    frame = meter.frame(datetime(2026, 11, 6, 9, tzinfo=UTC))
+    blocker = psycopg.connect(db)
+    blocker.execute("LOCK TABLE water_readings IN ACCESS EXCLUSIVE MODE")
+
+    async def run():
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            pending = asyncio.ensure_future(_post(ctx, f"coap://127.0.0.1:{gateway.coap.port}/up/{meter.device_id}"
+                                                       f"?t={token}", frame))
+            await asyncio.sleep(1.5)
+            answered_while_locked = pending.done()
+            blocker.rollback()                            # the commit can happen now
+            return answered_while_locked, await pending
+        finally:
+            await ctx.shutdown()
+
+    try:
+        answered_while_locked, answer = asyncio.run(run())
+    finally:
+        blocker.close()
+    assert not answered_while_locked
+    assert answer.code == codes.CHANGED
+    assert _water_rows(db) == Counter([_water_row(meter.device_id, frame)])
