@@ -22,8 +22,9 @@ def _need_database(settings) -> None:
         raise typer.Exit(2)
 
 
-def _register(settings, records, what: str) -> None:
-    """Register devices (migrations and the model catalogue first: a fresh database works too)."""
+def _register(settings, records, what: str, coap_devices: set[str] | frozenset = frozenset()) -> None:
+    """Register devices (migrations and the model catalogue first: a fresh database works too), and give
+    the CoAP devices their derived tokens (simulators.transports.coap_token) as the gateway wants."""
     from iotjx.db import connect
     from iotjx.devices import RegistrationError, register_devices
     from iotjx.runtime import prepare_database
@@ -32,10 +33,25 @@ def _register(settings, records, what: str) -> None:
     try:
         with connect(settings.database_url) as conn:
             result = register_devices(conn, list(records))
+            if coap_devices:
+                result["coap_tokens"] = _set_coap_tokens(conn, coap_devices)
     except RegistrationError as exc:
         console.print(f"[red]the {what} cannot be registered:[/] {exc}")
         raise typer.Exit(1) from None
     console.print(f"registered the {what}: {result}")
+
+
+def _set_coap_tokens(conn, device_ids) -> int:
+    try:
+        from ingest.coap import set_device_token       # where the gateway keeps CoAP credentials
+    except ImportError:
+        console.print("this iotjx has no CoAP ingest: no tokens set")
+        return 0
+    from simulators.transports import coap_token
+
+    for device_id in sorted(device_ids):
+        set_device_token(conn, device_id, coap_token(device_id))
+    return len(device_ids)
 
 
 def _targets(settings, coap_url: str | None, push_url: str | None, push_header: list[str] | None):
@@ -111,8 +127,8 @@ def simulate(
     from simulators.capture import CaptureWriter
     from simulators.engine import Simulation
 
-    sim = Simulation(spec, seed)
     settings = get_settings()
+    sim = Simulation(spec, seed, onenet_token=settings.onenet_push_token)
     console.print(f"[bold]{spec.name}[/]: {len(sim.planned):,} devices, {spec.duration_s / 3600:g} h from "
                   f"{sim.header()['start']}, seed {sim.seed}")
     if dry_run and capture is None:
@@ -122,7 +138,8 @@ def simulate(
         if settings.database_url is None:
             console.print("IOTJX_DATABASE_URL is not set: the fleet is not registered (--no-register to silence)")
         else:
-            _register(settings, sim.device_records, "scenario's fleet")
+            _register(settings, sim.device_records, "scenario's fleet",
+                      {p.record.device_id for p in sim.planned if p.transport == "coap"})
     writer = CaptureWriter(capture, sim.header()) if capture else None
     if writer is not None:
         for record in sim.device_records:
@@ -239,9 +256,13 @@ def replay(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     settings = get_settings()
+    total, coap_devices = 0, set()
+    for uplink in cap.uplinks():
+        total += 1
+        if uplink.transport == "coap":
+            coap_devices.add(uplink.device_id)
     if register and cap.devices and settings.database_url is not None:
-        _register(settings, cap.devices, f"capture's {len(cap.devices):,} devices")
-    total = cap.count()
+        _register(settings, cap.devices, f"capture's {len(cap.devices):,} devices", coap_devices)
     if limit is not None:
         total = min(total, limit)
     default_speed = float(cap.header.get("speed", 1.0)) if cap.header.get("source") == "simulator" else 1.0

@@ -6,6 +6,8 @@ the same records, however fast they are then sent."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import heapq
 import random
 from collections import Counter
@@ -75,8 +77,9 @@ def _model_sim(spec: FleetSpec, ctx: DeviceContext) -> DeviceSim:
 class Simulation:
     """A scenario's run: `devices` as planned, `records()` the uplinks in arrival order."""
 
-    def __init__(self, scenario: Scenario, seed: int | None = None) -> None:
+    def __init__(self, scenario: Scenario, seed: int | None = None, *, onenet_token: str | None = None) -> None:
         self.scenario = scenario
+        self.onenet_token = onenet_token          # signs OneNET pushes as the platform does
         self.seed = scenario.seed if seed is None else seed
         self.planned = plan_scenario(scenario, self.seed)
         self.labels: Counter[str] = Counter()        # planted behaviours seen so far
@@ -174,7 +177,29 @@ class Simulation:
             fields["inner_payload"] = payload
         else:
             fields["service_data"] = dict(frame.service_data or {})
+        if model.codec == "onenet":
+            fields["nonce"] = "".join(device.link_rng.choices(_NONCE_CHARS, k=8))
+            if self.onenet_token:
+                unsigned = decoders.encode(model.codec, fields, model.codec_settings())
+                fields["signature"] = onenet_signature(self.onenet_token, fields["nonce"], _msg_text(unsigned))
         return decoders.encode(model.codec, fields, model.codec_settings())
+
+
+_NONCE_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def onenet_signature(token: str, nonce: str, msg_text: str) -> str:
+    """OneNET's push signature: base64(MD5(token + nonce + msg)), msg as the JSON text in the body."""
+    return base64.b64encode(hashlib.md5((token + nonce + msg_text).encode()).digest()).decode()
+
+
+def _msg_text(body: bytes) -> str:
+    """The exact text of the `msg` member of a body as decoders.carrier.encode_onenet writes it."""
+    text = body.decode()
+    head, tail = '{"msg":', ',"msg_signature":'
+    if not text.startswith(head) or tail not in text:
+        raise ValueError("unexpected OneNET body layout: cannot sign it")
+    return text[len(head):text.index(tail)]
 
 
 def simulate(scenario: Scenario, seed: int | None = None) -> tuple[Simulation, list[UplinkRecord]]:

@@ -57,7 +57,7 @@ class _Gb26875Device(DeviceSim):
         self.version = "1.1"
 
     def _frame(self, t: float, app_type: int, objects: list[dict[str, Any]], labels: tuple[str, ...] = (),
-               delay_s: float = 0.0) -> Frame:
+               delay_s: float = 0.0, radio=None) -> Frame:
         self.serial = (self.serial + 1) & 0xFFFF
         when = self.ctx.device_datetime(t + delay_s)
         for obj in objects:
@@ -66,7 +66,7 @@ class _Gb26875Device(DeviceSim):
             "serial": self.serial, "version": self.version, "sent_at": when, "source_address": self.source_address,
             "command": 2, "app_type": app_type, "objects": objects, "with_description": self.with_description,
         }, self.ctx.codec_settings)
-        return Frame(payload, labels, delay_s=delay_s, radio=self.fix())
+        return Frame(payload, labels, delay_s=delay_s, radio=radio or self.fix())
 
     def _schedule(self, kind: str, per_day: float) -> None:
         for when in _poisson_times(self.ctx.rng, self.ctx.start, self.ctx.end, per_day):
@@ -168,7 +168,9 @@ class NbSmokeDetector(_Gb26875Device):
         objects = [{"system_type": SYSTEM_FIRE_ALARM, "system_address": 0, "component_type": SMOKE_DETECTOR,
                     "component_address": self.component_address, "analog_type": kind,
                     **({"value": v} if kind == ANALOG_TEMPERATURE else {"raw": v})} for kind, v in values]
-        return [heartbeat, self._frame(t, ANALOG_VALUE, objects, delay_s=rng.uniform(1.0, 3.0))]
+        # One wake-up, one radio measurement: both frames carry the same fix.
+        return [heartbeat, self._frame(t, ANALOG_VALUE, objects, delay_s=rng.uniform(1.0, 3.0),
+                                       radio=heartbeat.radio)]
 
     def on_event(self, t: float, kind: str) -> list[Frame]:
         p, rng = self.ctx.params, self.ctx.rng

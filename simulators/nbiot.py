@@ -74,9 +74,9 @@ class RadioSite:
 
     def fix(self, rng: random.Random) -> RadioFix:
         """One uplink's figures: RSRP fades around the device's mean; SINR follows RSRP; ECL from RSRP."""
-        rsrp = min(-44.0, max(-140.0, self.mean_rsrp_dbm + rng.gauss(0.0, 2.5)))
+        rsrp = round(min(-44.0, max(-140.0, self.mean_rsrp_dbm + rng.gauss(0.0, 2.5))), 1)
         sinr = min(30.0, max(-10.0, 0.55 * (rsrp + 125.0) - 3.0 + rng.gauss(0.0, 2.5)))
-        return RadioFix(round(rsrp, 1), round(sinr, 1), ecl_of(rsrp), self.pci, self.cell_id)
+        return RadioFix(rsrp, round(sinr, 1), ecl_of(rsrp), self.pci, self.cell_id)
 
 
 def ecl_of(rsrp_dbm: float) -> int:

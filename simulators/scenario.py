@@ -311,7 +311,7 @@ def _fleet(table: Any, index: int, behaviour: Behaviour, coverage: tuple[tuple[s
 def _option(value: Any, default: Any, where: str) -> Any:
     """A family option, checked against the type of its default."""
     if isinstance(default, float) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if default <= 1.0 and where.rsplit(".", 1)[-1] in ("leak", "rollover", "battery_low", "replacement",
+        if default <= 1.0 and where.rsplit(".", 1)[-1] in ("leak", "leak_onset", "rollover", "battery_low", "replacement",
                                                            "valve_closed"):
             return _rate(value, where)
         if value < 0:

@@ -6,6 +6,8 @@ acknowledged (PUBACK, 2.xx), refused (an error code: the server said no) or fail
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import http.client
 import threading
 import zlib
@@ -26,6 +28,14 @@ class Answer:
 
 
 ACK = Answer("acknowledged")
+SIMULATOR_TOKEN_SECRET = "iotjx-simulator"
+
+
+def coap_token(device_id: str, secret: str = SIMULATOR_TOKEN_SECRET) -> str:
+    """A simulated device's CoAP token (``?t=``), derived from its id so that a capture can be replayed
+    into a fresh system whose registration set the same tokens (24 URI-safe characters)."""
+    digest = hashlib.blake2b(f"{secret}:{device_id}".encode(), digest_size=18).digest()
+    return base64.urlsafe_b64encode(digest).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,26 +49,32 @@ class Targets:
     coap_url: str | None = None           # coap://host:port; records go to {coap_url}/up/{device_id}
     push_url: str | None = None           # http://host:port/push/{carrier}; {carrier} is ctwing / onenet
     push_headers: tuple[tuple[str, str], ...] = ()
-    coap_endpoints: int = 16              # client sockets: aiocoap keeps one CON in flight per peer (NSTART 1)
-    http_connections: int = 8
+    coap_token_secret: str | None = SIMULATOR_TOKEN_SECRET     # None: no ?t= token on CoAP requests
+    coap_endpoints: int = 64              # client sockets: aiocoap keeps one CON in flight per peer (NSTART 1)
+    http_connections: int = 16
     timeout_s: float = 95.0               # > CoAP's MAX_TRANSMIT_WAIT (93 s): the exchange's own limit first
 
     @classmethod
     def from_settings(cls, settings, *, coap_url: str | None = None, push_url: str | None = None,
                       push_headers: tuple[tuple[str, str], ...] = ()) -> Targets:
-        """Targets from iotjx settings: the broker of IOTJX_MQTT_URL, the CoAP server at IOTJX_COAP_BIND,
-        the push route on the API at IOTJX_API_BIND — unless given explicitly."""
+        """Targets from iotjx settings: the broker of IOTJX_MQTT_URL, the gateway's CoAP server at
+        IOTJX_COAP_BIND and its push endpoint at IOTJX_HTTP_PUSH_BIND (with IOTJX_CTWING_PUSH_TOKEN as
+        the CTWing header) — unless given explicitly."""
         from iotjx.settings import bind_address
 
         host, port = settings.mqtt_host_port if settings.mqtt_url else (None, 1883)
-        coap_host, coap_port = bind_address(settings.coap_bind)
-        api_host, api_port = bind_address(settings.api_bind)
         local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        coap_host, coap_port = bind_address(settings.coap_bind)
+        push_host, push_port = bind_address(getattr(settings, "http_push_bind", settings.api_bind))
+        headers = dict(push_headers)
+        ctwing_token = getattr(settings, "ctwing_push_token", None)
+        if ctwing_token and "X-Push-Token" not in headers:
+            headers["X-Push-Token"] = ctwing_token     # ingest/http.py: CTWing pushes carry our token
         return cls(mqtt_host=host, mqtt_port=port, mqtt_prefix=settings.mqtt_topic_prefix,
                    mqtt_protocol=settings.mqtt_protocol,
                    coap_url=coap_url or f"coap://{local.get(coap_host, coap_host)}:{coap_port}",
-                   push_url=push_url or f"http://{local.get(api_host, api_host)}:{api_port}/push/{{carrier}}",
-                   push_headers=push_headers)
+                   push_url=push_url or f"http://{local.get(push_host, push_host)}:{push_port}/push/{{carrier}}",
+                   push_headers=tuple(headers.items()))
 
 
 class MqttChannel:
@@ -98,6 +114,7 @@ class CoapChannel:
         if targets.coap_url is None:
             raise ValueError("no CoAP server to send records to")
         self._base = targets.coap_url.rstrip("/")
+        self._secret = targets.coap_token_secret
         self._n = max(1, targets.coap_endpoints)
         self._timeout = targets.timeout_s
         self._contexts: list = []
@@ -113,7 +130,8 @@ class CoapChannel:
         if not self._contexts:
             await self.open()
         context = self._contexts[zlib.crc32(record.device_id.encode()) % self._n]
-        request = aiocoap.Message(code=aiocoap.POST, uri=f"{self._base}/up/{record.device_id}",
+        query = f"?t={coap_token(record.device_id, self._secret)}" if self._secret else ""
+        request = aiocoap.Message(code=aiocoap.POST, uri=f"{self._base}/up/{record.device_id}{query}",
                                   payload=record.payload, content_format=CONTENT_FORMAT_OCTET_STREAM)
         try:
             response = await asyncio.wait_for(context.request(request).response, self._timeout)

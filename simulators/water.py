@@ -110,7 +110,8 @@ def utcnow() -> datetime:
 # Fleet options of the water family (scenario files), with their defaults.
 WATER_OPTIONS = {
     "households": {"family": 0.7, "single": 0.15, "elderly": 0.1, "shop": 0.05},
-    "leak": 0.0,                          # share of meters with a leak starting during the run
+    "leak": 0.0,                          # share of meters whose household has a leak (begun in the last week)
+    "leak_onset": 0.0,                    # share of meters whose leak begins during the run
     "leak_m3h": [0.01, 0.06],             # leak flow range, m³/h (10-60 L/h: a running cistern)
     "rollover": 0.0,                      # share of meters whose register passes 999999.99 during the run
     "battery_low": 0.0,                   # share of meters whose battery crosses the low threshold
@@ -140,7 +141,9 @@ class WaterMeterSim(DeviceSim):
         self.meter = WaterMeter(ctx.device_id, _meter_address(rng), daily, register,
                                 rng, settings=settings, kind=kind,
                                 valve_closed=rng.random() < p["valve_closed"])
-        self._leak_from = ctx.within_run(p["leak"])
+        leaking = rng.random() < p["leak"]
+        onset = ctx.within_run(p["leak_onset"])
+        self._leak_from = ctx.start - rng.uniform(0, 7 * DAY_S) if leaking else onset
         self._leak_m3h = rng.uniform(*p["leak_m3h"])
         crossing = ctx.within_run(p["battery_low"])
         if crossing is not None:
@@ -159,6 +162,8 @@ class WaterMeterSim(DeviceSim):
     def _run_until(self, t: float) -> bool:
         """Advance the register to `t`, a leak starting on the way; True when it rolled over."""
         rolled = False
+        if self._leak_from is not None and self._leak_from <= self._last:
+            self.meter.leak_m3h = self._leak_m3h
         while self._last < t:
             step_end = t
             if self._leak_from is not None and self._last < self._leak_from < t:
