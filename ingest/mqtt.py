@@ -86,8 +86,7 @@ class MqttIngest:
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
         self._ack_lock = threading.Lock()
         self._subscribe_mid: int | None = None
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
+        self.connected = threading.Event()     # connected *and* subscribed: uplinks can flow
         self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0}
 
     @property
@@ -105,15 +104,13 @@ class MqttIngest:
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """True once connected and the broker granted the subscription."""
-        deadline = time.monotonic() + timeout
-        return self.connected.wait(timeout) and self.subscribed.wait(max(0.0, deadline - time.monotonic()))
+        return self.connected.wait(timeout)
 
     def stop(self) -> None:
         """Stop reading; what is in flight and unacknowledged the broker redelivers to our session."""
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
-        self.subscribed.clear()
 
     # paho callbacks run in its network thread: keep them short, never raise.
     def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
@@ -123,7 +120,6 @@ class MqttIngest:
         _, self._subscribe_mid = client.subscribe(self._settings.uplink_topic_filter, qos=1)
         log.info("connected to %s, subscribing to %s (session present: %s)", self._settings.mqtt_url,
                  self._settings.uplink_topic_filter, flags.session_present)
-        self.connected.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
         if mid != self._subscribe_mid:
@@ -133,7 +129,7 @@ class MqttIngest:
             # e.g. 0x9E: the broker does not support shared subscriptions
             log.error("broker refused the subscription to %s: %s", self._settings.uplink_topic_filter, refused[0])
             return
-        self.subscribed.set()
+        self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._ack_lock:
@@ -142,7 +138,6 @@ class MqttIngest:
             log.warning("disconnected from the broker: %s; paho reconnects with backoff", reason_code)
             self.counters["reconnects"] += 1
         self.connected.clear()
-        self.subscribed.clear()
 
     def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:

