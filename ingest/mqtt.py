@@ -83,6 +83,7 @@ class MqttIngest:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._stopping = False
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
         self._ack_lock = threading.Lock()
         self._subscribe_mid: int | None = None
@@ -108,6 +109,7 @@ class MqttIngest:
 
     def stop(self) -> None:
         """Stop reading; what is in flight and unacknowledged the broker redelivers to our session."""
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -134,7 +136,9 @@ class MqttIngest:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._ack_lock:
             self._generation += 1
-        if self.connected.is_set():
+        if self._stopping:
+            log.info("disconnected from the broker (stopping)")
+        elif self.connected.is_set():
             log.warning("disconnected from the broker: %s; paho reconnects with backoff", reason_code)
             self.counters["reconnects"] += 1
         self.connected.clear()

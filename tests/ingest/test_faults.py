@@ -404,3 +404,108 @@ def test_d_one_of_two_shared_subscribers_killed_and_restarted_as_itself(db_url, 
         first.stop()
         second.stop()
     _assert_exactly_once(db_url, published)
+
+
+# ------------------------------------------------------------------------------------- the MQTT session
+class Received:
+    """A stand-in for the pipeline's `submit`: keeps the uplinks; acks when the test says so."""
+
+    def __init__(self) -> None:
+        self.uplinks = []
+        self.lock = threading.Lock()
+
+    def __call__(self, uplink) -> None:
+        with self.lock:
+            self.uplinks.append(uplink)
+
+    def take(self) -> list:
+        with self.lock:
+            out, self.uplinks = self.uplinks, []
+        return out
+
+
+@pytest.mark.parametrize("protocol,group", [("3.1.1", None), ("3.1.1", "g311"), ("5", "g5")])
+def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protocol, group):
+    from ingest.mqtt import MqttIngest as Ingest
+
+    workdir = _broker_dir()
+    own = MosquittoProcess(workdir).start()
+    try:
+        settings = Settings(mqtt_url=own.url, mqtt_protocol=protocol, mqtt_client_id=f"s-{uuid.uuid4().hex[:6]}",
+                            mqtt_topic_prefix=f"s{uuid.uuid4().hex[:6]}", mqtt_shared_group=group)
+        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id="s-pub")
+        received = Received()
+        first = Ingest(settings, received)
+        first.start()
+        assert first.wait_connected(10)
+        for i in range(100):
+            pub.publish(f"dev{i}", b"a%d" % i)
+        assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 100, 10)
+        first.stop()                                            # nothing acknowledged
+        for i in range(50):
+            pub.publish(f"dev{i}", b"b%d" % i)                  # published while the gateway is away
+            pub.publish(f"dev{i}", b"c%d" % i, qos=0)           # QoS 0 too: upgrade_outgoing_qos queues it
+        assert pub.flush(10)
+        received.take()
+        second = Ingest(settings, received)
+        second.start()
+        assert second.wait_connected(10) and _wait(lambda: len(received.uplinks) == 200, 10)
+        again = received.take()
+        assert sorted(u.payload for u in again) == sorted([b"a%d" % i for i in range(100)] +
+                                                          [b"b%d" % i for i in range(50)] +
+                                                          [b"c%d" % i for i in range(50)])
+        for u in again:
+            u.ack(None)
+        time.sleep(0.5)
+        second.stop()
+        third = Ingest(settings, received)
+        third.start()
+        assert third.wait_connected(10)
+        time.sleep(1.0)
+        third.stop()
+        assert received.take() == []                            # acknowledged means gone
+        pub.close()
+    finally:
+        own.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_acks_never_cross_connections():
+    """Uplinks received on one connection and committed after a reconnect are not PUBACKed on the new
+    connection (the broker may reuse their packet ids); the broker's resent copies are, instead."""
+    from ingest.mqtt import MqttIngest as Ingest
+
+    workdir = _broker_dir()
+    own = MosquittoProcess(workdir).start()
+    try:
+        settings = Settings(mqtt_url=own.url, mqtt_client_id=f"x-{uuid.uuid4().hex[:6]}",
+                            mqtt_topic_prefix=f"x{uuid.uuid4().hex[:6]}")
+        received = Received()
+        ingest = Ingest(settings, received)
+        ingest.start()
+        assert ingest.wait_connected(10)
+        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id="x-pub")
+        for i in range(100):
+            pub.publish(f"dev{i}", b"m%d" % i)
+        assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 100, 10)
+        pub.close()
+        held = received.take()
+        own.stop()                                              # the connection ends with 100 unacknowledged
+        own.start()
+        assert _wait(lambda: len(received.uplinks) == 100, 30)  # paho reconnected; the broker resent them
+        for u in held:                                          # committed late: acks of the old connection
+            u.ack(None)
+        assert ingest.counters["stale_acks"] == 100
+        for u in received.take():
+            u.ack(None)
+        time.sleep(0.5)
+        ingest.stop()
+        again = Ingest(settings, received)
+        again.start()
+        assert again.wait_connected(10)
+        time.sleep(1.0)
+        again.stop()
+        assert received.take() == []
+    finally:
+        own.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
