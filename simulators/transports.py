@@ -118,11 +118,17 @@ class CoapChannel:
         self._n = max(1, targets.coap_endpoints)
         self._timeout = targets.timeout_s
         self._contexts: list = []
+        self._opening: asyncio.Lock | None = None
 
     async def open(self) -> None:
         import aiocoap
 
-        self._contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(self._n)]
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:                  # the first sends all arrive here together: open once
+            if not self._contexts:
+                self._contexts = [await aiocoap.Context.create_client_context(transports=["udp6"])
+                                  for _ in range(self._n)]
 
     async def send(self, record: UplinkRecord) -> Answer:
         import aiocoap
