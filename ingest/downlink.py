@@ -287,7 +287,7 @@ class DownlinkService:
                 self.unclaim([d for d, _, _ in claimed[i:]])
                 return
 
-    def _ack_mqtt(self, device_id: str, payload: bytes, mid: int, qos: int) -> None:
+    def _ack_mqtt(self, device_id: str, payload: bytes, mid: int, qos: int, generation: int) -> None:
         try:
             ids = parse_ack_ids(payload.decode("ascii", "replace"))
         except ValueError as exc:
@@ -295,7 +295,7 @@ class DownlinkService:
             log.warning("ack from %s ignored: %s", device_id, exc)
         else:
             self.acknowledge(device_id, ids)
-        self.mqtt.puback(mid, qos)     # after the update: an ack lost in a crash is redelivered
+        self.mqtt.puback(mid, qos, generation)     # after the update: an ack lost in a crash is redelivered
 
     def _db(self, work: Callable[[psycopg.Connection], Any]) -> Any:
         with self._lock:
@@ -328,6 +328,7 @@ class MqttDownlinks:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self.connected = threading.Event()          # connected and subscribed to the ack topic
+        self._generation = 0                         # connections so far: a PUBACK belongs to one
 
     def start(self) -> None:
         from .mqtt import connect_properties
@@ -362,14 +363,17 @@ class MqttDownlinks:
             log.warning("downlink %d to %s not published: %s", downlink_id, device_id, exc)
             return False
 
-    def puback(self, mid: int, qos: int) -> None:
-        if qos > 0:
+    def puback(self, mid: int, qos: int, generation: int) -> None:
+        # A message id is only meaningful on the connection that delivered it; after a reconnect
+        # the broker redelivers the message under a new id, and an old id could ack another one.
+        if qos > 0 and generation == self._generation:
             self._client.ack(mid, qos)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("downlink client refused by the broker: %s", reason_code)
             return
+        self._generation += 1
         client.subscribe(self._ack_filter, qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -381,6 +385,6 @@ class MqttDownlinks:
     def _on_message(self, client, userdata, msg) -> None:
         device_id = msg.topic[len(self._ack_prefix):] if msg.topic.startswith(self._ack_prefix) else ""
         if not device_id or "/" in device_id:
-            self.puback(msg.mid, msg.qos)
+            self.puback(msg.mid, msg.qos, self._generation)
             return
-        self._tasks.put(("ack", device_id, bytes(msg.payload), msg.mid, msg.qos))
+        self._tasks.put(("ack", device_id, bytes(msg.payload), msg.mid, msg.qos, self._generation))

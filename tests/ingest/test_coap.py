@@ -120,6 +120,8 @@ def test_aiocoap_client_stored_once_refusals_and_blockwise(gateway, coap_setting
             out["format"] = await _post(ctx, f"{base}/up/{d0}?t={tokens[d0]}", good, fmt=0)
             out["too_large"] = await _post(ctx, f"{base}/up/{d0}?t={tokens[d0]}", b"\x68" * (MAX_PAYLOAD + 500))
             out["senml"] = await _post(ctx, f"{base}/up/{senml}?t={tokens[senml]}", pack, fmt=110)
+            out["discovery"] = await asyncio.wait_for(ctx.request(aiocoap.Message(
+                code=aiocoap.GET, uri=f"{base}/.well-known/core")).response, 30)
             return out
         finally:
             await ctx.shutdown()
@@ -137,6 +139,7 @@ def test_aiocoap_client_stored_once_refusals_and_blockwise(gateway, coap_setting
     assert answers["format"].code == codes.UNSUPPORTED_CONTENT_FORMAT
     assert answers["too_large"].code == codes.REQUEST_ENTITY_TOO_LARGE
     assert answers["too_large"].opt.size1 == MAX_PAYLOAD
+    assert answers["discovery"].code == codes.CONTENT and b"</up>" in answers["discovery"].payload
 
     # Every 2.04 frame stored exactly once and equal to the reference decoder.
     expected = Counter(_water_row(d, f) for d, fs in frames.items() for f in fs)
