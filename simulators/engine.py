@@ -22,7 +22,7 @@ from .capture import UplinkRecord
 from .fire import FIRE_KINDS, ProfileSmokeDetector
 from .fleet import PlannedDevice, plan_scenario
 from .nbiot import DeviceClock, RadioSite, WakeSchedule, corrupt_frame, uplink_latency_s
-from .scenario import CHINA, Behaviour, FleetSpec, Scenario
+from .scenario import CHINA, FleetSpec, Scenario
 from .traffic import LaneDetector, ParkingSensor
 from .water import WaterMeterSim
 
@@ -208,4 +208,4 @@ def simulate(scenario: Scenario, seed: int | None = None) -> tuple[Simulation, l
     return sim, list(sim.records())
 
 
-__all__ = ["Behaviour", "SimulatedDevice", "Simulation", "build_device", "simulate"]
+__all__ = ["SimulatedDevice", "Simulation", "build_device", "simulate"]

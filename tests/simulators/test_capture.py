@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -19,6 +22,7 @@ from iotjx.devices import DeviceRecord
 from iotjx.settings import Settings
 from simulators.capture import CaptureWriter, UplinkRecord, WireRecorder, read_capture
 from simulators.engine import simulate
+from simulators.publish import MqttPublisher
 from simulators.replay import send_records
 from simulators.scenario import parse_scenario
 from simulators.transports import Targets, coap_token
@@ -170,3 +174,26 @@ def test_cli_replay_summary_and_exit_code(mqtt_settings, tmp_path, monkeypatch, 
             assert f"{n}" in result.output and "acknowledged" in result.output
     finally:
         get_settings.cache_clear()
+
+
+def test_cli_record_writes_what_passes_on_the_broker(mqtt_settings, tmp_path):
+    path = tmp_path / "wire.jsonl.gz"
+    env = {**os.environ, "IOTJX_MQTT_URL": mqtt_settings.mqtt_url, "IOTJX_MQTT_PROTOCOL": mqtt_settings.mqtt_protocol,
+           "IOTJX_MQTT_TOPIC_PREFIX": mqtt_settings.mqtt_topic_prefix, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "iotjx.cli", "record", str(path), "--count", "30",
+                             "--duration", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "recording" in proc.stdout.readline()            # printed once subscribed
+        host, port = mqtt_settings.mqtt_host_port
+        pub = MqttPublisher(host, port, prefix=mqtt_settings.mqtt_topic_prefix, client_id=f"p{uuid.uuid4().hex[:6]}")
+        sent = [(f"8699750300{k % 7:05d}", bytes([k]) * (k + 1)) for k in range(30)]
+        for device_id, payload in sent:
+            pub.publish(device_id, payload)
+        assert pub.flush(10)
+        pub.close()
+        assert proc.wait(60) == 0, proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    got = [(r.device_id, r.payload) for r in read_capture(path).uplinks()]
+    assert got == sent
