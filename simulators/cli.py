@@ -96,7 +96,7 @@ def simulate(
     inflight: Annotated[int, typer.Option(min=1, help="uplinks awaiting an answer at most")] = 256,
     coap_url: Annotated[Optional[str], typer.Option(help="CoAP server (default: IOTJX_COAP_BIND)")] = None,
     push_url: Annotated[Optional[str], typer.Option(help="carrier push URL, {carrier} = ctwing/onenet "
-                                                    "(default: http://IOTJX_API_BIND/push/{carrier})")] = None,
+                                                    "(default: http://IOTJX_HTTP_PUSH_BIND/push/{carrier})")] = None,
     push_header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' header on pushes")] = None,
     list_scenarios: Annotated[bool, typer.Option("--list", help="list the bundled scenarios")] = False,
     devices: Annotated[int, typer.Option(min=1, help="without a scenario: water meters")] = 100,

@@ -21,7 +21,7 @@ from .base import DeviceContext, DeviceSim, Frame
 from .capture import UplinkRecord
 from .fire import FIRE_KINDS, ProfileSmokeDetector
 from .fleet import PlannedDevice, plan_scenario
-from .nbiot import DeviceClock, RadioSite, WakeSchedule, corrupt_frame, uplink_latency_s
+from .nbiot import DeviceClock, RadioSite, WakeSchedule, corrupt_frame, fate
 from .scenario import CHINA, FleetSpec, Scenario
 from .traffic import LaneDetector, ParkingSensor
 from .water import WaterMeterSim
@@ -100,6 +100,8 @@ class Simulation:
         """Every uplink of the run, in the order it reaches the server.  Deliveries that the network
         holds past the end of the run (late ones) still come, after it."""
         s = self.scenario
+        self.labels.clear()
+        self.frames = 0
         devices = [build_device(p, s.fleets[p.fleet], s, self.seed) for p in self.planned]
         wakes: list[tuple[float, int]] = []
         for i, d in enumerate(devices):
@@ -127,19 +129,17 @@ class Simulation:
 
     def _deliveries(self, device: SimulatedDevice, t: float, frame: Frame) -> list[UplinkRecord]:
         """What the network makes of one frame: one record, a later one, two identical ones…"""
-        rng, b, spec = device.link_rng, device.spec.behaviour, device.spec
-        # Draw every decision whatever the rates, so that changing one rate moves no other draw.
-        u_corrupt, u_late, u_duplicate = rng.random(), rng.random(), rng.random()
+        rng, spec = device.link_rng, device.spec
+        ecl = frame.radio.ecl if frame.radio else 0
+        what = fate(rng, spec.behaviour, spec.model.network, ecl)
         labels = list(frame.labels)
         payload = frame.payload
-        if payload is not None and u_corrupt < b.corrupt:
+        if payload is not None and what.corrupt:
             payload = corrupt_frame(device.sim.ctx.codec, payload, rng)
             labels.append("corrupt")
         sent = t + frame.delay_s
-        ecl = frame.radio.ecl if frame.radio else 0
-        arrive = sent + uplink_latency_s(spec.model.network, ecl, rng)
-        if u_late < b.late:
-            arrive += rng.uniform(*b.late_delay_s)
+        arrive = sent + what.latency_s + what.held_s
+        if what.held_s:
             labels.append("late")
         transport = device.planned.transport
         route = ""
@@ -156,8 +156,8 @@ class Simulation:
         for label in labels:
             self.labels[label] += 1
         out = [first]
-        if u_duplicate < b.duplicate:
-            again = round(arrive + rng.uniform(*b.retransmit_delay_s), 3)
+        if what.duplicate_after_s is not None:
+            again = round(arrive + what.duplicate_after_s, 3)
             out.append(UplinkRecord(again, first.device_id, transport, body, route, (*labels, "duplicate"),
                                     first.sent_t, first.model, radio))
             self.labels["duplicate"] += 1

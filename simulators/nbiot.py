@@ -155,6 +155,29 @@ class WakeSchedule:
         return self.clock.true_time(slot + (rng.uniform(0.0, self.jitter_s) if self.jitter_s else 0.0))
 
 
+# --------------------------------------------------------------------------- what the network does
+
+@dataclass(frozen=True, slots=True)
+class Fate:
+    """What the network does to one frame on its way to the server."""
+
+    corrupt: bool                         # damaged before it left the device
+    latency_s: float                      # radio and core network
+    held_s: float                         # store-and-forward: kept by the device this long (0: on time)
+    duplicate_after_s: float | None       # the same bytes arrive again this long after the first
+
+
+def fate(rng: random.Random, behaviour, network: str, ecl: int) -> Fate:
+    """Draw a frame's fate from its device's link stream.  `behaviour` has the rates of
+    `simulators.scenario.Behaviour`.  All three decisions are drawn for every frame, whatever the
+    rates, so that changing one rate moves no other draw."""
+    u_corrupt, u_late, u_duplicate = rng.random(), rng.random(), rng.random()
+    latency = uplink_latency_s(network, ecl, rng)
+    held = rng.uniform(*behaviour.late_delay_s) if u_late < behaviour.late else 0.0
+    again = rng.uniform(*behaviour.retransmit_delay_s) if u_duplicate < behaviour.duplicate else None
+    return Fate(u_corrupt < behaviour.corrupt, latency, held, again)
+
+
 # --------------------------------------------------------------------------- corrupted frames
 
 def corrupt_frame(codec: str, payload: bytes, rng: random.Random) -> bytes:
