@@ -84,11 +84,12 @@ class MqttIngest:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._stopping = False
+        self._paused = False
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
         self._ack_lock = threading.Lock()
         self._subscribe_mid: int | None = None
         self.connected = threading.Event()     # connected *and* subscribed: uplinks can flow
-        self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0}
+        self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0, "left_for_redelivery": 0}
 
     @property
     def client(self) -> mqtt.Client:
@@ -106,6 +107,12 @@ class MqttIngest:
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """True once connected and the broker granted the subscription."""
         return self.connected.wait(timeout)
+
+    def pause(self) -> None:
+        """Stop handing new messages to the pipeline but stay connected, so that what the pipeline
+        still holds can be acknowledged on this connection while it drains (then `stop`).  Messages
+        that arrive meanwhile are not acknowledged: the broker redelivers them to our session."""
+        self._paused = True
 
     def stop(self) -> None:
         """Stop reading; what is in flight and unacknowledged the broker redelivers to our session."""
@@ -144,6 +151,9 @@ class MqttIngest:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if self._paused:
+            self.counters["left_for_redelivery"] += 1
+            return
         try:
             topic = msg.topic
             device_id = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""

@@ -224,7 +224,7 @@ class Pipeline:
         healthy = self.last_error is None
         try:
             self._store(batch, done)
-            self.last_error = None
+            self._db_ok()
             return
         except psycopg.OperationalError as exc:
             self._db_failed(exc, len(batch))
@@ -233,7 +233,7 @@ class Pipeline:
             # One immediate retry: a connection the server closed while idle reconnects fine.
             try:
                 self._store(rest, done)
-                self.last_error = None
+                self._db_ok()
                 return
             except psycopg.OperationalError as exc:
                 self._db_failed(exc, len(rest))
@@ -258,7 +258,7 @@ class Pipeline:
             done: set[int] = set()
             try:
                 self._store(batch, done)
-                self.last_error = None
+                self._db_ok()
                 return
             except psycopg.OperationalError as exc:
                 self._db_failed(exc, len(batch))
@@ -283,7 +283,7 @@ class Pipeline:
                 self._retry_at = time.monotonic() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, self._retry_max_s)
             return
-        self.last_error = None
+        self._db_ok()
         # A crash here, after the commit and before the segments are gone, replays them again at the
         # next start: their dedup keys are claimed, so they are counted as duplicates, not stored twice.
         self._spool.remove(take)
@@ -340,9 +340,17 @@ class Pipeline:
                 log.exception("ack failed for a spooled uplink from %s", u.device_id)
 
     def _db_failed(self, exc: Exception, n: int) -> None:
-        self.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         self.counters["db_retries"] += 1
-        log.warning("database unavailable for a batch of %d: %s", n, self.last_error)
+        # Once per change: a replay retried every few seconds through an outage says nothing new.
+        log.log(logging.WARNING if error != self.last_error else logging.DEBUG,
+                "database unavailable for a batch of %d: %s", n, error)
+        self.last_error = error
+
+    def _db_ok(self) -> None:
+        if self.last_error is not None:
+            log.warning("the database answers again (after: %s)", self.last_error)
+            self.last_error = None
 
     # ------------------------------------------------------------------ the work
     def process(self, batch: Sequence[Uplink]) -> WriteSet:

@@ -255,6 +255,31 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class InProcessGateway:
+    """The gateway's parts as Gateway wires them, with a spool — until the settings carry the spool's
+    directory and limit, after which the gateway subprocess has it and test (a) runs that instead."""
+
+    def __init__(self, settings: Settings, spool_dir: Path) -> None:
+        url = settings.database_url
+        self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"))
+        self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
+        self.pipeline = Pipeline(self.registry, self.writer, batch_age_s=0.1, spool=Spool(spool_dir))
+        self.mqtt = MqttIngest(settings, self.pipeline.submit)
+
+    def start(self) -> None:
+        self.pipeline.start()
+        self.mqtt.start()
+        assert self.mqtt.wait_connected(15)
+
+    def stop(self) -> dict:
+        self.mqtt.pause()
+        self.pipeline.stop()
+        self.mqtt.stop()
+        self.writer.close()
+        self.registry.close()
+        return dict(self.pipeline.counters)
+
+
 def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leaks):
     pg = PrivatePostgres()
     try:
@@ -263,37 +288,39 @@ def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leak
             conn.execute("CREATE DATABASE iotjx")
         settings = _settings(pg.url, broker.url, broker.protocol)
         prepare_database(settings)
-        published = _uplinks(pg.url, seed=21)
-        # The gateway's parts, as Gateway wires them, with the spool (the gateway subprocess gets it
-        # from settings once they carry the spool's directory and limit).
-        registry = DeviceRegistry(lambda: connect(pg.url, application_name="iotjx-registry"))
-        writer = Writer(lambda: connect(pg.url, application_name="iotjx-writer"))
-        pipeline = Pipeline(registry, writer, batch_age_s=0.1, spool=Spool(tmp_path / "spool"))
-        mqtt = MqttIngest(settings, pipeline.submit)
-        pipeline.start()
-        mqtt.start()
+        stream_uplinks, probes, published = _split(_uplinks(pg.url, seed=21))
+        spool_dir = tmp_path / "spool"
+        if "spool_dir" in Settings.model_fields:
+            gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id)
+            gateway.env["IOTJX_SPOOL_DIR"] = str(spool_dir)
+            gateway.start()
+            _live(settings, [gateway], published, probes)
+        else:
+            gateway = InProcessGateway(settings, spool_dir)
+            gateway.start()
+        counters = None
         try:
-            assert mqtt.wait_connected(15)
-            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, published).start()
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
             assert _wait_count(pg.url, 3000, 60) >= 3000
             pg.stop()                                           # mid-stream
             stopped = time.monotonic()
-            assert _wait(lambda: pipeline.spool_status()["mode"] == "spooling", 20)
+            assert _wait(lambda: any(spool_dir.glob("*.journal")), 20)      # the gateway spools
             time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
-            during = pipeline.spool_status()
+            spooled_during = len(list(spool_dir.glob("*.journal")))
             pg.start()
             stream.finish()
             assert _wait_count(pg.url, len(published), 120) == len(published)
-            assert _wait(lambda: pipeline.spool_status()["mode"] == "direct", 30)
+            assert _wait(lambda: not any(spool_dir.glob("*.journal")), 60)  # replayed, truncated
+            time.sleep(1.0)
         finally:
-            mqtt.stop()
-            pipeline.stop()
-            writer.close()
-            registry.close()
+            counters = gateway.stop()
         _assert_exactly_once(pg.url, published)
-        assert during["uplinks"] > 0 and pipeline.counters["spooled"] >= during["uplinks"]
-        assert pipeline.counters["replayed"] == pipeline.counters["spooled"]
-        assert not list((tmp_path / "spool").glob("*.journal"))
+        assert spooled_during > 1
+        if counters is None:                                    # the subprocess: its last heartbeat
+            with psycopg.connect(pg.url) as conn:
+                counters = conn.execute("SELECT counters FROM gateway_status WHERE gateway_id = %s",
+                                        (settings.mqtt_client_id,)).fetchone()[0]
+        assert counters["spooled"] > 0 and counters["replayed"] == counters["spooled"]
     finally:
         pg.destroy()
 
@@ -506,6 +533,43 @@ def test_acks_never_cross_connections():
         time.sleep(1.0)
         again.stop()
         assert received.take() == []
+    finally:
+        own.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds():
+    """How a gateway stops cleanly: pause, let the pipeline drain and acknowledge, then disconnect."""
+    from ingest.mqtt import MqttIngest as Ingest
+
+    workdir = _broker_dir()
+    own = MosquittoProcess(workdir).start()
+    try:
+        settings = Settings(mqtt_url=own.url, mqtt_client_id=f"p-{uuid.uuid4().hex[:6]}",
+                            mqtt_topic_prefix=f"p{uuid.uuid4().hex[:6]}")
+        received = Received()
+        ingest = Ingest(settings, received)
+        ingest.start()
+        assert ingest.wait_connected(10)
+        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id="p-pub")
+        for i in range(50):
+            pub.publish(f"dev{i}", b"h%d" % i)
+        assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 50, 10)
+        ingest.pause()
+        for i in range(30):
+            pub.publish(f"dev{i}", b"n%d" % i)                  # arrives while pausing: not taken
+        assert pub.flush(10) and _wait(lambda: ingest.counters.get("left_for_redelivery") == 30, 10)
+        for u in received.take():                               # the drain: committed, acknowledged
+            u.ack(None)
+        ingest.stop()
+        assert ingest.counters["stale_acks"] == 0
+        after = Ingest(settings, received)
+        after.start()
+        assert after.wait_connected(10) and _wait(lambda: len(received.uplinks) == 30, 10)
+        time.sleep(0.5)
+        after.stop()
+        assert sorted(u.payload for u in received.take()) == sorted(b"n%d" % i for i in range(30))
+        pub.close()
     finally:
         own.stop()
         shutil.rmtree(workdir, ignore_errors=True)

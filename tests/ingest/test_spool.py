@@ -19,6 +19,7 @@ from iotjx.broker import free_port
 from iotjx.db import connect
 from iotjx.model import Uplink
 from ingest import spool as spool_module
+from ingest.metrics import render_prometheus
 from ingest.pipeline import Pipeline
 from ingest.registry import DeviceRegistry
 from ingest.spool import MAGIC, Spool, SpoolFull, decode_segment, encode_record
@@ -233,6 +234,13 @@ def test_an_uplink_is_acknowledged_only_after_its_record_is_fsynced(db_url, tmp_
         assert acks.statuses() == {"spooled": len(uplinks)}
         assert pipeline.spool_status()["uplinks"] == len(uplinks) and pipeline.spool_status()["mode"] == "spooling"
         assert pipeline.counters["spooled"] == len(uplinks) and pipeline.counters["stored"] == 0
+        text = render_prometheus({"gw": pipeline.metrics_snapshot()})
+        on_disk = sum(p.stat().st_size for p in spool_dir.glob("*.journal"))
+        for line in ('iotjx_ingest_spooled_total{gateway="gw",transport="mqtt"} 200',
+                     f'iotjx_ingest_spool_uplinks{{gateway="gw"}} {len(uplinks)}',
+                     f'iotjx_ingest_spool_bytes{{gateway="gw"}} {on_disk}',
+                     'iotjx_ingest_spooling{gateway="gw"} 1', 'iotjx_ingest_backpressure{gateway="gw"} 0'):
+            assert line in text.splitlines(), line
     finally:
         pipeline.stop()
     assert [e for e in events if e[0] == "ack"]
