@@ -23,7 +23,8 @@ Status = Literal["queued", "sent", "acknowledged", "expired"]
 class DownlinkIn(BaseModel):
     kind: Literal["valve_close", "valve_open", "set_interval", "raw"] = Field(
         description="valve_close / valve_open (CJ/T 188 A017, JSON, SenML), set_interval (JSON, SenML), raw")
-    params: dict[str, Any] = Field(default_factory=dict, examples=[{"interval_s": 3600}, {"meter_address": "78330123456789"}],
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   examples=[{"interval_s": 3600}, {"meter_address": "78330123456789"}],
                                    description="set_interval: interval_s; CJ/T 188 valves: meter_address, serial")
     payload_hex: str | None = Field(None, description="the command's bytes, for codecs without an encoder or kind raw")
     payload_base64: str | None = None

@@ -7,7 +7,8 @@ own thread and event loop).  Bytes + metadata → `Uplink` → pipeline; the ans
 * 4.00 + diagnostic for a payload the decoder refused (kept in rejected_uplinks), 4.01 for a missing
   or wrong token, 4.04 for another path and for an unregistered device (kept as `unknown_device`),
   4.13 (+ Size1) past `coap_max_payload`, also mid block-wise transfer, 4.15 for a content format
-  other than 42/50/110/112, 5.00 when the database refused the rows, 5.03 while shutting down.
+  other than 42/50/110/112, 5.00 when the database refused the rows, 5.03 (+ Max-Age) while shutting
+  down or when a token cannot be checked because the database is away and the device is not cached.
 
 Tokens are per device, stored as SHA-256(salt ‖ token) in device_credentials (migration 4)."""
 
@@ -99,7 +100,12 @@ class DeviceCredentials:
         now = time.monotonic()
         if not fresh and entry is not None and now - entry[0] < (self._ttl_s if entry[1] else self._unknown_ttl_s):
             return entry
-        known, salt, digest = await asyncio.get_running_loop().run_in_executor(executor, self._fetch, device_id)
+        try:
+            known, salt, digest = await asyncio.get_running_loop().run_in_executor(executor, self._fetch, device_id)
+        except psycopg.Error as exc:
+            if entry is not None:          # the database is away: what we knew still holds
+                return entry
+            raise Unavailable("credentials cannot be checked now (database unreachable)") from exc
         if len(self._cache) >= self.MAX_ENTRIES:      # bounded: random ids must not grow it forever
             self._cache.clear()
         entry = self._cache[device_id] = (time.monotonic(), known, salt, digest)
@@ -154,6 +160,18 @@ class TooLarge(coap_error.ConstructionRenderableError):
     def to_message(self):
         message = super().to_message()
         message.opt.size1 = self.limit
+        return message
+
+
+class Unavailable(coap_error.ConstructionRenderableError):
+    """5.03 with Max-Age: the device should try again later (RFC 7252 §5.9.3.4)."""
+
+    code = codes.SERVICE_UNAVAILABLE
+    retry_after_s = 30
+
+    def to_message(self):
+        message = super().to_message()
+        message.opt.max_age = self.retry_after_s
         return message
 
 
@@ -305,7 +323,8 @@ class CoapIngest:
             return TooLarge(self.settings.coap_max_payload).to_message()
         query = _query(request.opt.uri_query)
         if self._closing:
-            return self._refuse("closing", codes.SERVICE_UNAVAILABLE, "gateway shutting down, retry")
+            self.counters["closing"] += 1
+            return Unavailable("gateway shutting down, retry").to_message()
         self._inflight += 1
         try:
             return await self._accept(request, device_id, content_format, query)
@@ -314,7 +333,11 @@ class CoapIngest:
 
     async def _accept(self, request, device_id: str, content_format, query: dict[str, list[str]]):
         token = (query.get("t") or [None])[0]
-        verdict = await self._credentials.check(device_id, token, self._executor)
+        try:
+            verdict = await self._credentials.check(device_id, token, self._executor)
+        except Unavailable as exc:
+            self.counters["unavailable"] += 1
+            return exc.to_message()
         if verdict == "bad_token" or (verdict == "no_token" and self.settings.coap_require_credential):
             return self._refuse("unauthorized", codes.UNAUTHORIZED,
                                 "wrong or missing token (?t=...)" if verdict == "bad_token"

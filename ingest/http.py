@@ -180,7 +180,8 @@ class HttpPushIngest:
         try:
             body = await _read_body(request, self.settings.http_push_max_body)
         except TooLarge:
-            return self._refuse(413, "push too large", f"bodies are limited to {self.settings.http_push_max_body} bytes")
+            return self._refuse(413, "push too large",
+                                f"bodies are limited to {self.settings.http_push_max_body} bytes")
         if carrier == "onenet":
             token = self.settings.onenet_push_token
             if not token:

@@ -244,3 +244,35 @@ def test_no_answer_before_the_commit(gateway, coap_settings):
     assert not answered_while_locked
     assert answer.code == codes.CHANGED
     assert _water_rows(db) == Counter([_water_row(meter.device_id, frame)])
+
+
+def test_tokens_cached_while_the_database_is_away(gateway, coap_settings):
+    """A device whose token the gateway has seen keeps being accepted when the credential store
+    cannot be read; one it has not seen is told 5.03 with Max-Age, and nothing of it is stored."""
+    db = coap_settings.database_url
+    seen, unseen = make_meters(register_fleet(db, 2, seed=24), seed=24)
+    tokens = _tokens(db, [seen.device_id, unseen.device_id])
+    frames = [seen.frame(datetime(2026, 11, 6, h, tzinfo=UTC)) for h in (10, 11)]
+    credentials = gateway.coap._credentials
+
+    def unreachable():
+        raise psycopg.OperationalError("connection refused (simulated outage of the credential lookup)")
+
+    async def run():
+        ctx = await aiocoap.Context.create_client_context()
+        base = f"coap://127.0.0.1:{gateway.coap.port}/up"
+        try:
+            first = await _post(ctx, f"{base}/{seen.device_id}?t={tokens[seen.device_id]}", frames[0])
+            credentials.close()
+            credentials._connect, credentials._ttl_s = unreachable, 0.0    # every entry stale, lookups fail
+            again = await _post(ctx, f"{base}/{seen.device_id}?t={tokens[seen.device_id]}", frames[1])
+            wrong = await _post(ctx, f"{base}/{seen.device_id}?t={'z' * 20}", frames[1])
+            other = await _post(ctx, f"{base}/{unseen.device_id}?t={tokens[unseen.device_id]}", frames[1])
+            return first, again, wrong, other
+        finally:
+            await ctx.shutdown()
+
+    first, again, wrong, other = asyncio.run(run())
+    assert (first.code, again.code, wrong.code) == (codes.CHANGED, codes.CHANGED, codes.UNAUTHORIZED)
+    assert other.code == codes.SERVICE_UNAVAILABLE and other.opt.max_age == 30
+    assert _water_rows(db) == Counter(_water_row(seen.device_id, f) for f in frames)

@@ -78,7 +78,8 @@ def test_api_builds_and_refuses_commands(stack):
     assert api.put(f"/devices/{device}/coap-token", json={"token": "short"}).status_code == 422
     assert parse_ack_ids(" 12, 13 ") == [12, 13] and parse_ack_ids("") is None
     # Structured codecs: the command in the device's own format.
-    assert build_payload("json", {}, "set_interval", {"interval_s": 900}) == b'{"command":"set_interval","interval_s":900}'
+    assert (build_payload("json", {}, "set_interval", {"interval_s": 900})
+            == b'{"command":"set_interval","interval_s":900}')
     assert build_payload("senml-json", {}, "valve_open", {}) == b'[{"n":"valve","vs":"open"}]'
     assert build_payload("cjt188", {"di_order": "high_first"}, "valve_open", {}) == _valve_frame(False, False)
 
