@@ -34,7 +34,8 @@ from iotjx.model import Uplink
 from .metrics import UNKNOWN_CODEC, IngestMetrics
 from .registry import DeviceRegistry
 from .spool import Spool, SpoolFull
-from .writer import SPOOLED, BatchBuilder, WriteSet, Writer
+from .batch import BatchBuilder
+from .writer import SPOOLED, WriteSet, Writer
 
 log = logging.getLogger(__name__)
 

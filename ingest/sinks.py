@@ -128,8 +128,11 @@ def field_rows(table: FamilyTable, record: dict[str, Any]) -> list[dict[str, Any
     """Rows of a field-mapped record (SenML, JSON, carrier object models): mapped names that are
     columns go to their column, the rest to `extra`."""
     fields = dict(record.get("fields") or {})
-    if record.get("time") is not None:      # the device's own time for the reading, where it gave one
-        fields.setdefault(MEASURED_AT.get(table.table, "measured_at"), record["time"])
+    when = record.get("time")            # the device's own time for the reading, where it gave one
+    if when is None:                     # SenML: the newest of the pack's record times
+        when = max((r["time"] for r in record.get("records") or () if r.get("time") is not None), default=None)
+    if when is not None:
+        fields.setdefault(MEASURED_AT.get(table.table, "measured_at"), when)
     known = set(table.columns) - {"extra"}
     types = dict(table.types)
     values, extra = {}, {}
