@@ -269,7 +269,7 @@ def run_coap(bench, requests: int, clients: int, endpoints: int, target: str, rc
         gw = GatewayGroup(bench.db.url, gateway_env(bench, prefix, shared=False, extra={
             "IOTJX_COAP_ENABLED": "true", "IOTJX_COAP_BIND": f"127.0.0.1:{port}",
             "IOTJX_COAP_REQUIRE_CREDENTIAL": "false", "IOTJX_COAP_RCVBUF": str(rcvbuf)}),
-            [f"{prefix}-gw0"], bench.workdir)
+            [f"{prefix}-gw0"], bench.workdir, profile_dir=bench.profile_dir, cmd=bench.gateway_cmd)
         gw.start()
         if not _ping("127.0.0.1", port, 30):
             gw.stop()

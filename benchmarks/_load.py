@@ -254,8 +254,9 @@ def publish_worker(job: PublishJob, ready, go, results) -> None:
 
 # --------------------------------------------------------------------------- bare subscriber
 
-def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, expected: int, ready, results) -> None:
-    """The broker's ceiling for one paho client: QoS 1, MQTT 5 like the gateway, auto-ack, count only."""
+def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, expected: int, ready, results,
+                    protocol: str = "5") -> None:
+    """The broker's ceiling for one paho client: QoS 1, the gateway's protocol, auto-ack, count only."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -272,13 +273,18 @@ def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, exp
             state["t_last"] = time.time()
             done.set()
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    v5 = protocol == "5"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
     client.on_message = on_message
     client.on_subscribe = lambda *a: ready.release()
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
-    props = Properties(PacketTypes.CONNECT)
-    props.ReceiveMaximum = 65535                     # as the gateway asks (ingest/mqtt.py)
-    client.connect(host, port, keepalive=30, clean_start=True, properties=props)
+    if v5:
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = 65535                 # as the gateway asks (ingest/mqtt.py)
+        client.connect(host, port, keepalive=30, clean_start=True, properties=props)
+    else:
+        client.connect(host, port, keepalive=30)
     client.loop_start()
     finished = done.wait(600)
     client.disconnect()

@@ -256,15 +256,16 @@ class GatewayGroup:
     client_ids: list[str]
     workdir: Path
     profile_dir: Path | None = None
+    cmd: tuple[str, ...] = ()              # default: python -m iotjx.cli gateway
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, timeout: float = 60.0) -> None:
         for cid in self.client_ids:
             env = {**os.environ, **self.env, "IOTJX_MQTT_CLIENT_ID": cid}
-            cmd = [sys.executable, "-m", "iotjx.cli", "gateway"]
+            cmd = list(self.cmd) or [sys.executable, "-m", "iotjx.cli", "gateway"]
             if self.profile_dir is not None:
-                cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "200",
-                       "--threads", "--gil", "-o", str(self.profile_dir / f"{cid}.txt"), "--"] + cmd
+                cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "100",
+                       "--nonblocking", "--threads", "--gil", "-o", str(self.profile_dir / f"{cid}.txt"), "--"] + cmd
             log = open(self.workdir / f"{cid}.log", "wb")
             self.procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
             log.close()
@@ -295,16 +296,24 @@ class GatewayGroup:
         return out
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM to each gateway (it drains, acks and exits; py-spy then writes its profile)."""
-        for pid in self.pids:
+        """SIGTERM to each gateway (it drains, acks and exits; py-spy then writes its profile);
+        SIGKILL after `timeout`, so that no gateway outlives the benchmark's database."""
+        gateways = self.pids
+        for pid in gateways:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for p in self.procs:
+        deadline = time.time() + timeout
+        for p, pid in zip(self.procs, gateways):
             try:
-                p.wait(timeout)
+                p.wait(max(1.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                print(f"gateway {pid} did not stop within {timeout:.0f} s of SIGTERM: killed", file=sys.stderr)
+                for victim in {pid, p.pid}:
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 p.wait()
         self.procs = []

@@ -37,6 +37,8 @@ class Bench:
     profile_dir: Path | None = None
     runs: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
+    mqtt_protocol: str = "5"
+    gateway_cmd: tuple[str, ...] = ()    # what runs as a gateway; () = python -m iotjx.cli gateway
 
     def next_run(self) -> tuple[str, datetime]:
         """A fresh topic prefix (no old persistent session matches it) and a fresh meter-time base."""
@@ -136,7 +138,7 @@ def run_bare_subscriber(bench: Bench, rounds: int) -> dict:
     host, port = bench.host_port
     ready, results = SPAWN.Semaphore(0), SPAWN.Queue()
     sub = SPAWN.Process(target=bare_subscriber, args=(host, port, f"{prefix}/up/+", f"{prefix}-bare", n, ready,
-                                                      results), daemon=True)
+                                                      results, bench.mqtt_protocol), daemon=True)
     sub.start()
     if not ready.acquire(timeout=60):
         raise RuntimeError("the bare subscriber did not subscribe")
@@ -174,7 +176,7 @@ def _wait_stored(bench: Bench, n: int, stall_s: float = 90.0, poll_s: float = 0.
 def gateway_env(bench: Bench, prefix: str, shared: bool, extra: dict | None = None) -> dict[str, str]:
     host, port = bench.host_port
     env = {"IOTJX_DATABASE_URL": bench.db.url, "IOTJX_MQTT_URL": f"mqtt://{host}:{port}",
-           "IOTJX_MQTT_PROTOCOL": "5", "IOTJX_MQTT_TOPIC_PREFIX": prefix, "IOTJX_LOG_LEVEL": "WARNING",
+           "IOTJX_MQTT_PROTOCOL": bench.mqtt_protocol, "IOTJX_MQTT_TOPIC_PREFIX": prefix, "IOTJX_LOG_LEVEL": "WARNING",
            "IOTJX_BATCH_SIZE": str(bench.batch_size), "IOTJX_DATA_DIR": str(bench.workdir / prefix),
            **bench.gateway_env, **(extra or {})}
     if shared:
@@ -230,7 +232,7 @@ def run_gateway(bench: Bench, rounds: int = 1, processes: int = 1, *, device_ids
     bench.listener.clear()
     gw = GatewayGroup(bench.db.url, gateway_env(bench, prefix, shared=processes > 1, extra=extra_env),
                       [f"{prefix}-gw{k}" for k in range(processes)], bench.workdir,
-                      profile_dir=bench.profile_dir if processes == 1 else None)
+                      profile_dir=bench.profile_dir if processes == 1 else None, cmd=bench.gateway_cmd)
     gw.start()
     try:
         pub = start_publishers(bench, prefix, base, rounds, device_ids=device_ids, tmpl=tmpl, rate=rate,

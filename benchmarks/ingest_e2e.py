@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short run: fewer messages, 2 repeats, short memory run")
     p.add_argument("--long", action="store_true", help="also the 10-minute memory run at full rate")
+    p.add_argument("--long-s", type=float, default=600.0, help="duration of the --long memory run")
     p.add_argument("--repeats", type=int)
     p.add_argument("--messages", type=int, help="uplinks per MQTT run (rounded to whole rounds of the fleet)")
     p.add_argument("--devices", type=int, default=10_000, help="registered fleet publishing in the runs")
@@ -67,12 +69,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coap-endpoints", type=int, default=1000,
                    help="UDP endpoints (peers, one CON in flight each) per client process")
     p.add_argument("--batch-size", type=int, default=5000, help="IOTJX_BATCH_SIZE of the gateways")
+    p.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="5",
+                   help="IOTJX_MQTT_PROTOCOL of the gateways, and the bare subscriber's protocol")
+    p.add_argument("--gateway-cmd", default="",
+                   help="command run as each gateway (A/B of a change); default: python -m iotjx.cli gateway")
     p.add_argument("--latency-load", type=float, default=0.5, help="paced latency run at this share of e2e rate")
     p.add_argument("--memory-s", type=float, help="duration of the short memory run (60 s; --quick 20 s)")
     p.add_argument("--memory-load", type=float, default=1.1,
                    help="memory runs publish at this multiple of the measured e2e rate (> 1: the gateway is saturated)")
     p.add_argument("--registry", type=int, default=1_000_000, help="registry size of the memory run; 0: skip")
-    p.add_argument("--registry-touched", type=int, help="devices of that registry that send (1M; --quick 200k)")
+    p.add_argument("--registry-touched", type=int, help="devices of that registry that send (300k; --quick 100k)")
     p.add_argument("--skip", default="", help="comma-separated: bare,e2e_2,naive,copy,pipeline,coap,latency,"
                                                "memory,outage,registry")
     p.add_argument("--profile", type=Path, help="run the 1-process gateway under py-spy; raw profiles here")
@@ -87,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.naive_messages = a.naive_messages or (2_000 if q else 10_000)
     a.coap_requests = a.coap_requests or (5_000 if q else 30_000)
     a.memory_s = a.memory_s or (20.0 if q else 60.0)
-    a.registry_touched = a.registry_touched or (200_000 if q else 1_000_000)
+    a.registry_touched = a.registry_touched or (100_000 if q else 300_000)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -111,8 +117,13 @@ def machine() -> dict:
 
 
 def fmt_cores(result: dict) -> str:
-    cores = " ".join(f"{k} {v:.2f}" for k, v in sorted(result.get("cores", {}).items()))
-    return f"cores: {cores} | machine {result.get('machine_cores', 0):.2f}" if cores else ""
+    ours = result.get("cores", {})
+    if not ours:
+        return ""
+    cores = " ".join(f"{k} {v:.2f}" for k, v in sorted(ours.items()))
+    machine_cores = result.get("machine_cores", 0)
+    return (f"cores: {cores} | machine {machine_cores:.2f}, of which others' "
+            f"{max(0.0, machine_cores - sum(ours.values())):.2f} | load {result.get('load', 0):.1f}")
 
 
 def stats(values: list[float]) -> tuple[float, float, float]:
@@ -132,6 +143,7 @@ class Report:
         t0 = time.time()
         try:
             result = fn()
+            result["load"] = os.getloadavg()[0]
         except Exception as exc:  # a failed phase is reported, the others still run
             traceback.print_exc()
             self.skipped[key] = f"failed: {exc!r}"[:300]
@@ -178,7 +190,7 @@ class Report:
         return out
 
     def cpu_table(self) -> list[str]:
-        out = ["", "CPU (cores busy, median over repeats; machine = all processes, others' included):"]
+        out = ["", "CPU (cores busy, median over repeats; machine = every process on it; others' = machine minus ours):"]
         for key, label in LABELS.items():
             rows = [r[key] for r in self.runs if key in r and "cores" in r[key]]
             if not rows:
@@ -186,7 +198,8 @@ class Report:
             groups = sorted({g for r in rows for g in r["cores"]})
             cells = [f"{g} {statistics.median(r['cores'].get(g, 0) for r in rows):.2f}" for g in groups]
             machine_cores = statistics.median(r["machine_cores"] for r in rows)
-            out.append(f"  {label:42s} " + ", ".join(cells) + f" | machine {machine_cores:.2f}")
+            others = statistics.median(max(0.0, r["machine_cores"] - sum(r["cores"].values())) for r in rows)
+            out.append(f"  {label:40s} " + ", ".join(cells) + f" | machine {machine_cores:.2f}, others' {others:.2f}")
         return out
 
 
@@ -210,13 +223,16 @@ def main(argv=None) -> int:
         t0 = time.time()
         bench = make_bench(broker, db, args.devices, args.publishers, args.publisher, args.batch_size, wd)
         bench.listener = CommitListener(db.url)
+        bench.mqtt_protocol = args.mqtt_protocol
+        bench.gateway_cmd = tuple(shlex.split(args.gateway_cmd))
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             bench.profile_dir = args.profile.resolve()
         rounds = max(1, math.ceil(args.messages / args.devices))
         report.say(f"database {db.name}, broker {broker.url}, {args.devices:,} devices registered in "
                    f"{time.time() - t0:.1f} s; {rounds * args.devices:,} uplinks per MQTT run, "
-                   f"{args.publishers} {args.publisher} publisher processes, batch size {args.batch_size}")
+                   f"{args.publishers} {args.publisher} publisher processes, batch size {args.batch_size}, "
+                   f"MQTT {args.mqtt_protocol}")
         coap_missing = gateway_has_coap()
         for rep in range(1, args.repeats + 1):
             if "bare" not in args.skip:
@@ -249,8 +265,8 @@ def main(argv=None) -> int:
             report.once["memory_short"] = run_memory(bench, args.memory_s, rate)
             report.say(f"memory, {args.memory_s:.0f} s at {rate:,.0f}/s offered: {report.once['memory_short']}")
             if args.long:
-                report.once["memory_long"] = run_memory(bench, 600.0, rate)
-                report.say(f"memory, 600 s at {rate:,.0f}/s offered: {report.once['memory_long']}")
+                report.once["memory_long"] = run_memory(bench, args.long_s, rate)
+                report.say(f"memory, {args.long_s:.0f} s at {rate:,.0f}/s offered: {report.once['memory_long']}")
         if "outage" not in args.skip:
             if spool_setting() is None:
                 report.skipped["outage"] = "the gateway has no spool yet (ingest/spool.py + a spool directory setting)"
@@ -301,7 +317,7 @@ def print_summary(report: Report, args) -> None:
         if "memory_long" in mem:
             long_ = mem["memory_long"]["hwm_mb"]
             verdict = "PASS" if long_ <= 1.2 * short else "FAIL"
-            lines.append(f"  10-minute run: {long_:.0f} MiB = {long_ / short:.2f} × the short run "
+            lines.append(f"  {mem['memory_long']['duration_s']:.0f}-second run: {long_:.0f} MiB = {long_ / short:.2f} × the short run "
                          f"(target ≤ 1.20): {verdict}")
         else:
             lines.append("  10-minute run: not run (--long)")
