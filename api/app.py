@@ -10,11 +10,14 @@ from typing import Annotated, Any, Literal
 import psycopg
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import PlainTextResponse
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field, create_model
 
 from analytics.coverage import breakdown, coverage_report
+from api.problems import PROBLEM, problem
+from api.routes_downlinks import router as downlinks_router
+from ingest.metrics import render_prometheus
 from iotjx import __version__
 from iotjx.db import storage_kind
 from iotjx.db.migrations import CITIES
@@ -41,15 +44,13 @@ def _device_in_model() -> type[BaseModel]:
         city=(Literal[cities], Field(examples=["360600", "Yingtan", "鹰潭"],  # type: ignore[valid-type]
                                      description="division code or name")),
         site_kind=(Literal[SITE_KINDS], Field(examples=["residential"])),  # type: ignore[valid-type]
-        site_name=(str, Field(min_length=1, max_length=200, examples=["月湖区 龙岗小区"])),
+        site_name=(str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                              examples=["月湖区 龙岗小区"])),
         installed_at=(datetime | None, None),
         reporting_interval_s=(int | None, Field(None, gt=0, lt=2**31, description="overrides the model's interval")),
         status=(Literal["active", "inactive", "retired"], "active"),
     )
 
-
-PROBLEM = {"content": {"application/problem+json": {"schema": {"type": "object", "properties": {
-    "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {}}}}}}
 
 
 class DeviceOut(BaseModel):
@@ -86,10 +87,8 @@ class CoverageOut(BaseModel):
     breakdown: list[dict[str, Any]]
 
 
-def problem(status: int, title: str, detail: Any) -> JSONResponse:
-    """An RFC 9457 problem document."""
-    return JSONResponse({"type": "about:blank", "title": title, "status": status, "detail": detail},
-                        status_code=status, media_type="application/problem+json")
+def _without_metrics(counters: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (counters or {}).items() if k != "metrics"}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -109,6 +108,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="iotjx", version=__version__, lifespan=lifespan,
                   description="Telemetry backend of Jiangxi's mobile-IoT programme (物联江西).")
     app.state.pool = pool
+    app.state.settings = settings
+    app.include_router(downlinks_router)
 
     @app.exception_handler(RegistrationError)
     async def _registration(request: Request, exc: RegistrationError):
@@ -141,7 +142,8 @@ def create_app(settings: Settings) -> FastAPI:
             return {"status": "down", "version": __version__,
                     "database": {"reachable": False, "error": str(exc).splitlines()[0]}}
         out["database"] = {"reachable": True, "storage": kind, "schema_version": version}
-        out["gateways"] = [{"gateway_id": g[0], "broker_connected": g[1], "queue_depth": g[2], "counters": g[3],
+        out["gateways"] = [{"gateway_id": g[0], "broker_connected": g[1], "queue_depth": g[2],
+                            "spool": (g[3] or {}).pop("spool", None), "counters": _without_metrics(g[3]),
                             "updated_at": g[4], "stale": g[5] > GATEWAY_STALE_S} for g in gateways]
         live = [g for g in out["gateways"] if not g["stale"]]
         out["broker_connected"] = any(g["broker_connected"] for g in live)
@@ -158,6 +160,15 @@ def create_app(settings: Settings) -> FastAPI:
     register_one.__annotations__["device"] = DeviceIn     # built at run time from the catalogue
     app.post("/devices", status_code=201, response_model=RegistrationResult, summary="Register or update one device",
              responses={422: PROBLEM})(register_one)
+
+    @app.get("/metrics", summary="Ingest metrics of every live gateway, Prometheus text format",
+             response_class=PlainTextResponse)
+    def metrics() -> str:
+        with pool.connection() as conn:
+            rows = conn.execute("""SELECT gateway_id, counters->'metrics' FROM gateway_status
+                                   WHERE updated_at > now() - make_interval(secs => %s)
+                                     AND counters ? 'metrics'""", (GATEWAY_STALE_S,)).fetchall()
+        return render_prometheus({gateway_id: snapshot for gateway_id, snapshot in rows})
 
     @app.post("/devices/bulk", response_model=RegistrationResult, summary="Register devices from CSV (all or nothing)",
               responses={422: PROBLEM, 415: PROBLEM},

@@ -11,7 +11,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from ingest.coap import set_device_token
+from api.problems import PROBLEM
+from ingest.coap import TOKEN_PATTERN, set_device_token
 from ingest.downlink import KINDS, DownlinkError, get_downlink, list_downlinks, queue_downlink
 from iotjx.settings import Settings
 
@@ -26,8 +27,9 @@ class DownlinkIn(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict,
                                    examples=[{"interval_s": 3600}, {"meter_address": "78330123456789"}],
                                    description="set_interval: interval_s; CJ/T 188 valves: meter_address, serial")
-    payload_hex: str | None = Field(None, description="the command's bytes, for codecs without an encoder or kind raw")
-    payload_base64: str | None = None
+    payload_hex: str | None = Field(None, pattern=r"^([0-9A-Fa-f]{2})+$",
+                                    description="the command's bytes, for codecs without an encoder or kind raw")
+    payload_base64: str | None = Field(None, pattern=r"^[A-Za-z0-9+/]+={0,2}$")
     ttl_s: int | None = Field(None, ge=60, le=90 * 86400, description="expires after; default IOTJX_DOWNLINK_TTL_S")
 
 
@@ -47,7 +49,8 @@ class DownlinkOut(BaseModel):
 
 
 class TokenIn(BaseModel):
-    token: str | None = Field(None, description="16-128 URI-safe characters; omitted: one is generated")
+    token: str | None = Field(None, pattern=TOKEN_PATTERN.pattern,
+                              description="16-128 URI-safe characters; omitted: one is generated")
 
 
 class TokenOut(BaseModel):
@@ -73,6 +76,7 @@ def _raw(body: DownlinkIn) -> bytes | None:
 
 
 @router.post("/devices/{device_id}/downlinks", status_code=201, response_model=DownlinkOut,
+             responses={404: PROBLEM, 409: PROBLEM, 422: PROBLEM},
              summary="Queue a command; delivered on the device's next uplink (CoAP response or MQTT)")
 def post_downlink(device_id: str, body: DownlinkIn, request: Request) -> DownlinkOut:
     settings = getattr(request.app.state, "settings", None)
@@ -95,7 +99,8 @@ def get_device_downlinks(device_id: str, request: Request, status: Status | None
         return [_out(r) for r in list_downlinks(conn, device_id, status, limit)]
 
 
-@router.get("/downlinks/{downlink_id}", response_model=DownlinkOut, summary="One command and its status")
+@router.get("/downlinks/{downlink_id}", response_model=DownlinkOut, summary="One command and its status",
+            responses={404: PROBLEM})
 def get_one_downlink(downlink_id: int, request: Request) -> DownlinkOut:
     with request.app.state.pool.connection() as conn:
         row = get_downlink(conn, downlink_id)
@@ -104,7 +109,7 @@ def get_one_downlink(downlink_id: int, request: Request) -> DownlinkOut:
     return _out(row)
 
 
-@router.put("/devices/{device_id}/coap-token", response_model=TokenOut,
+@router.put("/devices/{device_id}/coap-token", response_model=TokenOut, responses={404: PROBLEM, 422: PROBLEM},
             summary="Set or rotate the device's CoAP token (?t=…); the answer is the only time it is shown")
 def put_coap_token(device_id: str, body: TokenIn, request: Request) -> TokenOut:
     with request.app.state.pool.connection() as conn:

@@ -20,6 +20,7 @@ from .downlink import DownlinkService
 from .mqtt import MqttIngest
 from .pipeline import Pipeline
 from .registry import DeviceRegistry
+from .spool import Spool
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,9 @@ class Gateway:
         self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max,
-                                 dedup_window_s=settings.dedup_window_s)
+                                 dedup_window_s=settings.dedup_window_s, slow_batch_s=settings.slow_batch_s,
+                                 spool=Spool(settings.spool_dir or settings.data_dir / "spool" / settings.mqtt_client_id,
+                                             max_bytes=settings.spool_max_bytes))
         self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
         self.mqtt = MqttIngest(settings, self._submit_mqtt)
         self.coap = None
@@ -72,13 +75,15 @@ class Gateway:
         self._heartbeat.start()
 
     def stop(self) -> None:
-        # Transports first (each lets the uplinks it holds be answered), then the writer drains.
+        # MQTT only pauses first, so what the pipeline holds is acknowledged on a live connection;
+        # the other transports let the uplinks they hold be answered; then the writer drains.
+        self.mqtt.pause()
         if self.http is not None:
             self.http.stop()
         if self.coap is not None:
             self.coap.stop()
-        self.mqtt.stop()
         self.pipeline.stop()
+        self.mqtt.stop()
         self.downlinks.stop()
         self._stop.set()
         if self._heartbeat is not None:
@@ -98,7 +103,8 @@ class Gateway:
         if self.coap is not None and self.coap.rcvbuf is not None:
             counters["coap.rcvbuf_bytes"] = self.coap.rcvbuf
         return {"broker_connected": self.mqtt.connected.is_set(), "queue_depth": self.pipeline.queue_depth,
-                "counters": counters, "last_error": self.pipeline.last_error}
+                "counters": counters, "last_error": self.pipeline.last_error,
+                "spool": self.pipeline.spool_status(), "metrics": self.pipeline.metrics_snapshot()}
 
     def _submit_mqtt(self, uplink: Uplink) -> None:
         # A device with a command waiting gets it once this uplink is committed (it is awake now);
@@ -122,7 +128,8 @@ class Gateway:
                         updated_at = now(), broker_connected = excluded.broker_connected,
                         queue_depth = excluded.queue_depth, counters = excluded.counters""",
                     (self.settings.mqtt_client_id, self.started_at, s["broker_connected"], s["queue_depth"],
-                     json.dumps({**s["counters"], "last_error": s["last_error"]})))
+                     json.dumps({**s["counters"], "last_error": s["last_error"], "spool": s["spool"],
+                                 "metrics": s["metrics"]})))
         except psycopg.Error as exc:
             log.warning("heartbeat not written: %s", str(exc).splitlines()[0])
 

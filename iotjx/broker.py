@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,14 @@ class MosquittoProcess:
         self.port = port or free_port()
         self.workdir = Path(workdir)
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to the `mosquitto` user, which must be able to save
+            # its persistence file (or a restart loses every session).
+            self.workdir.chmod(0o755)
+            try:
+                shutil.chown(self.workdir / "data", "mosquitto")
+            except (LookupError, PermissionError):
+                log.warning("no `mosquitto` user to own %s; persistence may fail", self.workdir / "data")
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text(mosquitto_config(self.port, self.workdir / "data"))
         self.proc: subprocess.Popen | None = None

@@ -118,6 +118,8 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
             problems.append(f"site_kind must be one of {', '.join(SITE_KINDS)}, not {r.site_kind!r}")
         if not r.site_name:
             problems.append("site_name is empty")
+        elif len(r.site_name) > 200 or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in r.site_name):
+            problems.append("site_name must be 1-200 characters without control characters")
         if r.reporting_interval_s is not None and r.reporting_interval_s <= 0:
             problems.append("reporting_interval_s must be positive")
         if r.status not in ("active", "inactive", "retired"):
@@ -154,14 +156,21 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
 
 def parse_csv(text: str) -> list[DeviceRecord]:
     """Device records from CSV with a header row; RegistrationError naming every bad line."""
-    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        return _parse_csv(csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+    except csv.Error as exc:
+        raise RegistrationError([(0, f"not CSV: {exc}")]) from None
+
+
+def _parse_csv(reader: csv.DictReader) -> list[DeviceRecord]:
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
         raise RegistrationError([(1, f"header lacks column(s) {', '.join(missing)}; "
                                      f"expected {', '.join(CSV_COLUMNS)} (+ optional {', '.join(CSV_OPTIONAL)})")])
     records, errors = [], []
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
+        line = reader.line_num
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
         try:
             installed = row.get("installed_at") or None

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
     batch_age_ms: int = Field(200, ge=1, description="A batch is written when its oldest uplink is this old")
     queue_max: int = Field(50_000, ge=1, description="Uplinks held in memory; a full queue stops reading from the transport")
+    spool_dir: Path | None = Field(
+        None, description="The gateway's durable spool for when the database is away or slow; unset: `{data_dir}/spool/{mqtt_client_id}`")
+    spool_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="Spool size limit; past it the gateway stops acknowledging (backpressure) instead of dropping")
+    slow_batch_s: float = Field(
+        10.0, gt=0, description="A batch waiting this long on the database sends the batches behind it to the spool")
     dedup_window_s: float = Field(
         86400, ge=0, description="An uplink whose device and payload match one stored within this window is a duplicate")
     live_factor: float = Field(

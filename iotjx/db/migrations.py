@@ -323,6 +323,11 @@ def _choose_storage(conn: psycopg.Connection) -> str:
         try:
             with conn.transaction():
                 conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                # The Apache-2 edition refuses compression and policies: plain PostgreSQL serves better.
+                lic = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()[0]
+                if lic not in (None, "timescale"):
+                    raise psycopg.errors.FeatureNotSupported(
+                        f"timescaledb license {lic!r} lacks compression and policies")
             kind = "timescaledb"
         except psycopg.Error as exc:
             log.warning("timescaledb is installed but cannot be created (%s); using plain PostgreSQL", exc)
@@ -351,15 +356,29 @@ def upgrade(url: str, raw_retention_days: int = 30) -> dict[str, object]:
                 applied.append(m.version)
                 log.info("applied migration %d: %s", m.version, m.name)
             if kind == "timescaledb":
-                conn.execute("SELECT remove_retention_policy('raw_uplinks', if_exists => true)")
-                conn.execute("SELECT add_retention_policy('raw_uplinks', %s::interval)", (f"{raw_retention_days} days",))
+                _retention_policy(conn, raw_retention_days)
             today = datetime.now(UTC).date()
             ensure_partitions(conn, today - timedelta(days=1), today + timedelta(days=7))
+            if kind == "postgresql":
+                drop_expired_partitions(conn, raw_retention_days)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_ID,))
     log.info("storage: %s (%s)", kind, "hypertables, compression by device, retention" if kind == "timescaledb"
              else "native range partitions by day")
     return {"storage": kind, "applied": applied, "version": MIGRATIONS[-1].version}
+
+
+def _retention_policy(conn: psycopg.Connection, raw_retention_days: int) -> None:
+    """The raw log's retention job, replaced only when its period changed (a job keeps its id and history)."""
+    interval = f"{raw_retention_days} days"
+    same = conn.execute("""
+        SELECT 1 FROM timescaledb_information.jobs
+        WHERE proc_name = 'policy_retention' AND hypertable_schema = current_schema()
+          AND hypertable_name = 'raw_uplinks' AND (config->>'drop_after')::interval = %s::interval""",
+                        (interval,)).fetchone()
+    if not same:
+        conn.execute("SELECT remove_retention_policy('raw_uplinks', if_exists => true)")
+        conn.execute("SELECT add_retention_policy('raw_uplinks', %s::interval)", (interval,))
 
 
 def ensure_partitions(conn: psycopg.Connection, first_day: date, last_day: date) -> int:

@@ -16,8 +16,10 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6
     for operation in operations:
-        # A CSV body is a string to OpenAPI: its rows' validity cannot be said in the schema.
-        excluded = [positive_data_acceptance] if operation.path == "/devices/bulk" else []
+        # What the schema cannot say: a CSV body's rows are a string to OpenAPI, and which commands a
+        # device takes depends on its codec (a 422 there is the API explaining, not refusing valid data).
+        semantic = ("/devices/bulk", "/devices/{device_id}/downlinks")
+        excluded = [positive_data_acceptance] if operation.path in semantic and operation.method == "post" else []
 
         @given(case=operation.as_strategy())
         @hsettings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
