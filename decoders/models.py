@@ -22,7 +22,7 @@ FAMILIES = ("water", "fire", "traffic", "parking")
 NETWORKS = ("nbiot", "cat1")
 ENVELOPE_CODECS = ("ctwing", "onenet")
 _KEYS = {"vendor", "family", "codec", "settings", "inner_codec", "inner_settings", "name_map",
-         "report_interval_s", "network", "description"}
+         "report_interval_s", "network", "description", "dedup_window_s"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,9 @@ class DeviceModel:
     inner_settings: Mapping[str, Any] = field(default_factory=dict)
     name_map: Mapping[str, str] = field(default_factory=dict)       # SenML/JSON name -> reading name
     description: str = ""
+    # Seconds within which identical bytes from one device are one uplink sent twice; None: the
+    # gateway's default.  Short for frames with neither time nor counter (a quiet lane repeats itself).
+    dedup_window_s: float | None = None
 
     def codec_settings(self) -> dict[str, Any]:
         """The settings for ``decode(self.codec, …)``: vendor settings plus the name map."""
@@ -72,6 +75,9 @@ def _model(path: Path, name: str, table: Any, known: set[str]) -> DeviceModel:
     interval = table["report_interval_s"]
     if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
         raise _fail(path, name, f"report_interval_s must be a positive integer, not {interval!r}")
+    window = table.get("dedup_window_s")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, float)) or window < 0):
+        raise _fail(path, name, f"dedup_window_s must be a number of seconds >= 0, not {window!r}")
     inner = table.get("inner_codec")
     if inner is not None:
         if codec not in ENVELOPE_CODECS:
@@ -90,6 +96,7 @@ def _model(path: Path, name: str, table: Any, known: set[str]) -> DeviceModel:
         settings=MappingProxyType(dict(table.get("settings", {}))), inner_codec=inner,
         inner_settings=MappingProxyType(dict(table.get("inner_settings", {}))),
         name_map=MappingProxyType(dict(name_map)), description=str(table.get("description", "")),
+        dedup_window_s=None if window is None else float(window),
     )
 
 

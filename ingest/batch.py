@@ -36,6 +36,15 @@ class BatchBuilder:
         devices = self._registry.lookup(u.device_id for u in batch if u.device_id)
         return [devices[u.device_id].codec if u.device_id in devices else u.meta.get("envelope") for u in batch]
 
+    def dedup_windows(self, batch: Sequence[Uplink], default_s: float) -> list[float]:
+        """Each uplink's dedup window: its device model's, else the gateway's default."""
+        devices = self._registry.lookup(u.device_id for u in batch if u.device_id)
+        out = []
+        for u in batch:
+            device = devices.get(u.device_id)
+            out.append(default_s if device is None or device.dedup_window_s is None else device.dedup_window_s)
+        return out
+
     def build(self, batch: Sequence[Uplink], ws: WriteSet | None = None) -> WriteSet:
         """The rows a batch turns into; pure apart from the registry lookup."""
         ws = ws if ws is not None else WriteSet()

@@ -390,7 +390,8 @@ class Pipeline:
             ws = WriteSet()
             if self._dedup_window_s > 0:
                 is_new = tx.claim([(u.device_id, dedup_key(u.payload)) for u in batch],
-                                  [u.received_at for u in batch], self._dedup_window_s)
+                                  [u.received_at for u in batch],
+                                  self._builder.dedup_windows(batch, self._dedup_window_s))
                 fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
                 if len(fresh) < len(batch):
                     dups = [u for u, new in zip(batch, is_new, strict=True) if not new]

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 _LOOKUP = """
     SELECT d.device_id, d.model, m.codec, d.pilot, d.network, d.site_id,
            coalesce(d.reporting_interval_s, m.reporting_interval_s), d.status, m.settings,
-           coalesce(m.family, m.pilot), m.inner_codec, m.inner_settings
+           coalesce(m.family, m.pilot), m.inner_codec, m.inner_settings, m.dedup_window_s
     FROM devices d JOIN device_models m USING (model)
     WHERE d.device_id = ANY(%s)"""
 
@@ -66,7 +66,7 @@ class DeviceRegistry:
             raise
         return [Device(device_id=r[0], model=r[1], codec=r[2], pilot=r[3], network=r[4], site_id=r[5],
                        reporting_interval_s=r[6], status=r[7], codec_settings=r[8] or {}, family=r[9],
-                       inner_codec=r[10], inner_settings=r[11] or {}) for r in rows]
+                       inner_codec=r[10], inner_settings=r[11] or {}, dedup_window_s=r[12]) for r in rows]
 
     def close(self) -> None:
         if self._conn is not None:

@@ -177,10 +177,10 @@ class Writer:
 
 
 _CLAIM = """
-    INSERT INTO uplink_dedup AS d (device_id, key, received_at)
-    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::timestamptz[])
-    ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at
-        WHERE d.received_at < excluded.received_at - make_interval(secs => %s)
+    INSERT INTO uplink_dedup AS d (device_id, key, received_at, window_s)
+    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::timestamptz[], %s::float8[])
+    ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s
+        WHERE d.received_at < excluded.received_at - make_interval(secs => excluded.window_s)
     RETURNING device_id, key"""
 
 
@@ -191,19 +191,24 @@ class Transaction:
         self._writer = writer
         self._conn = conn
 
-    def claim(self, keys: Sequence[tuple[str, bytes]], received_at: Sequence[float], window_s: float) -> list[bool]:
-        """For each (device, key): True when no uplink with that key was stored within the window.
-        Atomic across gateways: a concurrent claim of the same key waits for this transaction."""
+    def claim(self, keys: Sequence[tuple[str, bytes]], received_at: Sequence[float],
+              window_s: float | Sequence[float]) -> list[bool]:
+        """For each (device, key): True when no uplink with that key was stored within its window
+        (one window for all, or one per key; 0 = never a duplicate).  Atomic across gateways: a
+        concurrent claim of the same key waits for this transaction."""
+        windows = [float(window_s)] * len(keys) if isinstance(window_s, (int, float)) else list(window_s)
         first: dict[tuple[str, bytes], int] = {}
         for i, k in enumerate(keys):
-            first.setdefault(k, i)
+            if windows[i] > 0:
+                first.setdefault(k, i)
         unique = sorted(first)        # one lock order for every gateway: no deadlock between replicas
         if not unique:
-            return []
+            return [True] * len(keys)        # every window is 0: nothing can be a duplicate
         new = set(self._conn.execute(_CLAIM, (
             [k[0] for k in unique], [k[1] for k in unique],
-            [datetime.fromtimestamp(received_at[first[k]], UTC) for k in unique], window_s)).fetchall())
-        return [first[k] == i and (k[0], k[1]) in new for i, k in enumerate(keys)]
+            [datetime.fromtimestamp(received_at[first[k]], UTC) for k in unique],
+            [windows[first[k]] for k in unique])).fetchall())
+        return [windows[i] <= 0 or (first[k] == i and (k[0], k[1]) in new) for i, k in enumerate(keys)]
 
     def write(self, ws: WriteSet) -> None:
         self._writer._write_in(self._conn, ws)

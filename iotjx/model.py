@@ -56,3 +56,4 @@ class Device:
     family: str = ""                       # water / fire / traffic / parking: which readings table
     inner_codec: str | None = None         # envelope models: the codec of the wrapped payload
     inner_settings: dict[str, Any] = field(default_factory=dict)
+    dedup_window_s: float | None = None    # None: the gateway's IOTJX_DEDUP_WINDOW_S

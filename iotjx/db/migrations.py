@@ -304,11 +304,18 @@ def _m4_credentials_downlinks(conn: psycopg.Connection, timescale: bool) -> None
                  "WHERE status IN ('queued', 'sent')")
 
 
+def _m5_dedup_windows(conn: psycopg.Connection, timescale: bool) -> None:
+    """A dedup window per device model (frames without time or counter repeat themselves legitimately)."""
+    conn.execute("ALTER TABLE device_models ADD COLUMN IF NOT EXISTS dedup_window_s double precision")
+    conn.execute("ALTER TABLE uplink_dedup ADD COLUMN IF NOT EXISTS window_s double precision NOT NULL DEFAULT 86400")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
     Migration(3, "uplink dedup keys", _m3_dedup),
     Migration(4, "CoAP device credentials (hashed); downlinks for sleeping devices", _m4_credentials_downlinks),
+    Migration(5, "dedup window per device model", _m5_dedup_windows),
 )
 
 

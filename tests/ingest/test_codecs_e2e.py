@@ -182,3 +182,33 @@ def test_json_traffic_counter(settings):
     got = sorted(_select(settings.database_url,
                          "SELECT channel, count_a, count_c, speed_kmh, (extra->>'volume')::float FROM traffic_flow"))
     assert got == sorted((1 + k % 3, k, 25, 48.0 + k, 30.0 + k) for k in range(9))
+
+
+def test_a_quiet_lane_repeating_itself_is_stored_but_a_quick_retransmission_is_not(settings):
+    """GB/T 43229 frames carry neither time nor counter: identical frames minutes apart are readings;
+    the same bytes again within the model's dedup window (20 s) are one uplink sent twice."""
+    import time
+
+    from ingest.batch import BatchBuilder
+    from ingest.pipeline import Pipeline
+    from ingest.registry import DeviceRegistry
+    from ingest.writer import Writer
+    from iotjx.db import connect
+    from iotjx.model import Uplink
+
+    rng = random.Random(8)
+    detector = _device(rng, "gbt43229-detector", "road")
+    with psycopg.connect(settings.database_url) as conn:
+        register_devices(conn, [detector])
+    quiet = decoders.encode("gbt43229", {"division_code": 360100, "device_type": 2, "device_number": 9,
+                                         "lanes": [random_lane(rng, 1)]}, {"byte_order": "little", "crc": "modbus"})
+    url = settings.database_url
+    pipeline = Pipeline(DeviceRegistry(lambda: connect(url)), Writer(lambda: connect(url)))
+    now = time.time()
+    arrivals = [now - 180, now - 120, now - 60, now - 55, now]     # a retransmission 5 s after the third
+    for t in arrivals:
+        pipeline.process([Uplink(device_id=detector.device_id, payload=quiet, transport="mqtt", received_at=t)])
+    assert pipeline.counters["stored"] == 4 and pipeline.counters["duplicate"] == 1
+    assert _select(url, "SELECT count(*) FROM traffic_flow")[0][0] == 4
+    assert BatchBuilder(DeviceRegistry(lambda: connect(url))).dedup_windows(
+        [Uplink(detector.device_id, quiet, "mqtt", now)], 86400.0) == [20.0]
