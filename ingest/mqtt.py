@@ -88,7 +88,8 @@ class MqttIngest:
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
         self._ack_lock = threading.Lock()
         self._subscribe_mid: int | None = None
-        self.connected = threading.Event()     # connected *and* subscribed: uplinks can flow
+        self.connected = threading.Event()         # connected *and* subscribed: uplinks can flow
+        self._disconnected = threading.Event()
         self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0, "left_for_redelivery": 0}
 
     @property
@@ -117,7 +118,11 @@ class MqttIngest:
     def stop(self) -> None:
         """Stop reading; what is in flight and unacknowledged the broker redelivers to our session."""
         self._stopping = True
+        self._disconnected.clear()
         self._client.disconnect()
+        # Let the network thread send DISCONNECT and close the socket before it is stopped: a socket
+        # left open would hold the session until the broker's keep-alive gives up on it.
+        self._disconnected.wait(5)
         self._client.loop_stop()
         self.connected.clear()
 
@@ -141,6 +146,7 @@ class MqttIngest:
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._disconnected.set()
         with self._ack_lock:
             self._generation += 1
         if self._stopping:

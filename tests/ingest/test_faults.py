@@ -565,7 +565,7 @@ def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(
         assert ingest.counters["stale_acks"] == 0
         after = Ingest(settings, received)
         after.start()
-        assert after.wait_connected(10) and _wait(lambda: len(received.uplinks) == 30, 10)
+        assert after.wait_connected(30) and _wait(lambda: len(received.uplinks) == 30, 30)
         time.sleep(0.5)
         after.stop()
         assert sorted(u.payload for u in received.take()) == sorted(b"n%d" % i for i in range(30))
