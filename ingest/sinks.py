@@ -195,25 +195,40 @@ def water_fast_mask(batch: Batch) -> np.ndarray:
 
 
 def water_rows_from_batch(batch: Batch, uplinks: Sequence[Uplink], ok: np.ndarray) -> list[tuple]:
-    """Water rows straight from the numba kernel's columns (no per-record dicts)."""
+    """Water rows straight from the numba kernel's columns (no per-record dicts; columns converted
+    to Python values a column at a time)."""
     c = batch.columns
-    status_missing = c["status_missing"]
-    flow = c["flow_m3"]
-    settlement = c["settlement_flow_m3"]
-    meter_time = c["meter_time"]
-    address, meter_type, status = c["address"], c["meter_type"], c["status"]
-    valve, battery = c["valve"], c["battery_low"]
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        return []
+    missing_status = c["status_missing"][idx].tolist()
+    address = np.char.zfill(c["address"][idx].astype("U14"), 14).tolist()
+    meter_type = c["meter_type"][idx].tolist()
+    flow = _floats_or_none(c["flow_m3"][idx])
+    settlement = _floats_or_none(c["settlement_flow_m3"][idx])
+    meter_time = _times_or_none(c["meter_time"][idx])
+    status = c["status"][idx].tolist()
+    valve = [VALVE_STATES[v] for v in c["valve"][idx].tolist()]
+    battery = c["battery_low"][idx].tolist()
     rows = []
-    for i in np.flatnonzero(ok):
+    for k, i in enumerate(idx.tolist()):
         u = uplinks[i]
-        when = int(meter_time[i])
-        rows.append((
-            _utc(u.received_at), u.device_id, u.transport, f"{int(address[i]):014d}", int(meter_type[i]),
-            None if np.isnan(flow[i]) else float(flow[i]),
-            None if np.isnan(settlement[i]) else float(settlement[i]),
-            None if when == MISSING_TIME else _utc(when),
-            None if status_missing[i] else int(status[i]),
-            None if status_missing[i] else VALVE_STATES[int(valve[i])],
-            None if status_missing[i] else bool(battery[i]), None,
-        ))
+        gone = missing_status[k]
+        rows.append((_utc(u.received_at), u.device_id, u.transport, address[k], meter_type[k], flow[k],
+                     settlement[k], meter_time[k], None if gone else status[k], None if gone else valve[k],
+                     None if gone else battery[k], None))
     return rows
+
+
+def _floats_or_none(values: np.ndarray) -> list[float | None]:
+    out = values.tolist()
+    if np.isnan(values).any():
+        out = [None if v != v else v for v in out]
+    return out
+
+
+def _times_or_none(epoch_s: np.ndarray) -> list[datetime | None]:
+    """Aware UTC datetimes from epoch seconds; MISSING_TIME becomes None."""
+    valid = epoch_s != MISSING_TIME
+    naive = epoch_s.astype("datetime64[s]").astype(object)
+    return [v.replace(tzinfo=UTC) if ok else None for v, ok in zip(naive.tolist(), valid.tolist(), strict=True)]

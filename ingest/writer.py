@@ -178,7 +178,7 @@ class Writer:
 
 _CLAIM = """
     INSERT INTO uplink_dedup AS d (device_id, key, received_at, window_s)
-    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::timestamptz[], %s::float8[])
+    SELECT * FROM unnest(%b::text[], %b::bytea[], %b::timestamptz[], %b::float8[])
     ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s
         WHERE d.received_at < excluded.received_at - make_interval(secs => excluded.window_s)
     RETURNING device_id, key"""
@@ -214,7 +214,19 @@ class Transaction:
         self._writer._write_in(self._conn, ws)
 
 
+_COLUMN_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+
+
 def _copy(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
-    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+    """COPY in binary: psycopg's C dumpers write each value without text escaping."""
+    key = (table, tuple(columns))
+    types = _COLUMN_TYPES.get(key)
+    if types is None:
+        found = dict(cur.execute("""SELECT attname, format_type(atttypid, NULL) FROM pg_attribute
+                                    WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped""",
+                                 (table,)).fetchall())
+        types = _COLUMN_TYPES[key] = [found[c] for c in columns]
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(types)
         for row in rows:
             copy.write_row(row)
