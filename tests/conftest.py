@@ -62,15 +62,20 @@ def template_db(pg_admin_url) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def db_url(pg_admin_url, template_db) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
+def fresh_database(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A copy of the migrated template for one test, dropped afterwards (a fixture's body)."""
     name = f"iotjx_t_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield _with_db(pg_admin_url, name)
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_admin_url, template_db) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    yield from fresh_database(pg_admin_url, template_db)
 
 
 class BrokerHandle:

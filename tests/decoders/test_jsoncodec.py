@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.decoders.golden import plain
 from decoders import DecodeError, decode, decode_batch, encode
 from decoders.jsoncodec import parse_time
 
 CASES = Path(__file__).parent / "cases" / "json"
-
-
-def plain(value):
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 @pytest.mark.parametrize("meta_path", sorted(CASES.glob("*.json")), ids=lambda p: p.stem)

@@ -5,37 +5,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import cbor2
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.decoders.golden import CASES, load_cases, plain
 from decoders import DecodeError, decode, decode_batch, encode
-
-CASES = Path(__file__).parent / "cases"
-
-
-def load_cases(codec: str):
-    for meta_path in sorted((CASES / codec).glob("*.json")):
-        stem = meta_path.with_suffix("")
-        hex_path = stem.with_suffix(".hex")
-        payload = (bytes.fromhex(hex_path.read_text().strip()) if hex_path.exists()
-                   else stem.with_suffix(".txt").read_bytes())
-        yield pytest.param(payload, json.loads(meta_path.read_text(encoding="utf-8")), id=stem.name)
-
-
-def plain(value):
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
-
 
 @pytest.mark.parametrize("codec", ["senml-json", "senml-cbor"])
 def test_golden(codec):
