@@ -222,16 +222,10 @@ class Pipeline:
 
     def _direct(self, seq: int, batch: list[Uplink]) -> None:
         done: set[int] = set()
-        healthy = self.last_error is None
-        try:
-            self._store(batch, done)
-            self._db_ok()
-            return
-        except psycopg.OperationalError as exc:
-            self._db_failed(exc, len(batch))
-        rest = [u for u in batch if id(u) not in done]
-        if healthy:
-            # One immediate retry: a connection the server closed while idle reconnects fine.
+        rest = batch
+        # One immediate retry when the database was healthy: a connection the server closed while
+        # idle reconnects fine.
+        for _ in range(2 if self.last_error is None else 1):
             try:
                 self._store(rest, done)
                 self._db_ok()
