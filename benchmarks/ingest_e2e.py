@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -84,14 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, help="run the 1-process gateway under py-spy; raw profiles here")
     p.add_argument("--pg-admin-url", default=os.environ.get("IOTJX_BENCH_PG_URL",
                                                             "postgresql://postgres@127.0.0.1:5432/test"))
-    p.add_argument("--keep-db", action="store_true")
+    p.add_argument("--keep-db", action="store_true", help="keep the database and the work directory (logs)")
     p.add_argument("--json", type=Path, help="write every figure here")
     a = p.parse_args(argv)
     q = a.quick
     a.repeats = a.repeats or (2 if q else 3)
-    a.messages = a.messages or (50_000 if q else 300_000)
+    a.messages = a.messages or (50_000 if q else 200_000)
     a.naive_messages = a.naive_messages or (2_000 if q else 10_000)
-    a.coap_requests = a.coap_requests or (5_000 if q else 30_000)
+    a.coap_requests = a.coap_requests or (5_000 if q else 20_000)
     a.memory_s = a.memory_s or (20.0 if q else 60.0)
     a.registry_touched = a.registry_touched or (100_000 if q else 300_000)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
             bench.listener.close()
         db.close()
         broker.stop()
+        if not args.keep_db:
+            shutil.rmtree(wd, ignore_errors=True)        # broker persistence, publish times, gateway logs
     return 0
 
 
