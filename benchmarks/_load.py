@@ -295,8 +295,9 @@ def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, exp
 
 # --------------------------------------------------------------------------- the naive pipeline
 
-NAIVE_INSERT = """INSERT INTO naive_water_readings (time, device_id, transport, meter_address, meter_type, flow_m3,
-    settlement_flow_m3, meter_time, status, valve, battery_low) VALUES (%s, %s, 'mqtt', %s, %s, %s, %s, %s, %s, %s, %s)"""
+NAIVE_INSERT = """INSERT INTO naive_water_readings (time, device_id, transport, meter_address, meter_type,
+    flow_m3, settlement_flow_m3, meter_time, status, valve, battery_low)
+    VALUES (%s, %s, 'mqtt', %s, %s, %s, %s, %s, %s, %s, %s)"""
 
 
 def naive_pipeline(host: str, port: int, topic_filter: str, client_id: str, db_url: str, settings: dict,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from _frames import MODEL, RoundMaker, addresses, check_round, model_settings, templates
+from _frames import MODEL, RoundMaker, check_round, model_settings, templates
 from _load import PublishJob, bare_subscriber, naive_pipeline, publish_worker
 from _observe import BenchDatabase, CommitListener, GatewayGroup, Sampler
 

@@ -191,7 +191,8 @@ class Report:
         return out
 
     def cpu_table(self) -> list[str]:
-        out = ["", "CPU (cores busy, median over repeats; machine = every process on it; others' = machine minus ours):"]
+        out = ["", "CPU (cores busy, median over repeats; machine = every process on it; "
+                   "others' = machine minus ours):"]
         for key, label in LABELS.items():
             rows = [r[key] for r in self.runs if key in r and "cores" in r[key]]
             if not rows:
@@ -303,7 +304,8 @@ def print_summary(report: Report, args) -> None:
         pace = report.once["latency"]
         lat_rows.append((f"paced at {pace['offered']:,.0f}/s", pace["latency"]))
     if lat_rows:
-        lines += ["", "latency (ms)                       publish→commit p50/p95/p99   publish→gateway   gateway→commit"]
+        lines += ["", "latency (ms)                       publish→commit p50/p95/p99   publish→gateway   "
+                      "gateway→commit"]
         for name, lat in lat_rows:
             if "publish_to_commit_ms" in lat:
                 lines.append(f"  {name:32s} " + "   ".join("/".join(f"{v:.0f}" for v in lat[k]) for k in (
@@ -320,8 +322,8 @@ def print_summary(report: Report, args) -> None:
         if "memory_long" in mem:
             long_ = mem["memory_long"]["hwm_mb"]
             verdict = "PASS" if long_ <= 1.2 * short else "FAIL"
-            lines.append(f"  {mem['memory_long']['duration_s']:.0f}-second run: {long_:.0f} MiB = {long_ / short:.2f} × the short run "
-                         f"(target ≤ 1.20): {verdict}")
+            lines.append(f"  {mem['memory_long']['duration_s']:.0f}-second run: {long_:.0f} MiB = "
+                         f"{long_ / short:.2f} × the short run (target ≤ 1.20): {verdict}")
         else:
             lines.append("  10-minute run: not run (--long)")
     if "outage" in mem:
