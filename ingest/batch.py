@@ -66,7 +66,7 @@ class BatchBuilder:
                 codec, settings = device.inner_codec or "", device.inner_settings
             if "service_data" in u.meta:
                 codec, settings = FIELDS, device.codec_settings
-            key = (codec, device.family, _settings_key(settings))
+            key = (codec, device.family, device.model)      # a model fixes its codec settings
             groups[key].append(u)
             settings_of[key] = settings
         for key, uplinks in groups.items():
@@ -165,10 +165,6 @@ def _add_radio(ws: WriteSet, u: Uplink) -> None:
         row = radio_row(u, u.meta.get("envelope", "payload"), radio)
         if row is not None:
             ws.add_rows(RADIO.table, RADIO.all_columns, [row])
-
-
-def _settings_key(settings: dict[str, Any]) -> str:
-    return repr(sorted(settings.items())) if settings else ""
 
 
 def _detail(codec: str, payload: bytes, settings: dict[str, Any]) -> str:
