@@ -55,6 +55,7 @@ class Gateway:
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._status_conn: psycopg.Connection | None = None     # one connection for every beat
         self.started_at = datetime.now(UTC)
 
     def start(self) -> None:
@@ -89,6 +90,8 @@ class Gateway:
         if self._heartbeat is not None:
             self._heartbeat.join(5)
         self._write_status()
+        if self._status_conn is not None:
+            self._status_conn.close()
         self.writer.close()
         self.registry.close()
 
@@ -120,18 +123,22 @@ class Gateway:
     def _write_status(self) -> None:
         s = self.status()
         try:
-            with connect(self.settings.database_url, autocommit=True, application_name="iotjx-heartbeat") as conn:
-                conn.execute("""
-                    INSERT INTO gateway_status (gateway_id, started_at, updated_at, broker_connected, queue_depth, counters)
-                    VALUES (%s, %s, now(), %s, %s, %s)
-                    ON CONFLICT (gateway_id) DO UPDATE SET started_at = excluded.started_at,
-                        updated_at = now(), broker_connected = excluded.broker_connected,
-                        queue_depth = excluded.queue_depth, counters = excluded.counters""",
-                    (self.settings.mqtt_client_id, self.started_at, s["broker_connected"], s["queue_depth"],
-                     json.dumps({**s["counters"], "last_error": s["last_error"], "spool": s["spool"],
-                                 "metrics": s["metrics"]})))
+            if self._status_conn is None or self._status_conn.closed:
+                self._status_conn = connect(self.settings.database_url, autocommit=True,
+                                            application_name="iotjx-heartbeat")
+            self._status_conn.execute("""
+                INSERT INTO gateway_status (gateway_id, started_at, updated_at, broker_connected, queue_depth, counters)
+                VALUES (%s, %s, now(), %s, %s, %s)
+                ON CONFLICT (gateway_id) DO UPDATE SET started_at = excluded.started_at,
+                    updated_at = now(), broker_connected = excluded.broker_connected,
+                    queue_depth = excluded.queue_depth, counters = excluded.counters""",
+                (self.settings.mqtt_client_id, self.started_at, s["broker_connected"], s["queue_depth"],
+                 json.dumps({**s["counters"], "last_error": s["last_error"], "spool": s["spool"],
+                             "metrics": s["metrics"]})))
         except psycopg.Error as exc:
             log.warning("heartbeat not written: %s", str(exc).splitlines()[0])
+            if self._status_conn is not None:
+                self._status_conn.close()       # reconnect on the next beat
 
 
 def _then_deliver(transport_ack, downlinks: DownlinkService, device_id: str, outcome: Outcome) -> None:
