@@ -82,6 +82,12 @@ def run_outage(bench: Bench, duration_s: float, rate: float, outage_s: float) ->
             "rss_end_of_outage_mb": result["rss_end_of_outage_mb"], **rss_profile(result)}
 
 
+def _registry_cache_max() -> int | None:
+    """The gateway's bound on cached devices (IOTJX_REGISTRY_CACHE_MAX), when it has one."""
+    from iotjx.settings import Settings
+    return Settings().model_dump().get("registry_cache_max")
+
+
 def run_registry(bench: Bench, registry_size: int, touched: int) -> dict:
     """Register devices by COPY up to `registry_size`, then one uplink from each of `touched` of them."""
     extra = [f"86{k:013d}" for k in range(registry_size - len(bench.device_ids))]
@@ -92,5 +98,5 @@ def run_registry(bench: Bench, registry_size: int, touched: int) -> dict:
     ids = (extra + bench.device_ids)[:touched]
     result = run_gateway(bench, rounds=1, device_ids=ids, keep_times=False, keep_series=True)
     return {"registry": bench.db.scalar("SELECT count(*) FROM devices"), "register_copy_s": copy_s,
-            "touched": len(ids), "rate": result["rate"], "rows": result["rows"], **rss_profile(result),
+            "touched": len(ids), "registry_cache_max": _registry_cache_max(), "rate": result["rate"], "rows": result["rows"], **rss_profile(result),
             "cores": result["cores"]}

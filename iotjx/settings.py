@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
     batch_age_ms: int = Field(200, ge=1, description="A batch is written when its oldest uplink is this old")
     queue_max: int = Field(50_000, ge=1, description="Uplinks held in memory; a full queue stops reading from the transport")
+    registry_cache_max: int = Field(
+        200_000, ge=1, description="Devices the gateway keeps cached (least recently seen leave first; ~350 bytes each)")
     spool_dir: Path | None = Field(
         None, description="The gateway's durable spool for when the database is away or slow; unset: `{data_dir}/spool/{mqtt_client_id}`")
     spool_max_bytes: int = Field(
@@ -58,6 +60,9 @@ class Settings(BaseSettings):
         True, description="Refuse (4.01) uplinks from registered devices that have no CoAP token set")
     coap_quarantine_unknown: bool = Field(
         True, description="Keep uplinks from unregistered device ids as `unknown_device` rejects (answer 4.04)")
+    coap_empty_ack_delay_s: float = Field(
+        1.5, gt=0, lt=2.0, description="How long a CON's ACK waits to carry the answer (commit) before an empty ACK "
+                                       "and a separate response; below the devices' ACK_TIMEOUT (2 s)")
     # Carrier-platform HTTP push (ingest/http.py)
     http_push_enabled: bool = Field(False, description="Serve `POST /push/ctwing` and `/push/onenet` in the gateway")
     http_push_bind: str = Field("0.0.0.0:8081", description="Listen address of the carrier push endpoint")
