@@ -104,6 +104,7 @@ def _run_client(job: CoapJob, ready, go) -> dict:
     codes: Counter[str] = Counter()
     latencies: list[float] = []
     retransmits = 0
+    separate = 0                     # empty ACKs: answers that did not ride on the ACK
     next_work = 0
     token_no = 0
     done = 0
@@ -153,6 +154,7 @@ def _run_client(job: CoapJob, ready, go) -> dict:
                 if mtype == ACK and mid == ep.mid:
                     if code == 0:
                         ep.acked = True                                      # answer follows separately
+                        separate += 1
                     else:
                         finish(ep, code)
                 elif mtype in (CON, NON) and code != 0 and token == ep.token:
@@ -176,7 +178,8 @@ def _run_client(job: CoapJob, ready, go) -> dict:
     t_last = time.time()
     for ep in endpoints:
         ep.sock.close()
-    return {"requests": len(work), "codes": dict(codes), "retransmits": retransmits, "t_first": t_first,
+    return {"requests": len(work), "codes": dict(codes), "retransmits": retransmits, "separate": separate,
+            "t_first": t_first,
             "t_last": t_last, "latency": np.array(latencies)}
 
 
@@ -307,6 +310,7 @@ def run_coap(bench, requests: int, clients: int, endpoints: int, target: str, rc
         codes.update(o["codes"])
     lat = np.concatenate([o["latency"] for o in outs])
     return {"requests": n, "stored": stored, "codes": dict(codes), "retransmits": sum(o["retransmits"] for o in outs),
+            "separate": sum(o["separate"] for o in outs),
             "rate": _rate(codes.get("2.04", 0), min(o["t_first"] for o in outs), max(o["t_last"] for o in outs)),
             "latency_ms": (np.percentile(lat, [50, 95, 99]) * 1000).tolist() if len(lat) else [],
             **_usage_dict(wall, usage, machine)}

@@ -8,9 +8,12 @@ own thread and event loop).  Bytes + metadata → `Uplink` → pipeline; the ans
   or wrong token, 4.04 for another path and for an unregistered device (kept as `unknown_device`),
   4.13 (+ Size1) past `coap_max_payload`, also mid block-wise transfer, 4.15 for a content format
   other than 42/50/110/112, 5.00 when the database refused the rows, 5.03 (+ Max-Age) while shutting
-  down or when a token cannot be checked because the database is away and the device is not cached.
+  down, when a token cannot be checked because the database is away and the device is not cached,
+  or when `HANDOFF_MAX` accepted uplinks already wait for the pipeline (busy; nothing stored).
 
-Tokens are per device, stored as SHA-256(salt ‖ token) in device_credentials (migration 4)."""
+The 2.04 rides on the CON's ACK when the commit comes within `coap_empty_ack_delay_s`, otherwise it
+follows as a separate response.  Tokens are per device, stored as SHA-256(salt ‖ token) in
+device_credentials (migration 4)."""
 
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import aiocoap
 import psycopg
@@ -35,6 +39,8 @@ from aiocoap import error as coap_error
 from aiocoap import resource
 from aiocoap.blockwise import Block1Spool
 from aiocoap.numbers import codes
+from aiocoap.numbers.constants import TransportTuning
+from aiocoap.pipe import error_to_message, run_driving_pipe
 
 from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings, bind_address
@@ -48,6 +54,8 @@ CONTENT_FORMATS = {42: "application/octet-stream", 50: "application/json", 110: 
 # Linux's SO_RCVBUFFORCE (asm-generic/socket.h: 33); Python's socket module does not name it.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{16,128}$")    # URI-query safe without escaping
+HANDOFF_MAX = 4096     # uplinks accepted but not yet in the pipeline's queue; past it: 5.03 + Max-Age
+UNKNOWN = (False, None, None)
 
 
 # ----------------------------------------------------------------------------- credentials
@@ -75,7 +83,9 @@ def set_device_token(conn: psycopg.Connection, device_id: str, token: str | None
 
 class DeviceCredentials:
     """device id → (registered?, salt, hash), cached: known devices for `ttl_s` (a rotated token is
-    re-read after a mismatch), unknown ids for `unknown_ttl_s`."""
+    re-read after a mismatch), unknown ids for `unknown_ttl_s`.  Misses are read together: one query
+    at a time, for every id missed while the previous one ran (a burst of devices costs a few
+    queries, not one thread hand-off and one query each)."""
 
     MAX_ENTRIES = 200_000
 
@@ -86,47 +96,77 @@ class DeviceCredentials:
         self._lock = threading.Lock()
         self._ttl_s, self._unknown_ttl_s = ttl_s, unknown_ttl_s
         self._cache: dict[str, tuple[float, bool, bytes | None, bytes | None]] = {}
+        # Event-loop side of the batched lookups:
+        self._wanted: set[str] = set()                    # ids the next query reads
+        self._next_lookup: asyncio.Future | None = None   # resolved with (entries, error) by that query
+        self._looking_up = False
+        self.lookups = 0                                  # queries run (each for a set of ids)
 
     async def check(self, device_id: str, token: str | None, executor) -> str:
         """`ok`, `bad_token`, `no_token` (none set for the device) or `unknown_device`."""
-        entry = await self._entry(device_id, executor, fresh=False)
+        entry = self._cache.get(device_id)
+        if entry is None or time.monotonic() - entry[0] >= (self._ttl_s if entry[1] else self._unknown_ttl_s):
+            entry = await self._lookup(device_id, entry, executor)
         verdict = _verdict(entry, token)
         if verdict == "bad_token" and time.monotonic() - entry[0] > 2.0:
-            verdict = _verdict(await self._entry(device_id, executor, fresh=True), token)
+            verdict = _verdict(await self._lookup(device_id, entry, executor), token)
         return verdict
 
-    async def _entry(self, device_id: str, executor, fresh: bool):
-        entry = self._cache.get(device_id)
-        now = time.monotonic()
-        if not fresh and entry is not None and now - entry[0] < (self._ttl_s if entry[1] else self._unknown_ttl_s):
-            return entry
-        try:
-            known, salt, digest = await asyncio.get_running_loop().run_in_executor(executor, self._fetch, device_id)
-        except psycopg.Error as exc:
-            if entry is not None:          # the database is away: what we knew still holds
-                return entry
-            raise Unavailable("credentials cannot be checked now (database unreachable)") from exc
-        if len(self._cache) >= self.MAX_ENTRIES:      # bounded: random ids must not grow it forever
-            self._cache.clear()
-        entry = self._cache[device_id] = (time.monotonic(), known, salt, digest)
-        return entry
+    async def _lookup(self, device_id: str, cached, executor):
+        loop = asyncio.get_running_loop()
+        self._wanted.add(device_id)
+        if self._next_lookup is None:
+            self._next_lookup = loop.create_future()
+        waiter = self._next_lookup
+        if not self._looking_up:
+            self._looking_up = True
+            loop.create_task(self._look_up_wanted(executor))
+        entries, error = await asyncio.shield(waiter)    # shared: one cancelled request must not cancel it
+        if error is None:
+            return entries[device_id]
+        if cached is not None:          # the database is away: what we knew still holds
+            return cached
+        raise Unavailable("credentials cannot be checked now (database unreachable)") from error
 
-    def _fetch(self, device_id: str) -> tuple[bool, bytes | None, bytes | None]:
+    async def _look_up_wanted(self, executor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._wanted:
+                ids, self._wanted = self._wanted, set()
+                waiter, self._next_lookup = self._next_lookup, None
+                entries, error = {}, None
+                try:
+                    found = await loop.run_in_executor(executor, self._fetch, ids)
+                except Exception as exc:       # the waiters answer 5.03 or use what they knew
+                    error = exc
+                else:
+                    if len(self._cache) + len(ids) > self.MAX_ENTRIES:   # bounded: random ids must not grow it
+                        self._cache.clear()
+                    now = time.monotonic()
+                    for device_id in ids:
+                        entries[device_id] = self._cache[device_id] = (now, *found.get(device_id, UNKNOWN))
+                if not waiter.done():
+                    waiter.set_result((entries, error))
+        finally:
+            self._looking_up = False
+
+    def _fetch(self, device_ids: set[str]) -> dict[str, tuple[bool, bytes | None, bytes | None]]:
         with self._lock:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
                 self._conn.autocommit = True
             try:
-                row = self._conn.execute("""SELECT d.status, c.salt, c.token_hash FROM devices d
-                                            LEFT JOIN device_credentials c USING (device_id)
-                                            WHERE d.device_id = %s""", (device_id,)).fetchone()
+                rows = self._conn.execute("""SELECT d.device_id, d.status, c.salt, c.token_hash FROM devices d
+                                             LEFT JOIN device_credentials c USING (device_id)
+                                             WHERE d.device_id = ANY(%s)""", (list(device_ids),)).fetchall()
             except psycopg.OperationalError:
                 self._conn.close()
                 self._conn = None
                 raise
-        if row is None or row[0] == "retired":
-            return False, None, None
-        return True, (bytes(row[1]) if row[1] is not None else None), (bytes(row[2]) if row[2] is not None else None)
+            self.lookups += 1
+        return {device_id: (True, bytes(salt) if salt is not None else None,
+                            bytes(digest) if digest is not None else None)
+                for device_id, status, salt, digest in rows if status != "retired"}
 
     def close(self) -> None:
         with self._lock:
@@ -167,7 +207,10 @@ class Unavailable(coap_error.ConstructionRenderableError):
     """5.03 with Max-Age: the device should try again later (RFC 7252 §5.9.3.4)."""
 
     code = codes.SERVICE_UNAVAILABLE
-    retry_after_s = 30
+
+    def __init__(self, message: str, retry_after_s: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
     def to_message(self):
         message = super().to_message()
@@ -192,6 +235,43 @@ class BoundedBlock1Spool(Block1Spool):
         return super().feed_and_take(req)
 
 
+class ServerTuning(TransportTuning):
+    """RFC 7252's transport parameters, but with this server's EMPTY_ACK_DELAY: how long aiocoap
+    holds a confirmable request's ACK hoping to piggyback the answer on it."""
+
+    def __init__(self, empty_ack_delay_s: float) -> None:
+        if not 0 < empty_ack_delay_s < self.ACK_TIMEOUT:
+            raise ValueError(f"the empty-ACK delay must be above 0 and below ACK_TIMEOUT ({self.ACK_TIMEOUT} s), "
+                             f"or every device retransmits: {empty_ack_delay_s}")
+        self.EMPTY_ACK_DELAY = empty_ack_delay_s
+
+
+class ServerContext(aiocoap.Context):
+    """aiocoap's Context, except that a request's render task is not named ``"Rendering for %r" %
+    request``: that repr formats the peer address with two ipaddress parses, on every request
+    (~12 % of the CoAP thread under load, in a bare aiocoap server too)."""
+
+    def render_to_pipe(self, pipe) -> None:
+        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="iotjx-coap-request")
+
+
+def tune_incoming(message_manager, tuning: TransportTuning) -> None:
+    """Give every message `message_manager` receives `tuning`: aiocoap schedules a request's empty
+    ACK after *the request's* `transport_tuning.EMPTY_ACK_DELAY`, and a decoded message carries the
+    library default; this sets it per server instead of changing aiocoap's class constant."""
+    dispatch = message_manager.dispatch_message
+
+    def dispatch_tuned(message) -> None:
+        message.transport_tuning = tuning
+        dispatch(message)
+
+    message_manager.dispatch_message = dispatch_tuned
+
+
+async def _ready(response: aiocoap.Message) -> aiocoap.Message:
+    return response
+
+
 def _response(code, text: str = "", payload: bytes = b"") -> aiocoap.Message:
     # Diagnostic payloads (RFC 7252 §5.5.2) stay short: a sleeping device pays for every byte.
     return aiocoap.Message(code=code, payload=payload or text.encode()[:512])
@@ -210,6 +290,17 @@ class GatewayRoot(resource.Resource, resource.PathCapable):
         self._ingest = ingest
         self._block1 = BoundedBlock1Spool(ingest.settings.coap_max_payload, ingest.counters)
 
+    async def render_to_pipe(self, pipe) -> None:
+        request = pipe.request
+        if request.opt.block1 is not None or request.opt.block2 is not None:
+            return await super().render_to_pipe(pipe)      # aiocoap's Block1 assembly, Block2 cache
+        # A single-datagram request (nearly all): the same as aiocoap's path minus the block-wise
+        # bookkeeping, which a response that fits one datagram does not need.
+        response = await self.render(request)
+        if len(response.payload) > request.remote.maximum_payload_size:     # a large command: Block2
+            response = await self._block2.extract_or_insert(request, partial(_ready, response))
+        pipe.add_response(response, is_last=True)
+
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._ingest.handle(request)
 
@@ -222,14 +313,20 @@ class GatewayRoot(resource.Resource, resource.PathCapable):
 
 
 class CoapIngest:
-    """The CoAP server: `start` (returns once bound; `.port`), `stop` (waits for answers in flight)."""
+    """The CoAP server: `start` (returns once bound; `.port`), `stop` (waits for answers in flight).
+    With `ack_flush` given, a batch's answers cost one event-loop wake-up; without it each burst of
+    acks wakes the loop once."""
 
     def __init__(self, settings: Settings, submit: Callable[[Uplink], None],
-                 credentials: DeviceCredentials, downlinks: DownlinkService | None = None) -> None:
+                 credentials: DeviceCredentials, downlinks: DownlinkService | None = None, *,
+                 ack_flush: Callable[[Callable[[], None]], None] | None = None,
+                 handoff_max: int = HANDOFF_MAX) -> None:
+        """`ack_flush`, when given (`Pipeline.add_ack_flush`), registers `flush_acks`."""
         self.settings = settings
         self._submit = submit
         self._credentials = credentials
         self._downlinks = downlinks
+        self._tuning = ServerTuning(settings.coap_empty_ack_delay_s)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="iotjx-coap-db")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: aiocoap.Context | None = None
@@ -238,12 +335,27 @@ class CoapIngest:
         self._closing = False
         self._inflight = 0
         self._start_error: BaseException | None = None
+        # Uplinks go to `submit` from a thread of their own: `submit` blocks while the pipeline is
+        # full, and the event loop must keep answering (5.03 once `handoff_max` are waiting).
+        self._handoff_max = handoff_max
+        self._outbox: deque[Uplink | None] = deque()
+        self._outbox_ready = threading.Event()
+        self._submitter: threading.Thread | None = None
+        # Acks arrive in the writer thread; the loop resolves them in bulk (`_answer_acked`).
+        self._acks: list[tuple[asyncio.Future, Outcome]] = []
+        self._acks_lock = threading.Lock()
+        self._acks_wake_pending = False
+        self._ack_flush_wired = False
         self.port: int | None = None
         self.rcvbuf: int | None = None
         self.counters: Counter[str] = Counter()
+        if ack_flush is not None:
+            ack_flush(self.flush_acks)
 
     # --------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 10.0) -> None:
+        self._submitter = threading.Thread(target=self._hand_over, name="iotjx-coap-submit", daemon=True)
+        self._submitter.start()
         self._thread = threading.Thread(target=self._serve, name="iotjx-coap", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
@@ -261,6 +373,13 @@ class CoapIngest:
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._thread = None
+        if self._submitter is not None:
+            self._outbox.append(None)      # after what is queued: everything accepted reaches the pipeline
+            self._outbox_ready.set()
+            self._submitter.join(10)
+            if self._submitter.is_alive():
+                log.error("the pipeline did not take the last CoAP uplinks within 10 s (they were not answered)")
+            self._submitter = None
         self._executor.shutdown(wait=True)
         self._credentials.close()
 
@@ -286,7 +405,7 @@ class CoapIngest:
             loop.close()
 
     async def _open(self) -> None:
-        self._context = await aiocoap.Context.create_server_context(
+        self._context = await ServerContext.create_server_context(
             GatewayRoot(self), bind=bind_address(self.settings.coap_bind), transports=["udp6"])
         sock = self._context.request_interfaces[0].token_interface.message_interface.transport.get_extra_info("socket")
         # A burst of devices waking at once overflows the default ~200 kB buffer (CEILINGS.md); the
@@ -301,6 +420,11 @@ class CoapIngest:
             except PermissionError:
                 pass
         self.port = sock.getsockname()[1]
+        # The answer waits for the commit (≥ the batch age).  With aiocoap's EMPTY_ACK_DELAY of 0.1 s
+        # it would go as an empty ACK plus a separate confirmable response, tracked as an exchange
+        # (aiocoap 0.4 scans every exchange each time one ends) and ACKed back: a longer delay, still
+        # below the devices' ACK_TIMEOUT, lets most answers ride on the ACK.
+        tune_incoming(self._context.request_interfaces[0].token_interface, self._tuning)
         if self.rcvbuf < wanted:
             log.warning("CoAP receive buffer is %d bytes, not the %d asked: raise net.core.rmem_max",
                         self.rcvbuf, wanted)
@@ -347,10 +471,16 @@ class CoapIngest:
         loop = asyncio.get_running_loop()
         if query.get("ack") and verdict != "unknown_device" and self._downlinks is not None:
             await self._acknowledge(loop, device_id, query["ack"])
+        if len(self._outbox) >= self._handoff_max:        # the pipeline does not keep up, or is stopped
+            self.counters["busy"] += 1
+            return Unavailable("gateway busy, retry", retry_after_s=5).to_message()
         done: asyncio.Future[Outcome] = loop.create_future()
-        meta = {"peer": request.remote.hostinfo, "content_format": content_format}
-        self._submit(Uplink(device_id=device_id, payload=request.payload, transport="coap",
-                            received_at=time.time(), meta=meta, ack=_resolver(loop, done)))
+        self._outbox.append(Uplink(device_id=device_id, payload=request.payload, transport="coap",
+                                   received_at=time.time(), meta={"peer": _peer(request.remote),
+                                                                  "content_format": content_format},
+                                   ack=partial(self._ack, done)))
+        if not self._outbox_ready.is_set():
+            self._outbox_ready.set()
         outcome = await done
         self.counters[outcome.status] += 1
         if outcome.status == "rejected":
@@ -381,6 +511,51 @@ class CoapIngest:
             self.counters["bad_ack"] += 1
             log.warning("ack %s from %s not recorded: %s", values, device_id, str(exc).splitlines()[0])
 
+    # --------------------------------------------------------------- to and from the pipeline
+    def _hand_over(self) -> None:
+        """Thread: move accepted uplinks to the pipeline (`submit` may block; the loop must not)."""
+        while True:
+            self._outbox_ready.wait()
+            self._outbox_ready.clear()       # before draining: an append after the drain sets it again
+            while self._outbox:
+                uplink = self._outbox.popleft()
+                if uplink is None:
+                    return
+                self._submit(uplink)
+
+    def _ack(self, done: asyncio.Future, outcome: Outcome) -> None:
+        """The Uplink's ack, called in the writer thread after the commit: buffered for the loop."""
+        with self._acks_lock:
+            self._acks.append((done, outcome))
+            if self._acks_wake_pending or self._ack_flush_wired:
+                return
+            self._acks_wake_pending = True
+        self._wake_for_acks()
+
+    def flush_acks(self) -> None:
+        """Answer every uplink acked since the last call, with one event-loop wake-up (the pipeline
+        calls this after each batch's acks: `pipeline.add_ack_flush(coap.flush_acks)`)."""
+        self._ack_flush_wired = True
+        with self._acks_lock:
+            if not self._acks or self._acks_wake_pending:
+                return
+            self._acks_wake_pending = True
+        self._wake_for_acks()
+
+    def _wake_for_acks(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._answer_acked)
+        except RuntimeError:      # the server closed meanwhile: the device retransmits, dedup answers
+            pass
+
+    def _answer_acked(self) -> None:
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+            self._acks_wake_pending = False
+        for done, outcome in acks:
+            if not done.done():
+                done.set_result(outcome)
+
     def _refuse(self, counter: str, code, text: str) -> aiocoap.Message:
         self.counters[counter] += 1
         return _response(code, text)
@@ -394,16 +569,10 @@ def _query(options) -> dict[str, list[str]]:
     return out
 
 
-def _resolver(loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> Callable[[Outcome], None]:
-    """The Uplink's ack, called in the writer thread after the commit: resolves `done` in the loop."""
-    def ack(outcome: Outcome) -> None:
-        try:
-            loop.call_soon_threadsafe(_set, done, outcome)
-        except RuntimeError:      # the server closed meanwhile: the device retransmits, dedup answers
-            pass
-    return ack
-
-
-def _set(done: asyncio.Future, outcome: Outcome) -> None:
-    if not done.done():
-        done.set_result(outcome)
+def _peer(remote) -> str:
+    """`host:port` of a UDP peer, an IPv4-mapped address as IPv4 (as aiocoap's `hostinfo`, without
+    its ipaddress parsing on every request)."""
+    host, port = remote.sockaddr[0], remote.sockaddr[1]
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{port}"
+    return f"[{host}]:{port}"
