@@ -34,7 +34,8 @@ class Gateway:
             raise ValueError("the gateway needs IOTJX_DATABASE_URL")
         self.settings = settings
         url = settings.database_url
-        self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"))
+        self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"),
+                                       cache_max=settings.registry_cache_max)
         self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max,
@@ -42,12 +43,13 @@ class Gateway:
                                  spool=Spool(settings.spool_dir or settings.data_dir / "spool" / settings.mqtt_client_id,
                                              max_bytes=settings.spool_max_bytes))
         self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
-        self.mqtt = MqttIngest(settings, self._submit_mqtt)
+        self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush)
         self.coap = None
         if settings.coap_enabled:
             from .coap import CoapIngest, DeviceCredentials
             credentials = DeviceCredentials(lambda: connect(url, application_name="iotjx-coap"))
-            self.coap = CoapIngest(settings, self.pipeline.submit, credentials, self.downlinks)
+            self.coap = CoapIngest(settings, self.pipeline.submit, credentials, self.downlinks,
+                                   ack_flush=self.pipeline.add_ack_flush)
         self.http = None
         if settings.http_push_enabled:
             from .http import HttpPushIngest

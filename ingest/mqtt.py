@@ -30,7 +30,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -48,7 +50,7 @@ KEEPALIVE_S = 30
 def make_client(settings: Settings, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
     """The one place that turns settings into a paho client (not yet connected)."""
     v5 = settings.mqtt_protocol == "5"
-    client = mqtt.Client(
+    client = FastClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -60,6 +62,71 @@ def make_client(settings: Settings, client_id: str, *, manual_ack: bool = False)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(1000)
     return client
+
+
+class FastClient(mqtt.Client):
+    """paho's client, reading its socket through a buffer.
+
+    Stock paho reads a packet with three `recv` calls (command byte, length, body) and one `select`
+    per packet: at QoS 1 rates that is most of its network thread.  Here one `recv` takes up to
+    64 KiB, the packets in it are handled in one pass, and `pending()` tells paho's loop not to wait
+    in `select` while buffered bytes remain (the hook paho has for TLS sockets).  Uses two
+    protected members of paho 2.x (`_create_socket`, `_packet_read`); without them it is stock paho."""
+
+    def _create_socket(self):  # noqa: ANN202 - paho's own signature
+        return _BufferedSocket(super()._create_socket())
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        sock = self._sock
+        # Handle what the last recv brought in, without a select per packet (bounded, so writes —
+        # our PUBACKs — and keep-alive get their turn).
+        for _ in range(_READ_BURST):
+            if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or self._sock is not sock \
+                    or not sock.buffered:
+                break
+            rc = self._packet_read()
+            if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+        return rc
+
+
+_READ_BURST = 256
+_RECV_BYTES = 65536
+
+
+class _BufferedSocket:
+    """A socket whose `recv` is served from one larger read; everything else is the socket's."""
+
+    __slots__ = ("_sock", "_buf", "_pos")
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data = self._sock.recv(max(bufsize, _RECV_BYTES))   # BlockingIOError / b"" (EOF) as the socket's
+            if len(data) <= bufsize:
+                return data
+            self._buf, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._buf))
+        return self._buf[start:self._pos]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return self.buffered + inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
 
 
 def connect_properties(settings: Settings, receive_maximum: int = RECEIVE_MAXIMUM) -> Properties | None:
@@ -74,7 +141,10 @@ def connect_properties(settings: Settings, receive_maximum: int = RECEIVE_MAXIMU
 class MqttIngest:
     """Subscribes to the uplink topic with a persistent session and feeds the pipeline."""
 
-    def __init__(self, settings: Settings, submit: Callable[[Uplink], None]) -> None:
+    def __init__(self, settings: Settings, submit: Callable[[Uplink], None], *,
+                 ack_flush: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """`ack_flush`, when given (`Pipeline.add_ack_flush`), registers `flush_acks` to run after each
+        batch's acks: PUBACKs are then buffered and written together, once per batch."""
         self._settings = settings
         self._submit = submit
         self._prefix = f"{settings.mqtt_topic_prefix}/up/"
@@ -87,6 +157,10 @@ class MqttIngest:
         self._paused = False
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
         self._ack_lock = threading.Lock()
+        self._batched = ack_flush is not None
+        self._acks: list[tuple[int, int]] = []      # (mid, generation) waiting for flush_acks
+        if ack_flush is not None:
+            ack_flush(self.flush_acks)
         self._subscribe_mid: int | None = None
         self.connected = threading.Event()         # connected *and* subscribed: uplinks can flow
         self._disconnected = threading.Event()
@@ -179,10 +253,34 @@ class MqttIngest:
     def _puback(self, mid: int, generation: int) -> None:
         # Rejected uplinks are committed too (rejects table): every outcome is acknowledged.
         with self._ack_lock:
+            if self._batched:
+                self._acks.append((mid, generation))
+                return
             if generation != self._generation:
                 self.counters["stale_acks"] += 1      # the broker resends it on the new connection
                 return
             self._client.ack(mid, 1)
+
+    def flush_acks(self) -> None:
+        """Send the buffered PUBACKs of the current connection as one write (4 bytes each, the same
+        packets `client.ack` would queue one by one); acks of an ended connection are dropped."""
+        with self._ack_lock:
+            acks, self._acks = self._acks, []
+            if not acks:
+                return
+            mids = [mid for mid, generation in acks if generation == self._generation]
+            self.counters["stale_acks"] += len(acks) - len(mids)
+            if not mids:
+                return
+            queue_packet = getattr(self._client, "_packet_queue", None)
+            if queue_packet is None:            # not paho 2.x: one ack at a time
+                for mid in mids:
+                    self._client.ack(mid, 1)
+                return
+            # PUBACK: fixed header 0x40, remaining length 2, packet id (MQTT 3.1.1 §3.4; in MQTT 5,
+            # §3.4.2.1, a PUBACK of reason Success without properties is the same 4 bytes).
+            packets = (np.asarray(mids, dtype=np.uint32) | np.uint32(0x40020000)).astype(">u4").tobytes()
+            queue_packet(PUBACK, packets, 0, 0)
 
 
 class _PubAck:

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -34,6 +33,7 @@ from iotjx.model import Uplink
 from .metrics import UNKNOWN_CODEC, IngestMetrics
 from .registry import DeviceRegistry
 from .spool import Spool, SpoolFull
+from .uplink_queue import UplinkQueue
 from .batch import BatchBuilder
 from .writer import SPOOLED, WriteSet, Writer
 
@@ -59,7 +59,7 @@ class Pipeline:
         self._retry_max_s = retry_max_s
         self._slow_batch_s = slow_batch_s
         self._spool = spool
-        self._queue: queue.Queue[Uplink | None] = queue.Queue(maxsize=queue_max)
+        self._queue: UplinkQueue[Uplink] = UplinkQueue(queue_max)
         self._intake: threading.Thread | None = None
         self._db: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -77,6 +77,7 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self.last_error: str | None = None
         self.batches = 0
+        self._ack_flushes: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ transport side
     def submit(self, uplink: Uplink) -> None:
@@ -84,6 +85,19 @@ class Pipeline:
         it is committed (stored / duplicate / rejected) or fsync'd in the spool (spooled)."""
         self._queue.put(uplink)
         self.counters[f"received.{uplink.transport}"] += 1
+
+    def add_ack_flush(self, flush: Callable[[], None]) -> None:
+        """Call `flush` after each group of acks (a committed batch, a spooled batch), in the thread
+        that acked: a transport may then buffer its acks and send them at once (one PUBACK write, one
+        event-loop wake-up per batch instead of one per uplink)."""
+        self._ack_flushes.append(flush)
+
+    def _flush_acks(self) -> None:
+        for flush in self._ack_flushes:
+            try:
+                flush()
+            except Exception:  # a transport that cannot ack must not stop the writer
+                log.exception("flushing acks failed")
 
     @property
     def queue_depth(self) -> int:
@@ -123,10 +137,7 @@ class Pipeline:
         if self._intake is None:
             return
         self._stopping.set()
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            log.error("the queue stays full: the writer is stuck (database away and no room to spool)")
+        self._queue.close()
         deadline = time.monotonic() + timeout
         for thread in (self._intake, self._db):
             thread.join(max(0.1, deadline - time.monotonic()))
@@ -155,26 +166,7 @@ class Pipeline:
             self._cond.notify_all()
 
     def _collect(self) -> tuple[list[Uplink], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self._batch_age_s
-        while len(batch) < self._batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+        return self._queue.take(self._batch_size, self._batch_age_s)
 
     def _dispatch(self, seq: int, batch: list[Uplink]) -> None:
         """Hand the batch to the database thread, or spool it; waits (backpressure) when neither can."""
@@ -333,6 +325,7 @@ class Pipeline:
                 u.ack(SPOOLED)
             except Exception:  # a transport that cannot ack must not stop the writer
                 log.exception("ack failed for a spooled uplink from %s", u.device_id)
+        self._flush_acks()
 
     def _db_failed(self, exc: Exception, n: int) -> None:
         error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -382,16 +375,17 @@ class Pipeline:
         with self._writer.transaction() as tx:
             fresh = batch
             ws = WriteSet()
+            devices = self._builder.devices(batch)
             if self._dedup_window_s > 0:
                 is_new = tx.claim([(u.device_id, dedup_key(u.payload)) for u in batch],
                                   [u.received_at for u in batch],
-                                  self._builder.dedup_windows(batch, self._dedup_window_s))
+                                  self._builder.dedup_windows(batch, self._dedup_window_s, devices))
                 fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
                 if len(fresh) < len(batch):
                     dups = [u for u, new in zip(batch, is_new, strict=True) if not new]
                     for u, codec in zip(dups, self._builder.codecs(dups), strict=True):
                         ws.add_duplicate(u, codec)
-            self._builder.build(fresh, ws)
+            self._builder.build(fresh, ws, devices)
             tx.write(ws)
         return ws
 
@@ -407,6 +401,7 @@ class Pipeline:
             outcomes[(outcome.status, u.transport, ws.codec(u) or UNKNOWN_CODEC)] += 1
             if outcome.status == "rejected":
                 reasons[outcome.reason or "unknown"] += 1
+        self._flush_acks()
         self.metrics.outcomes(outcomes, reasons)
         self.metrics.batch(seconds, len(batch))
         self.batches += 1

@@ -264,7 +264,7 @@ class InProcessGateway:
         self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"))
         self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
         self.pipeline = Pipeline(self.registry, self.writer, batch_age_s=0.1, spool=Spool(spool_dir))
-        self.mqtt = MqttIngest(settings, self.pipeline.submit)
+        self.mqtt = MqttIngest(settings, self.pipeline.submit, ack_flush=self.pipeline.add_ack_flush)
 
     def start(self) -> None:
         self.pipeline.start()
@@ -451,9 +451,29 @@ class Received:
         return out
 
 
-@pytest.mark.parametrize("protocol,group", [("3.1.1", None), ("3.1.1", "g311"), ("5", "g5")])
-def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protocol, group):
-    from ingest.mqtt import MqttIngest as Ingest
+class Acks:
+    """What the pipeline does with a transport's acks: per uplink, then (batched) one flush."""
+
+    def __init__(self, batched: bool) -> None:
+        self.flushes = []
+        self.batched = batched
+
+    def ingest(self, settings, received):
+        from ingest.mqtt import MqttIngest
+        return MqttIngest(settings, received, ack_flush=self.flushes.append if self.batched else None)
+
+    def ack(self, uplinks) -> None:
+        for u in uplinks:
+            u.ack(None)
+        for flush in self.flushes:
+            flush()
+
+
+@pytest.mark.parametrize("protocol,group,batched", [("3.1.1", None, True), ("3.1.1", "g311", False),
+                                                    ("5", "g5", True), ("5", None, False)])
+def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protocol, group, batched):
+    acks = Acks(batched)
+    Ingest = acks.ingest
 
     workdir = _broker_dir()
     own = MosquittoProcess(workdir).start()
@@ -481,8 +501,7 @@ def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protoc
         assert sorted(u.payload for u in again) == sorted([b"a%d" % i for i in range(100)] +
                                                           [b"b%d" % i for i in range(50)] +
                                                           [b"c%d" % i for i in range(50)])
-        for u in again:
-            u.ack(None)
+        acks.ack(again)
         time.sleep(0.5)
         second.stop()
         third = Ingest(settings, received)
@@ -497,10 +516,12 @@ def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protoc
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_acks_never_cross_connections():
+@pytest.mark.parametrize("batched", [False, True])
+def test_acks_never_cross_connections(batched):
     """Uplinks received on one connection and committed after a reconnect are not PUBACKed on the new
     connection (the broker may reuse their packet ids); the broker's resent copies are, instead."""
-    from ingest.mqtt import MqttIngest as Ingest
+    acks = Acks(batched)
+    Ingest = acks.ingest
 
     workdir = _broker_dir()
     own = MosquittoProcess(workdir).start()
@@ -520,11 +541,9 @@ def test_acks_never_cross_connections():
         own.stop()                                              # the connection ends with 100 unacknowledged
         own.start()
         assert _wait(lambda: len(received.uplinks) == 100, 30)  # paho reconnected; the broker resent them
-        for u in held:                                          # committed late: acks of the old connection
-            u.ack(None)
+        acks.ack(held)                                          # committed late: acks of the old connection
         assert ingest.counters["stale_acks"] == 100
-        for u in received.take():
-            u.ack(None)
+        acks.ack(received.take())
         time.sleep(0.5)
         ingest.stop()
         again = Ingest(settings, received)
@@ -538,9 +557,11 @@ def test_acks_never_cross_connections():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds():
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(batched):
     """How a gateway stops cleanly: pause, let the pipeline drain and acknowledge, then disconnect."""
-    from ingest.mqtt import MqttIngest as Ingest
+    acks = Acks(batched)
+    Ingest = acks.ingest
 
     workdir = _broker_dir()
     own = MosquittoProcess(workdir).start()
@@ -559,8 +580,7 @@ def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(
         for i in range(30):
             pub.publish(f"dev{i}", b"n%d" % i)                  # arrives while pausing: not taken
         assert pub.flush(10) and _wait(lambda: ingest.counters.get("left_for_redelivery") == 30, 10)
-        for u in received.take():                               # the drain: committed, acknowledged
-            u.ack(None)
+        acks.ack(received.take())                               # the drain: committed, acknowledged
         ingest.stop()
         assert ingest.counters["stale_acks"] == 0
         after = Ingest(settings, received)

@@ -1,0 +1,90 @@
+"""The pipeline's bounded queue, taken a batch at a time.
+
+`queue.Queue` costs a lock round and a condition notify per item on both sides; with paho's network
+thread putting and the writer taking 5,000 at a time, every contended lock also means waiting for
+the GIL (up to the 5 ms switch interval while the other thread computes).  Here a put is an append
+under an uncontended lock, a take is one slice of the list, and a thread is woken only when it has
+something to do: the taker when the first item arrives or a whole batch is there, a blocked putter
+when a take made room."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Closed(RuntimeError):
+    """Put into a queue that was closed."""
+
+
+class UplinkQueue(Generic[T]):
+    """A bounded FIFO: `put` blocks while it holds `maxsize` items; `take` returns up to `n` items at
+    once, by size or by age."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self._max = maxsize
+        self._items: list[T] = []
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)     # putters blocked on a full queue wait here
+        self._ready = threading.Event()                  # the taker's wake-up
+        self._want = 1                                   # how many items wake the taker
+        self._closed = False
+
+    def put(self, item: T, timeout: float | None = None) -> None:
+        """Append `item`; blocks while the queue is full (raises TimeoutError after `timeout` s)."""
+        with self._lock:
+            if self._closed:
+                raise Closed("the queue is closed")
+            if len(self._items) >= self._max:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while len(self._items) >= self._max:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError("the queue stayed full")
+                    self._room.wait(remaining)
+                    if self._closed:
+                        raise Closed("the queue is closed")
+            self._items.append(item)
+            wake = len(self._items) >= self._want
+        if wake and not self._ready.is_set():
+            self._ready.set()
+
+    def take(self, n: int, max_age_s: float) -> tuple[list[T], bool]:
+        """Up to `n` items, oldest first: waits for the first one, then until `n` are there or
+        `max_age_s` has passed.  The flag is True once the queue is closed and this take emptied it
+        (the taker is done)."""
+        while True:
+            with self._lock:
+                if self._items or self._closed:
+                    break
+                self._want = 1
+                self._ready.clear()
+            self._ready.wait()
+        deadline = time.monotonic() + max_age_s
+        while True:
+            with self._lock:
+                if len(self._items) >= n or self._closed or time.monotonic() >= deadline:
+                    batch = self._items[:n]
+                    del self._items[:n]
+                    if batch:
+                        self._room.notify_all()
+                    self._want = 1
+                    return batch, self._closed and not self._items
+                self._want = n
+                self._ready.clear()
+            self._ready.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        """No more puts; the taker gets what is left, then its done flag."""
+        with self._lock:
+            self._closed = True
+            self._room.notify_all()
+        self._ready.set()
+
+    def qsize(self) -> int:
+        return len(self._items)

@@ -1,0 +1,108 @@
+"""The pipeline's batch queue: FIFO across threads, bounded, taken by size or age, closed cleanly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ingest.uplink_queue import Closed, UplinkQueue
+
+
+def test_many_producers_one_taker_every_item_once_in_each_producers_order():
+    q: UplinkQueue[tuple[int, int]] = UplinkQueue(1000)
+    producers, per = 4, 20_000
+
+    def produce(p: int) -> None:
+        for i in range(per):
+            q.put((p, i))
+
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    for t in threads:
+        t.start()
+    got, sizes = [], []
+    while len(got) < producers * per:
+        batch, done = q.take(5000, 0.05)
+        assert not done
+        assert len(q._items) <= 1000
+        sizes.append(len(batch))
+        got.extend(batch)
+    for t in threads:
+        t.join()
+    assert len(got) == producers * per and len(set(got)) == producers * per
+    for p in range(producers):
+        assert [i for pp, i in got if pp == p] == list(range(per))     # each producer's order kept
+    assert max(sizes) <= 1000          # never more than the bound was held, so never more in a batch
+
+
+def test_put_blocks_while_full_and_resumes_when_a_take_makes_room():
+    q: UplinkQueue[int] = UplinkQueue(3)
+    for i in range(3):
+        q.put(i)
+    with pytest.raises(TimeoutError):
+        q.put(99, timeout=0.05)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (q.put(3), done.set()))
+    t.start()
+    assert not done.wait(0.1)                      # still blocked: the queue is full
+    assert q.take(2, 0.0) == ([0, 1], False)
+    assert done.wait(5)
+    t.join()
+    assert q.take(10, 0.0) == ([2, 3], False)
+
+
+def test_take_waits_for_the_first_item_then_for_the_rest_of_the_batch_until_its_age():
+    q: UplinkQueue[int] = UplinkQueue(100)
+    threading.Timer(0.1, q.put, args=(1,)).start()
+    threading.Timer(0.2, q.put, args=(2,)).start()
+    assert q.take(2, 30) == ([1, 2], False)        # waited for the first, then for the second
+    q.put(3)
+    assert q.take(50, 0.05) == ([3], False)        # the age ends a batch that is not full
+
+
+def test_a_full_batch_is_taken_without_waiting_for_the_age():
+    q: UplinkQueue[int] = UplinkQueue(100)
+    for i in range(10):
+        q.put(i)
+    batch, _ = q.take(10, 3600)                    # an hour's age: returns because 10 are there
+    assert batch == list(range(10))
+
+
+def test_close_hands_out_what_is_left_then_says_done_and_refuses_puts():
+    q: UplinkQueue[int] = UplinkQueue(100)
+    for i in range(7):
+        q.put(i)
+    q.close()
+    with pytest.raises(Closed):
+        q.put(8)
+    assert q.take(5, 10) == ([0, 1, 2, 3, 4], False)
+    assert q.take(5, 10) == ([5, 6], True)
+    assert q.take(5, 10) == ([], True)
+
+
+def test_close_wakes_a_waiting_taker_and_a_blocked_putter():
+    q: UplinkQueue[int] = UplinkQueue(1)
+    result = {}
+    taker = threading.Thread(target=lambda: result.setdefault("take", q.take(5, 10)))
+    taker.start()
+    time.sleep(0.05)
+    q.close()
+    taker.join(5)
+    assert result["take"] == ([], True)
+    q2: UplinkQueue[int] = UplinkQueue(1)
+    q2.put(0)
+    errors = []
+
+    def blocked() -> None:
+        try:
+            q2.put(1)
+        except Closed as exc:
+            errors.append(exc)
+
+    putter = threading.Thread(target=blocked)
+    putter.start()
+    time.sleep(0.05)
+    q2.close()
+    putter.join(5)
+    assert len(errors) == 1
