@@ -298,13 +298,12 @@ def run_pipeline_alone(bench: Bench, rounds: int) -> dict:
     from ingest.registry import DeviceRegistry
     from ingest.writer import Writer
 
-    prefix, base = bench.next_run()
+    _, base = bench.next_run()
     bench.db.reset()
     warm_up()
     maker = RoundMaker(bench.tmpl, base)
     now = time.time()
-    uplinks = [Uplink(device_id=d, payload=bytes(row), transport="mqtt", received_at=now,
-                      meta={"topic": f"{prefix}/up/{d}"})
+    uplinks = [Uplink(device_id=d, payload=bytes(row), transport="mqtt", received_at=now)   # as MqttIngest makes them
                for r in range(rounds) for d, row in zip(bench.device_ids, maker.frames(r))]
     url = bench.db.url
     registry = DeviceRegistry(lambda: connect(url, application_name="bench-registry"))

@@ -16,7 +16,7 @@ from decoders.carrier import is_radio_field, unwrap
 from iotjx.model import Device, Uplink
 
 from .registry import DeviceRegistry
-from .sinks import RADIO, WATER, radio_row, rows_for, water_fast_mask, water_rows_from_batch
+from .sinks import RADIO, WATER, radio_row, rows_for, water_columns, water_fast_mask
 from .writer import WriteSet
 
 ENVELOPES = ("ctwing", "onenet")
@@ -36,21 +36,34 @@ class BatchBuilder:
         devices = self._registry.lookup(u.device_id for u in batch if u.device_id)
         return [devices[u.device_id].codec if u.device_id in devices else u.meta.get("envelope") for u in batch]
 
-    def dedup_windows(self, batch: Sequence[Uplink], default_s: float) -> list[float]:
+    def devices(self, batch: Sequence[Uplink]) -> dict[str, Device]:
+        """The registered devices among the batch's senders (one registry lookup for the batch)."""
+        return self._registry.lookup(u.device_id for u in batch if u.device_id)
+
+    def dedup_windows(self, batch: Sequence[Uplink], default_s: float,
+                      devices: dict[str, Device] | None = None) -> list[float]:
         """Each uplink's dedup window: its device model's, else the gateway's default."""
-        devices = self._registry.lookup(u.device_id for u in batch if u.device_id)
+        devices = self.devices(batch) if devices is None else devices
         out = []
         for u in batch:
             device = devices.get(u.device_id)
             out.append(default_s if device is None or device.dedup_window_s is None else device.dedup_window_s)
         return out
 
-    def build(self, batch: Sequence[Uplink], ws: WriteSet | None = None) -> WriteSet:
-        """The rows a batch turns into; pure apart from the registry lookup."""
+    def build(self, batch: Sequence[Uplink], ws: WriteSet | None = None,
+              devices: dict[str, Device] | None = None) -> WriteSet:
+        """The rows a batch turns into; pure apart from the registry lookup (`devices`: what a lookup
+        for this batch already found)."""
         ws = ws if ws is not None else WriteSet()
-        batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
-        batch = [u for u in batch if u is not None]
-        devices = self._registry.lookup(u.device_id for u in batch)
+        if any(u.meta.get("envelope") for u in batch if u.meta):
+            batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
+            batch = [u for u in batch if u is not None]
+        if devices is None:
+            devices = self._registry.lookup(u.device_id for u in batch)
+        else:
+            missing = {u.device_id for u in batch} - devices.keys()
+            if missing:
+                devices = {**devices, **self._registry.lookup(missing)}
         groups: dict[tuple[str, str, str], list[Uplink]] = defaultdict(list)
         settings_of: dict[tuple[str, str, str], dict[str, Any]] = {}
         for u in batch:
@@ -140,10 +153,14 @@ class BatchBuilder:
             ws.add_reject(u, codec, result.reason(i) or "unknown", _detail(codec, u.payload, settings))
         fast = water_fast_mask(result) if codec == "cjt188" else np.zeros(len(uplinks), dtype=bool)
         if fast.any():
-            ws.add_rows(WATER.table, WATER.all_columns, water_rows_from_batch(result, uplinks, fast))
-            for i in np.flatnonzero(fast):
-                _add_radio(ws, uplinks[i])
-                ws.add_stored(uplinks[i], codec)
+            received_at = np.fromiter((u.received_at for u in uplinks), dtype=np.float64, count=len(uplinks))
+            ws.add_block(WATER.table, WATER.all_columns, water_columns(result, uplinks, fast, received_at),
+                         int(fast.sum()))
+            chosen = [uplinks[i] for i in np.flatnonzero(fast).tolist()]
+            for u in chosen:
+                if u.meta:
+                    _add_radio(ws, u)
+            ws.add_stored_block(chosen, received_at[fast], codec)
         for i in np.flatnonzero(ok & ~fast):
             self._store_record(ws, uplinks[i], codec, family, result.record(i))
 

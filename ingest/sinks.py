@@ -21,6 +21,8 @@ from decoders.cjt188 import MISSING_TIME, VALVE_STATES
 from decoders.cjt188_layout import WATER_CURRENT
 from iotjx.model import Uplink
 
+from .pgbinary import PG_EPOCH_S, Column
+
 COMMON = ("time", "device_id", "transport")
 
 
@@ -194,41 +196,30 @@ def water_fast_mask(batch: Batch) -> np.ndarray:
     return (batch.status == 0) & (batch.columns["layout"] == WATER_CURRENT)
 
 
-def water_rows_from_batch(batch: Batch, uplinks: Sequence[Uplink], ok: np.ndarray) -> list[tuple]:
-    """Water rows straight from the numba kernel's columns (no per-record dicts; columns converted
-    to Python values a column at a time)."""
+def water_columns(batch: Batch, uplinks: Sequence[Uplink], ok: np.ndarray,
+                  received_at: np.ndarray) -> list[Column]:
+    """`water_readings` columns (WATER.all_columns, in order) straight from the numba kernel's
+    arrays for the frames in `ok`: no per-record dicts, no per-row tuples (`ingest.pgbinary`)."""
     c = batch.columns
     idx = np.flatnonzero(ok)
-    if len(idx) == 0:
-        return []
-    missing_status = c["status_missing"][idx].tolist()
-    address = np.char.zfill(c["address"][idx].astype("U14"), 14).tolist()
-    meter_type = c["meter_type"][idx].tolist()
-    flow = _floats_or_none(c["flow_m3"][idx])
-    settlement = _floats_or_none(c["settlement_flow_m3"][idx])
-    meter_time = _times_or_none(c["meter_time"][idx])
-    status = c["status"][idx].tolist()
-    valve = [VALVE_STATES[v] for v in c["valve"][idx].tolist()]
-    battery = c["battery_low"][idx].tolist()
-    rows = []
-    for k, i in enumerate(idx.tolist()):
-        u = uplinks[i]
-        gone = missing_status[k]
-        rows.append((_utc(u.received_at), u.device_id, u.transport, address[k], meter_type[k], flow[k],
-                     settlement[k], meter_time[k], None if gone else status[k], None if gone else valve[k],
-                     None if gone else battery[k], None))
-    return rows
-
-
-def _floats_or_none(values: np.ndarray) -> list[float | None]:
-    out = values.tolist()
-    if np.isnan(values).any():
-        out = [None if v != v else v for v in out]
-    return out
-
-
-def _times_or_none(epoch_s: np.ndarray) -> list[datetime | None]:
-    """Aware UTC datetimes from epoch seconds; MISSING_TIME becomes None."""
-    valid = epoch_s != MISSING_TIME
-    naive = epoch_s.astype("datetime64[s]").astype(object)
-    return [v.replace(tzinfo=UTC) if ok else None for v, ok in zip(naive.tolist(), valid.tolist(), strict=True)]
+    gone = c["status_missing"][idx].astype(bool)             # FF..FF status bytes: status, valve, battery unknown
+    meter_time = c["meter_time"][idx].astype(np.int64)
+    no_time = meter_time == MISSING_TIME
+    valves = np.array(VALVE_STATES, dtype=object)[c["valve"][idx]]
+    valves[gone] = None
+    chosen = [uplinks[i] for i in idx.tolist()]
+    return [
+        Column("timestamp with time zone", received_at[idx]),
+        Column("text", [u.device_id for u in chosen]),
+        Column("text", [u.transport for u in chosen]),
+        Column("text", np.char.zfill(c["address"][idx].astype("U14"), 14).tolist()),
+        Column("smallint", c["meter_type"][idx]),
+        Column("double precision", c["flow_m3"][idx]),
+        Column("double precision", c["settlement_flow_m3"][idx]),
+        Column("timestamp with time zone", np.where(no_time, 0, meter_time - PG_EPOCH_S) * 1_000_000, no_time,
+               micros=True),
+        Column("integer", c["status"][idx], gone),
+        Column("text", valves.tolist()),
+        Column("boolean", c["battery_low"][idx], gone),
+        Column("jsonb", [None] * len(idx)),
+    ]

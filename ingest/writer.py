@@ -3,18 +3,22 @@ goes to the database with COPY, in one transaction (`Writer`, `Transaction`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
 from iotjx.db.migrations import ensure_partitions
 from iotjx.model import Outcome, Uplink
 
+from . import pgbinary
+from .pgbinary import Column
 from .sinks import RADIO
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ class WriteSet:
     """Everything one batch adds: readings per table, rejects, the raw log, and device liveness."""
 
     readings: dict[str, tuple[tuple[str, ...], list[tuple]]] = field(default_factory=dict)
+    blocks: list[tuple[str, tuple[str, ...], list[Column], int]] = field(default_factory=list)   # columnar rows
     rejects: list[tuple] = field(default_factory=list)
     raw: list[tuple] = field(default_factory=list)
     seen: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # device -> (first, last, count)
@@ -77,6 +82,32 @@ class WriteSet:
         self.add_raw(u, f"rejected:{reason}")
         self._set(u, Outcome("rejected", reason, detail), codec)
 
+    def add_block(self, table: str, columns: tuple[str, ...], values: list[Column], rows: int) -> None:
+        """Rows given as columns (`ingest.pgbinary`): COPYed without a Python tuple per row."""
+        if rows:
+            self.blocks.append((table, columns, values, rows))
+
+    def add_stored_block(self, uplinks: Sequence[Uplink], received_at: np.ndarray, codec: str) -> None:
+        """`add_stored` for many uplinks at once: their raw-log rows go as one block."""
+        n = len(uplinks)
+        if not n:
+            return
+        metas = [json.dumps(u.meta, default=str) if u.meta else None for u in uplinks]
+        self.add_block("raw_uplinks", RAW_COLUMNS, [
+            Column("timestamp with time zone", received_at), Column("text", [u.device_id for u in uplinks]),
+            Column("text", [u.transport for u in uplinks]), Column("bytea", [u.payload for u in uplinks]),
+            Column("jsonb", metas), Column("text", ["stored"] * n)], n)
+        first_day = datetime.fromtimestamp(float(received_at.min()), UTC).date()
+        last_day = datetime.fromtimestamp(float(received_at.max()), UTC).date()
+        self.days.update(first_day + timedelta(days=k) for k in range((last_day - first_day).days + 1))
+        self.stored += n
+        codecs, origin, seen = self.codecs, self.origin, self.seen
+        for u in uplinks:
+            codecs[origin.get(id(u), id(u))] = codec
+            t = u.received_at
+            hit = seen.get(u.device_id)
+            seen[u.device_id] = (t, t, 1) if hit is None else (min(hit[0], t), max(hit[1], t), hit[2] + 1)
+
     def add_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if rows:
             self.readings.setdefault(table, (columns, []))[1].extend(rows)
@@ -100,7 +131,7 @@ class WriteSet:
 _SEEN_UPSERT = """
     INSERT INTO device_state AS s (device_id, first_seen, last_seen, uplinks)
     SELECT device_id, to_timestamp(first_s), to_timestamp(last_s), n
-    FROM unnest(%s::text[], %s::float8[], %s::float8[], %s::int8[]) AS t(device_id, first_s, last_s, n)
+    FROM unnest(%b::text[], %b::float8[], %b::float8[], %b::int8[]) AS t(device_id, first_s, last_s, n)
     ON CONFLICT (device_id) DO UPDATE SET
         first_seen = least(s.first_seen, excluded.first_seen),
         last_seen = greatest(s.last_seen, excluded.last_seen),
@@ -118,7 +149,10 @@ class Writer:
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = self._connect()
+            conn = self._connect()
+            with conn.transaction():           # outside any batch: a rolled-back batch cannot undo it
+                conn.execute(_CLAIM_TABLE)
+            self._conn = conn
         return self._conn
 
     @contextmanager
@@ -151,6 +185,8 @@ class Writer:
             for table, (columns, rows) in ws.readings.items():
                 if rows:
                     _copy(cur, table, columns, rows)
+            for table, columns, values, rows in ws.blocks:
+                _copy_block(cur, table, columns, values, rows)
             if ws.rejects:
                 _copy(cur, "rejected_uplinks", REJECT_COLUMNS, ws.rejects)
             if ws.raw:
@@ -176,12 +212,21 @@ class Writer:
                 self._conn = None
 
 
+# The batch's keys go in by binary COPY (no per-key parameter dumping), then one statement claims
+# them and returns only the positions that were *not* new — usually none.
+_CLAIM_TABLE = """
+    CREATE TEMP TABLE IF NOT EXISTS iotjx_claim (i integer, device_id text, key bytea, received_at timestamptz,
+                                                 window_s double precision) ON COMMIT DELETE ROWS"""
 _CLAIM = """
-    INSERT INTO uplink_dedup AS d (device_id, key, received_at, window_s)
-    SELECT * FROM unnest(%b::text[], %b::bytea[], %b::timestamptz[], %b::float8[])
-    ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s
-        WHERE d.received_at < excluded.received_at - make_interval(secs => excluded.window_s)
-    RETURNING device_id, key"""
+    WITH claimed AS (
+        INSERT INTO uplink_dedup AS d (device_id, key, received_at, window_s)
+        SELECT device_id, key, received_at, window_s FROM iotjx_claim ORDER BY device_id, key
+        ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s
+            WHERE d.received_at < excluded.received_at - make_interval(secs => excluded.window_s)
+        RETURNING device_id, key)
+    SELECT c.i FROM iotjx_claim c
+    WHERE NOT EXISTS (SELECT FROM claimed x WHERE x.device_id = c.device_id AND x.key = c.key)"""
+CLAIM_COLUMNS = ("i", "device_id", "key", "received_at", "window_s")
 
 
 class Transaction:
@@ -195,20 +240,27 @@ class Transaction:
               window_s: float | Sequence[float]) -> list[bool]:
         """For each (device, key): True when no uplink with that key was stored within its window
         (one window for all, or one per key; 0 = never a duplicate).  Atomic across gateways: a
-        concurrent claim of the same key waits for this transaction."""
+        concurrent claim of the same key waits for this transaction; keys are inserted in one order
+        (device, key) by every gateway, so two claims cannot deadlock."""
         windows = [float(window_s)] * len(keys) if isinstance(window_s, (int, float)) else list(window_s)
         first: dict[tuple[str, bytes], int] = {}
         for i, k in enumerate(keys):
             if windows[i] > 0:
                 first.setdefault(k, i)
-        unique = sorted(first)        # one lock order for every gateway: no deadlock between replicas
-        if not unique:
+        if not first:
             return [True] * len(keys)        # every window is 0: nothing can be a duplicate
-        new = set(self._conn.execute(_CLAIM, (
-            [k[0] for k in unique], [k[1] for k in unique],
-            [datetime.fromtimestamp(received_at[first[k]], UTC) for k in unique],
-            [windows[first[k]] for k in unique])).fetchall())
-        return [windows[i] <= 0 or (first[k] == i and (k[0], k[1]) in new) for i, k in enumerate(keys)]
+        at = list(first.values())
+        n = len(at)
+        with self._conn.cursor() as cur:
+            with cur.copy(f"COPY iotjx_claim ({', '.join(CLAIM_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(pgbinary.encode([
+                    Column("integer", np.asarray(at, dtype=np.int64)),
+                    Column("text", [k[0] for k in first]),
+                    Column("bytea", [k[1] for k in first]),
+                    Column("timestamp with time zone", np.asarray([received_at[i] for i in at], dtype=np.float64)),
+                    Column("double precision", np.asarray([windows[i] for i in at], dtype=np.float64))], n))
+            old = {i for (i,) in cur.execute(_CLAIM).fetchall()}
+        return [windows[i] <= 0 or (first[k] == i and i not in old) for i, k in enumerate(keys)]
 
     def write(self, ws: WriteSet) -> None:
         self._writer._write_in(self._conn, ws)
@@ -217,8 +269,8 @@ class Transaction:
 _COLUMN_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
 
-def _copy(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
-    """COPY in binary: psycopg's C dumpers write each value without text escaping."""
+def _column_types(cur: psycopg.Cursor, table: str, columns: Sequence[str]) -> list[str]:
+    """The columns' types as the database has them (`format_type`), looked up once per process."""
     key = (table, tuple(columns))
     types = _COLUMN_TYPES.get(key)
     if types is None:
@@ -226,7 +278,24 @@ def _copy(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[tu
                                     WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped""",
                                  (table,)).fetchall())
         types = _COLUMN_TYPES[key] = [found[c] for c in columns]
+    return types
+
+
+def _copy(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
+    """COPY in binary: psycopg's C dumpers write each value without text escaping."""
+    types = _column_types(cur, table, columns)
     with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(types)
         for row in rows:
             copy.write_row(row)
+
+
+def _copy_block(cur: psycopg.Cursor, table: str, columns: Sequence[str], values: list[Column], rows: int) -> None:
+    """COPY a columnar block: the binary stream built by `ingest.pgbinary` in one write."""
+    types = _column_types(cur, table, columns)
+    wrong = [f"{c} is {t}, the block has {v.pgtype}" for c, t, v in zip(columns, types, values, strict=True)
+             if t != v.pgtype]
+    if wrong:       # the schema and the writer disagree: a migration the code does not know
+        raise TypeError(f"{table}: " + "; ".join(wrong))
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(pgbinary.encode(values, rows))
