@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -30,15 +31,20 @@ class BatchBuilder:
 
     def __init__(self, registry: DeviceRegistry) -> None:
         self._registry = registry
+        self._lock = threading.Lock()        # the registry serves one thread at a time
+
+    def _lookup(self, device_ids) -> dict[str, Device]:  # noqa: ANN001 - any iterable of ids
+        with self._lock:
+            return self._registry.lookup(device_ids)
 
     def codecs(self, batch: Sequence[Uplink]) -> list[str | None]:
         """The codec each uplink's device is registered with (for the duplicates' metrics label)."""
-        devices = self._registry.lookup(u.device_id for u in batch if u.device_id)
+        devices = self._lookup(u.device_id for u in batch if u.device_id)
         return [devices[u.device_id].codec if u.device_id in devices else u.meta.get("envelope") for u in batch]
 
     def devices(self, batch: Sequence[Uplink]) -> dict[str, Device]:
         """The registered devices among the batch's senders (one registry lookup for the batch)."""
-        return self._registry.lookup(u.device_id for u in batch if u.device_id)
+        return self._lookup(u.device_id for u in batch if u.device_id)
 
     def dedup_windows(self, batch: Sequence[Uplink], default_s: float,
                       devices: dict[str, Device] | None = None) -> list[float]:
@@ -59,11 +65,11 @@ class BatchBuilder:
             batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
             batch = [u for u in batch if u is not None]
         if devices is None:
-            devices = self._registry.lookup(u.device_id for u in batch)
+            devices = self._lookup(u.device_id for u in batch)
         else:
             missing = {u.device_id for u in batch} - devices.keys()
             if missing:
-                devices = {**devices, **self._registry.lookup(missing)}
+                devices = {**devices, **self._lookup(missing)}
         groups: dict[tuple[str, str, str], list[Uplink]] = defaultdict(list)
         settings_of: dict[tuple[str, str, str], dict[str, Any]] = {}
         for u in batch:

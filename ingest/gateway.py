@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from .writer import Writer
 
 log = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 class Gateway:
     """Owns the pipeline, the transports and the downlinks; `start`, then `stop` (drains, acks, closes)."""
@@ -37,11 +40,14 @@ class Gateway:
         self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"),
                                        cache_max=settings.registry_cache_max)
         self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
+        self.more_writers = [Writer(lambda k=k: connect(url, application_name=f"iotjx-writer{k}"))
+                             for k in range(1, settings.db_writers)]
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max,
                                  dedup_window_s=settings.dedup_window_s, slow_batch_s=settings.slow_batch_s,
                                  spool=Spool(settings.spool_dir or settings.data_dir / "spool" / settings.mqtt_client_id,
-                                             max_bytes=settings.spool_max_bytes))
+                                             max_bytes=settings.spool_max_bytes),
+                                 more_writers=self.more_writers)
         self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
         self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush)
         self.coap = None
@@ -67,6 +73,9 @@ class Gateway:
             warm_up = None
         if warm_up is not None:
             warm_up()      # numba kernels compiled (or loaded from cache) before the first batch
+        # paho's thread and the writer share the GIL; a thread back from the database waits for the
+        # other to yield, up to the switch interval (5 ms by default) each time.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.pipeline.start()
         self.downlinks.start()
         self.mqtt.start()
@@ -94,7 +103,8 @@ class Gateway:
         self._write_status()
         if self._status_conn is not None:
             self._status_conn.close()
-        self.writer.close()
+        for writer in (self.writer, *self.more_writers):
+            writer.close()
         self.registry.close()
 
     def status(self) -> dict:

@@ -49,11 +49,17 @@ class Pipeline:
     def __init__(self, registry: DeviceRegistry, writer: Writer, *, batch_size: int = 5000,
                  batch_age_s: float = 0.2, queue_max: int = 50_000, retry_max_s: float = 5.0,
                  dedup_window_s: float = 86400.0, spool: Spool | None = None,
-                 slow_batch_s: float = SLOW_BATCH_S, metrics: IngestMetrics | None = None) -> None:
+                 slow_batch_s: float = SLOW_BATCH_S, metrics: IngestMetrics | None = None,
+                 more_writers: Sequence[Writer] = ()) -> None:
+        """`more_writers`: further connections, each with a database thread of its own, so that one
+        batch is built while another waits on PostgreSQL (the spool is replayed by the first)."""
         self._dedup_window_s = dedup_window_s
         self._last_purge = 0.0
         self._builder = BatchBuilder(registry)
         self._writer = writer
+        self._writers = [writer, *more_writers]
+        self._local = threading.local()       # which writer the current database thread owns
+        self._stats_lock = threading.Lock()
         self._batch_size = batch_size
         self._batch_age_s = batch_age_s
         self._retry_max_s = retry_max_s
@@ -61,12 +67,12 @@ class Pipeline:
         self._spool = spool
         self._queue: UplinkQueue[Uplink] = UplinkQueue(queue_max)
         self._intake: threading.Thread | None = None
-        self._db: threading.Thread | None = None
+        self._db: list[threading.Thread] = []
         self._stopping = threading.Event()
         # Shared between the two threads, under `_cond`:
         self._cond = threading.Condition()
-        self._handoff: tuple[int, list[Uplink]] | None = None   # a batch for the database thread
-        self._busy_since: float | None = None                    # when its current direct batch started
+        self._handoff: tuple[int, list[Uplink]] | None = None   # a batch for a database thread
+        self._busy: dict[int, float] = {}                        # database thread -> when its batch started
         self._intake_done = False
         self._spooling = spool is not None and not spool.empty   # a journal from a previous run: replay it first
         self._full = False                                       # backpressure: the journal is at its limit
@@ -108,7 +114,7 @@ class Pipeline:
         with self._cond:
             mode = "spooling" if self._spooling else "direct"
             full = self._full
-            busy = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+            busy = time.monotonic() - min(self._busy.values()) if self._busy else 0.0
         out: dict[str, Any] = {"enabled": self._spool is not None, "mode": mode, "full": full,
                                "db_batch_busy_s": round(busy, 3)}
         if self._spool is not None:
@@ -126,9 +132,11 @@ class Pipeline:
     def start(self) -> None:
         if self._spooling:
             log.warning("replaying the spool left by a previous run before anything newer")
-        self._db = threading.Thread(target=self._run_db, name="iotjx-db", daemon=True)
+        self._db = [threading.Thread(target=self._run_db, args=(k,), name=f"iotjx-db{k or ''}", daemon=True)
+                    for k in range(len(self._writers))]
         self._intake = threading.Thread(target=self._run_intake, name="iotjx-writer", daemon=True)
-        self._db.start()
+        for thread in self._db:
+            thread.start()
         self._intake.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -139,7 +147,7 @@ class Pipeline:
         self._stopping.set()
         self._queue.close()
         deadline = time.monotonic() + timeout
-        for thread in (self._intake, self._db):
+        for thread in (self._intake, *self._db):
             thread.join(max(0.1, deadline - time.monotonic()))
             if thread.is_alive():
                 log.error("%s did not finish within %.0f s; %d uplinks unacknowledged",
@@ -150,7 +158,7 @@ class Pipeline:
                 log.warning("stopping with %d uplinks in the spool %s; they are replayed at the next start",
                             s.uplinks, s.directory)
             self._spool.close()
-        self._intake = self._db = None
+        self._intake, self._db = None, []
 
     # ------------------------------------------------------------------ intake thread
     def _run_intake(self) -> None:
@@ -173,11 +181,11 @@ class Pipeline:
         with self._cond:
             while True:
                 if not self._spooling:
-                    if self._handoff is None and self._busy_since is None:
+                    if self._handoff is None and len(self._busy) < len(self._writers):
                         self._handoff = (seq, batch)
                         self._cond.notify_all()
                         return
-                    waited = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+                    waited = time.monotonic() - min(self._busy.values()) if self._busy else 0.0
                     if self._spool is None or waited < self._slow_batch_s:
                         self._cond.wait(max(0.01, self._slow_batch_s - waited) if self._spool else None)
                         continue
@@ -188,29 +196,37 @@ class Pipeline:
         self._ack_spooled(batch)
 
     # ------------------------------------------------------------------ database thread
-    def _run_db(self) -> None:
+    def _run_db(self, k: int) -> None:
+        self._local.writer = self._writers[k]
+        replays = k == 0                      # one thread replays the spool, in order
         while True:
             with self._cond:
                 while True:
                     if self._handoff is not None:
                         (seq, batch), self._handoff = self._handoff, None
-                        self._busy_since = time.monotonic()
+                        self._busy[k] = time.monotonic()
                         break
                     if self._intake_done:
                         return
-                    if self._spooling and time.monotonic() >= self._retry_at:
+                    if replays and self._spooling and time.monotonic() >= self._retry_at:
                         seq, batch = 0, []
                         break
-                    self._cond.wait(max(0.01, self._retry_at - time.monotonic()) if self._spooling else None)
+                    self._cond.wait(max(0.01, self._retry_at - time.monotonic())
+                                    if replays and self._spooling else None)
             if batch:
                 try:
                     self._direct(seq, batch)
                 finally:
                     with self._cond:
-                        self._busy_since = None
+                        self._busy.pop(k, None)
                         self._cond.notify_all()
             else:
                 self._replay()
+
+    @property
+    def _w(self) -> Writer:
+        """The writer (connection) of the calling database thread; the first one elsewhere."""
+        return getattr(self._local, "writer", self._writer)
 
     def _direct(self, seq: int, batch: list[Uplink]) -> None:
         done: set[int] = set()
@@ -366,13 +382,13 @@ class Pipeline:
                 log.exception("uplink from %s could not be processed", batch[0].device_id)
             ws = WriteSet()
             ws.add_reject(batch[0], None, reason, (str(exc).splitlines() or [type(exc).__name__])[0])
-            self._writer.write(ws)
+            self._w.write(ws)
         done.update(id(u) for u in batch)
         self._after_commit(batch, ws, time.perf_counter() - started)
         return ws
 
     def _commit(self, batch: list[Uplink]) -> WriteSet:
-        with self._writer.transaction() as tx:
+        with self._w.transaction() as tx:
             fresh = batch
             ws = WriteSet()
             devices = self._builder.devices(batch)
@@ -402,16 +418,19 @@ class Pipeline:
             if outcome.status == "rejected":
                 reasons[outcome.reason or "unknown"] += 1
         self._flush_acks()
-        self.metrics.outcomes(outcomes, reasons)
-        self.metrics.batch(seconds, len(batch))
-        self.batches += 1
-        self.counters["stored"] += ws.stored
-        self.counters["rejected"] += len(ws.rejects)
-        self.counters["duplicate"] += ws.duplicates
-        if self._dedup_window_s > 0 and time.monotonic() - self._last_purge > 600:
-            self._last_purge = time.monotonic()
+        with self._stats_lock:         # the database threads count into the same figures
+            self.metrics.outcomes(outcomes, reasons)
+            self.metrics.batch(seconds, len(batch))
+            self.batches += 1
+            self.counters["stored"] += ws.stored
+            self.counters["rejected"] += len(ws.rejects)
+            self.counters["duplicate"] += ws.duplicates
+            purge = self._dedup_window_s > 0 and time.monotonic() - self._last_purge > 600
+            if purge:
+                self._last_purge = time.monotonic()
+        if purge:
             try:
-                self._writer.purge_dedup(self._dedup_window_s)
+                self._w.purge_dedup(self._dedup_window_s)
             except psycopg.Error as exc:    # the batch is committed; purging can wait for the next one
                 log.warning("dedup keys not purged: %s", str(exc).splitlines()[0])
 

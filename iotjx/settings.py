@@ -22,11 +22,12 @@ class Settings(BaseSettings):
         None, description="PostgreSQL/TimescaleDB URL; unset: `iotjx demo` starts an embedded PostgreSQL")
     mqtt_url: str | None = Field(
         None, description="Broker URL `mqtt://host:port`; unset: the demo uses `mosquitto` on PATH or an embedded amqtt broker")
-    mqtt_protocol: str = Field("5", description="MQTT protocol of the gateway's client: `5` or `3.1.1`")
+    mqtt_protocol: str = Field(
+        "3.1.1", description="MQTT protocol of the gateway's client: `3.1.1` (paho handles it ~1.4 x faster) or `5`")
     mqtt_client_id: str = Field("iotjx-gateway-1", description="Client id of this gateway (persistent session)")
     mqtt_topic_prefix: str = Field("iotjx", description="Uplinks on `{prefix}/up/{device_id}`, downlinks on `{prefix}/down/{device_id}`")
     mqtt_shared_group: str | None = Field(
-        None, description="When set, subscribe as `$share/{group}/…` so replicas split one stream (MQTT 5)")
+        None, description="When set, subscribe as `$share/{group}/…` so replicas split one stream (Mosquitto 2 and EMQX take it over 3.1.1 too)")
     mqtt_username: str | None = Field(None, description="Broker user name")
     mqtt_password: str | None = Field(None, description="Broker password")
     coap_bind: str = Field("0.0.0.0:5683", description="CoAP listen address")
@@ -34,6 +35,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
     batch_age_ms: int = Field(200, ge=1, description="A batch is written when its oldest uplink is this old")
     queue_max: int = Field(50_000, ge=1, description="Uplinks held in memory; a full queue stops reading from the transport")
+    db_writers: int = Field(
+        2, ge=1, le=8, description="Database connections writing batches side by side: one batch is built while another waits on PostgreSQL")
     registry_cache_max: int = Field(
         200_000, ge=1, description="Devices the gateway keeps cached (least recently seen leave first; ~350 bytes each)")
     spool_dir: Path | None = Field(

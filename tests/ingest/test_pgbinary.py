@@ -37,7 +37,9 @@ row = st.tuples(
     st.one_of(st.none(), st.booleans()),
     st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))),
     st.one_of(st.none(), st.binary(max_size=40)),
-    st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.integers(-99, 99), max_size=3)),
+    st.one_of(st.none(), st.dictionaries(st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                                                      blacklist_characters="\x00"), max_size=5),
+                                         st.integers(-99, 99), max_size=3)),      # jsonb holds no NUL
 )
 
 
