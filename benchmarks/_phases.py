@@ -37,7 +37,7 @@ class Bench:
     profile_dir: Path | None = None
     runs: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
-    mqtt_protocol: str = "5"
+    mqtt_protocol: str = "3.1.1"
     gateway_cmd: tuple[str, ...] = ()    # what runs as a gateway; () = python -m iotjx.cli gateway
 
     def next_run(self) -> tuple[str, datetime]:

@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coap-endpoints", type=int, default=1000,
                    help="UDP endpoints (peers, one CON in flight each) per client process")
     p.add_argument("--batch-size", type=int, default=5000, help="IOTJX_BATCH_SIZE of the gateways")
-    p.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="5",
+    p.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="3.1.1",
                    help="IOTJX_MQTT_PROTOCOL of the gateways, and the bare subscriber's protocol")
     p.add_argument("--gateway-cmd", default="",
                    help="command run as each gateway (A/B of a change); default: python -m iotjx.cli gateway")
