@@ -102,12 +102,13 @@ def _field(c: Column, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
         return lens, data
     if c.pgtype not in _VARIABLE:
         raise ValueError(f"no binary COPY encoder for {c.pgtype!r} (have: {', '.join(TYPES)})")
-    items = c.values
+    items = c.values if isinstance(c.values, list) else list(c.values)
     if len(items) != rows:
         raise ValueError(f"a {c.pgtype} column of {len(items)} values in a block of {rows} rows")
-    nulls = [i for i, v in enumerate(items) if v is None] if None in items else []
-    if len(nulls) == rows:
+    n_null = items.count(None)
+    if n_null == rows:
         return np.full(rows, -1, dtype=np.int64), None
+    nulls = [i for i, v in enumerate(items) if v is None] if n_null else []
     if c.pgtype == "bytea":
         blobs = [b"" if v is None else v for v in items] if nulls else items
         joined = b"".join(blobs)
