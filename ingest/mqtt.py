@@ -72,9 +72,9 @@ class FastClient(mqtt.Client):
     Stock paho reads a packet with three `recv` calls (command byte, length, body) and one `select`
     per packet: at QoS 1 rates that is most of its network thread.  Here one `recv` takes up to
     64 KiB, the packets in it are handled in one pass, and `pending()` tells paho's loop not to wait
-    in `select` while buffered bytes remain (the hook paho has for TLS sockets).  Uses two
-    protected members of paho 2.x (`_create_socket`, `_packet_read`, `_handle_on_message`); the tests
-    run every transport test through it."""
+    in `select` while buffered bytes remain (the hook paho has for TLS sockets).  Overrides
+    protected methods of paho 2.2 (`_create_socket`, `_handle_on_message`; `loop_read` calls
+    `_packet_read`), hence the pin in pyproject.toml; every MQTT test runs through it."""
 
     _filtered = False         # message_callback_add used: paho's topic matching is needed
 
