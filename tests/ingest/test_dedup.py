@@ -127,3 +127,51 @@ def test_copies_given_to_two_gateways_by_a_shared_subscription_are_stored_once(s
     assert all(s["received"].get("mqtt", 0) > 0 for s in snapshots)     # both gateways had a share
     assert sum(s["duplicate"].get("mqtt", {}).get("cjt188", 0) for s in snapshots) == len(uplinks)
     assert all(g.pipeline.counters["db_retries"] == 0 for g in gateways)  # no deadlock between the replicas
+
+
+def test_two_database_writers_store_copies_in_neighbouring_batches_once(db_url, no_thread_leaks):
+    """With two writer connections, batch n and batch n+1 commit side by side; a copy in each is
+    claimed by whichever commits first and is a duplicate for the other — never stored twice, no
+    deadlock, every uplink acknowledged once."""
+    import threading
+
+    from iotjx.db import connect
+    from iotjx.model import Uplink
+    from ingest.pipeline import Pipeline
+    from ingest.registry import DeviceRegistry
+    from ingest.writer import Writer
+
+    distinct = _uplinks(db_url, 50, 20, seed=37)                        # 1,000 distinct uplinks
+    acked: Counter = Counter()
+    lock = threading.Lock()
+
+    def ack(outcome) -> None:
+        with lock:
+            acked[outcome.status] += 1
+
+    writers = [Writer(lambda: connect(db_url)) for _ in range(2)]
+    registry = DeviceRegistry(lambda: connect(db_url))
+    pipeline = Pipeline(registry, writers[0], more_writers=writers[1:], batch_size=25, batch_age_s=0.05)
+    pipeline.start()
+    try:
+        now = time.time()
+        for k in range(0, len(distinct), 25):                          # each block of 25, then its copies:
+            block = distinct[k:k + 25]                                  # the copies land in the next batch
+            for device_id, payload in block + block[::-1]:
+                pipeline.submit(Uplink(device_id=device_id, payload=payload, transport="mqtt",
+                                       received_at=now, ack=ack))
+        deadline = time.monotonic() + 60
+        while sum(acked.values()) < 2 * len(distinct) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        pipeline.stop()
+        for w in writers:
+            w.close()
+        registry.close()
+    assert acked == {"stored": len(distinct), "duplicate": len(distinct)}
+    stored, by_outcome = _outcomes(db_url)
+    assert stored == Counter(distinct)
+    assert by_outcome == {"stored": len(distinct), "duplicate": len(distinct)}
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM water_readings").fetchone()[0] == len(distinct)
+        assert conn.execute("SELECT sum(uplinks) FROM device_state").fetchone()[0] == len(distinct)
