@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -377,6 +379,18 @@ def _broker_dir() -> Path:
     return workdir
 
 
+@contextmanager
+def _own_broker() -> Iterator[MosquittoProcess]:
+    """A Mosquitto of the test's own (the project's configuration), stopped and removed afterwards."""
+    workdir = _broker_dir()
+    own = MosquittoProcess(workdir).start()
+    try:
+        yield own
+    finally:
+        own.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_c_broker_restarted_mid_stream(db_url, tmp_path):
     workdir = _broker_dir()
     own = MosquittoProcess(workdir).start()                    # ours to restart (same port, same persistence)
@@ -468,23 +482,25 @@ class Acks:
         for flush in self.flushes:
             flush()
 
+    def connected(self, own: MosquittoProcess, name: str, received: Received, **settings):
+        """An ingest of a fresh client id and topic prefix, connected to `own`, and a publisher there."""
+        settings = Settings(mqtt_url=own.url, mqtt_client_id=f"{name}-{uuid.uuid4().hex[:6]}",
+                            mqtt_topic_prefix=f"{name}{uuid.uuid4().hex[:6]}", **settings)
+        ingest = self.ingest(settings, received)
+        ingest.start()
+        assert ingest.wait_connected(10)
+        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id=f"{name}-pub")
+        return settings, ingest, pub
+
 
 @pytest.mark.parametrize("protocol,group,batched", [("3.1.1", None, True), ("3.1.1", "g311", False),
                                                     ("5", "g5", True), ("5", None, False)])
 def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protocol, group, batched):
     acks = Acks(batched)
     Ingest = acks.ingest
-
-    workdir = _broker_dir()
-    own = MosquittoProcess(workdir).start()
-    try:
-        settings = Settings(mqtt_url=own.url, mqtt_protocol=protocol, mqtt_client_id=f"s-{uuid.uuid4().hex[:6]}",
-                            mqtt_topic_prefix=f"s{uuid.uuid4().hex[:6]}", mqtt_shared_group=group)
-        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id="s-pub")
-        received = Received()
-        first = Ingest(settings, received)
-        first.start()
-        assert first.wait_connected(10)
+    received = Received()
+    with _own_broker() as own:
+        settings, first, pub = acks.connected(own, "s", received, mqtt_protocol=protocol, mqtt_shared_group=group)
         for i in range(100):
             pub.publish(f"dev{i}", b"a%d" % i)
         assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 100, 10)
@@ -511,9 +527,6 @@ def test_a_session_keeps_what_was_not_acknowledged_for_the_same_client_id(protoc
         third.stop()
         assert received.take() == []                            # acknowledged means gone
         pub.close()
-    finally:
-        own.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -522,17 +535,9 @@ def test_acks_never_cross_connections(batched):
     connection (the broker may reuse their packet ids); the broker's resent copies are, instead."""
     acks = Acks(batched)
     Ingest = acks.ingest
-
-    workdir = _broker_dir()
-    own = MosquittoProcess(workdir).start()
-    try:
-        settings = Settings(mqtt_url=own.url, mqtt_client_id=f"x-{uuid.uuid4().hex[:6]}",
-                            mqtt_topic_prefix=f"x{uuid.uuid4().hex[:6]}")
-        received = Received()
-        ingest = Ingest(settings, received)
-        ingest.start()
-        assert ingest.wait_connected(10)
-        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id="x-pub")
+    received = Received()
+    with _own_broker() as own:
+        settings, ingest, pub = acks.connected(own, "x", received)
         for i in range(100):
             pub.publish(f"dev{i}", b"m%d" % i)
         assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 100, 10)
@@ -552,9 +557,6 @@ def test_acks_never_cross_connections(batched):
         time.sleep(1.0)
         again.stop()
         assert received.take() == []
-    finally:
-        own.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -562,17 +564,9 @@ def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(
     """How a gateway stops cleanly: pause, let the pipeline drain and acknowledge, then disconnect."""
     acks = Acks(batched)
     Ingest = acks.ingest
-
-    workdir = _broker_dir()
-    own = MosquittoProcess(workdir).start()
-    try:
-        settings = Settings(mqtt_url=own.url, mqtt_client_id=f"p-{uuid.uuid4().hex[:6]}",
-                            mqtt_topic_prefix=f"p{uuid.uuid4().hex[:6]}")
-        received = Received()
-        ingest = Ingest(settings, received)
-        ingest.start()
-        assert ingest.wait_connected(10)
-        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id="p-pub")
+    received = Received()
+    with _own_broker() as own:
+        settings, ingest, pub = acks.connected(own, "p", received)
         for i in range(50):
             pub.publish(f"dev{i}", b"h%d" % i)
         assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 50, 10)
@@ -590,6 +584,3 @@ def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(
         after.stop()
         assert sorted(u.payload for u in received.take()) == sorted(b"n%d" % i for i in range(30))
         pub.close()
-    finally:
-        own.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
