@@ -3,9 +3,9 @@ one batch-decoder call per codec group, records mapped to the family tables (a `
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
-import threading
 from dataclasses import replace
 from typing import Any
 
@@ -37,9 +37,9 @@ class BatchBuilder:
         with self._lock:
             return self._registry.lookup(device_ids)
 
-    def codecs(self, batch: Sequence[Uplink]) -> list[str | None]:
+    def codecs(self, batch: Sequence[Uplink], devices: dict[str, Device] | None = None) -> list[str | None]:
         """The codec each uplink's device is registered with (for the duplicates' metrics label)."""
-        devices = self._lookup(u.device_id for u in batch if u.device_id)
+        devices = self.devices(batch) if devices is None else devices
         return [devices[u.device_id].codec if u.device_id in devices else u.meta.get("envelope") for u in batch]
 
     def devices(self, batch: Sequence[Uplink]) -> dict[str, Device]:

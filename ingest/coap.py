@@ -345,7 +345,7 @@ class CoapIngest:
         self._acks: list[tuple[asyncio.Future, Outcome]] = []
         self._acks_lock = threading.Lock()
         self._acks_wake_pending = False
-        self._ack_flush_wired = False
+        self._ack_flush_wired = ack_flush is not None     # then the pipeline's flush wakes the loop
         self.port: int | None = None
         self.rcvbuf: int | None = None
         self.counters: Counter[str] = Counter()
@@ -535,7 +535,6 @@ class CoapIngest:
     def flush_acks(self) -> None:
         """Answer every uplink acked since the last call, with one event-loop wake-up (the pipeline
         calls this after each batch's acks: `pipeline.add_ack_flush(coap.flush_acks)`)."""
-        self._ack_flush_wired = True
         with self._acks_lock:
             if not self._acks or self._acks_wake_pending:
                 return

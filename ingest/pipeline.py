@@ -399,7 +399,7 @@ class Pipeline:
                 fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
                 if len(fresh) < len(batch):
                     dups = [u for u, new in zip(batch, is_new, strict=True) if not new]
-                    for u, codec in zip(dups, self._builder.codecs(dups), strict=True):
+                    for u, codec in zip(dups, self._builder.codecs(dups, devices), strict=True):
                         ws.add_duplicate(u, codec)
             self._builder.build(fresh, ws, devices)
             tx.write(ws)

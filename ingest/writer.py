@@ -101,12 +101,8 @@ class WriteSet:
         last_day = datetime.fromtimestamp(float(received_at.max()), UTC).date()
         self.days.update(first_day + timedelta(days=k) for k in range((last_day - first_day).days + 1))
         self.stored += n
-        codecs, origin, seen = self.codecs, self.origin, self.seen
         for u in uplinks:
-            codecs[origin.get(id(u), id(u))] = codec
-            t = u.received_at
-            hit = seen.get(u.device_id)
-            seen[u.device_id] = (t, t, 1) if hit is None else (min(hit[0], t), max(hit[1], t), hit[2] + 1)
+            self._stored(u, codec)
 
     def add_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if rows:
@@ -122,6 +118,10 @@ class WriteSet:
     def add_stored(self, u: Uplink, codec: str | None = None) -> None:
         self.add_raw(u, "stored")
         self.stored += 1
+        self._stored(u, codec)
+
+    def _stored(self, u: Uplink, codec: str | None) -> None:
+        """A stored uplink's codec (metrics) and its device's liveness (device_state)."""
         if codec:
             self.codecs[self.origin.get(id(u), id(u))] = codec
         first, last, count = self.seen.get(u.device_id, (u.received_at, u.received_at, 0))
