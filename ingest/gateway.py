@@ -43,7 +43,8 @@ class Gateway:
         self.more_writers = [Writer(lambda k=k: connect(url, application_name=f"iotjx-writer{k}"))
                              for k in range(1, settings.db_writers)]
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
-                                 batch_age_s=settings.batch_age_ms / 1000, queue_max=settings.queue_max,
+                                 batch_age_s=settings.batch_age_ms / 1000,
+                                 batch_idle_s=settings.batch_idle_ms / 1000, queue_max=settings.queue_max,
                                  dedup_window_s=settings.dedup_window_s, slow_batch_s=settings.slow_batch_s,
                                  spool=Spool(settings.spool_dir or settings.data_dir / "spool" / settings.mqtt_client_id,
                                              max_bytes=settings.spool_max_bytes),

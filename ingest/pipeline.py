@@ -47,12 +47,13 @@ class Pipeline:
     the flow control that keeps memory bounded (the broker keeps what we have not read)."""
 
     def __init__(self, registry: DeviceRegistry, writer: Writer, *, batch_size: int = 5000,
-                 batch_age_s: float = 0.2, queue_max: int = 50_000, retry_max_s: float = 5.0,
+                 batch_age_s: float = 0.2, batch_idle_s: float = 0.0, queue_max: int = 50_000, retry_max_s: float = 5.0,
                  dedup_window_s: float = 86400.0, spool: Spool | None = None,
                  slow_batch_s: float = SLOW_BATCH_S, metrics: IngestMetrics | None = None,
                  more_writers: Sequence[Writer] = ()) -> None:
         """`more_writers`: further connections, each with a database thread of its own, so that one
-        batch is built while another waits on PostgreSQL (the spool is replayed by the first)."""
+        batch is built while another waits on PostgreSQL (the spool is replayed by the first).
+        `batch_idle_s` > 0: a batch is also written once no uplink arrived for that long."""
         self._dedup_window_s = dedup_window_s
         self._last_purge = 0.0
         self._builder = BatchBuilder(registry)
@@ -62,6 +63,7 @@ class Pipeline:
         self._stats_lock = threading.Lock()
         self._batch_size = batch_size
         self._batch_age_s = batch_age_s
+        self._batch_idle_s = batch_idle_s
         self._retry_max_s = retry_max_s
         self._slow_batch_s = slow_batch_s
         self._spool = spool
@@ -174,7 +176,7 @@ class Pipeline:
             self._cond.notify_all()
 
     def _collect(self) -> tuple[list[Uplink], bool]:
-        return self._queue.take(self._batch_size, self._batch_age_s)
+        return self._queue.take(self._batch_size, self._batch_age_s, self._batch_idle_s)
 
     def _dispatch(self, seq: int, batch: list[Uplink]) -> None:
         """Hand the batch to the database thread, or spool it; waits (backpressure) when neither can."""

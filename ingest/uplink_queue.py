@@ -5,7 +5,12 @@ thread putting and the writer taking 5,000 at a time, every contended lock also 
 the GIL (up to the 5 ms switch interval while the other thread computes).  Here a put is an append
 under an uncontended lock, a take is one slice of the list, and a thread is woken only when it has
 something to do: the taker when the first item arrives or a whole batch is there, a blocked putter
-when a take made room."""
+when a take made room.
+
+A take may also end when the input pauses (`idle_s`): devices that wait for their answer before
+sending again (CoAP: one confirmable request in flight per device) stop the input until their
+batch commits, and waiting out the batch age then only adds latency (the radio of an NB-IoT device
+stays on while it waits)."""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ class UplinkQueue(Generic[T]):
         self._ready = threading.Event()                  # the taker's wake-up
         self._want = 1                                   # how many items wake the taker
         self._closed = False
+        self._last_put = 0.0                             # monotonic time of the latest put
 
     def put(self, item: T, timeout: float | None = None) -> None:
         """Append `item`; blocks while the queue is full (raises TimeoutError after `timeout` s)."""
@@ -50,14 +56,15 @@ class UplinkQueue(Generic[T]):
                     if self._closed:
                         raise Closed("the queue is closed")
             self._items.append(item)
+            self._last_put = time.monotonic()
             wake = len(self._items) >= self._want
         if wake and not self._ready.is_set():
             self._ready.set()
 
-    def take(self, n: int, max_age_s: float) -> tuple[list[T], bool]:
-        """Up to `n` items, oldest first: waits for the first one, then until `n` are there or
-        `max_age_s` has passed.  The flag is True once the queue is closed and this take emptied it
-        (the taker is done)."""
+    def take(self, n: int, max_age_s: float, idle_s: float = 0.0) -> tuple[list[T], bool]:
+        """Up to `n` items, oldest first: waits for the first one, then until `n` are there,
+        `max_age_s` has passed, or (`idle_s` > 0) nothing was put for `idle_s`.  The flag is True
+        once the queue is closed and this take emptied it (the taker is done)."""
         while True:
             with self._lock:
                 if self._items or self._closed:
@@ -68,7 +75,9 @@ class UplinkQueue(Generic[T]):
         deadline = time.monotonic() + max_age_s
         while True:
             with self._lock:
-                if len(self._items) >= n or self._closed or time.monotonic() >= deadline:
+                now = time.monotonic()
+                wake_at = deadline if idle_s <= 0 else min(deadline, self._last_put + idle_s)
+                if len(self._items) >= n or self._closed or now >= wake_at:
                     batch = self._items[:n]
                     del self._items[:n]
                     if batch:
@@ -77,7 +86,7 @@ class UplinkQueue(Generic[T]):
                     return batch, self._closed and not self._items
                 self._want = n
                 self._ready.clear()
-            self._ready.wait(max(0.0, deadline - time.monotonic()))
+            self._ready.wait(max(0.0, wake_at - time.monotonic()))
 
     def close(self) -> None:
         """No more puts; the taker gets what is left, then its done flag."""

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     api_bind: str = Field("127.0.0.1:8000", description="HTTP API listen address")
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
     batch_age_ms: int = Field(200, ge=1, description="A batch is written when its oldest uplink is this old")
+    batch_idle_ms: float = Field(
+        5, ge=0, description="…or when no uplink arrived for this long (devices waiting for their answer); 0: only size and age")
     queue_max: int = Field(50_000, ge=1, description="Uplinks held in memory; a full queue stops reading from the transport")
     db_writers: int = Field(
         2, ge=1, le=8, description="Database connections writing batches side by side: one batch is built while another waits on PostgreSQL")

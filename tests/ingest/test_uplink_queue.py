@@ -1,4 +1,5 @@
-"""The pipeline's batch queue: FIFO across threads, bounded, taken by size or age, closed cleanly."""
+"""The pipeline's batch queue: FIFO across threads, bounded, taken by size, age or a pause in the
+input, closed cleanly."""
 
 from __future__ import annotations
 
@@ -67,6 +68,19 @@ def test_a_full_batch_is_taken_without_waiting_for_the_age():
         q.put(i)
     batch, _ = q.take(10, 3600)                    # an hour's age: returns because 10 are there
     assert batch == list(range(10))
+
+
+def test_a_pause_in_the_input_ends_the_batch_without_waiting_for_the_age():
+    """Devices that wait for their answer stop sending: with `idle_s` the batch is taken once the
+    input pauses, not after an hour's age; while the input keeps coming it is not cut."""
+    q: UplinkQueue[int] = UplinkQueue(100_000)
+    burst = threading.Thread(target=lambda: [q.put(i) for i in range(5000)])
+    burst.start()
+    batch, done = q.take(100_000, 3600, idle_s=0.5)
+    burst.join()
+    assert (batch, done) == (list(range(5000)), False)
+    q.put(5000)
+    assert q.take(100_000, 3600, idle_s=0.01) == ([5000], False)
 
 
 def test_close_hands_out_what_is_left_then_says_done_and_refuses_puts():
