@@ -12,18 +12,14 @@ own thread and event loop).  Bytes + metadata → `Uplink` → pipeline; the ans
   or when `HANDOFF_MAX` accepted uplinks already wait for the pipeline (busy; nothing stored).
 
 The 2.04 rides on the CON's ACK when the commit comes within `coap_empty_ack_delay_s`, otherwise it
-follows as a separate response.  Tokens are per device, stored as SHA-256(salt ‖ token) in
-device_credentials (migration 4)."""
+follows as a separate response.  Single-datagram uplinks are read and answered by
+`coap_fast.DatagramFront`; aiocoap serves the rest (block-wise, discovery, pings, ACKs of separate
+responses) through the same socket.  Tokens: `coap_credentials`."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import os
-import re
-import secrets
 import socket
 import sys
 import threading
@@ -45,7 +41,12 @@ from aiocoap.pipe import error_to_message, run_driving_pipe
 from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings, bind_address
 
+from .coap_credentials import (TOKEN_PATTERN, CredentialsUnavailable, DeviceCredentials, hash_token,
+                               set_device_token)
+from .coap_fast import FAST_OPTIONS, DatagramFront, Exchange
 from .downlink import DownlinkService, parse_ack_ids
+
+__all__ = ["TOKEN_PATTERN", "CoapIngest", "DeviceCredentials", "hash_token", "set_device_token"]
 
 log = logging.getLogger(__name__)
 
@@ -53,137 +54,10 @@ CONTENT_FORMATS = {42: "application/octet-stream", 50: "application/json", 110: 
                    112: "application/senml+cbor"}
 # Linux's SO_RCVBUFFORCE (asm-generic/socket.h: 33); Python's socket module does not name it.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{16,128}$")    # URI-query safe without escaping
+# What `handle` understands: the datagram front's options plus Block2 (23), Block1 (27), Size2 (28).
+RECOGNIZED_OPTIONS = FAST_OPTIONS | {23, 27, 28}
+CLAIM = object()        # `_answer_for`: 2.04, carrying the device's next command if one is still there
 HANDOFF_MAX = 4096     # uplinks accepted but not yet in the pipeline's queue; past it: 5.03 + Max-Age
-UNKNOWN = (False, None, None)
-
-
-# ----------------------------------------------------------------------------- credentials
-
-def hash_token(salt: bytes, token: str) -> bytes:
-    """SHA-256(salt ‖ token).  Tokens are ≥ 16 random characters, so a fast hash is enough and
-    keeps the check cheap at thousands of uplinks a second (a slow KDF protects weak passwords)."""
-    return hashlib.sha256(salt + token.encode()).digest()
-
-
-def set_device_token(conn: psycopg.Connection, device_id: str, token: str | None = None) -> str:
-    """Set (or rotate) a device's CoAP token; returns it (generated when not given).  LookupError
-    for an unregistered device, ValueError for a token that is not 16-128 URI-safe characters."""
-    token = token if token is not None else secrets.token_urlsafe(24)
-    if not TOKEN_PATTERN.match(token):
-        raise ValueError("a CoAP token is 16-128 characters of A-Z a-z 0-9 . _ ~ -")
-    if conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (device_id,)).fetchone() is None:
-        raise LookupError(f"no device {device_id}")
-    salt = os.urandom(16)
-    conn.execute("""INSERT INTO device_credentials (device_id, salt, token_hash) VALUES (%s, %s, %s)
-                    ON CONFLICT (device_id) DO UPDATE SET salt = excluded.salt, token_hash = excluded.token_hash,
-                        updated_at = now()""", (device_id, salt, hash_token(salt, token)))
-    return token
-
-
-class DeviceCredentials:
-    """device id → (registered?, salt, hash), cached: known devices for `ttl_s` (a rotated token is
-    re-read after a mismatch), unknown ids for `unknown_ttl_s`.  Misses are read together: one query
-    at a time, for every id missed while the previous one ran (a burst of devices costs a few
-    queries, not one thread hand-off and one query each)."""
-
-    MAX_ENTRIES = 200_000
-
-    def __init__(self, connect: Callable[[], psycopg.Connection], ttl_s: float = 60.0,
-                 unknown_ttl_s: float = 5.0) -> None:
-        self._connect = connect
-        self._conn: psycopg.Connection | None = None
-        self._lock = threading.Lock()
-        self._ttl_s, self._unknown_ttl_s = ttl_s, unknown_ttl_s
-        self._cache: dict[str, tuple[float, bool, bytes | None, bytes | None]] = {}
-        # Event-loop side of the batched lookups:
-        self._wanted: set[str] = set()                    # ids the next query reads
-        self._next_lookup: asyncio.Future | None = None   # resolved with (entries, error) by that query
-        self._looking_up = False
-        self.lookups = 0                                  # queries run (each for a set of ids)
-
-    async def check(self, device_id: str, token: str | None, executor) -> str:
-        """`ok`, `bad_token`, `no_token` (none set for the device) or `unknown_device`."""
-        entry = self._cache.get(device_id)
-        if entry is None or time.monotonic() - entry[0] >= (self._ttl_s if entry[1] else self._unknown_ttl_s):
-            entry = await self._lookup(device_id, entry, executor)
-        verdict = _verdict(entry, token)
-        if verdict == "bad_token" and time.monotonic() - entry[0] > 2.0:
-            verdict = _verdict(await self._lookup(device_id, entry, executor), token)
-        return verdict
-
-    async def _lookup(self, device_id: str, cached, executor):
-        loop = asyncio.get_running_loop()
-        self._wanted.add(device_id)
-        if self._next_lookup is None:
-            self._next_lookup = loop.create_future()
-        waiter = self._next_lookup
-        if not self._looking_up:
-            self._looking_up = True
-            loop.create_task(self._look_up_wanted(executor))
-        entries, error = await asyncio.shield(waiter)    # shared: one cancelled request must not cancel it
-        if error is None:
-            return entries[device_id]
-        if cached is not None:          # the database is away: what we knew still holds
-            return cached
-        raise Unavailable("credentials cannot be checked now (database unreachable)") from error
-
-    async def _look_up_wanted(self, executor) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._wanted:
-                ids, self._wanted = self._wanted, set()
-                waiter, self._next_lookup = self._next_lookup, None
-                entries, error = {}, None
-                try:
-                    found = await loop.run_in_executor(executor, self._fetch, ids)
-                except Exception as exc:       # the waiters answer 5.03 or use what they knew
-                    error = exc
-                else:
-                    if len(self._cache) + len(ids) > self.MAX_ENTRIES:   # bounded: random ids must not grow it
-                        self._cache.clear()
-                    now = time.monotonic()
-                    for device_id in ids:
-                        entries[device_id] = self._cache[device_id] = (now, *found.get(device_id, UNKNOWN))
-                if not waiter.done():
-                    waiter.set_result((entries, error))
-        finally:
-            self._looking_up = False
-
-    def _fetch(self, device_ids: set[str]) -> dict[str, tuple[bool, bytes | None, bytes | None]]:
-        with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
-                self._conn.autocommit = True
-            try:
-                rows = self._conn.execute("""SELECT d.device_id, d.status, c.salt, c.token_hash FROM devices d
-                                             LEFT JOIN device_credentials c USING (device_id)
-                                             WHERE d.device_id = ANY(%s)""", (list(device_ids),)).fetchall()
-            except psycopg.OperationalError:
-                self._conn.close()
-                self._conn = None
-                raise
-            self.lookups += 1
-        return {device_id: (True, bytes(salt) if salt is not None else None,
-                            bytes(digest) if digest is not None else None)
-                for device_id, status, salt, digest in rows if status != "retired"}
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-
-def _verdict(entry, token: str | None) -> str:
-    _, known, salt, digest = entry
-    if not known:
-        return "unknown_device"
-    if digest is None:
-        return "no_token"
-    if token is None or not hmac.compare_digest(hash_token(salt, token), digest):
-        return "bad_token"
-    return "ok"
 
 
 # ----------------------------------------------------------------------------- errors and block-wise
@@ -330,6 +204,7 @@ class CoapIngest:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="iotjx-coap-db")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: aiocoap.Context | None = None
+        self._front: DatagramFront | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._closing = False
@@ -397,6 +272,7 @@ class CoapIngest:
         try:
             loop.run_forever()
         finally:
+            self._front.close()
             loop.run_until_complete(self._context.shutdown())
             pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for task in pending:
@@ -424,7 +300,11 @@ class CoapIngest:
         # it would go as an empty ACK plus a separate confirmable response, tracked as an exchange
         # (aiocoap 0.4 scans every exchange each time one ends) and ACKed back: a longer delay, still
         # below the devices' ACK_TIMEOUT, lets most answers ride on the ACK.
-        tune_incoming(self._context.request_interfaces[0].token_interface, self._tuning)
+        manager = self._context.request_interfaces[0].token_interface
+        tune_incoming(manager, self._tuning)
+        self._front = DatagramFront(asyncio.get_running_loop(), sock, manager.message_interface, manager,
+                                    self._on_uplink, self.settings.coap_empty_ack_delay_s, counters=self.counters)
+        self._front.install()
         if self.rcvbuf < wanted:
             log.warning("CoAP receive buffer is %d bytes, not the %d asked: raise net.core.rmem_max",
                         self.rcvbuf, wanted)
@@ -433,75 +313,144 @@ class CoapIngest:
 
     # --------------------------------------------------------------- one request
     async def handle(self, request: aiocoap.Message) -> aiocoap.Message:
+        """A request aiocoap parsed: block-wise, or carrying an option the datagram front leaves to it."""
         self.counters["requests"] += 1
         path = request.opt.uri_path
         if len(path) != 2 or path[0] != "up" or not path[1]:
             return self._refuse("not_found", codes.NOT_FOUND, "uplinks go to /up/{device_id}")
-        device_id = path[1]
+        unknown = [o.number for o in request.opt.option_list() if o.number.is_critical()
+                   and o.number not in RECOGNIZED_OPTIONS]
+        if unknown:       # RFC 7252 §5.4.1 (aiocoap leaves this to the resource)
+            return self._refuse("bad_option", codes.BAD_OPTION,
+                                f"critical option {int(unknown[0])} is not supported here")
         content_format = None if request.opt.content_format is None else int(request.opt.content_format)
+        refusal = self._precheck(content_format, len(request.payload))
+        if refusal is not None:
+            return refusal
+        return await self._accept(path[1], content_format, request.payload, _query(request.opt.uri_query),
+                                  _peer(request.remote.sockaddr))
+
+    def _on_uplink(self, ex: Exchange, parsed: tuple) -> None:
+        """A single-datagram uplink from the datagram front (the event loop's thread).  Answered
+        without a task when the device's credentials are cached and no downlink ack rides along."""
+        _, _, _, device_id, query_items, content_format, payload = parsed
+        self.counters["requests"] += 1
+        refusal = self._precheck(content_format, len(payload))
+        if refusal is not None:
+            return self._front.answer(ex, refusal)
+        query = _query(query_items)
+        verdict = self._credentials.cached(device_id, (query.get("t") or [None])[0])
+        if verdict is None or (query.get("ack") and self._downlinks is not None):
+            self._loop.create_task(self._answer_later(ex, device_id, content_format, payload, query))
+            return None
+        refusal = self._admit(verdict, device_id) or self._enqueue(
+            device_id, payload, content_format, _peer(ex.addr), partial(self._ack, ex, device_id))
+        if refusal is not None:
+            return self._front.answer(ex, refusal)
+        self._inflight += 1
+        return None
+
+    async def _answer_later(self, ex: Exchange, device_id: str, content_format, payload: bytes, query) -> None:
+        try:
+            response = await self._accept(device_id, content_format, payload, query, _peer(ex.addr))
+        except Exception:
+            log.exception("CoAP uplink from %s not handled", device_id)
+            response = _response(codes.INTERNAL_SERVER_ERROR)
+        self._front.answer(ex, response)
+
+    def _precheck(self, content_format: int | None, size: int) -> aiocoap.Message | None:
+        """The refusal for what the request itself shows, or None."""
         if content_format is not None and content_format not in CONTENT_FORMATS:
             return self._refuse("bad_format", codes.UNSUPPORTED_CONTENT_FORMAT,
                                 f"content format {content_format}; accepted: 42, 50, 110, 112")
-        if len(request.payload) > self.settings.coap_max_payload:
+        if size > self.settings.coap_max_payload:
             self.counters["too_large"] += 1
             return TooLarge(self.settings.coap_max_payload).to_message()
-        query = _query(request.opt.uri_query)
         if self._closing:
             self.counters["closing"] += 1
             return Unavailable("gateway shutting down, retry").to_message()
-        self._inflight += 1
-        try:
-            return await self._accept(request, device_id, content_format, query)
-        finally:
-            self._inflight -= 1
+        return None
 
-    async def _accept(self, request, device_id: str, content_format, query: dict[str, list[str]]):
-        token = (query.get("t") or [None])[0]
-        try:
-            verdict = await self._credentials.check(device_id, token, self._executor)
-        except Unavailable as exc:
-            self.counters["unavailable"] += 1
-            return exc.to_message()
+    def _admit(self, verdict: str, device_id: str) -> aiocoap.Message | None:
+        """The refusal the credential verdict calls for, or None."""
         if verdict == "bad_token" or (verdict == "no_token" and self.settings.coap_require_credential):
             return self._refuse("unauthorized", codes.UNAUTHORIZED,
                                 "wrong or missing token (?t=...)" if verdict == "bad_token"
                                 else "no CoAP token is set for this device")
         if verdict == "unknown_device" and not self.settings.coap_quarantine_unknown:
             return self._refuse("unknown_device", codes.NOT_FOUND, f"no registered device {device_id}")
-        loop = asyncio.get_running_loop()
-        if query.get("ack") and verdict != "unknown_device" and self._downlinks is not None:
-            await self._acknowledge(loop, device_id, query["ack"])
+        return None
+
+    def _enqueue(self, device_id: str, payload: bytes, content_format, peer: str, ack) -> aiocoap.Message | None:
+        """Hand the uplink to the submit thread; 5.03 when `handoff_max` already wait."""
         if len(self._outbox) >= self._handoff_max:        # the pipeline does not keep up, or is stopped
             self.counters["busy"] += 1
             return Unavailable("gateway busy, retry", retry_after_s=5).to_message()
-        done: asyncio.Future[Outcome] = loop.create_future()
-        self._outbox.append(Uplink(device_id=device_id, payload=request.payload, transport="coap",
-                                   received_at=time.time(), meta={"peer": _peer(request.remote),
-                                                                  "content_format": content_format},
-                                   ack=partial(self._ack, done)))
+        self._outbox.append(Uplink(device_id=device_id, payload=payload, transport="coap", received_at=time.time(),
+                                   meta={"peer": peer, "content_format": content_format}, ack=ack))
         if not self._outbox_ready.is_set():
             self._outbox_ready.set()
-        outcome = await done
+        return None
+
+    async def _accept(self, device_id: str, content_format, payload: bytes, query: dict[str, list[str]],
+                      peer: str) -> aiocoap.Message:
+        self._inflight += 1
+        try:
+            try:
+                verdict = await self._credentials.check(device_id, (query.get("t") or [None])[0], self._executor)
+            except CredentialsUnavailable as exc:
+                self.counters["unavailable"] += 1
+                return Unavailable(str(exc)).to_message()
+            refusal = self._admit(verdict, device_id)
+            if refusal is not None:
+                return refusal
+            loop = asyncio.get_running_loop()
+            if query.get("ack") and verdict != "unknown_device" and self._downlinks is not None:
+                await self._acknowledge(loop, device_id, query["ack"])
+            done: asyncio.Future[Outcome] = loop.create_future()
+            refusal = self._enqueue(device_id, payload, content_format, peer, partial(self._ack, done, device_id))
+            if refusal is not None:
+                return refusal
+            response = self._answer_for(await done, device_id)
+            return await self._with_downlink(device_id) if response is CLAIM else response or _response(codes.CHANGED)
+        finally:
+            self._inflight -= 1
+
+    def _answer_for(self, outcome: Outcome, device_id: str):
+        """The answer to a committed (or refused) uplink: a message, None for a bare 2.04, or CLAIM
+        when a command may wait for the device (2.04 carrying it: `_with_downlink`)."""
         self.counters[outcome.status] += 1
         if outcome.status == "rejected":
             if outcome.reason == "unknown_device":
                 return _response(codes.NOT_FOUND, f"unknown device {device_id}: uplink kept in quarantine")
             code = codes.INTERNAL_SERVER_ERROR if outcome.reason == "storage" else codes.BAD_REQUEST
             return _response(code, f"{outcome.reason}: {outcome.detail}")
-        response = _response(codes.CHANGED)          # stored, duplicate, or spooled (fsync'd journal)
+        # stored, duplicate, or spooled (fsync'd journal: commands wait for the committed reading)
         if (outcome.status in ("stored", "duplicate") and self._downlinks is not None
                 and self._downlinks.has_pending(device_id)):
-            try:
-                claimed = await loop.run_in_executor(self._executor, self._downlinks.claim, device_id, "coap", 1)
-            except psycopg.Error as exc:      # the reading is committed: answer 2.04 without a command
-                log.warning("downlink for %s not claimed: %s", device_id, str(exc).splitlines()[0])
-                claimed = []
-            if claimed:
-                downlink_id, _, payload = claimed[0]
-                response = _response(codes.CHANGED, payload=payload)
-                response.opt.location_query = (f"dl={downlink_id}",)
-                response.opt.content_format = 42
+            return CLAIM
+        return None
+
+    async def _with_downlink(self, device_id: str) -> aiocoap.Message:
+        loop = asyncio.get_running_loop()
+        try:
+            claimed = await loop.run_in_executor(self._executor, self._downlinks.claim, device_id, "coap", 1)
+        except psycopg.Error as exc:      # the reading is committed: answer 2.04 without a command
+            log.warning("downlink for %s not claimed: %s", device_id, str(exc).splitlines()[0])
+            claimed = []
+        if not claimed:
+            return _response(codes.CHANGED)
+        downlink_id, _, payload = claimed[0]
+        response = _response(codes.CHANGED, payload=payload)
+        response.opt.location_query = (f"dl={downlink_id}",)
+        response.opt.content_format = 42
         return response
+
+    async def _answer_with_downlink(self, ex: Exchange, device_id: str) -> None:
+        try:
+            self._front.answer(ex, await self._with_downlink(device_id))
+        finally:
+            self._inflight -= 1
 
     async def _acknowledge(self, loop, device_id: str, values: list[str]) -> None:
         try:
@@ -523,10 +472,10 @@ class CoapIngest:
                     return
                 self._submit(uplink)
 
-    def _ack(self, done: asyncio.Future, outcome: Outcome) -> None:
+    def _ack(self, waiter: asyncio.Future | Exchange, device_id: str, outcome: Outcome) -> None:
         """The Uplink's ack, called in the writer thread after the commit: buffered for the loop."""
         with self._acks_lock:
-            self._acks.append((done, outcome))
+            self._acks.append((waiter, device_id, outcome))
             if self._acks_wake_pending or self._ack_flush_wired:
                 return
             self._acks_wake_pending = True
@@ -551,9 +500,17 @@ class CoapIngest:
         with self._acks_lock:
             acks, self._acks = self._acks, []
             self._acks_wake_pending = False
-        for done, outcome in acks:
-            if not done.done():
-                done.set_result(outcome)
+        for waiter, device_id, outcome in acks:
+            if type(waiter) is not Exchange:           # an aiocoap-path request's future
+                if not waiter.done():
+                    waiter.set_result(outcome)
+                continue
+            response = self._answer_for(outcome, device_id)
+            if response is CLAIM:
+                self._loop.create_task(self._answer_with_downlink(waiter, device_id))
+                continue
+            self._inflight -= 1
+            self._front.answer(waiter, response)
 
     def _refuse(self, counter: str, code, text: str) -> aiocoap.Message:
         self.counters[counter] += 1
@@ -568,10 +525,10 @@ def _query(options) -> dict[str, list[str]]:
     return out
 
 
-def _peer(remote) -> str:
+def _peer(sockaddr) -> str:
     """`host:port` of a UDP peer, an IPv4-mapped address as IPv4 (as aiocoap's `hostinfo`, without
     its ipaddress parsing on every request)."""
-    host, port = remote.sockaddr[0], remote.sockaddr[1]
+    host, port = sockaddr[0], sockaddr[1]
     if host.startswith("::ffff:") and "." in host:
         return f"{host[7:]}:{port}"
     return f"[{host}]:{port}"
