@@ -53,7 +53,8 @@ class Pipeline:
                  more_writers: Sequence[Writer] = ()) -> None:
         """`more_writers`: further connections, each with a database thread of its own, so that one
         batch is built while another waits on PostgreSQL (the spool is replayed by the first).
-        `batch_idle_s` > 0: a batch is also written once no uplink arrived for that long."""
+        `batch_idle_s` > 0: a batch is also written once no uplink arrived for that long while no
+        other batch is being written (group commit for devices that wait for their answer)."""
         self._dedup_window_s = dedup_window_s
         self._last_purge = 0.0
         self._builder = BatchBuilder(registry)
@@ -176,7 +177,11 @@ class Pipeline:
             self._cond.notify_all()
 
     def _collect(self) -> tuple[list[Uplink], bool]:
-        return self._queue.take(self._batch_size, self._batch_age_s, self._batch_idle_s)
+        return self._queue.take(self._batch_size, self._batch_age_s, self._batch_idle_s, self._writers_idle)
+
+    def _writers_idle(self) -> bool:
+        """No batch is being written or waiting for a writer (read without the lock: a hint)."""
+        return not self._busy and self._handoff is None
 
     def _dispatch(self, seq: int, batch: list[Uplink]) -> None:
         """Hand the batch to the database thread, or spool it; waits (backpressure) when neither can."""

@@ -7,15 +7,18 @@ under an uncontended lock, a take is one slice of the list, and a thread is woke
 something to do: the taker when the first item arrives or a whole batch is there, a blocked putter
 when a take made room.
 
-A take may also end when the input pauses (`idle_s`): devices that wait for their answer before
-sending again (CoAP: one confirmable request in flight per device) stop the input until their
-batch commits, and waiting out the batch age then only adds latency (the radio of an NB-IoT device
-stays on while it waits)."""
+A take may also end when the input pauses (`idle_s`) and the taker's consumer is idle (`idle_ok`):
+devices that wait for their answer before sending again (CoAP: one confirmable request in flight
+per device) stop the input until their batch commits, and waiting out the batch age then only adds
+latency (the radio of an NB-IoT device stays on while it waits).  While a batch is still being
+written, a pause is more likely the sender's window waiting for acks (MQTT), and cutting the batch
+short would only make the batches smaller."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -61,10 +64,12 @@ class UplinkQueue(Generic[T]):
         if wake and not self._ready.is_set():
             self._ready.set()
 
-    def take(self, n: int, max_age_s: float, idle_s: float = 0.0) -> tuple[list[T], bool]:
+    def take(self, n: int, max_age_s: float, idle_s: float = 0.0,
+             idle_ok: Callable[[], bool] | None = None) -> tuple[list[T], bool]:
         """Up to `n` items, oldest first: waits for the first one, then until `n` are there,
-        `max_age_s` has passed, or (`idle_s` > 0) nothing was put for `idle_s`.  The flag is True
-        once the queue is closed and this take emptied it (the taker is done)."""
+        `max_age_s` has passed, or (`idle_s` > 0) nothing was put for `idle_s` while `idle_ok()`
+        (checked each `idle_s`; None: always).  The flag is True once the queue is closed and this
+        take emptied it (the taker is done)."""
         while True:
             with self._lock:
                 if self._items or self._closed:
@@ -76,7 +81,12 @@ class UplinkQueue(Generic[T]):
         while True:
             with self._lock:
                 now = time.monotonic()
-                wake_at = deadline if idle_s <= 0 else min(deadline, self._last_put + idle_s)
+                wake_at = deadline
+                if idle_s > 0:
+                    quiet_at = self._last_put + idle_s
+                    if now >= quiet_at and idle_ok is not None and not idle_ok():
+                        quiet_at = now + idle_s       # the consumer is busy: look again later
+                    wake_at = min(deadline, quiet_at)
                 if len(self._items) >= n or self._closed or now >= wake_at:
                     batch = self._items[:n]
                     del self._items[:n]

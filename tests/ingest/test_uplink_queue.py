@@ -83,6 +83,23 @@ def test_a_pause_in_the_input_ends_the_batch_without_waiting_for_the_age():
     assert q.take(100_000, 3600, idle_s=0.01) == ([5000], False)
 
 
+def test_a_pause_ends_the_batch_only_once_the_consumer_is_idle():
+    """While `idle_ok` says the consumer is busy (a batch still being written), a pause does not
+    cut the batch; it is asked again until it says idle."""
+    q: UplinkQueue[int] = UplinkQueue(100)
+    answers = iter([False, False, False])
+    asked = []
+
+    def idle_ok() -> bool:
+        asked.append(1)
+        return next(answers, True)
+
+    q.put(1)
+    q.put(2)
+    assert q.take(100, 3600, idle_s=0.01, idle_ok=idle_ok) == ([1, 2], False)
+    assert len(asked) == 4
+
+
 def test_close_hands_out_what_is_left_then_says_done_and_refuses_puts():
     q: UplinkQueue[int] = UplinkQueue(100)
     for i in range(7):
