@@ -50,7 +50,8 @@ class Gateway:
                                              max_bytes=settings.spool_max_bytes),
                                  more_writers=self.more_writers)
         self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
-        self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush)
+        self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush,
+                               read_gate=self.pipeline.wait_room)
         self.coap = None
         if settings.coap_enabled:
             from .coap import CoapIngest, DeviceCredentials

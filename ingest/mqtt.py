@@ -77,6 +77,9 @@ class FastClient(mqtt.Client):
     `_packet_read`), hence the pin in pyproject.toml; every MQTT test runs through it."""
 
     _filtered = False         # message_callback_add used: paho's topic matching is needed
+    # `read_gate(timeout)`: False while the consumer has no room for another message (it may wait
+    # up to `timeout` for some); the network thread then reads nothing and keeps writing instead.
+    read_gate: Callable[[float], bool] | None = None
 
     def _create_socket(self):  # noqa: ANN202 - paho's own signature
         return _BufferedSocket(super()._create_socket())
@@ -103,13 +106,18 @@ class FastClient(mqtt.Client):
                     raise
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        gate = self.read_gate
+        if gate is not None and not gate(_GATE_WAIT_S):
+            # No room for another message: read nothing, so that paho's loop goes on to write (the
+            # PUBACKs of committed batches, which free the broker's window) and comes back.
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
         rc = super().loop_read(max_packets)
         sock = self._sock
         # Handle what the last recv brought in, without a select per packet (bounded, so writes —
         # our PUBACKs — and keep-alive get their turn).
         for _ in range(_READ_BURST):
             if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or self._sock is not sock \
-                    or not sock.buffered:
+                    or not sock.buffered or (gate is not None and not gate(0)):
                 break
             rc = self._packet_read()
             if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
@@ -120,6 +128,7 @@ class FastClient(mqtt.Client):
 
 
 _READ_BURST = 256
+_GATE_WAIT_S = 0.002      # how long a closed read gate holds the network thread before it writes again
 _RECV_BYTES = 65536
 
 
@@ -168,13 +177,18 @@ class MqttIngest:
     """Subscribes to the uplink topic with a persistent session and feeds the pipeline."""
 
     def __init__(self, settings: Settings, submit: Callable[[Uplink], None], *,
-                 ack_flush: Callable[[Callable[[], None]], None] | None = None) -> None:
+                 ack_flush: Callable[[Callable[[], None]], None] | None = None,
+                 read_gate: Callable[[float], bool] | None = None) -> None:
         """`ack_flush`, when given (`Pipeline.add_ack_flush`), registers `flush_acks` to run after each
-        batch's acks: PUBACKs are then buffered and written together, once per batch."""
+        batch's acks: PUBACKs are then buffered and written together, once per batch.  `read_gate`
+        (`Pipeline.wait_room`): messages are read only while `submit` has room, so paho's network
+        thread never blocks in `submit` and keeps writing PUBACKs while the queue is full."""
         self._settings = settings
         self._submit = submit
         self._prefix = f"{settings.mqtt_topic_prefix}/up/"
         self._client = make_client(settings, settings.mqtt_client_id, manual_ack=True)
+        if read_gate is not None:
+            self._client.read_gate = read_gate
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe

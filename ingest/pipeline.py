@@ -95,6 +95,12 @@ class Pipeline:
         self._queue.put(uplink)
         self.counters[f"received.{uplink.transport}"] += 1
 
+    def wait_room(self, timeout: float) -> bool:
+        """True when `submit` would not block now; waits up to `timeout` for room.  A transport
+        whose own thread must keep writing (MQTT: PUBACKs, keep-alive) checks this instead of
+        blocking inside `submit`."""
+        return self._queue.wait_room(timeout)
+
     def add_ack_flush(self, flush: Callable[[], None]) -> None:
         """Call `flush` after each group of acks (a committed batch, a spooled batch), in the thread
         that acked: a transport may then buffer its acks and send them at once (one PUBACK write, one

@@ -64,6 +64,16 @@ class UplinkQueue(Generic[T]):
         if wake and not self._ready.is_set():
             self._ready.set()
 
+    def wait_room(self, timeout: float) -> bool:
+        """True when a `put` would not block now (or the queue is closed: the put raises); waits up
+        to `timeout` for a take to make room."""
+        if len(self._items) < self._max:          # the common case, without the lock
+            return True
+        with self._lock:
+            if len(self._items) >= self._max and not self._closed and timeout > 0:
+                self._room.wait(timeout)
+            return len(self._items) < self._max or self._closed
+
     def take(self, n: int, max_age_s: float, idle_s: float = 0.0,
              idle_ok: Callable[[], bool] | None = None) -> tuple[list[T], bool]:
         """Up to `n` items, oldest first: waits for the first one, then until `n` are there,

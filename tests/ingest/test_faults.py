@@ -472,9 +472,10 @@ class Acks:
         self.flushes = []
         self.batched = batched
 
-    def ingest(self, settings, received):
+    def ingest(self, settings, received, read_gate=None):
         from ingest.mqtt import MqttIngest
-        return MqttIngest(settings, received, ack_flush=self.flushes.append if self.batched else None)
+        return MqttIngest(settings, received, ack_flush=self.flushes.append if self.batched else None,
+                          read_gate=read_gate)
 
     def ack(self, uplinks) -> None:
         for u in uplinks:
@@ -482,11 +483,11 @@ class Acks:
         for flush in self.flushes:
             flush()
 
-    def connected(self, own: MosquittoProcess, name: str, received: Received, **settings):
+    def connected(self, own: MosquittoProcess, name: str, received: Received, read_gate=None, **settings):
         """An ingest of a fresh client id and topic prefix, connected to `own`, and a publisher there."""
         settings = Settings(mqtt_url=own.url, mqtt_client_id=f"{name}-{uuid.uuid4().hex[:6]}",
                             mqtt_topic_prefix=f"{name}{uuid.uuid4().hex[:6]}", **settings)
-        ingest = self.ingest(settings, received)
+        ingest = self.ingest(settings, received, read_gate)
         ingest.start()
         assert ingest.wait_connected(10)
         pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id=f"{name}-pub")
@@ -578,6 +579,53 @@ def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(
         ingest.stop()
         assert ingest.counters["stale_acks"] == 0
         after = Ingest(settings, received)
+        after.start()
+        assert after.wait_connected(30) and _wait(lambda: len(received.uplinks) == 30, 30)
+        time.sleep(0.5)
+        after.stop()
+        assert sorted(u.payload for u in received.take()) == sorted(b"n%d" % i for i in range(30))
+        pub.close()
+
+
+class Gate:
+    """A pipeline's `wait_room` stand-in: open, or closed (waits its timeout, then says no room)."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.refused = 0
+
+    def __call__(self, timeout: float) -> bool:
+        if self.open:
+            return True
+        self.refused += 1
+        time.sleep(timeout)
+        return False
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_full_queue_stops_reading_but_not_acknowledging(batched):
+    """While the pipeline has no room (the read gate is closed) the network thread reads nothing,
+    yet the PUBACKs of what was committed meanwhile reach the broker (it does not resend them) and
+    the connection closes cleanly; what arrived meanwhile is redelivered."""
+    acks = Acks(batched)
+    received = Received()
+    gate = Gate()
+    with _own_broker() as own:
+        settings, ingest, pub = acks.connected(own, "q", received, read_gate=gate)
+        for i in range(50):
+            pub.publish(f"dev{i}", b"h%d" % i)
+        assert pub.flush(10) and _wait(lambda: len(received.uplinks) == 50, 10)
+        gate.open = False
+        for i in range(30):
+            pub.publish(f"dev{i}", b"n%d" % i)
+        assert pub.flush(10) and _wait(lambda: gate.refused > 10, 10)
+        time.sleep(0.3)
+        assert len(received.uplinks) == 50                      # the queue is "full": nothing new taken
+        acks.ack(received.take())                               # committed while full: acknowledged
+        time.sleep(0.5)
+        ingest.stop()
+        assert ingest.counters["stale_acks"] == 0
+        after = acks.ingest(settings, received)
         after.start()
         assert after.wait_connected(30) and _wait(lambda: len(received.uplinks) == 30, 30)
         time.sleep(0.5)

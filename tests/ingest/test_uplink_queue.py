@@ -100,6 +100,19 @@ def test_a_pause_ends_the_batch_only_once_the_consumer_is_idle():
     assert len(asked) == 4
 
 
+def test_wait_room_says_whether_a_put_would_block():
+    q: UplinkQueue[int] = UplinkQueue(2)
+    assert q.wait_room(0)
+    q.put(1)
+    q.put(2)
+    assert not q.wait_room(0) and not q.wait_room(0.01)
+    threading.Timer(0.05, q.take, args=(1, 0)).start()
+    assert q.wait_room(30)                          # woken by the take that made room
+    q.put(3)
+    q.close()
+    assert q.wait_room(0)                           # closed: the put raises instead of blocking
+
+
 def test_close_hands_out_what_is_left_then_says_done_and_refuses_puts():
     q: UplinkQueue[int] = UplinkQueue(100)
     for i in range(7):
