@@ -254,9 +254,14 @@ def publish_worker(job: PublishJob, ready, go, results) -> None:
 
 # --------------------------------------------------------------------------- bare subscriber
 
-def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, expected: int, ready, results,
-                    protocol: str = "5") -> None:
-    """The broker's ceiling for one paho client: QoS 1, the gateway's protocol, auto-ack, count only."""
+SHARED_IDLE_S = 2.0
+
+
+def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, expected: int | None, ready,
+                    results, protocol: str = "5") -> None:
+    """The broker's ceiling for one paho client: QoS 1, the gateway's protocol, auto-ack, count only.
+    `expected` None (one of several on a shared subscription, share unknown): done once no message
+    came for `SHARED_IDLE_S`; the time of the last one is kept (one `time.time()` a message)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -273,10 +278,21 @@ def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, exp
             state["t_last"] = time.time()
             done.set()
 
+    def on_shared_message(client, userdata, msg):
+        state["n"] += 1
+        state["t_last"] = time.time()
+        if state["n"] == 1:
+            state["t_first"] = state["t_last"]
+
+    def idle_watch() -> None:
+        while not (state["n"] and time.time() - state["t_last"] > SHARED_IDLE_S):
+            time.sleep(0.1)
+        done.set()
+
     v5 = protocol == "5"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-    client.on_message = on_message
+    client.on_message = on_message if expected is not None else on_shared_message
     client.on_subscribe = lambda *a: ready.release()
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
     if v5:
@@ -286,6 +302,8 @@ def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, exp
     else:
         client.connect(host, port, keepalive=30)
     client.loop_start()
+    if expected is None:
+        threading.Thread(target=idle_watch, daemon=True).start()
     finished = done.wait(600)
     client.disconnect()
     client.loop_stop()
@@ -333,7 +351,7 @@ def naive_pipeline(host: str, port: int, topic_filter: str, client_id: str, db_u
             done.set()
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-    client.on_message = on_message
+    client.on_message = on_message if expected is not None else on_shared_message
     client.on_subscribe = lambda *a: ready.release()
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
     client.connect(host, port, keepalive=60)

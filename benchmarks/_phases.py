@@ -131,27 +131,35 @@ def _usage_dict(wall: float, usage: dict, machine: float) -> dict:
 
 # --------------------------------------------------------------------------- ceiling 1: the broker alone
 
-def run_bare_subscriber(bench: Bench, rounds: int) -> dict:
-    """Same publishers, same frames, into one paho subscriber that only counts."""
+def run_bare_subscriber(bench: Bench, rounds: int, processes: int = 1) -> dict:
+    """Same publishers, same frames, into paho subscribers that only count: one, or `processes` on
+    one shared subscription (the machine's ceiling for as many gateways)."""
     prefix, base = bench.next_run()
     n = len(bench.device_ids) * rounds
     host, port = bench.host_port
     ready, results = SPAWN.Semaphore(0), SPAWN.Queue()
-    sub = SPAWN.Process(target=bare_subscriber, args=(host, port, f"{prefix}/up/+", f"{prefix}-bare", n, ready,
-                                                      results, bench.mqtt_protocol), daemon=True)
-    sub.start()
-    if not ready.acquire(timeout=60):
-        raise RuntimeError("the bare subscriber did not subscribe")
+    topic_filter = f"{prefix}/up/+" if processes == 1 else f"$share/{prefix}b/{prefix}/up/+"
+    subs = [SPAWN.Process(target=bare_subscriber, args=(host, port, topic_filter, f"{prefix}-bare{k}",
+                                                        n if processes == 1 else None, ready, results,
+                                                        bench.mqtt_protocol), daemon=True)
+            for k in range(processes)]
+    for sub in subs:
+        sub.start()
+    for _ in subs:
+        if not ready.acquire(timeout=60):
+            raise RuntimeError("a bare subscriber did not subscribe")
     pub = start_publishers(bench, prefix, base, rounds, keep_times=False)
-    sampler = Sampler({"subscriber": [sub.pid], "broker": [bench.broker.proc.pid],
+    sampler = Sampler({"subscriber": [sub.pid for sub in subs], "broker": [bench.broker.proc.pid],
                        "publishers": [p.pid for p in pub.procs]})
     pub.go()
     pubs = pub.wait()
-    got = results.get(timeout=900)
+    got = [results.get(timeout=900) for _ in subs]
     wall, usage, machine = sampler.stop()
-    sub.join(30)
+    for sub in subs:
+        sub.join(30)
     t0 = min(r["t_first"] for r in pubs)
-    return {"messages": n, "received": got["received"], "rate": _rate(n, t0, got["t_last"]),
+    return {"messages": n, "received": sum(g["received"] for g in got),
+            "rate": _rate(n, t0, max(g["t_last"] for g in got)),
             "publish_rate": _rate(n, t0, max(r["t_acked"] for r in pubs)), **_usage_dict(wall, usage, machine)}
 
 
