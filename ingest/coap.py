@@ -205,6 +205,7 @@ class CoapIngest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: aiocoap.Context | None = None
         self._front: DatagramFront | None = None
+        self._tasks: set[asyncio.Task] = set()        # the front's requests that needed a task
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._closing = False
@@ -341,7 +342,7 @@ class CoapIngest:
         query = _query(query_items)
         verdict = self._credentials.cached(device_id, (query.get("t") or [None])[0])
         if verdict is None or (query.get("ack") and self._downlinks is not None):
-            self._loop.create_task(self._answer_later(ex, device_id, content_format, payload, query))
+            self._spawn(self._answer_later(ex, device_id, content_format, payload, query))
             return None
         refusal = self._admit(verdict, device_id) or self._enqueue(
             device_id, payload, content_format, _peer(ex.addr), partial(self._ack, ex, device_id))
@@ -349,6 +350,12 @@ class CoapIngest:
             return self._front.answer(ex, refusal)
         self._inflight += 1
         return None
+
+    def _spawn(self, coro) -> None:
+        """Run `coro` as a task, referenced until done (the loop keeps only weak references)."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer_later(self, ex: Exchange, device_id: str, content_format, payload: bytes, query) -> None:
         try:
@@ -507,7 +514,7 @@ class CoapIngest:
                 continue
             response = self._answer_for(outcome, device_id)
             if response is CLAIM:
-                self._loop.create_task(self._answer_with_downlink(waiter, device_id))
+                self._spawn(self._answer_with_downlink(waiter, device_id))
                 continue
             self._inflight -= 1
             self._front.answer(waiter, response)

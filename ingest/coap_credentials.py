@@ -63,6 +63,7 @@ class DeviceCredentials:
         self._wanted: set[str] = set()                    # ids the next query reads
         self._next_lookup: asyncio.Future | None = None   # resolved with (entries, error) by that query
         self._looking_up = False
+        self._lookup_task: asyncio.Task | None = None
         self.lookups = 0                                  # queries run (each for a set of ids)
 
     def cached(self, device_id: str, token: str | None) -> str | None:
@@ -94,7 +95,7 @@ class DeviceCredentials:
         waiter = self._next_lookup
         if not self._looking_up:
             self._looking_up = True
-            loop.create_task(self._look_up_wanted(executor))
+            self._lookup_task = loop.create_task(self._look_up_wanted(executor))   # referenced until done
         entries, error = await asyncio.shield(waiter)    # shared: one cancelled request must not cancel it
         if error is None:
             return entries[device_id]

@@ -216,6 +216,11 @@ class DownlinkService:
                 self._conn = None
 
     # --------------------------------------------------------------- what transports call
+    @property
+    def any_pending(self) -> bool:
+        """True when some device may have a command waiting (no per-uplink lookups otherwise)."""
+        return bool(self._pending)
+
     def has_pending(self, device_id: str) -> bool:
         """True when the device may have a command waiting (cheap: a set lookup, no I/O)."""
         return device_id in self._pending

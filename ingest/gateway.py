@@ -51,7 +51,7 @@ class Gateway:
                                  more_writers=self.more_writers)
         self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
         self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush,
-                               read_gate=self.pipeline.wait_room)
+                               read_gate=self.pipeline.wait_room, submit_many=self._submit_mqtt_many)
         self.coap = None
         if settings.coap_enabled:
             from .coap import CoapIngest, DeviceCredentials
@@ -124,11 +124,19 @@ class Gateway:
                 "spool": self.pipeline.spool_status(), "metrics": self.pipeline.metrics_snapshot()}
 
     def _submit_mqtt(self, uplink: Uplink) -> None:
+        self.pipeline.submit(self._with_delivery(uplink))
+
+    def _submit_mqtt_many(self, uplinks: list[Uplink]) -> None:
+        if self.downlinks.any_pending:
+            uplinks = [self._with_delivery(u) for u in uplinks]
+        self.pipeline.submit_many(uplinks, "mqtt")
+
+    def _with_delivery(self, uplink: Uplink) -> Uplink:
         # A device with a command waiting gets it once this uplink is committed (it is awake now);
         # the check is a set lookup, so the other uplinks pay nothing.
         if self.downlinks.has_pending(uplink.device_id):
-            uplink = replace(uplink, ack=partial(_then_deliver, uplink.ack, self.downlinks, uplink.device_id))
-        self.pipeline.submit(uplink)
+            return replace(uplink, ack=partial(_then_deliver, uplink.ack, self.downlinks, uplink.device_id))
+        return uplink
 
     def _beat(self) -> None:
         while not self._stop.wait(self._heartbeat_s):

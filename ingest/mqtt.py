@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -80,6 +81,8 @@ class FastClient(mqtt.Client):
     # `read_gate(timeout)`: False while the consumer has no room for another message (it may wait
     # up to `timeout` for some); the network thread then reads nothing and keeps writing instead.
     read_gate: Callable[[float], bool] | None = None
+    # `after_read()`: called after each read burst (what on_message collected can be handed on at once).
+    after_read: Callable[[], None] | None = None
 
     def _create_socket(self):  # noqa: ANN202 - paho's own signature
         return _BufferedSocket(super()._create_socket())
@@ -111,20 +114,24 @@ class FastClient(mqtt.Client):
             # No room for another message: read nothing, so that paho's loop goes on to write (the
             # PUBACKs of committed batches, which free the broker's window) and comes back.
             return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-        rc = super().loop_read(max_packets)
-        sock = self._sock
-        # Handle what the last recv brought in, without a select per packet (bounded, so writes —
-        # our PUBACKs — and keep-alive get their turn).
-        for _ in range(_READ_BURST):
-            if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or self._sock is not sock \
-                    or not sock.buffered or (gate is not None and not gate(0)):
-                break
-            rc = self._packet_read()
-            if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
-                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-        return rc
+        try:
+            rc = super().loop_read(max_packets)
+            sock = self._sock
+            # Handle what the last recv brought in, without a select per packet (bounded, so writes —
+            # our PUBACKs — and keep-alive get their turn).
+            for _ in range(_READ_BURST):
+                if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or self._sock is not sock \
+                        or not sock.buffered or (gate is not None and not gate(0)):
+                    break
+                rc = self._packet_read()
+                if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
+                    return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+                if rc > 0:
+                    return self._loop_rc_handle(rc)
+            return rc
+        finally:
+            if self.after_read is not None:
+                self.after_read()
 
 
 _READ_BURST = 256
@@ -178,17 +185,24 @@ class MqttIngest:
 
     def __init__(self, settings: Settings, submit: Callable[[Uplink], None], *,
                  ack_flush: Callable[[Callable[[], None]], None] | None = None,
-                 read_gate: Callable[[float], bool] | None = None) -> None:
+                 read_gate: Callable[[float], bool] | None = None,
+                 submit_many: Callable[[list[Uplink]], None] | None = None) -> None:
         """`ack_flush`, when given (`Pipeline.add_ack_flush`), registers `flush_acks` to run after each
         batch's acks: PUBACKs are then buffered and written together, once per batch.  `read_gate`
         (`Pipeline.wait_room`): messages are read only while `submit` has room, so paho's network
-        thread never blocks in `submit` and keeps writing PUBACKs while the queue is full."""
+        thread never blocks in `submit` and keeps writing PUBACKs while the queue is full.
+        `submit_many`: the messages of one read burst (≤ 257) go to it together instead of one by one
+        to `submit`."""
         self._settings = settings
         self._submit = submit
         self._prefix = f"{settings.mqtt_topic_prefix}/up/"
         self._client = make_client(settings, settings.mqtt_client_id, manual_ack=True)
         if read_gate is not None:
             self._client.read_gate = read_gate
+        self._submit_many = submit_many
+        self._burst: list[Uplink] = []             # this read burst's uplinks, for `submit_many`
+        if submit_many is not None:
+            self._client.after_read = self._submit_burst
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -198,7 +212,7 @@ class MqttIngest:
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
         self._ack_lock = threading.Lock()
         self._batched = ack_flush is not None
-        self._acks: list[tuple[int, int]] = []      # (mid, generation) waiting for flush_acks
+        self._acks: deque[tuple[int, int]] = deque()  # (mid, generation) waiting for flush_acks
         if ack_flush is not None:
             ack_flush(self.flush_acks)
         self._subscribe_mid: int | None = None
@@ -279,23 +293,38 @@ class MqttIngest:
             device_id = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""
             if "/" in device_id:
                 device_id = ""
-            ack = _PubAck(self, msg.mid, self._generation) if msg.qos > 0 else _nothing
+            if msg.qos == 0:
+                ack = _nothing
+            elif self._batched:              # the writer threads append, `flush_acks` takes (no lock each)
+                ack = _QueuedAck(self._acks.append, (msg.mid, self._generation))
+            else:
+                ack = _PubAck(self, msg.mid, self._generation)
             if not device_id:
                 self.counters["bad_topic"] += 1
             # The topic says nothing the row does not when it names the device: only odd ones are kept.
-            self._submit(Uplink(device_id=device_id or f"?{topic}", payload=msg.payload, transport="mqtt",
-                                received_at=time.time(), meta=_NO_META if device_id else {"topic": topic},
-                                ack=ack))
+            uplink = Uplink(device_id=device_id or f"?{topic}", payload=msg.payload, transport="mqtt",
+                            received_at=time.time(), meta=_NO_META if device_id else {"topic": topic}, ack=ack)
+            if self._submit_many is not None:
+                self._burst.append(uplink)
+            else:
+                self._submit(uplink)
             self.counters["messages"] += 1
         except Exception:
             log.exception("uplink on %s (%d bytes) could not be queued", msg.topic, len(msg.payload))
 
+    def _submit_burst(self) -> None:
+        """After each read burst (paho's network thread): its uplinks to the pipeline at once."""
+        if not self._burst:
+            return
+        burst, self._burst = self._burst, []
+        try:
+            self._submit_many(burst)
+        except Exception:      # not queued, not acknowledged: the broker redelivers them
+            log.exception("%d uplinks could not be queued", len(burst))
+
     def _puback(self, mid: int, generation: int) -> None:
         # Rejected uplinks are committed too (rejects table): every outcome is acknowledged.
         with self._ack_lock:
-            if self._batched:
-                self._acks.append((mid, generation))
-                return
             if generation != self._generation:
                 self.counters["stale_acks"] += 1      # the broker resends it on the new connection
                 return
@@ -304,10 +333,12 @@ class MqttIngest:
     def flush_acks(self) -> None:
         """Send the buffered PUBACKs of the current connection as one write (4 bytes each, the same
         packets `client.ack` would queue one by one); acks of an ended connection are dropped."""
-        with self._ack_lock:
-            acks, self._acks = self._acks, []
-            if not acks:
+        with self._ack_lock:             # more than one writer thread flushes
+            n = len(self._acks)
+            if not n:
                 return
+            take = self._acks.popleft
+            acks = [take() for _ in range(n)]
             mids = [mid for mid, generation in acks if generation == self._generation]
             self.counters["stale_acks"] += len(acks) - len(mids)
             if not mids:
@@ -321,6 +352,19 @@ class MqttIngest:
             # §3.4.2.1, a PUBACK of reason Success without properties is the same 4 bytes).
             packets = (np.asarray(mids, dtype=np.uint32) | np.uint32(0x40020000)).astype(">u4").tobytes()
             queue_packet(PUBACK, packets, 0, 0)
+
+
+class _QueuedAck:
+    """An uplink's ack when PUBACKs are batched: (mid, generation) queued for `flush_acks`."""
+
+    __slots__ = ("_append", "_item")
+
+    def __init__(self, append: Callable[[tuple[int, int]], None], item: tuple[int, int]) -> None:
+        self._append = append
+        self._item = item
+
+    def __call__(self, outcome: Outcome) -> None:
+        self._append(self._item)
 
 
 class _PubAck:

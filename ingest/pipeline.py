@@ -95,6 +95,12 @@ class Pipeline:
         self._queue.put(uplink)
         self.counters[f"received.{uplink.transport}"] += 1
 
+    def submit_many(self, uplinks: list[Uplink], transport: str) -> None:
+        """`submit` for a group of uplinks of one transport (one queue operation for all of them)."""
+        if uplinks:
+            self._queue.put_many(uplinks)
+            self.counters[f"received.{transport}"] += len(uplinks)
+
     def wait_room(self, timeout: float) -> bool:
         """True when `submit` would not block now; waits up to `timeout` for room.  A transport
         whose own thread must keep writing (MQTT: PUBACKs, keep-alive) checks this instead of

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -46,6 +46,11 @@ class UplinkQueue(Generic[T]):
 
     def put(self, item: T, timeout: float | None = None) -> None:
         """Append `item`; blocks while the queue is full (raises TimeoutError after `timeout` s)."""
+        self.put_many((item,), timeout)
+
+    def put_many(self, items: Sequence[T], timeout: float | None = None) -> None:
+        """Append `items` at once, in order; blocks while the queue is full.  Once there is room they
+        all go in: the queue may exceed its bound by `len(items) - 1` (a caller puts small groups)."""
         with self._lock:
             if self._closed:
                 raise Closed("the queue is closed")
@@ -58,7 +63,7 @@ class UplinkQueue(Generic[T]):
                     self._room.wait(remaining)
                     if self._closed:
                         raise Closed("the queue is closed")
-            self._items.append(item)
+            self._items.extend(items)
             self._last_put = time.monotonic()
             wake = len(self._items) >= self._want
         if wake and not self._ready.is_set():

@@ -40,7 +40,10 @@ class WriteSet:
     blocks: list[tuple[str, tuple[str, ...], list[Column], int]] = field(default_factory=list)   # columnar rows
     rejects: list[tuple] = field(default_factory=list)
     raw: list[tuple] = field(default_factory=list)
-    seen: dict[str, tuple[float, float, int]] = field(default_factory=dict)   # device -> (first, last, count)
+    # Device liveness (device_state): one (device, received_at) per stored uplink, aggregated at
+    # write time with numpy (`liveness`) rather than merged in Python per uplink.
+    seen_ids: list[str] = field(default_factory=list)
+    seen_at: list[float] = field(default_factory=list)
     days: set[date] = field(default_factory=set)
     outcomes: dict[int, Outcome] = field(default_factory=dict)          # id(uplink) -> outcome
     codecs: dict[int, str] = field(default_factory=dict)                # id(uplink) -> codec (metrics)
@@ -93,16 +96,20 @@ class WriteSet:
         if not n:
             return
         metas = [json.dumps(u.meta, default=str) if u.meta else None for u in uplinks]
+        ids = [u.device_id for u in uplinks]
         self.add_block("raw_uplinks", RAW_COLUMNS, [
-            Column("timestamp with time zone", received_at), Column("text", [u.device_id for u in uplinks]),
+            Column("timestamp with time zone", received_at), Column("text", ids),
             Column("text", [u.transport for u in uplinks]), Column("bytea", [u.payload for u in uplinks]),
             Column("jsonb", metas), Column("text", ["stored"] * n)], n)
         first_day = datetime.fromtimestamp(float(received_at.min()), UTC).date()
         last_day = datetime.fromtimestamp(float(received_at.max()), UTC).date()
         self.days.update(first_day + timedelta(days=k) for k in range((last_day - first_day).days + 1))
         self.stored += n
-        for u in uplinks:
-            self._stored(u, codec)
+        origin = self.origin
+        keys = [origin.get(id(u), id(u)) for u in uplinks] if origin else [id(u) for u in uplinks]
+        self.codecs.update(dict.fromkeys(keys, codec))
+        self.seen_ids.extend(ids)
+        self.seen_at.extend(received_at.tolist())
 
     def add_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if rows:
@@ -124,8 +131,21 @@ class WriteSet:
         """A stored uplink's codec (metrics) and its device's liveness (device_state)."""
         if codec:
             self.codecs[self.origin.get(id(u), id(u))] = codec
-        first, last, count = self.seen.get(u.device_id, (u.received_at, u.received_at, 0))
-        self.seen[u.device_id] = (min(first, u.received_at), max(last, u.received_at), count + 1)
+        self.seen_ids.append(u.device_id)
+        self.seen_at.append(u.received_at)
+
+    def liveness(self) -> tuple[list[str], list[float], list[float], list[int]]:
+        """Per device with stored uplinks, in sorted order (every writer locks device_state rows in
+        this one order, so concurrent batches cannot deadlock): first and last received_at, count."""
+        if not self.seen_ids:
+            return [], [], [], []
+        devices, which = np.unique(np.array(self.seen_ids), return_inverse=True)
+        at = np.asarray(self.seen_at, dtype=np.float64)
+        first = np.full(len(devices), np.inf)
+        last = np.full(len(devices), -np.inf)
+        np.minimum.at(first, which, at)
+        np.maximum.at(last, which, at)
+        return devices.tolist(), first.tolist(), last.tolist(), np.bincount(which, minlength=len(devices)).tolist()
 
 
 _SEEN_UPSERT = """
@@ -191,10 +211,8 @@ class Writer:
                 _copy(cur, "rejected_uplinks", REJECT_COLUMNS, ws.rejects)
             if ws.raw:
                 _copy(cur, "raw_uplinks", RAW_COLUMNS, ws.raw)
-            if ws.seen:
-                ids = sorted(ws.seen)       # one lock order for every gateway: no deadlock between replicas
-                cur.execute(_SEEN_UPSERT, (ids, [ws.seen[d][0] for d in ids],
-                                           [ws.seen[d][1] for d in ids], [ws.seen[d][2] for d in ids]))
+            if ws.seen_ids:
+                cur.execute(_SEEN_UPSERT, ws.liveness())   # sorted: no deadlock between replicas
 
     def _ensure_days(self, conn: psycopg.Connection, days: set[date]) -> None:
         new = days - self._partition_days

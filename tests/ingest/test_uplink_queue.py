@@ -100,6 +100,20 @@ def test_a_pause_ends_the_batch_only_once_the_consumer_is_idle():
     assert len(asked) == 4
 
 
+def test_put_many_keeps_order_and_waits_only_for_some_room():
+    q: UplinkQueue[int] = UplinkQueue(4)
+    q.put_many([1, 2, 3])
+    q.put_many([4, 5, 6])              # room for one: the group goes in whole (bounded overshoot)
+    assert q.qsize() == 6 and not q.wait_room(0)
+    blocked = threading.Thread(target=q.put_many, args=([7, 8],))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()          # full: waits for a take
+    assert q.take(6, 0) == ([1, 2, 3, 4, 5, 6], False)
+    blocked.join(5)
+    assert q.take(10, 0) == ([7, 8], False)
+
+
 def test_wait_room_says_whether_a_put_would_block():
     q: UplinkQueue[int] = UplinkQueue(2)
     assert q.wait_room(0)
