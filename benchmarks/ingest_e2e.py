@@ -37,6 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
@@ -134,15 +136,30 @@ def stats(values: list[float]) -> tuple[float, float, float]:
 
 
 class Report:
-    def __init__(self) -> None:
+    def __init__(self, admin_url: str | None = None) -> None:
         self.runs: list[dict[str, dict]] = []
         self.once: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
+        self._admin_url = admin_url
+
+    def checkpoint(self) -> None:
+        """CHECKPOINT before each phase: one phase's dirty pages and WAL are not flushed during the
+        next (with the stock max_wal_size of 1 GB a checkpoint otherwise lands in every few phases,
+        and its writes compete with the phase's commits).  Needs a superuser; skipped without one."""
+        if self._admin_url is None:
+            return
+        try:
+            with psycopg.connect(self._admin_url, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")
+        except psycopg.Error as exc:
+            self.say(f"(no CHECKPOINT between phases: {str(exc).splitlines()[0]})")
+            self._admin_url = None
 
     def say(self, text: str) -> None:
         print(text, flush=True)
 
     def phase(self, repeat: int, key: str, fn) -> dict | None:
+        self.checkpoint()
         t0 = time.time()
         try:
             result = fn()
@@ -216,7 +233,7 @@ def main(argv=None) -> int:
     from _phases import make_bench, run_bare_subscriber, run_copy, run_gateway, run_naive, run_pipeline_alone, workdir
     from iotjx.broker import MosquittoProcess
 
-    report = Report()
+    report = Report(args.pg_admin_url)
     info = machine()
     report.say(f"machine: {info['nproc']} cores, load {info['loadavg']}; Python {info['python']}, "
                f"{' '.join(info['mosquitto'])}, paho {info['paho']}, psycopg {info['psycopg']}, numba {info['numba']}")
