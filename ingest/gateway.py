@@ -41,7 +41,7 @@ class Gateway:
                                        cache_max=settings.registry_cache_max)
         self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
         self.more_writers = [Writer(lambda k=k: connect(url, application_name=f"iotjx-writer{k}"))
-                             for k in range(1, settings.db_writers)]
+                             for k in range(1, settings.database_writers)]
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000,
                                  batch_idle_s=settings.batch_idle_ms / 1000, queue_max=settings.queue_max,
