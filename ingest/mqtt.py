@@ -83,6 +83,8 @@ class FastClient(mqtt.Client):
     read_gate: Callable[[float], bool] | None = None
     # `after_read()`: called after each read burst (what on_message collected can be handed on at once).
     after_read: Callable[[], None] | None = None
+    # `on_uplink(topic, payload, mid, qos)`: MQTT 3.1.1 QoS 0/1 messages, instead of on_message.
+    on_uplink: Callable[[str, bytes, int, int], None] | None = None
 
     def _create_socket(self):  # noqa: ANN202 - paho's own signature
         return _BufferedSocket(super()._create_socket())
@@ -90,6 +92,26 @@ class FastClient(mqtt.Client):
     def message_callback_add(self, sub: str, callback) -> None:  # noqa: ANN001
         self._filtered = True
         super().message_callback_add(sub, callback)
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        # An MQTT 3.1.1 PUBLISH at QoS 0 or 1 goes to `on_uplink` as (topic, payload, mid, qos):
+        # paho would build an MQTTMessage (with a threading.Condition in its MQTTMessageInfo), format
+        # a debug line and call on_message under its callback lock, ~25 % of its thread here.
+        on_uplink = self.on_uplink
+        if on_uplink is None or self._filtered or self._protocol == mqtt.MQTTv5:
+            return super()._handle_publish()
+        parsed = parse_publish(self._in_packet["command"], self._in_packet["packet"])
+        if parsed is None:                   # QoS 2, an empty or non-UTF-8 topic, a short packet: paho's
+            return super()._handle_publish()
+        try:
+            on_uplink(*parsed)
+        except Exception as err:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+            if not self.suppress_exceptions:
+                raise
+        if parsed[3] == 1 and not self._manual_ack:
+            return self._send_puback(parsed[2])
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
         # paho matches every message's topic against the per-topic callbacks (a generator over its
@@ -132,6 +154,26 @@ class FastClient(mqtt.Client):
         finally:
             if self.after_read is not None:
                 self.after_read()
+
+
+def parse_publish(command: int, packet: bytes) -> tuple[str, bytes, int, int] | None:
+    """(topic, payload, packet id, QoS) of an MQTT 3.1.1 PUBLISH (`command`: the fixed header's first
+    byte; `packet`: what follows the remaining length), or None for what paho should decode: QoS 2,
+    an empty topic (a protocol error), a topic that is not UTF-8, a packet too short to hold its
+    header (MQTT 3.1.1 §3.3)."""
+    qos = (command & 0x06) >> 1
+    if qos > 1 or len(packet) < 2:
+        return None
+    end = 2 + (packet[0] << 8 | packet[1])
+    if end == 2 or len(packet) < end + (2 if qos else 0):
+        return None
+    try:
+        topic = packet[2:end].decode()
+    except UnicodeDecodeError:
+        return None
+    if qos:
+        return topic, packet[end + 2:], packet[end] << 8 | packet[end + 1], 1
+    return topic, packet[end:], 0, 0
 
 
 _READ_BURST = 256
@@ -207,6 +249,7 @@ class MqttIngest:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_uplink = self._on_uplink
         self._stopping = False
         self._paused = False
         self._generation = 0                 # bumped when a connection ends: acks of older ones are dropped
@@ -285,24 +328,32 @@ class MqttIngest:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+        """paho's callback (MQTT 5, QoS 2); 3.1.1 messages at QoS 0/1 come to `_on_uplink` directly."""
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            log.error("PUBLISH with a topic that is not UTF-8 (%d bytes): not taken", len(msg.payload))
+            return
+        self._on_uplink(topic, msg.payload, msg.mid, msg.qos)
+
+    def _on_uplink(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         if self._paused:
             self.counters["left_for_redelivery"] += 1
             return
         try:
-            topic = msg.topic
             device_id = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""
             if "/" in device_id:
                 device_id = ""
-            if msg.qos == 0:
+            if qos == 0:
                 ack = _nothing
             elif self._batched:              # the writer threads append, `flush_acks` takes (no lock each)
-                ack = _QueuedAck(self._acks.append, (msg.mid, self._generation))
+                ack = _QueuedAck(self._acks.append, (mid, self._generation))
             else:
-                ack = _PubAck(self, msg.mid, self._generation)
+                ack = _PubAck(self, mid, self._generation)
             if not device_id:
                 self.counters["bad_topic"] += 1
             # The topic says nothing the row does not when it names the device: only odd ones are kept.
-            uplink = Uplink(device_id=device_id or f"?{topic}", payload=msg.payload, transport="mqtt",
+            uplink = Uplink(device_id=device_id or f"?{topic}", payload=payload, transport="mqtt",
                             received_at=time.time(), meta=_NO_META if device_id else {"topic": topic}, ack=ack)
             if self._submit_many is not None:
                 self._burst.append(uplink)
@@ -310,7 +361,7 @@ class MqttIngest:
                 self._submit(uplink)
             self.counters["messages"] += 1
         except Exception:
-            log.exception("uplink on %s (%d bytes) could not be queued", msg.topic, len(msg.payload))
+            log.exception("uplink on %s (%d bytes) could not be queued", topic, len(payload))
 
     def _submit_burst(self) -> None:
         """After each read burst (paho's network thread): its uplinks to the pipeline at once."""
