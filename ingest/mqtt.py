@@ -73,9 +73,11 @@ class FastClient(mqtt.Client):
     Stock paho reads a packet with three `recv` calls (command byte, length, body) and one `select`
     per packet: at QoS 1 rates that is most of its network thread.  Here one `recv` takes up to
     64 KiB, the packets in it are handled in one pass, and `pending()` tells paho's loop not to wait
-    in `select` while buffered bytes remain (the hook paho has for TLS sockets).  Overrides
-    protected methods of paho 2.2 (`_create_socket`, `_handle_on_message`; `loop_read` calls
-    `_packet_read`), hence the pin in pyproject.toml; every MQTT test runs through it."""
+    in `select` while buffered bytes remain (the hook paho has for TLS sockets).  With `read_gate`
+    it reads only while the consumer has room; with `on_uplink` an MQTT 3.1.1 PUBLISH at QoS 0/1
+    skips paho's MQTTMessage.  Overrides protected methods of paho 2.2 (`_create_socket`,
+    `_handle_publish`, `_handle_on_message`; `loop_read` calls `_packet_read`, reads `_in_packet`),
+    hence the pin in pyproject.toml; every MQTT test runs through it."""
 
     _filtered = False         # message_callback_add used: paho's topic matching is needed
     # `read_gate(timeout)`: False while the consumer has no room for another message (it may wait
