@@ -76,7 +76,7 @@ def test_a_pause_in_the_input_ends_the_batch_without_waiting_for_the_age():
     q: UplinkQueue[int] = UplinkQueue(100_000)
     burst = threading.Thread(target=lambda: [q.put(i) for i in range(5000)])
     burst.start()
-    batch, done = q.take(100_000, 3600, idle_s=0.5)
+    batch, done = q.take(100_000, 3600, idle_s=2.0)
     burst.join()
     assert (batch, done) == (list(range(5000)), False)
     q.put(5000)
