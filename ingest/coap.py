@@ -340,16 +340,37 @@ class CoapIngest:
         if refusal is not None:
             return self._front.answer(ex, refusal)
         query = _query(query_items)
-        verdict = self._credentials.cached(device_id, (query.get("t") or [None])[0])
-        if verdict is None or (query.get("ack") and self._downlinks is not None):
+        if query.get("ack") and self._downlinks is not None:      # a downlink ack to record first
             self._spawn(self._answer_later(ex, device_id, content_format, payload, query))
             return None
-        refusal = self._admit(verdict, device_id) or self._enqueue(
-            device_id, payload, content_format, _peer(ex.addr), partial(self._ack, ex, device_id))
-        if refusal is not None:
-            return self._front.answer(ex, refusal)
+        token = (query.get("t") or [None])[0]
+        verdict = self._credentials.cached(device_id, token)
+        take = partial(self._take_checked, ex, device_id, content_format, payload)
+        if verdict is None:          # read with the other misses, then on (a callback, not a task)
+            self._inflight += 1      # held while the lookup runs: `stop` waits for it
+            self._credentials.check_then(device_id, token, self._executor, take)
+            return None
         self._inflight += 1
-        return None
+        return take(verdict)
+
+    def _take_checked(self, ex: Exchange, device_id: str, content_format, payload: bytes,
+                      verdict: str | None) -> None:
+        """The front's uplink once its credential verdict is known (None: it cannot be checked now)."""
+        self._inflight -= 1
+        try:
+            if verdict is None:
+                self.counters["unavailable"] += 1
+                refusal = Unavailable("credentials cannot be checked now (database unreachable)").to_message()
+            else:
+                refusal = self._admit(verdict, device_id) or self._enqueue(
+                    device_id, payload, content_format, _peer(ex.addr), partial(self._ack, ex, device_id))
+        except Exception:
+            log.exception("CoAP uplink from %s not handled", device_id)
+            refusal = _response(codes.INTERNAL_SERVER_ERROR)
+        if refusal is not None:
+            self._front.answer(ex, refusal)
+        else:
+            self._inflight += 1      # until its answer (`_answer_acked`)
 
     def _spawn(self, coro) -> None:
         """Run `coro` as a task, referenced until done (the loop keeps only weak references)."""

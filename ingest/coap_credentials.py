@@ -87,7 +87,24 @@ class DeviceCredentials:
         entry = self._cache.get(device_id)
         return _verdict(await self._lookup(device_id, entry, executor), token)
 
-    async def _lookup(self, device_id: str, cached, executor):
+    def check_then(self, device_id: str, token: str | None, executor,
+                   callback: Callable[[str | None], None]) -> None:
+        """`check` without a task of the caller's own (in the event loop's thread): `callback(verdict)`
+        once the device's record is read, or `callback(None)` when the database is away and the device
+        is not cached."""
+        cached = self._cache.get(device_id)
+
+        def read(waiter: asyncio.Future) -> None:
+            entries, error = waiter.result()
+            if error is None:
+                callback(_verdict(entries[device_id], token))
+            else:                       # the database is away: what we knew still holds
+                callback(None if cached is None else _verdict(cached, token))
+
+        self._want(device_id, executor).add_done_callback(read)
+
+    def _want(self, device_id: str, executor) -> asyncio.Future:
+        """The future of the next batched lookup, which will read `device_id`."""
         loop = asyncio.get_running_loop()
         self._wanted.add(device_id)
         if self._next_lookup is None:
@@ -96,6 +113,10 @@ class DeviceCredentials:
         if not self._looking_up:
             self._looking_up = True
             self._lookup_task = loop.create_task(self._look_up_wanted(executor))   # referenced until done
+        return waiter
+
+    async def _lookup(self, device_id: str, cached, executor):
+        waiter = self._want(device_id, executor)
         entries, error = await asyncio.shield(waiter)    # shared: one cancelled request must not cancel it
         if error is None:
             return entries[device_id]
