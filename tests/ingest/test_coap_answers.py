@@ -119,6 +119,42 @@ def test_credential_misses_are_read_in_one_query(settings):
     assert credentials.lookups == 1 and again == "ok"
 
 
+def test_check_then_answers_each_miss_from_one_query_and_from_the_cache_while_the_database_is_away(settings):
+    """The datagram front's path: verdicts by callback, misses read together; with the database
+    away a cached device keeps its verdict and an uncached one gets None (the caller answers 5.03)."""
+    db = settings.database_url
+    fleet = [m.device_id for m in make_meters(register_fleet(db, 30, seed=34), seed=34)]
+    with psycopg.connect(db) as conn:
+        tokens = {d: set_device_token(conn, d) for d in fleet[:20]}
+    credentials = DeviceCredentials(lambda: psycopg.connect(db))
+    executor = ThreadPoolExecutor(2)
+
+    async def verdicts(asked: dict) -> dict:
+        loop = asyncio.get_running_loop()
+        got = {d: loop.create_future() for d in asked}
+        for d, t in asked.items():
+            credentials.check_then(d, t, executor, got[d].set_result)
+        return {d: await f for d, f in got.items()}
+
+    def unreachable():
+        raise psycopg.OperationalError("connection refused (simulated outage)")
+
+    try:
+        first = asyncio.run(verdicts({**{d: tokens[d] for d in fleet[:10]}, **{d: "w" * 20 for d in fleet[10:20]},
+                                      **{d: None for d in fleet[20:]}}))
+        lookups = credentials.lookups
+        credentials.close()
+        credentials._connect, credentials._ttl_s = unreachable, 0.0       # every entry stale, lookups fail
+        away = asyncio.run(verdicts({fleet[0]: tokens[fleet[0]], "86999999000000": None}))
+    finally:
+        executor.shutdown()
+        credentials.close()
+    assert first == {**{d: "ok" for d in fleet[:10]}, **{d: "bad_token" for d in fleet[10:20]},
+                     **{d: "no_token" for d in fleet[20:]}}
+    assert lookups == 1
+    assert away == {fleet[0]: "ok", "86999999000000": None}
+
+
 def test_full_pipeline_gets_503_keeps_answering_and_loses_nothing(settings, no_thread_leaks):
     """The pipeline takes nothing (not started, queue of 2): uplinks past the hand-off bound get
     5.03 + Max-Age at once while the loop still answers; once it runs, every accepted uplink gets
