@@ -560,11 +560,23 @@ def test_acks_never_cross_connections(batched):
         assert received.take() == []
 
 
+def _stop_and_expect_redelivered(acks: Acks, ingest, settings, received: Received, payloads: list[bytes]) -> None:
+    """Stop `ingest` with no stale ack; a new ingest under the same client id then gets exactly
+    `payloads` again (what was acknowledged is gone, the rest redelivered)."""
+    ingest.stop()
+    assert ingest.counters["stale_acks"] == 0
+    after = acks.ingest(settings, received)
+    after.start()
+    assert after.wait_connected(30) and _wait(lambda: len(received.uplinks) == len(payloads), 30)
+    time.sleep(0.5)
+    after.stop()
+    assert sorted(u.payload for u in received.take()) == sorted(payloads)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(batched):
     """How a gateway stops cleanly: pause, let the pipeline drain and acknowledge, then disconnect."""
     acks = Acks(batched)
-    Ingest = acks.ingest
     received = Received()
     with _own_broker() as own:
         settings, ingest, pub = acks.connected(own, "p", received)
@@ -576,14 +588,7 @@ def test_a_paused_ingest_takes_nothing_new_and_still_acknowledges_what_it_holds(
             pub.publish(f"dev{i}", b"n%d" % i)                  # arrives while pausing: not taken
         assert pub.flush(10) and _wait(lambda: ingest.counters.get("left_for_redelivery") == 30, 10)
         acks.ack(received.take())                               # the drain: committed, acknowledged
-        ingest.stop()
-        assert ingest.counters["stale_acks"] == 0
-        after = Ingest(settings, received)
-        after.start()
-        assert after.wait_connected(30) and _wait(lambda: len(received.uplinks) == 30, 30)
-        time.sleep(0.5)
-        after.stop()
-        assert sorted(u.payload for u in received.take()) == sorted(b"n%d" % i for i in range(30))
+        _stop_and_expect_redelivered(acks, ingest, settings, received, [b"n%d" % i for i in range(30)])
         pub.close()
 
 
@@ -623,12 +628,5 @@ def test_a_full_queue_stops_reading_but_not_acknowledging(batched):
         assert len(received.uplinks) == 50                      # the queue is "full": nothing new taken
         acks.ack(received.take())                               # committed while full: acknowledged
         time.sleep(0.5)
-        ingest.stop()
-        assert ingest.counters["stale_acks"] == 0
-        after = acks.ingest(settings, received)
-        after.start()
-        assert after.wait_connected(30) and _wait(lambda: len(received.uplinks) == 30, 30)
-        time.sleep(0.5)
-        after.stop()
-        assert sorted(u.payload for u in received.take()) == sorted(b"n%d" % i for i in range(30))
+        _stop_and_expect_redelivered(acks, ingest, settings, received, [b"n%d" % i for i in range(30)])
         pub.close()
