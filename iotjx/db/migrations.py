@@ -310,12 +310,67 @@ def _m5_dedup_windows(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("ALTER TABLE uplink_dedup ADD COLUMN IF NOT EXISTS window_s double precision NOT NULL DEFAULT 86400")
 
 
+def _m6_security(conn: psycopg.Connection, timescale: bool) -> None:
+    """API keys (hashed) with roles and city scopes, the audit log of every write, and the MQTT
+    accounts the broker's password file and ACL are generated from (iotjx/mqtt_accounts.py)."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS api_keys (
+            key_id text PRIMARY KEY,             -- the public part of a key, shown in lists and the audit log
+            name text NOT NULL DEFAULT '',
+            role text NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+            cities integer[],                    -- NULL: every city; else the division codes it may see
+            secret_hash bytea NOT NULL,          -- SHA-256 of the key's secret part; the key is never stored
+            created_at timestamptz NOT NULL DEFAULT now(),
+            created_by text NOT NULL DEFAULT '',
+            revoked_at timestamptz,
+            last_used_at timestamptz)""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS audit_log (
+            audit_id bigserial PRIMARY KEY,
+            at timestamptz NOT NULL DEFAULT now(),
+            actor text NOT NULL,                 -- key:<key_id>, or cli:<os user> for the command line
+            key_id text,
+            method text NOT NULL,                -- POST / PUT / PATCH / DELETE, or the CLI command
+            route text NOT NULL,                 -- the route template, e.g. /devices/{device_id}
+            target text,                         -- what was acted on: a device id, a target id, a key id
+            change jsonb NOT NULL DEFAULT '{}',  -- what changed (never a secret)
+            status integer)                      -- the HTTP status answered""")
+    conn.execute("CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at DESC)")
+    conn.execute("CREATE INDEX IF NOT EXISTS audit_log_key ON audit_log (key_id, at DESC)")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS mqtt_accounts (
+            username text PRIMARY KEY,           -- a device's account is named by its device id
+            role text NOT NULL CHECK (role IN ('device', 'gateway', 'tester')),
+            device_id text UNIQUE REFERENCES devices(device_id) ON DELETE CASCADE,
+            iterations integer NOT NULL CHECK (iterations > 0),
+            salt bytea NOT NULL,
+            password_hash bytea NOT NULL,        -- PBKDF2-HMAC-SHA512 (Mosquitto's $7$, EMQX's pbkdf2)
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            CHECK ((role = 'device') = (device_id IS NOT NULL)),
+            CHECK (role <> 'device' OR username = device_id))""")
+    # Whoever generates the broker's files listens here: an account changed, or a device's status.
+    conn.execute("""
+        CREATE OR REPLACE FUNCTION iotjx_notify_mqtt_accounts() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('iotjx_mqtt_accounts', TG_TABLE_NAME);
+            RETURN NULL;
+        END $$""")
+    conn.execute("DROP TRIGGER IF EXISTS mqtt_accounts_changed ON mqtt_accounts")
+    conn.execute("""CREATE TRIGGER mqtt_accounts_changed AFTER INSERT OR UPDATE OR DELETE ON mqtt_accounts
+                    FOR EACH STATEMENT EXECUTE FUNCTION iotjx_notify_mqtt_accounts()""")
+    conn.execute("DROP TRIGGER IF EXISTS devices_status_changed ON devices")
+    conn.execute("""CREATE TRIGGER devices_status_changed AFTER UPDATE OF status OR DELETE ON devices
+                    FOR EACH STATEMENT EXECUTE FUNCTION iotjx_notify_mqtt_accounts()""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
     Migration(3, "uplink dedup keys", _m3_dedup),
     Migration(4, "CoAP device credentials (hashed); downlinks for sleeping devices", _m4_credentials_downlinks),
     Migration(5, "dedup window per device model", _m5_dedup_windows),
+    Migration(6, "API keys and roles, the audit log, MQTT accounts", _m6_security),
 )
 
 
