@@ -10,12 +10,15 @@ accounts and any gateway/tester accounts made with `iotjx broker account create`
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,6 +81,12 @@ class MosquittoProcess:
         self.workdir = Path(workdir)
         self.topic_prefix = topic_prefix
         self.conf_dir = self.workdir / "accounts"
+        if os.geteuid() == 0 and not _reachable_by_others(self.workdir):
+            # The broker reads these files as the `mosquitto` user (at start and at each reload),
+            # which cannot pass a root-only directory such as pytest's tmp root.
+            self.conf_dir = Path(tempfile.mkdtemp(prefix="iotjx-mq-accounts-"))
+            self.conf_dir.chmod(0o755)
+            atexit.register(shutil.rmtree, self.conf_dir, True)
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # Started as root, mosquitto drops to the `mosquitto` user, which must be able to save
@@ -143,6 +152,12 @@ class MosquittoProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Every directory down to `path` lets other users through (search permission)."""
+    path = path.resolve()
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents) if p.exists())
 
 
 def _own_logins(path: Path) -> tuple[dict[str, str], dict[str, str]]:
