@@ -69,15 +69,17 @@ class MosquittoProcess:
     service listener (gateways, tester), `device_url` the device listener."""
 
     def __init__(self, workdir: Path, port: int | None = None, *, service_port: int | None = None,
-                 topic_prefix: str = "+") -> None:
+                 topic_prefix: str = "+", base: Path = PROJECT_CONF) -> None:
         """`topic_prefix`: the prefix in the ACL; "+" (the default here) lets each test or demo run use
-        a prefix of its own under the same rules."""
+        a prefix of its own under the same rules.  `base`: another configuration to start with (one
+        with a single listener serves devices and services on one port)."""
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if exe is None:
             raise FileNotFoundError("mosquitto is not installed")
         self.exe = exe
         self.device_port = port or free_port()
-        self.port = service_port or free_port()
+        two_listeners = sum(line.startswith("listener ") for line in Path(base).read_text().splitlines()) > 1
+        self.port = (service_port or free_port()) if two_listeners else self.device_port
         self.workdir = Path(workdir)
         self.topic_prefix = topic_prefix
         self.conf_dir = self.workdir / "accounts"
@@ -97,7 +99,7 @@ class MosquittoProcess:
             except (LookupError, PermissionError):
                 log.warning("no `mosquitto` user to own %s; persistence may fail", self.workdir / "data")
         self.conf = self.workdir / "mosquitto.conf"
-        self.conf.write_text(mosquitto_config(self.device_port, self.workdir / "data", service_port=self.port,
+        self.conf.write_text(mosquitto_config(self.device_port, self.workdir / "data", base, service_port=self.port,
                                               conf_dir=self.conf_dir))
         self.gateway_login, self.tester_login = _own_logins(self.conf_dir / "own-logins.json")
         self._own_accounts = _own_accounts(self.gateway_login, self.tester_login)
