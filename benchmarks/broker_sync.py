@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,9 +54,23 @@ def child(url: str, conf_dir: str) -> None:
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def _broker_figures(conf_dir: Path, device_id: str, password: str) -> dict:
-    """Start Mosquitto with the files; time its start and one SIGHUP reload (until a device's CONNECT
-    is answered: the broker's one thread reloads before it answers)."""
+def _connect(port: int, username: str, password: str) -> socket.socket:
+    """A device's MQTT 3.1.1 CONNECT (clean session, user name and password), answered."""
+    def utf8(text: str) -> bytes:
+        raw = text.encode()
+        return len(raw).to_bytes(2, "big") + raw
+    body = utf8("MQTT") + bytes([4, 0xC2]) + (600).to_bytes(2, "big") + utf8("") + utf8(username) + utf8(password)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(bytes([0x10, len(body)]) + body)
+    connack = sock.recv(4)
+    if connack[:2] != b"\x20\x02" or connack[3] != 0:
+        raise ConnectionError(f"refused: {connack.hex()}")
+    return sock
+
+
+def _broker_figures(conf_dir: Path, device_id: str, password: str, connected: dict[str, str]) -> dict:
+    """Start Mosquitto with the files; time its start, then one SIGHUP reload with `connected` devices
+    connected (until another device's CONNECT is answered: the broker's one thread reloads first)."""
     from iotjx.broker import MosquittoProcess
     workdir = Path(tempfile.mkdtemp(prefix="iotjx-bsync-"))
     workdir.chmod(0o755)
@@ -66,14 +81,18 @@ def _broker_figures(conf_dir: Path, device_id: str, password: str) -> dict:
     own.start()
     start_s = time.perf_counter() - started
     rss = _rss_mb(own.proc.pid)
+    socks = [_connect(own.device_port, d, pw) for d, pw in connected.items()]
     started = time.perf_counter()
     os.kill(own.proc.pid, 1)
     time.sleep(0.01)
     ok = subprocess.run(["mosquitto_pub", "-p", str(own.device_port), "-u", device_id, "-P", password,
                          "-t", f"iotjx/up/{device_id}", "-m", "x", "-q", "1"], capture_output=True).returncode == 0
     reload_s = time.perf_counter() - started
+    for sock in socks:
+        sock.close()
     own.stop()
-    return {"broker_start_s": start_s, "broker_reload_s": reload_s, "broker_rss_mb": rss, "device_login_ok": ok}
+    return {"broker_start_s": start_s, "connected": len(socks), "broker_reload_s": reload_s, "broker_rss_mb": rss,
+            "device_login_ok": ok}
 
 
 def _rss_mb(pid: int) -> float:
@@ -87,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--connected", type=int, default=0, help="devices connected during the reload")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -108,15 +128,17 @@ def main() -> None:
                 sync_models(conn)
                 conn.commit()
             fill_s = _fill(url, n)
-            with psycopg.connect(url) as conn:            # one account with a known password, to log in
+            with psycopg.connect(url) as conn:            # accounts with known passwords, to log in
                 known = "860000000000001"
                 password = set_device_password(conn, known)
+                connected = {str(860000000000001 + k): set_device_password(conn, str(860000000000001 + k))
+                             for k in range(1, args.connected + 1) if (860000000000001 + k) % 100}
                 conn.commit()
             conf_dir = Path(tempfile.mkdtemp(prefix="iotjx-bsync-files-"))
             out = subprocess.run([sys.executable, __file__, "--child", url, str(conf_dir)], capture_output=True,
                                  text=True, check=True)
             figures = json.loads(out.stdout.strip().splitlines()[-1])
-            figures.update(_broker_figures(conf_dir, known, password))
+            figures.update(_broker_figures(conf_dir, known, password, connected))
             print(json.dumps({"accounts": n, "fill_s": round(fill_s, 1),
                               **{k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}}),
                   flush=True)
