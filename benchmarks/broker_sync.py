@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def _broker_figures(conf_dir: Path, device_id: str, password: str, connected: di
     for sock in socks:
         sock.close()
     own.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
     return {"broker_start_s": start_s, "connected": len(socks), "broker_reload_s": reload_s, "broker_rss_mb": rss,
             "device_login_ok": ok}
 
@@ -139,6 +141,7 @@ def main() -> None:
                                  text=True, check=True)
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             figures.update(_broker_figures(conf_dir, known, password, connected))
+            shutil.rmtree(conf_dir, ignore_errors=True)
             print(json.dumps({"accounts": n, "fill_s": round(fill_s, 1),
                               **{k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}}),
                   flush=True)
