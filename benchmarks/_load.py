@@ -43,6 +43,19 @@ class PublishJob:
     times_path: str = ""              # where to save each message's publish time (epoch s), round-major
 
 
+def _login() -> tuple[str, str]:
+    """The broker account the load logs in with (a tester account: it may publish and read every
+    uplink), from IOTJX_BENCH_MQTT_USERNAME / _PASSWORD, which ingest_e2e.py sets for the broker it
+    starts; empty for an anonymous broker."""
+    return os.environ.get("IOTJX_BENCH_MQTT_USERNAME", ""), os.environ.get("IOTJX_BENCH_MQTT_PASSWORD", "")
+
+
+def _paho_login(client) -> None:
+    username, password = _login()
+    if username:
+        client.username_pw_set(username, password)
+
+
 def own_usage() -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mb": ru.ru_maxrss / 1024}
@@ -92,7 +105,11 @@ class _WirePublisher:
     def __init__(self, job: PublishJob) -> None:
         self.sock = socket.create_connection((job.host, job.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = _utf8("MQTT") + bytes([4, 0x02]) + (0).to_bytes(2, "big") + _utf8(job.client_id)
+        username, password = _login()
+        flags = 0x02 | (0xC0 if username else 0)      # clean session, user name and password (§3.1.2.3)
+        body = _utf8("MQTT") + bytes([4, flags]) + (0).to_bytes(2, "big") + _utf8(job.client_id)
+        if username:
+            body += _utf8(username) + _utf8(password)
         self.sock.sendall(b"\x10" + _varint(len(body)) + body)
         connack = self._read_exact(4)
         if connack[0] != 0x20 or connack[3] != 0:
@@ -196,6 +213,7 @@ def _publish_paho(job: PublishJob, start, times: np.ndarray | None) -> dict:
             cond.notify_all()
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=job.client_id, protocol=mqtt.MQTTv311)
+    _paho_login(client)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.on_publish = on_publish
@@ -292,6 +310,7 @@ def bare_subscriber(host: str, port: int, topic_filter: str, client_id: str, exp
     v5 = protocol == "5"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    _paho_login(client)
     client.on_message = on_message if expected is not None else on_shared_message
     client.on_subscribe = lambda *a: ready.release()
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
@@ -351,6 +370,7 @@ def naive_pipeline(host: str, port: int, topic_filter: str, client_id: str, db_u
             done.set()
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    _paho_login(client)
     client.on_message = on_message if expected is not None else on_shared_message
     client.on_subscribe = lambda *a: ready.release()
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)

@@ -240,6 +240,9 @@ def main(argv=None) -> int:
     check_encoding()
     wd = workdir()
     broker = MosquittoProcess(wd / "mosquitto").start()
+    # The broker is the secured one: the load logs in as its tester, the gateways as its gateway.
+    os.environ.update(IOTJX_BENCH_MQTT_USERNAME=broker.tester_login["username"],
+                      IOTJX_BENCH_MQTT_PASSWORD=broker.tester_login["password"])
     db = BenchDatabase(args.pg_admin_url, keep=args.keep_db)
     bench = None
     try:
@@ -247,6 +250,8 @@ def main(argv=None) -> int:
         bench = make_bench(broker, db, args.devices, args.publishers, args.publisher, args.batch_size, wd)
         bench.listener = CommitListener(db.url)
         bench.mqtt_protocol = args.mqtt_protocol
+        bench.gateway_env.update(IOTJX_MQTT_USERNAME=broker.gateway_login["username"],
+                                 IOTJX_MQTT_PASSWORD=broker.gateway_login["password"])
         bench.gateway_cmd = tuple(shlex.split(args.gateway_cmd))
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)

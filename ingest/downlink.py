@@ -326,8 +326,8 @@ class MqttDownlinks:
         self._tasks = tasks
         self._ack_prefix = f"{settings.mqtt_topic_prefix}/ack/"
         topic = f"{self._ack_prefix}+"
-        self._ack_filter = f"$share/{settings.mqtt_shared_group}/{topic}" if settings.mqtt_shared_group else topic
-        self._client = make_client(settings, f"{settings.mqtt_client_id}-dl", manual_ack=True)
+        self._ack_filter = f"$share/{settings.mqtt_share_group}/{topic}" if settings.mqtt_shared_group else topic
+        self._client = make_client(settings, f"{settings.mqtt_session_client_id}-dl", manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
@@ -388,8 +388,14 @@ class MqttDownlinks:
         self.connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:
+        from .mqtt import identity_of
         device_id = msg.topic[len(self._ack_prefix):] if msg.topic.startswith(self._ack_prefix) else ""
-        if not device_id or "/" in device_id:
+        identity = self._settings.mqtt_identity_property
+        if not device_id or "/" in device_id or (identity and identity_of(msg, identity) != device_id):
+            # No device, or (where the broker names the publisher) another device's ack: not taken.
+            if device_id and "/" not in device_id:
+                log.debug("ack on %s from %r refused: not that device", msg.topic,
+                            identity_of(msg, identity))
             self.puback(msg.mid, msg.qos, self._generation)
             return
         self._tasks.put(("ack", device_id, bytes(msg.payload), msg.mid, msg.qos, self._generation))

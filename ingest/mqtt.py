@@ -8,7 +8,14 @@ At scale (docs/ingest.md):
   off.  What we have not acknowledged, the broker keeps for our client id and redelivers when we
   come back — so a replica must always come back under its own client id.
 - *Shared subscription.*  With `mqtt_shared_group` set, replicas subscribe to
-  ``$share/{group}/{prefix}/up/+`` and the broker splits the stream between them.
+  ``$share/{group}-{tag}/{prefix}/up/+`` and the broker splits the stream between them.
+- *Identity.*  The client id and the group carry an HMAC tag of a secret (`Settings.
+  mqtt_session_client_id`, `mqtt_share_group`): Mosquitto checks neither a client id nor a
+  subscription against its ACL, so a client that knew them could take the session or join the
+  group (the broker then drops what it deals to a member its ACL forbids).  With
+  `mqtt_identity_property` (MQTT 5) an uplink whose topic names a device other than the user name
+  the broker put in that user property is refused: kept as a reject under ``?{topic}``, never
+  stored as that device (docs/broker-security.md).
 - *Reconnect.*  paho reconnects with exponential backoff (1 s … 30 s); every CONNACK subscribes
   again (harmless when the session kept the subscription, necessary when it did not).
 - *Protocol.*  3.1.1 by default: paho costs ~1.4 x more per message with MQTT 5 (a `Properties`
@@ -240,7 +247,8 @@ class MqttIngest:
         self._settings = settings
         self._submit = submit
         self._prefix = f"{settings.mqtt_topic_prefix}/up/"
-        self._client = make_client(settings, settings.mqtt_client_id, manual_ack=True)
+        self._client = make_client(settings, settings.mqtt_session_client_id, manual_ack=True)
+        self._identity = settings.mqtt_identity_property
         if read_gate is not None:
             self._client.read_gate = read_gate
         self._submit_many = submit_many
@@ -263,7 +271,8 @@ class MqttIngest:
         self._subscribe_mid: int | None = None
         self.connected = threading.Event()         # connected *and* subscribed: uplinks can flow
         self._disconnected = threading.Event()
-        self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0, "left_for_redelivery": 0}
+        self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0, "left_for_redelivery": 0,
+                         "identity_refused": 0}
 
     @property
     def client(self) -> mqtt.Client:
@@ -336,9 +345,12 @@ class MqttIngest:
         except UnicodeDecodeError:
             log.error("PUBLISH with a topic that is not UTF-8 (%d bytes): not taken", len(msg.payload))
             return
-        self._on_uplink(topic, msg.payload, msg.mid, msg.qos)
+        if self._identity:
+            self._on_uplink(topic, msg.payload, msg.mid, msg.qos, identity_of(msg, self._identity))
+        else:
+            self._on_uplink(topic, msg.payload, msg.mid, msg.qos)
 
-    def _on_uplink(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+    def _on_uplink(self, topic: str, payload: bytes, mid: int, qos: int, identity: str | None = None) -> None:
         if self._paused:
             self.counters["left_for_redelivery"] += 1
             return
@@ -352,11 +364,17 @@ class MqttIngest:
                 ack = _QueuedAck(self._acks.append, (mid, self._generation))
             else:
                 ack = _PubAck(self, mid, self._generation)
+            meta = _NO_META
             if not device_id:
                 self.counters["bad_topic"] += 1
+                meta = {"topic": topic}
+            elif self._identity and identity != device_id:
+                # Not the device it says it is: kept as a reject of no device, never stored as that one.
+                self.counters["identity_refused"] += 1
+                device_id, meta = "", {"topic": topic, "authenticated_as": identity}
             # The topic says nothing the row does not when it names the device: only odd ones are kept.
             uplink = Uplink(device_id=device_id or f"?{topic}", payload=payload, transport="mqtt",
-                            received_at=time.time(), meta=_NO_META if device_id else {"topic": topic}, ack=ack)
+                            received_at=time.time(), meta=meta, ack=ack)
             if self._submit_many is not None:
                 self._burst.append(uplink)
             else:
@@ -405,6 +423,15 @@ class MqttIngest:
             # §3.4.2.1, a PUBACK of reason Success without properties is the same 4 bytes).
             packets = (np.asarray(mids, dtype=np.uint32) | np.uint32(0x40020000)).astype(">u4").tobytes()
             queue_packet(PUBACK, packets, 0, 0)
+
+
+def identity_of(msg: mqtt.MQTTMessage, name: str) -> str | None:
+    """The value of the MQTT 5 user property `name` (the publisher's user name, as the broker put
+    it), or None when the message has none."""
+    for key, value in getattr(msg.properties, "UserProperty", None) or ():
+        if key == name:
+            return value
+    return None
 
 
 class _QueuedAck:

@@ -138,6 +138,138 @@ def coverage() -> None:
                                        breakdown(conn, live_factor=settings.live_factor)))
 
 
+# ----------------------------------------------------------------------------- the broker's accounts
+broker_app = typer.Typer(help="The MQTT broker: accounts and the files Mosquitto checks them with.", no_args_is_help=True)
+account_app = typer.Typer(help="Gateway and tester accounts (devices: `iotjx devices mqtt-password`).",
+                          no_args_is_help=True)
+broker_app.add_typer(account_app, name="account")
+app.add_typer(broker_app, name="broker")
+
+
+@account_app.command("create")
+def broker_account_create(
+        name: str,
+        role: Annotated[str, typer.Option(help="gateway (reads uplinks and acks, sends downlinks) or tester "
+                                               "(publishes and reads uplinks for any device)")],
+        password: Annotated[Optional[str], typer.Option(help="default: a random one")] = None) -> None:
+    """Create a gateway or tester account (or give an existing one a new password); the password is
+    printed once, alone on the last line.  `iotjx broker sync` then hands it to the broker."""
+    from . import mqtt_accounts
+    with _audited_write("broker account create", name, {"role": role}) as conn:
+        try:
+            secret = mqtt_accounts.set_service_account(conn, name, role, password)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+    console.print(f"{role} account {name} set; run `iotjx broker sync` for the broker to take it. Its password:")
+    print(secret)
+
+
+@account_app.command("delete")
+def broker_account_delete(name: str) -> None:
+    """Delete a gateway or tester account (the broker refuses it after `iotjx broker sync`)."""
+    from . import mqtt_accounts
+    with _audited_write("broker account delete", name, {}) as conn:
+        role = conn.execute("SELECT role FROM mqtt_accounts WHERE username = %s", (name,)).fetchone()
+        if role is None or role[0] == "device":
+            console.print(f"[red]no gateway or tester account {name}[/]")
+            raise typer.Exit(1)
+        mqtt_accounts.delete_account(conn, name)
+    console.print(f"deleted {role[0]} account {name}; run `iotjx broker sync`")
+
+
+@devices_app.command("mqtt-password")
+def devices_mqtt_password(
+        device_id: str,
+        password: Annotated[Optional[str], typer.Option(help="default: a random one")] = None) -> None:
+    """Set (or rotate) a device's MQTT password; printed once, alone on the last line.  The device
+    logs in with its device id as user name; `iotjx broker sync` hands the password to the broker."""
+    from . import mqtt_accounts
+    with _audited_write("devices mqtt-password", device_id, {"rotated": True}) as conn:
+        try:
+            secret = mqtt_accounts.set_device_password(conn, device_id, password)
+        except LookupError as exc:
+            console.print(f"[red]{exc.args[0]}[/]")
+            raise typer.Exit(1) from None
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+    console.print(f"MQTT password of {device_id} set; run `iotjx broker sync`. User name {device_id}, password:")
+    print(secret)
+
+
+@broker_app.command("sync")
+def broker_sync(
+        conf_dir: Annotated[Optional[Path], typer.Option(help="where the files go; default IOTJX_BROKER_CONF_DIR")] = None,
+        pid_file: Annotated[Optional[Path], typer.Option(help="the broker's pid file: SIGHUP it after writing")] = None,
+        pid: Annotated[Optional[int], typer.Option(help="the broker's pid: SIGHUP it after writing")] = None,
+        watch: Annotated[bool, typer.Option(help="stay, and write again after every change of accounts or "
+                                                 "device status (LISTEN iotjx_mqtt_accounts)")] = False,
+        debounce: Annotated[float, typer.Option(min=0.1, help="--watch: seconds without a change before writing")] = 5.0,
+) -> None:
+    """Write Mosquitto's password files and ACLs from the registry (atomically) and reload the broker."""
+    from . import broker_sync as bs
+    settings = get_settings()
+    _logging(settings.log_level)
+    _need_database(settings)
+    if pid is not None and pid_file is not None:
+        console.print("[red]give --pid or --pid-file, not both[/]")
+        raise typer.Exit(2)
+    target = conf_dir or settings.broker_conf_dir
+
+    def broker_pid() -> int | None:
+        return pid if pid_file is None else bs.read_pid(pid_file)
+
+    def report(r) -> None:
+        console.print(f"{r.devices:,} device accounts, {r.services} service accounts written to {target} in "
+                      f"{r.seconds:.2f} s" + (f"; broker {r.signalled} reloaded" if r.signalled else ""))
+    try:
+        if watch:
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            bs.watch(settings.database_url, target, settings.mqtt_topic_prefix, pid=broker_pid, stop=stop,
+                     debounce_s=debounce, on_sync=report)
+            return
+        from .db import connect
+        with connect(settings.database_url, autocommit=True) as conn:
+            report(bs.sync(conn, target, settings.mqtt_topic_prefix, pid=broker_pid()))
+    except (bs.BrokerSyncError, OSError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
+class _audited_write:
+    """A transaction for a CLI write that also writes its `audit_log` row (actor `cli:<os user>`,
+    route the command; never a secret); committed together, or neither on an error."""
+
+    def __init__(self, command: str, target: str, change: dict) -> None:
+        self.command, self.target, self.change = command, target, change
+
+    def __enter__(self):
+        import getpass
+
+        from .db import connect
+        settings = get_settings()
+        _need_database(settings)
+        self.actor = f"cli:{getpass.getuser()}"
+        self.conn = connect(settings.database_url)
+        return self.conn
+
+    def __exit__(self, kind, exc, tb) -> None:
+        from psycopg.types.json import Jsonb
+        try:
+            if kind is None:
+                self.conn.execute("""INSERT INTO audit_log (actor, method, route, target, change)
+                                     VALUES (%s, 'CLI', %s, %s, %s)""",
+                                  (self.actor, f"iotjx {self.command}", self.target, Jsonb(self.change)))
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        finally:
+            self.conn.close()
+
+
 def _register_simulator_commands() -> None:
     from simulators.cli import register
     register(app, console)

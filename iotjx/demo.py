@@ -49,6 +49,9 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
     from .targets import load_catalogue
 
     with ExitStack() as stack:
+        fleet_login = {"username": settings.mqtt_username, "password": settings.mqtt_password}
+        if settings.mqtt_url is None:
+            settings, fleet_login = _demo_broker(settings, stack)
         settings = resolve_services(settings, stack)
         summary = prepare_database(settings)
         console.print(f"[bold]database[/] {redact(settings.database_url)} — storage: {summary['storage']}, "
@@ -77,7 +80,7 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
 
         mqtt_host, mqtt_port = settings.mqtt_host_port
         publisher = MqttPublisher(mqtt_host, mqtt_port, prefix=settings.mqtt_topic_prefix,
-                                  client_id=f"iotjx-demo-fleet-{seed}")
+                                  client_id=f"iotjx-demo-fleet-{seed}", **fleet_login)
         stack.callback(publisher.close)
         meters = make_meters(fleet, seed)
         stop = threading.Event()
@@ -139,6 +142,26 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
         console.print(f"stored {stored} readings; rejects kept with their reason: "
                       + (", ".join(f"{r} {n}" for r, n in reasons) or "none"))
         return 0 if stored > 0 and live > 0 else 1
+
+
+def _demo_broker(settings: Settings, stack: ExitStack) -> tuple[Settings, dict]:
+    """A broker for the demo: Mosquitto with the deploy configuration and accounts it makes itself
+    (the gateway logs in as its gateway, the simulated fleet as its tester), or, without Mosquitto,
+    the embedded amqtt broker — anonymous, with a warning."""
+    import shutil
+    from pathlib import Path
+
+    from .broker import AmqttBroker, MosquittoProcess
+
+    if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
+        broker = MosquittoProcess(Path(settings.data_dir).resolve() / "mosquitto").start()
+        stack.callback(broker.stop)
+        log.info("no IOTJX_MQTT_URL: started mosquitto with deploy/mosquitto/mosquitto.conf (devices on %s, "
+                 "services on %s)", broker.device_url, broker.url)
+        return settings.model_copy(update=broker.gateway_settings()), dict(broker.tester_login)
+    broker = AmqttBroker().start()
+    stack.callback(broker.stop)
+    return settings.model_copy(update={"mqtt_url": broker.url, "mqtt_protocol": "3.1.1"}), {}
 
 
 def _coverage_tables(rows, table_rows) -> Group:

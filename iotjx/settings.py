@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,12 +26,25 @@ class Settings(BaseSettings):
         None, description="Broker URL `mqtt://host:port`; unset: the demo uses `mosquitto` on PATH or an embedded amqtt broker")
     mqtt_protocol: str = Field(
         "3.1.1", description="MQTT protocol of the gateway's client: `3.1.1` (paho handles it ~1.4 x faster) or `5`")
-    mqtt_client_id: str = Field("iotjx-gateway-1", description="Client id of this gateway (persistent session)")
+    mqtt_client_id: str = Field(
+        "iotjx-gateway-1", description="This gateway's name: its row in `gateway_status` and `/health`, its spool directory; "
+                                       "its MQTT client id is derived from it (see `IOTJX_MQTT_SESSION_SECRET`)")
     mqtt_topic_prefix: str = Field("iotjx", description="Uplinks on `{prefix}/up/{device_id}`, downlinks on `{prefix}/down/{device_id}`")
     mqtt_shared_group: str | None = Field(
         None, description="When set, subscribe as `$share/{group}/…` so replicas split one stream (Mosquitto 2 and EMQX take it over 3.1.1 too)")
     mqtt_username: str | None = Field(None, description="Broker user name")
     mqtt_password: str | None = Field(None, description="Broker password")
+    # Device identity on MQTT (iotjx/broker_sync.py, docs/broker-security.md)
+    mqtt_session_secret: str | None = Field(
+        None, description="Key (HMAC-SHA256) from which the gateway's MQTT client id and shared-subscription group are "
+                          "derived, so that nobody can guess them and take its session or its share; unset: "
+                          "`IOTJX_MQTT_PASSWORD`; neither: the names as configured")
+    mqtt_identity_property: str | None = Field(
+        None, description="MQTT 5 user property in which the broker passes the publisher's authenticated user name (e.g. "
+                          "added by EMQX); set: an uplink or ack whose topic names another device is refused (kept as a "
+                          "reject). Needs `IOTJX_MQTT_PROTOCOL=5`")
+    broker_conf_dir: Path = Field(
+        Path("/etc/mosquitto/iotjx"), description="Where `iotjx broker sync` writes Mosquitto's password files and ACLs")
     coap_bind: str = Field("0.0.0.0:5683", description="CoAP listen address")
     api_bind: str = Field("127.0.0.1:8000", description="HTTP API listen address")
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Uplinks per write batch (at most)")
@@ -98,6 +113,12 @@ class Settings(BaseSettings):
             raise ValueError("a placeholder push token is refused: set the token configured on the carrier platform")
         return value
 
+    @model_validator(mode="after")
+    def _identity_needs_v5(self) -> Settings:
+        if self.mqtt_identity_property and self.mqtt_protocol != "5":
+            raise ValueError("mqtt_identity_property needs mqtt_protocol 5 (user properties are MQTT 5)")
+        return self
+
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, value: str | None) -> str | None:
@@ -126,7 +147,28 @@ class Settings(BaseSettings):
     @property
     def uplink_topic_filter(self) -> str:
         topic = f"{self.mqtt_topic_prefix}/up/+"
-        return f"$share/{self.mqtt_shared_group}/{topic}" if self.mqtt_shared_group else topic
+        return f"$share/{self.mqtt_share_group}/{topic}" if self.mqtt_shared_group else topic
+
+    def _secret_name(self, kind: str, name: str) -> str:
+        # Mosquitto checks neither a client id nor a subscription against its ACL file: whoever knows
+        # the gateway's client id can take its session, whoever knows its group can join its share
+        # (and have the broker drop that share).  Derived from a secret, neither can be guessed.
+        key = self.mqtt_session_secret or self.mqtt_password
+        if not key:
+            return name
+        tag = hmac.new(key.encode(), f"iotjx-mqtt-{kind}:{name}".encode(), hashlib.sha256).hexdigest()[:20]
+        return f"{name}-{tag}"
+
+    @property
+    def mqtt_session_client_id(self) -> str:
+        """The gateway's MQTT client id: `mqtt_client_id` plus an HMAC tag (stable across restarts)."""
+        return self._secret_name("client", self.mqtt_client_id)
+
+    @property
+    def mqtt_share_group(self) -> str | None:
+        """The shared-subscription group on the wire: `mqtt_shared_group` plus an HMAC tag, the same for
+        every replica that has the same secret."""
+        return self._secret_name("share", self.mqtt_shared_group) if self.mqtt_shared_group else None
 
 
 def bind_address(value: str) -> tuple[str, int]:

@@ -187,7 +187,8 @@ def _plain_water_fleet(devices: int, interval: float, rounds: int, register: boo
         _need_database(settings)
         _register(settings, [d.record for d in fleet], "water fleet")
     host, port = settings.mqtt_host_port
-    pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"iotjx-sim-{seed}")
+    pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"iotjx-sim-{seed}",
+                        username=settings.mqtt_username, password=settings.mqtt_password)
     meters = make_meters(fleet, seed)
     with Progress(console=console) as progress:
         task = progress.add_task("publishing", total=devices * rounds)

@@ -22,7 +22,10 @@ class MqttPublisher:
     """One MQTT connection that publishes many devices' uplinks on `{prefix}/up/{device_id}`."""
 
     def __init__(self, host: str, port: int, *, prefix: str = "iotjx", client_id: str = "",
-                 max_inflight: int = 1000, protocol: str = "3.1.1") -> None:
+                 max_inflight: int = 1000, protocol: str = "3.1.1", username: str | None = None,
+                 password: str | None = None) -> None:
+        """`username`/`password`: the broker account to log in with — a tester account on the service
+        listener to publish for many devices, or one device's own account on the device listener."""
         self.prefix = prefix
         self.stats = PublishStats()
         self._lock = threading.Lock()
@@ -35,16 +38,28 @@ class MqttPublisher:
         self._registering = 0
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+        if username:
+            self._client.username_pw_set(username, password)
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)
         self._client.on_publish = self._on_publish
         self._connected = threading.Event()
-        self._client.on_connect = lambda c, u, f, rc, p: self._connected.set() if not rc.is_failure else None
+        self._refused: str | None = None
+        self._client.on_connect = self._on_connect
         self._client.connect(host, port, keepalive=30)
         self._client.loop_start()
         if not self._connected.wait(10):
             self.close()
+            if self._refused:
+                raise ConnectionError(f"the MQTT broker at {host}:{port} refused {username or 'an anonymous client'}: "
+                                      f"{self._refused}")
             raise ConnectionError(f"no MQTT broker answered at {host}:{port}")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+        else:
+            self._connected.set()
 
     def publish(self, device_id: str, payload: bytes, qos: int = 1,
                 on_ack: Callable[[bool, str], None] | None = None) -> None:

@@ -46,6 +46,8 @@ class Targets:
     mqtt_port: int = 1883
     mqtt_prefix: str = "iotjx"
     mqtt_protocol: str = "3.1.1"
+    mqtt_username: str | None = None      # a tester account (service listener): it may publish for any device
+    mqtt_password: str | None = None
     coap_url: str | None = None           # coap://host:port; records go to {coap_url}/up/{device_id}
     push_url: str | None = None           # http://host:port/push/{carrier}; {carrier} is ctwing / onenet
     push_headers: tuple[tuple[str, str], ...] = ()
@@ -57,7 +59,8 @@ class Targets:
     @classmethod
     def from_settings(cls, settings, *, coap_url: str | None = None, push_url: str | None = None,
                       push_headers: tuple[tuple[str, str], ...] = ()) -> Targets:
-        """Targets from iotjx settings: the broker of IOTJX_MQTT_URL, the gateway's CoAP server at
+        """Targets from iotjx settings: the broker of IOTJX_MQTT_URL (with IOTJX_MQTT_USERNAME/PASSWORD, a
+        tester account on a secured broker), the gateway's CoAP server at
         IOTJX_COAP_BIND and its push endpoint at IOTJX_HTTP_PUSH_BIND (with IOTJX_CTWING_PUSH_TOKEN as
         the CTWing header) — unless given explicitly."""
         from iotjx.settings import bind_address
@@ -71,7 +74,8 @@ class Targets:
         if ctwing_token and "X-Push-Token" not in headers:
             headers["X-Push-Token"] = ctwing_token     # ingest/http.py: CTWing pushes carry our token
         return cls(mqtt_host=host, mqtt_port=port, mqtt_prefix=settings.mqtt_topic_prefix,
-                   mqtt_protocol=settings.mqtt_protocol,
+                   mqtt_protocol=settings.mqtt_protocol, mqtt_username=getattr(settings, "mqtt_username", None),
+                   mqtt_password=getattr(settings, "mqtt_password", None),
                    coap_url=coap_url or f"coap://{local.get(coap_host, coap_host)}:{coap_port}",
                    push_url=push_url or f"http://{local.get(push_host, push_host)}:{push_port}/push/{{carrier}}",
                    push_headers=tuple(headers.items()))
@@ -84,7 +88,8 @@ class MqttChannel:
         if targets.mqtt_host is None:
             raise ValueError("no broker to send MQTT records to (IOTJX_MQTT_URL)")
         self._publisher = MqttPublisher(targets.mqtt_host, targets.mqtt_port, prefix=targets.mqtt_prefix,
-                                        client_id=client_id, protocol=targets.mqtt_protocol)
+                                        client_id=client_id, protocol=targets.mqtt_protocol,
+                                        username=targets.mqtt_username, password=targets.mqtt_password)
 
     async def send(self, record: UplinkRecord) -> Answer:
         loop = asyncio.get_running_loop()

@@ -1,5 +1,11 @@
 """Real services for the tests: PostgreSQL at 127.0.0.1:5432 when it answers (else an embedded one),
-and a Mosquitto started with the project's configuration on a spare port (else embedded amqtt).
+and a Mosquitto started with the project's configuration on spare ports (else embedded amqtt).
+
+The broker is the secured one (deploy/mosquitto/mosquitto.conf): anonymous clients are refused, the
+gateway logs in with a gateway account on the service listener (`broker.url`, `settings`), test
+publishers with a tester account (`broker.tester_login`), devices with their own accounts on the
+device listener (`broker.device_url`) once `broker.sync(db_url)` has written them from the registry.
+Its ACL has `+` as the topic prefix, so that each test keeps a prefix of its own.
 
 IOTJX_TEST_DATABASE_URL names a server to use instead; if it is given but unreachable the whole run
 stops, rather than silently testing against something else."""
@@ -92,6 +98,34 @@ class BrokerHandle:
         return "127.0.0.1", self.impl.port
 
     @property
+    def secured(self) -> bool:
+        """Accounts and ACL (Mosquitto); the embedded amqtt fallback is anonymous."""
+        from iotjx.broker import MosquittoProcess
+        return isinstance(self.impl, MosquittoProcess)
+
+    @property
+    def device_url(self) -> str:
+        return getattr(self.impl, "device_url", self.impl.url)
+
+    @property
+    def device_port(self) -> int:
+        return getattr(self.impl, "device_port", self.impl.port)
+
+    def gateway_settings(self) -> dict[str, str]:
+        """Settings fields for a gateway: the service listener and the gateway account."""
+        return self.impl.gateway_settings() if self.secured else {"mqtt_url": self.impl.url}
+
+    @property
+    def tester_login(self) -> dict[str, str]:
+        """`username`/`password` of the tester account (MqttPublisher's keywords); {} on amqtt."""
+        return dict(self.impl.tester_login) if self.secured else {}
+
+    def sync(self, db_url: str) -> None:
+        """The registry's MQTT accounts (device passwords set by the test) written and reloaded."""
+        if self.secured:
+            self.impl.sync(db_url)
+
+    @property
     def shared_subscriptions(self) -> bool:
         """`$share/…` works (Mosquitto 2, for 3.1.1 and 5 clients); the embedded amqtt has none."""
         from iotjx.broker import MosquittoProcess
@@ -115,7 +149,7 @@ def broker(tmp_path_factory) -> Iterator[BrokerHandle]:
 
 @pytest.fixture
 def settings(db_url, broker) -> Settings:
-    return Settings(database_url=db_url, mqtt_url=broker.url, mqtt_protocol=broker.protocol,
+    return Settings(database_url=db_url, **broker.gateway_settings(), mqtt_protocol=broker.protocol,
                     mqtt_client_id=f"iotjx-test-{uuid.uuid4().hex[:8]}",
                     mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50)
 

@@ -34,6 +34,16 @@ def _water_frame(rng, settings=None) -> bytes:
                                       "meter_time": T0 + timedelta(minutes=rng.randrange(600))}, settings or {})
 
 
+_TESTER: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _tester_login(broker):
+    """Publishers log in as the broker's tester account (the broker refuses anonymous clients)."""
+    _TESTER.clear()
+    _TESTER.update(broker.tester_login)
+
+
 def _run(settings, devices: list[DeviceRecord], uplinks: list[tuple[str, bytes]], table: str, rows: int) -> None:
     with psycopg.connect(settings.database_url) as conn:
         register_devices(conn, devices)
@@ -42,7 +52,7 @@ def _run(settings, devices: list[DeviceRecord], uplinks: list[tuple[str, bytes]]
     try:
         assert gateway.mqtt.wait_connected(10)
         host, port = settings.mqtt_host_port
-        pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id="e2e-" + table)
+        pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id="e2e-" + table, **_TESTER)
         for device_id, payload in uplinks:
             pub.publish(device_id, payload)
         assert pub.flush(30)

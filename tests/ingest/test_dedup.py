@@ -27,10 +27,10 @@ def _uplinks(db_url: str, n: int, rounds: int, seed: int) -> list[tuple[str, byt
     return [(m.device_id, m.frame(t0 + timedelta(minutes=15 * k))) for k in range(rounds) for m in meters]
 
 
-def _publishers(settings, count: int) -> list[MqttPublisher]:
+def _publishers(settings, broker, count: int) -> list[MqttPublisher]:
     host, port = settings.mqtt_host_port
-    return [MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"dup-{uuid.uuid4().hex[:6]}")
-            for _ in range(count)]
+    return [MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"dup-{uuid.uuid4().hex[:6]}",
+                          **broker.tester_login) for _ in range(count)]
 
 
 def _send(publishers: list[MqttPublisher], uplinks: list[tuple[str, bytes]]) -> None:
@@ -59,14 +59,14 @@ def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
-def test_every_uplink_sent_twice_is_stored_once(settings, no_thread_leaks):
+def test_every_uplink_sent_twice_is_stored_once(settings, broker, no_thread_leaks):
     uplinks = _uplinks(settings.database_url, 40, 25, seed=31)          # 1,000 distinct uplinks
     gateway = Gateway(settings)
     gateway.start()
     pubs = []
     try:
         assert gateway.mqtt.wait_connected(10)
-        pubs = _publishers(settings, 2)
+        pubs = _publishers(settings, broker, 2)
         _send(pubs, uplinks)                                             # copies close together
         assert wait_for_count(settings.database_url, "SELECT count(*) FROM raw_uplinks", 2 * len(uplinks)) \
             == 2 * len(uplinks)
@@ -110,7 +110,7 @@ def test_copies_given_to_two_gateways_by_a_shared_subscription_are_stored_once(s
         gateway.start()
     try:
         assert all(g.mqtt.wait_connected(10) for g in gateways)
-        pubs = _publishers(settings, 2)
+        pubs = _publishers(settings, broker, 2)
         _send(pubs, uplinks)          # the broker deals the copies round robin: twins land on both gateways
         assert wait_for_count(settings.database_url, "SELECT count(*) FROM raw_uplinks", 2 * len(uplinks)) \
             == 2 * len(uplinks)

@@ -24,6 +24,7 @@ from api.routes_downlinks import router
 from ingest.coap import set_device_token
 from ingest.downlink import build_payload, parse_ack_ids
 from ingest.gateway import Gateway
+from iotjx.mqtt_accounts import set_device_password
 from simulators.water import make_meters
 from tests.helpers import register_fleet
 
@@ -167,11 +168,15 @@ def test_mqtt_device_gets_command_on_its_down_topic_after_its_next_uplink(stack,
     prefix = cfg.mqtt_topic_prefix
     v5 = broker.protocol == "5"
     received: queue.Queue = queue.Queue()
-    host, port = broker.host_port
+    host, port = "127.0.0.1", broker.device_port
+    with psycopg.connect(db) as conn:                   # the device's own account, on the device listener
+        password = set_device_password(conn, device)
+    broker.sync(db)
 
     def device_client() -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{device}-{uuid.uuid4().hex[:4]}",
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else True)
+        client.username_pw_set(device, password)
         client.on_message = lambda c, u, msg: received.put(msg)
         subscribed = threading.Event()
         client.on_subscribe = lambda *a: subscribed.set()

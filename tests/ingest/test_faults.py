@@ -67,10 +67,10 @@ def _uplinks(db_url: str, seed: int) -> list[tuple[str, bytes]]:
 class Stream:
     """Several QoS 1 publishers sending their share of the uplinks at a steady rate, in threads."""
 
-    def __init__(self, url: str, prefix: str, uplinks: list[tuple[str, bytes]]) -> None:
+    def __init__(self, url: str, prefix: str, uplinks: list[tuple[str, bytes]], login: dict[str, str]) -> None:
         host, port = url.removeprefix("mqtt://").split(":")
         self.publishers = [MqttPublisher(host, int(port), prefix=prefix, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                                         max_inflight=200) for _ in range(PUBLISHERS)]
+                                         max_inflight=200, **login) for _ in range(PUBLISHERS)]
         self.shares = [uplinks[i::PUBLISHERS] for i in range(PUBLISHERS)]
         self.threads = [threading.Thread(target=self._run, args=(p, s), name=f"iotjx-test-pub-{i}")
                         for i, (p, s) in enumerate(zip(self.publishers, self.shares, strict=True))]
@@ -143,7 +143,8 @@ class GatewayProcess:
         self.env = {**os.environ, "IOTJX_DATABASE_URL": settings.database_url, "IOTJX_MQTT_URL": settings.mqtt_url,
                     "IOTJX_MQTT_PROTOCOL": settings.mqtt_protocol, "IOTJX_MQTT_CLIENT_ID": client_id,
                     "IOTJX_MQTT_TOPIC_PREFIX": settings.mqtt_topic_prefix, "IOTJX_BATCH_AGE_MS": "100",
-                    "IOTJX_DATA_DIR": str(workdir / client_id), "IOTJX_LOG_LEVEL": "INFO"}
+                    "IOTJX_DATA_DIR": str(workdir / client_id), "IOTJX_LOG_LEVEL": "INFO",
+                    "IOTJX_MQTT_USERNAME": settings.mqtt_username or "", "IOTJX_MQTT_PASSWORD": settings.mqtt_password or ""}
         if shared_group:
             self.env["IOTJX_MQTT_SHARED_GROUP"] = shared_group
         self.proc: subprocess.Popen | None = None
@@ -174,17 +175,19 @@ class GatewayProcess:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.workdir.glob(f"{self.client_id}-*.log")))
 
 
-def _settings(db_url: str, broker_url: str, protocol: str = "5") -> Settings:
-    return Settings(database_url=db_url, mqtt_url=broker_url, mqtt_protocol=protocol,
+def _settings(db_url: str, broker, protocol: str = "5") -> Settings:
+    """A gateway's settings on `broker` (the test's BrokerHandle or a MosquittoProcess): its gateway account."""
+    return Settings(database_url=db_url, **broker.gateway_settings(), mqtt_protocol=protocol,
                     mqtt_client_id=f"gw-{uuid.uuid4().hex[:6]}", mqtt_topic_prefix=f"f{uuid.uuid4().hex[:6]}")
 
 
 def _live(settings: Settings, gateways: list[GatewayProcess], published: list[tuple[str, bytes]],
-          probes: list[tuple[str, bytes]], timeout: float = 90.0) -> None:
+          probes: list[tuple[str, bytes]], login: dict[str, str], timeout: float = 90.0) -> None:
     """Wait until every gateway is connected and has stored at least one uplink — its subscription is
     live — by publishing probe uplinks (part of the stream that must be stored exactly once)."""
     host, port = settings.mqtt_host_port
-    pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"probe-{uuid.uuid4().hex[:6]}")
+    pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"probe-{uuid.uuid4().hex[:6]}",
+                        **login)
     ids = [g.client_id for g in gateways]
     deadline = time.monotonic() + timeout
     try:
@@ -288,7 +291,7 @@ def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leak
         pg.start()
         with psycopg.connect(pg.url.replace("/iotjx", "/postgres"), autocommit=True) as conn:
             conn.execute("CREATE DATABASE iotjx")
-        settings = _settings(pg.url, broker.url, broker.protocol)
+        settings = _settings(pg.url, broker, broker.protocol)
         prepare_database(settings)
         stream_uplinks, probes, published = _split(_uplinks(pg.url, seed=21))
         spool_dir = tmp_path / "spool"
@@ -296,13 +299,13 @@ def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leak
             gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id)
             gateway.env["IOTJX_SPOOL_DIR"] = str(spool_dir)
             gateway.start()
-            _live(settings, [gateway], published, probes)
+            _live(settings, [gateway], published, probes, broker.tester_login)
         else:
             gateway = InProcessGateway(settings, spool_dir)
             gateway.start()
         counters = None
         try:
-            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks, broker.tester_login).start()
             assert _wait_count(pg.url, 3000, 60) >= 3000
             pg.stop()                                           # mid-stream
             stopped = time.monotonic()
@@ -343,12 +346,12 @@ def _split(uplinks: list[tuple[str, bytes]]) -> tuple[list, list, list]:
 
 
 def test_b_gateway_killed_mid_stream_and_restarted(db_url, broker, tmp_path):
-    settings = _settings(db_url, broker.url, broker.protocol)
+    settings = _settings(db_url, broker, broker.protocol)
     stream_uplinks, probes, published = _split(_uplinks(db_url, seed=22))
     gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id).start()
     try:
-        _live(settings, [gateway], published, probes)
-        stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+        _live(settings, [gateway], published, probes, broker.tester_login)
+        stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks, broker.tester_login).start()
         assert _wait_count(db_url, 5000, 60) >= 5000, gateway.logs()
         gateway.kill()                                          # SIGKILL mid-stream
         assert _count(db_url) < len(published)
@@ -395,12 +398,12 @@ def test_c_broker_restarted_mid_stream(db_url, tmp_path):
     workdir = _broker_dir()
     own = MosquittoProcess(workdir).start()                    # ours to restart (same port, same persistence)
     try:
-        settings = _settings(db_url, own.url)
+        settings = _settings(db_url, own)
         stream_uplinks, probes, published = _split(_uplinks(db_url, seed=23))
         gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id).start()
         try:
-            _live(settings, [gateway], published, probes)
-            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+            _live(settings, [gateway], published, probes, own.tester_login)
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks, own.tester_login).start()
             assert _wait_count(db_url, 5000, 60) >= 5000, gateway.logs()
             own.stop()                                          # SIGTERM: mosquitto saves its persistence file
             assert (workdir / "data" / "mosquitto.db").exists(), (workdir / "mosquitto.log").read_text()[-2000:]
@@ -422,14 +425,14 @@ def test_c_broker_restarted_mid_stream(db_url, tmp_path):
 def test_d_one_of_two_shared_subscribers_killed_and_restarted_as_itself(db_url, broker, tmp_path):
     if not broker.shared_subscriptions:
         pytest.skip("the embedded amqtt broker has no shared subscriptions")
-    settings = _settings(db_url, broker.url)
+    settings = _settings(db_url, broker)
     group = f"g{uuid.uuid4().hex[:6]}"
     stream_uplinks, probes, published = _split(_uplinks(db_url, seed=24))
     first = GatewayProcess(settings, tmp_path, f"{settings.mqtt_client_id}-1", group).start()
     second = GatewayProcess(settings, tmp_path, f"{settings.mqtt_client_id}-2", group).start()
     try:
-        _live(settings, [first, second], published, probes)
-        stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+        _live(settings, [first, second], published, probes, broker.tester_login)
+        stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks, broker.tester_login).start()
         assert _wait_count(db_url, 5000, 60) >= 5000, first.logs()
         first.kill()                                            # SIGKILL one replica mid-stream
         time.sleep(2.0)                                         # its share keeps arriving: queued for its session
@@ -485,12 +488,13 @@ class Acks:
 
     def connected(self, own: MosquittoProcess, name: str, received: Received, read_gate=None, **settings):
         """An ingest of a fresh client id and topic prefix, connected to `own`, and a publisher there."""
-        settings = Settings(mqtt_url=own.url, mqtt_client_id=f"{name}-{uuid.uuid4().hex[:6]}",
+        settings = Settings(**own.gateway_settings(), mqtt_client_id=f"{name}-{uuid.uuid4().hex[:6]}",
                             mqtt_topic_prefix=f"{name}{uuid.uuid4().hex[:6]}", **settings)
         ingest = self.ingest(settings, received, read_gate)
         ingest.start()
         assert ingest.wait_connected(10)
-        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id=f"{name}-pub")
+        pub = MqttPublisher("127.0.0.1", own.port, prefix=settings.mqtt_topic_prefix, client_id=f"{name}-pub",
+                            **own.tester_login)
         return settings, ingest, pub
 
 

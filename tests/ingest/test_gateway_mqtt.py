@@ -21,9 +21,10 @@ from simulators.water import make_meters
 from tests.helpers import register_fleet, wait_for_count
 
 
-def _publisher(settings, name: str) -> MqttPublisher:
+def _publisher(settings, broker, name: str) -> MqttPublisher:
+    """Many devices' uplinks over one connection: the tester account (the broker refuses anonymous)."""
     host, port = settings.mqtt_host_port
-    return MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=name)
+    return MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=name, **broker.tester_login)
 
 
 def _stored_rows(db_url: str) -> Counter:
@@ -39,14 +40,14 @@ def _expected_row(device_id: str, payload: bytes) -> tuple:
             r["status"], r["valve"], r["battery_low"])
 
 
-def test_every_uplink_becomes_exactly_one_row_equal_to_the_reference(settings, no_thread_leaks):
+def test_every_uplink_becomes_exactly_one_row_equal_to_the_reference(settings, broker, no_thread_leaks):
     fleet = register_fleet(settings.database_url, 40, seed=3)
     meters = make_meters(fleet, seed=3)
     gateway = Gateway(settings)
     gateway.start()
     try:
         assert gateway.mqtt.wait_connected(10)
-        pub = _publisher(settings, "test-fleet")
+        pub = _publisher(settings, broker, "test-fleet")
         expected: Counter = Counter()
         t0 = datetime(2026, 11, 1, tzinfo=UTC)
         for k in range(75):                              # 40 meters × 75 = 3,000 uplinks
@@ -70,7 +71,7 @@ def test_every_uplink_becomes_exactly_one_row_equal_to_the_reference(settings, n
         gateway.stop()
 
 
-def test_malformed_frames_and_unknown_devices_are_kept_with_reasons(settings, no_thread_leaks):
+def test_malformed_frames_and_unknown_devices_are_kept_with_reasons(settings, broker, no_thread_leaks):
     fleet = register_fleet(settings.database_url, 2, seed=5)
     meter = make_meters(fleet, seed=5)[0]
     good = meter.frame(datetime(2026, 11, 2, 8, tzinfo=UTC))
@@ -86,7 +87,7 @@ def test_malformed_frames_and_unknown_devices_are_kept_with_reasons(settings, no
     gateway.start()
     try:
         assert gateway.mqtt.wait_connected(10)
-        pub = _publisher(settings, "test-bad")
+        pub = _publisher(settings, broker, "test-bad")
         for device_id, payload, _ in cases:
             pub.publish(device_id, payload)
         pub._client.publish(f"{settings.mqtt_topic_prefix}/up/", good, qos=1)   # no device id in the topic
@@ -110,14 +111,15 @@ def test_malformed_frames_and_unknown_devices_are_kept_with_reasons(settings, no
 
 @pytest.mark.skipif(not os.path.exists("/usr/sbin/mosquitto") and not __import__("shutil").which("mosquitto"),
                     reason="needs mosquitto's persistent sessions")
-def test_no_ack_before_commit_a_killed_gateway_loses_nothing(settings, tmp_path):
+def test_no_ack_before_commit_a_killed_gateway_loses_nothing(settings, broker, tmp_path):
     """While the database is blocked the gateway holds uplinks unacknowledged; SIGKILL it, and a new
     gateway under the same client id gets every one of them again from the broker."""
     fleet = register_fleet(settings.database_url, 20, seed=7)
     meters = make_meters(fleet, seed=7)
     env = {**os.environ, "IOTJX_DATABASE_URL": settings.database_url, "IOTJX_MQTT_URL": settings.mqtt_url,
            "IOTJX_MQTT_PROTOCOL": settings.mqtt_protocol, "IOTJX_MQTT_CLIENT_ID": settings.mqtt_client_id,
-           "IOTJX_MQTT_TOPIC_PREFIX": settings.mqtt_topic_prefix, "IOTJX_BATCH_AGE_MS": "50"}
+           "IOTJX_MQTT_TOPIC_PREFIX": settings.mqtt_topic_prefix, "IOTJX_BATCH_AGE_MS": "50",
+           "IOTJX_MQTT_USERNAME": settings.mqtt_username or "", "IOTJX_MQTT_PASSWORD": settings.mqtt_password or ""}
     cmd = [sys.executable, "-m", "iotjx.cli", "gateway"]
     blocker = psycopg.connect(settings.database_url)
     blocker.execute("LOCK TABLE water_readings IN ACCESS EXCLUSIVE MODE")     # COPY will wait on this
@@ -126,7 +128,7 @@ def test_no_ack_before_commit_a_killed_gateway_loses_nothing(settings, tmp_path)
     try:
         assert wait_for_count(settings.database_url, "SELECT count(*) FROM gateway_status WHERE broker_connected",
                               1, timeout=60) == 1, (tmp_path / "gateway-a.log").read_text()
-        pub = _publisher(settings, "test-kill")
+        pub = _publisher(settings, broker, "test-kill")
         now = datetime(2026, 11, 3, tzinfo=UTC)
         for m in meters * 10:
             pub.publish(m.device_id, m.frame(now))

@@ -66,7 +66,9 @@ def test_capture_round_trip_gzip_append_and_a_cut_off_last_line(tmp_path):
 
 @pytest.fixture
 def mqtt_settings(broker):
-    return Settings(mqtt_url=broker.url, mqtt_protocol=broker.protocol,
+    login = broker.tester_login                 # the tester account: publishes and reads uplinks
+    return Settings(mqtt_url=broker.url, mqtt_protocol=broker.protocol, mqtt_username=login.get("username"),
+                    mqtt_password=login.get("password"),
                     mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", mqtt_client_id=f"c{uuid.uuid4().hex[:6]}")
 
 
@@ -162,7 +164,9 @@ def test_cli_replay_summary_and_exit_code(mqtt_settings, tmp_path, monkeypatch, 
     n = read_capture(mqtt_only).count()
     assert n > 50
     for key, value in (("IOTJX_MQTT_URL", mqtt_settings.mqtt_url), ("IOTJX_MQTT_PROTOCOL", mqtt_settings.mqtt_protocol),
-                       ("IOTJX_MQTT_TOPIC_PREFIX", mqtt_settings.mqtt_topic_prefix)):
+                       ("IOTJX_MQTT_TOPIC_PREFIX", mqtt_settings.mqtt_topic_prefix),
+                       ("IOTJX_MQTT_USERNAME", mqtt_settings.mqtt_username or ""),
+                       ("IOTJX_MQTT_PASSWORD", mqtt_settings.mqtt_password or "")):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("IOTJX_DATABASE_URL", raising=False)
     from iotjx.settings import get_settings
@@ -179,13 +183,15 @@ def test_cli_replay_summary_and_exit_code(mqtt_settings, tmp_path, monkeypatch, 
 def test_cli_record_writes_what_passes_on_the_broker(mqtt_settings, tmp_path):
     path = tmp_path / "wire.jsonl.gz"
     env = {**os.environ, "IOTJX_MQTT_URL": mqtt_settings.mqtt_url, "IOTJX_MQTT_PROTOCOL": mqtt_settings.mqtt_protocol,
-           "IOTJX_MQTT_TOPIC_PREFIX": mqtt_settings.mqtt_topic_prefix, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+           "IOTJX_MQTT_TOPIC_PREFIX": mqtt_settings.mqtt_topic_prefix, "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+           "IOTJX_MQTT_USERNAME": mqtt_settings.mqtt_username or "", "IOTJX_MQTT_PASSWORD": mqtt_settings.mqtt_password or ""}
     proc = subprocess.Popen([sys.executable, "-m", "iotjx.cli", "record", str(path), "--count", "30",
                              "--duration", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert "recording" in proc.stdout.readline()            # printed once subscribed
         host, port = mqtt_settings.mqtt_host_port
-        pub = MqttPublisher(host, port, prefix=mqtt_settings.mqtt_topic_prefix, client_id=f"p{uuid.uuid4().hex[:6]}")
+        pub = MqttPublisher(host, port, prefix=mqtt_settings.mqtt_topic_prefix, client_id=f"p{uuid.uuid4().hex[:6]}",
+                            username=mqtt_settings.mqtt_username, password=mqtt_settings.mqtt_password)
         sent = [(f"8699750300{k % 7:05d}", bytes([k]) * (k + 1)) for k in range(30)]
         for device_id, payload in sent:
             pub.publish(device_id, payload)

@@ -4,6 +4,8 @@ every planted behaviour is in the capture at its configured rate and the gateway
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 import subprocess
 import sys
@@ -32,6 +34,16 @@ ONENET_TOKEN = "onenetSimToken7"
 TABLES = ("water_readings", "fire_events", "traffic_flow", "parking_events", "radio_readings")
 
 
+_TESTER: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _tester_login(broker):
+    """`simulate`, `replay` and the channels log in as the broker's tester account."""
+    _TESTER.clear()
+    _TESTER.update(broker.tester_login)
+
+
 def _gateway_settings(settings, db_url: str):
     tag = uuid.uuid4().hex[:6]
     return settings.model_copy(update={
@@ -55,6 +67,7 @@ def _send(gw_settings, records, total: int):
         assert gateway.mqtt.wait_connected(10)
         targets = Targets.from_settings(gw_settings, coap_url=f"coap://127.0.0.1:{gateway.coap.port}",
                                         push_url=f"http://127.0.0.1:{gateway.http.port}/push/{{carrier}}")
+        targets = replace(targets, mqtt_username=_TESTER.get("username"), mqtt_password=_TESTER.get("password"))
         summary = send_records(records, targets, speed=None, max_inflight=128)
         assert wait_for_count(gw_settings.database_url, "SELECT count(*) FROM raw_uplinks", total) == total
     finally:
@@ -82,7 +95,8 @@ def _cli(gw_settings, gateway, *args: str) -> str:
            "IOTJX_COAP_BIND": f"127.0.0.1:{gateway.coap.port}",
            "IOTJX_HTTP_PUSH_BIND": f"127.0.0.1:{gateway.http.port}",
            "IOTJX_CTWING_PUSH_TOKEN": CTWING_TOKEN, "IOTJX_ONENET_PUSH_TOKEN": ONENET_TOKEN,
-           "COLUMNS": "160"}
+           "COLUMNS": "160", "IOTJX_MQTT_USERNAME": _TESTER.get("username", ""),
+           "IOTJX_MQTT_PASSWORD": _TESTER.get("password", "")}
     done = subprocess.run([sys.executable, "-m", "iotjx.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
