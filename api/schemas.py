@@ -83,8 +83,12 @@ def _installed_at(value: datetime | None) -> datetime | None:
     return value
 
 
-Text = Annotated[str, AfterValidator(clean_text)]
-Note = Annotated[str, Field(max_length=2000, description="at most 2000 characters"), AfterValidator(clean_note)]
+# The patterns tell the OpenAPI document (and schemathesis) what the validators refuse; the
+# validators, not the patterns, make the message.
+Text = Annotated[str, AfterValidator(clean_text), Field(json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f]*$"})]
+Note = Annotated[str, AfterValidator(clean_note), Field(
+    max_length=2000, description="at most 2000 characters; newlines and tabs allowed",
+    json_schema_extra={"pattern": r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"})]
 JsonParams = Annotated[dict[str, Any], AfterValidator(_params)]
 InstalledAt = Annotated[datetime | None, AfterValidator(_installed_at),
                         Field(None, description="2000-01-01 … tomorrow; without a zone: UTC")]
