@@ -9,6 +9,7 @@ import getpass
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -196,3 +197,13 @@ def test_no_key_or_secret_in_the_log(settings, keys, caplog):
     text = caplog.text
     for secret in (made["key"], keys.admin, keys.revoked):
         assert secret.split(".")[2] not in text
+
+
+def test_health_without_a_key_says_nothing_of_a_database_that_is_down(settings):
+    with socket.socket() as s:                     # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = settings.model_copy(update={"database_url": f"postgresql://postgres@127.0.0.1:{port}/none"})
+    with TestClient(create_app(down), raise_server_exceptions=False) as client:
+        r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "down"}
