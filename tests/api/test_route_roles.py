@@ -68,7 +68,6 @@ class World:
 
     db_url: str
     client: TestClient
-    admin: str
     downlink_id: int = 0
     spare_keys: list[str] = field(default_factory=list)
 
@@ -141,7 +140,7 @@ def _send(client: TestClient, method: str, template: str, call: Call, world: Wor
 @pytest.fixture
 def world(settings, keys):
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        w = World(settings.database_url, client, keys.admin)
+        w = World(settings.database_url, client)
         made = client.post("/devices", json={"device_id": YINGTAN_DEVICE, "city": "Yingtan", **DEVICE},
                            headers=bearer(keys.admin))
         assert made.status_code == 201, made.text
