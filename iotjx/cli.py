@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from .settings import bind_address, get_settings
 
@@ -19,8 +20,11 @@ app = typer.Typer(help="iotjx — telemetry backend of Jiangxi's mobile-IoT prog
                   no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Schema migrations.", no_args_is_help=True)
 devices_app = typer.Typer(help="The device registry.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: made, listed, revoked (the key is shown once; only a hash is kept).",
+                       no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
+app.add_typer(keys_app, name="keys")
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
@@ -108,19 +112,95 @@ def db_upgrade() -> None:
 
 @devices_app.command("import")
 def devices_import(csv_file: Path) -> None:
-    """Register devices from a CSV file (device_id,model,network,city,site_kind,site_name,…)."""
+    """Register devices from a CSV file (device_id,model,network,city,site_kind,site_name,…); audited."""
     settings = get_settings()
     _need_database(settings)
+    from . import audit
     from .db import connect
-    from .devices import RegistrationError, parse_csv, register_devices
+    from .devices import Registry, RegistrationError, parse_csv, register_devices
     try:
-        records = parse_csv(csv_file.read_text(encoding="utf-8"))
         with connect(settings.database_url) as conn:
-            console.print(register_devices(conn, records, first_line=2))
+            # Read a line at a time: a large file costs its records, a bad one its first errors.
+            with csv_file.open(encoding="utf-8", newline="") as lines:
+                records = parse_csv(lines, registry=Registry.load(conn))
+            result = register_devices(conn, records, first_line=2)
+            audit.record(conn, actor=audit.cli_actor(), method="devices import", route="iotjx devices import",
+                         target=str(csv_file), change={**result, "devices": len(records)})
+        console.print(result)
     except RegistrationError as exc:
         for line, message in exc.errors:
-            console.print(f"[red]line {line}[/]: {message}")
+            console.print(f"[red]line {line}[/]: {escape(message)}", highlight=False)
+        if exc.total > len(exc.errors):
+            console.print(f"[red]{exc.total} errors in all[/] (the first {len(exc.errors)} are shown)")
         raise typer.Exit(1) from None
+
+
+@keys_app.command("create")
+def keys_create(
+        role: Annotated[str, typer.Option(help="viewer (reads), operator (+ downlinks, progress) or admin (+ devices, "
+                                               "credentials, keys)")],
+        city: Annotated[Optional[list[str]], typer.Option(
+            help="limit the key to this city (division code or name); repeat for several; none: every city")] = None,
+        name: Annotated[str, typer.Option(help="what the key is for")] = "") -> None:
+    """Make an API key; the key is printed alone on the last line, and shown only this once."""
+    settings = get_settings()
+    _need_database(settings)
+    from . import audit
+    from .apikeys import ApiKeyError, create_key
+    from .db import connect
+    actor = audit.cli_actor()
+    try:
+        with connect(settings.database_url) as conn:
+            key, secret = create_key(conn, role, city or None, name=name, created_by=actor)
+            audit.record(conn, actor=actor, method="keys create", route="iotjx keys create", target=key.key_id,
+                         change={"role": key.role, "cities": key.cities, "name": key.name})
+    except ApiKeyError as exc:
+        console.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(2) from None
+    scope = ", ".join(map(str, key.cities)) if key.cities else "every city"
+    console.print(f"key {key.key_id}: {key.role}, {scope}. Send it as `Authorization: Bearer KEY`; "
+                  "it is not shown again:")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """The keys: id, role, cities, name, created, last used, revoked (never a secret)."""
+    settings = get_settings()
+    _need_database(settings)
+    from rich.table import Table
+    from .apikeys import list_keys
+    from .db import connect
+    with connect(settings.database_url) as conn:
+        keys = list_keys(conn)
+    table = Table(title="API keys")
+    for column in ("key_id", "role", "cities", "name", "created", "by", "last used", "revoked"):
+        table.add_column(column)
+    def when(t):
+        return t.strftime("%Y-%m-%d %H:%M") if t else ""
+    for k in keys:
+        table.add_row(k.key_id, k.role, ", ".join(map(str, k.cities)) if k.cities else "all", k.name,
+                      when(k.created_at), k.created_by, when(k.last_used_at), when(k.revoked_at))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key: refused from its next request on."""
+    settings = get_settings()
+    _need_database(settings)
+    from . import audit
+    from .apikeys import revoke_key
+    from .db import connect
+    with connect(settings.database_url) as conn:
+        key = revoke_key(conn, key_id)
+        if key is not None:
+            audit.record(conn, actor=audit.cli_actor(), method="keys revoke", route="iotjx keys revoke",
+                         target=key_id, change={"revoked_at": key.revoked_at})
+    if key is None:
+        console.print(f"[red]no active key {escape(key_id)}[/]", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"key {key_id} revoked")
 
 
 @app.command()

@@ -76,7 +76,10 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
         api_thread.start()
         stack.callback(api_thread.join, 10)
         stack.callback(setattr, server, "should_exit", True)
-        console.print(f"[bold]api[/]      http://{host}:{port}/docs  ·  /health  ·  /coverage")
+        api_key = _demo_key(settings, stack)
+        console.print(f"[bold]api[/]      http://{host}:{port}/coverage  ·  /docs  ·  /health — with the header "
+                      f"`Authorization: Bearer {api_key}` (an admin key for this run, revoked when it ends)",
+                      highlight=False, markup=True)
 
         mqtt_host, mqtt_port = settings.mqtt_host_port
         publisher = MqttPublisher(mqtt_host, mqtt_port, prefix=settings.mqtt_topic_prefix,
@@ -162,6 +165,28 @@ def _demo_broker(settings: Settings, stack: ExitStack) -> tuple[Settings, dict]:
     broker = AmqttBroker().start()
     stack.callback(broker.stop)
     return settings.model_copy(update={"mqtt_url": broker.url, "mqtt_protocol": "3.1.1"}), {}
+
+
+def _demo_key(settings: Settings, stack: ExitStack) -> str:
+    """An admin API key for the person watching the demo, audited, and revoked when the demo stops."""
+    from . import audit
+    from .apikeys import create_key, revoke_key
+    from .db import connect
+
+    actor = audit.cli_actor()
+    with connect(settings.database_url) as conn:
+        key, secret = create_key(conn, "admin", name="iotjx demo", created_by=actor)
+        audit.record(conn, actor=actor, method="demo", route="iotjx demo", target=key.key_id,
+                     change={"role": key.role, "name": key.name})
+
+    def revoke() -> None:
+        with connect(settings.database_url) as conn:
+            if revoke_key(conn, key.key_id) is not None:
+                audit.record(conn, actor=actor, method="demo", route="iotjx demo", target=key.key_id,
+                             change={"revoked": True})
+
+    stack.callback(revoke)
+    return secret
 
 
 def _coverage_tables(rows, table_rows) -> Group:

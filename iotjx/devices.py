@@ -6,9 +6,10 @@ import csv
 import io
 import logging
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -23,13 +24,51 @@ CSV_COLUMNS = ("device_id", "model", "network", "city", "site_kind", "site_name"
 CSV_OPTIONAL = ("installed_at", "reporting_interval_s", "status")
 SITE_KINDS = ("residential", "commercial", "community", "scenic_spot", "museum", "campus", "farm", "dev_zone",
               "building", "road", "intersection", "parking_lot", "hydrant", "other")
+STATUSES = ("active", "inactive", "retired")
+MAX_ERRORS = 100                              # errors listed for one import; the rest are counted
+MAX_REPORTING_INTERVAL_S = 366 * 86400
+INSTALLED_AT_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+INSTALLED_AT_AHEAD = timedelta(days=1)
 
 class RegistrationError(ValueError):
-    """A device record that cannot be registered; `.errors` lists (line, message) for bulk imports."""
+    """Device records that cannot be registered: `.errors` lists (line, message), at most the first
+    MAX_ERRORS of them, `.total` counts them all; `.status` is the HTTP code the API answers with."""
 
-    def __init__(self, errors: list[tuple[int, str]]) -> None:
+    status = 422
+
+    def __init__(self, errors: list[tuple[int, str]], total: int | None = None) -> None:
         self.errors = errors
-        super().__init__("; ".join(f"line {n}: {m}" if n else m for n, m in errors[:10]))
+        self.total = len(errors) if total is None else total
+        more = f" (and {self.total - min(len(errors), 10)} more)" if self.total > 10 else ""
+        super().__init__("; ".join(f"line {n}: {m}" if n else m for n, m in errors[:10]) + more)
+
+
+class OutOfScope(RegistrationError):
+    """Records for cities outside the caller's scope, or that would overwrite a device of another city."""
+
+    status = 403
+
+
+class NotUtf8(RegistrationError):
+    """A CSV that is not UTF-8 text."""
+
+    status = 415
+
+
+class _Errors:
+    """The first `cap` errors and the count of all: a file of a million bad lines costs `cap` messages."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.total, self.shown = cap, 0, []
+
+    def add(self, line: int, message: str) -> None:
+        self.total += 1
+        if len(self.shown) < self.cap:
+            self.shown.append((line, message))
+
+    def raise_if_any(self, error: type[RegistrationError] = RegistrationError) -> None:
+        if self.total:
+            raise error(self.shown, self.total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +84,74 @@ class DeviceRecord:
     installed_at: datetime | None = None
     reporting_interval_s: int | None = None
     status: str = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """What a record is checked against: the known models (→ pilot) and the cities' codes and names."""
+
+    models: dict[str, str]
+    cities: dict[str, int]
+
+    @classmethod
+    def load(cls, conn: psycopg.Connection) -> Registry:
+        return cls(dict(conn.execute("SELECT model, pilot FROM device_models").fetchall()), _city_lookup(conn))
+
+    def city(self, value: str) -> int | None:
+        value = str(value).strip()
+        return self.cities.get(value) or self.cities.get(value.lower())
+
+
+def _shown(value: object) -> str:
+    """A value quoted for an error message, cut short (a 10 MB field is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…'"
+
+
+def _is_text(value: str) -> bool:
+    """No control characters (NUL included) and no lone surrogates (which are not UTF-8)."""
+    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+
+
+def installed_at_problem(value: datetime) -> str | None:
+    """Why an installation time cannot be stored, or None.  The window keeps every stored time
+    readable back (a year-10000 time is stored by PostgreSQL but cannot be read into Python)."""
+    value = _aware(value)
+    latest = datetime.now(UTC) + INSTALLED_AT_AHEAD
+    if not INSTALLED_AT_EARLIEST <= value <= latest:
+        return (f"installed_at must lie between {INSTALLED_AT_EARLIEST.date()} and {latest.date()} "
+                f"(tomorrow), not {value.isoformat()}")
+    return None
+
+
+def record_problems(r: DeviceRecord, registry: Registry | None = None) -> list[str]:
+    """What is wrong with one record (empty: nothing); the registry's models and cities when given."""
+    problems = []
+    if not isinstance(r.device_id, str) or not DEVICE_ID.match(r.device_id):
+        problems.append(f"device_id {_shown(r.device_id)} must be 1-64 letters, digits or _.:-")
+    if not isinstance(r.model, str) or len(r.model) > 100 or not _is_text(r.model):
+        problems.append(f"model {_shown(r.model)} is not a model name")
+    elif registry is not None and r.model not in registry.models:
+        problems.append(f"unknown model {_shown(r.model)} (known: {', '.join(sorted(registry.models))})")
+    if r.network not in NETWORKS:
+        problems.append(f"network must be one of {NETWORKS}, not {_shown(r.network)}")
+    if not isinstance(r.city, str) or len(r.city) > 50 or not _is_text(r.city) or (
+            registry is not None and registry.city(r.city) is None):
+        problems.append(f"unknown city {_shown(r.city)}: use a division code such as 360600 or a name such as Yingtan")
+    if r.site_kind not in SITE_KINDS:
+        problems.append(f"site_kind must be one of {', '.join(SITE_KINDS)}, not {_shown(r.site_kind)}")
+    if not isinstance(r.site_name, str) or not r.site_name:
+        problems.append("site_name is empty")
+    elif len(r.site_name) > 200 or not _is_text(r.site_name):
+        problems.append("site_name must be 1-200 characters without control characters")
+    if r.installed_at is not None and (problem := installed_at_problem(r.installed_at)):
+        problems.append(problem)
+    if r.reporting_interval_s is not None and not 0 < r.reporting_interval_s <= MAX_REPORTING_INTERVAL_S:
+        problems.append(f"reporting_interval_s must be 1..{MAX_REPORTING_INTERVAL_S} (366 days), "
+                        f"not {_shown(r.reporting_interval_s)}")
+    if r.status not in STATUSES:
+        problems.append("status must be active, inactive or retired")
+    return problems
 
 
 def bundled_models() -> list[dict[str, Any]]:
@@ -92,108 +199,149 @@ def _city_lookup(conn: psycopg.Connection) -> dict[str, int]:
     return lookup
 
 
-def _city(cities: dict[str, int], value: str) -> int | None:
-    value = str(value).strip()
-    return cities.get(value) or cities.get(value.lower())
+def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, first_line: int = 1,
+                     cities: Collection[int] | None = None, max_errors: int = MAX_ERRORS) -> dict[str, int]:
+    """Create or update devices (and their sites) in one transaction, all or nothing; returns the
+    counts created, updated and sites.
 
-
-def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, first_line: int = 1) -> dict[str, int]:
-    """Create or update devices (and their sites) in one transaction; all or nothing.
-
-    Raises RegistrationError listing every bad record (numbered from `first_line`)."""
-    cities = _city_lookup(conn)
-    models = dict(conn.execute("SELECT model, pilot FROM device_models").fetchall())
-    errors: list[tuple[int, str]] = []
+    RegistrationError lists the bad records (numbered from `first_line`, the first `max_errors`);
+    with `cities` (a caller's scope), OutOfScope for a record of another city or one that would
+    overwrite a device registered in another city."""
+    registry = Registry.load(conn)
+    errors, outside = _Errors(max_errors), _Errors(max_errors)
     seen: set[str] = set()
     for n, r in enumerate(records, start=first_line):
-        problems = []
-        if not DEVICE_ID.match(r.device_id or ""):
-            problems.append(f"device_id {r.device_id!r} must be 1-64 letters, digits or _.:-")
-        elif r.device_id in seen:
-            problems.append(f"device_id {r.device_id} appears twice")
-        if r.model not in models:
-            problems.append(f"unknown model {r.model!r} (known: {', '.join(sorted(models))})")
-        if r.network not in NETWORKS:
-            problems.append(f"network must be one of {NETWORKS}, not {r.network!r}")
-        if _city(cities, r.city) is None:
-            problems.append(f"unknown city {r.city!r}: use a division code such as 360600 or a name such as Yingtan")
-        if r.site_kind not in SITE_KINDS:
-            problems.append(f"site_kind must be one of {', '.join(SITE_KINDS)}, not {r.site_kind!r}")
-        if not r.site_name:
-            problems.append("site_name is empty")
-        elif len(r.site_name) > 200 or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in r.site_name):
-            problems.append("site_name must be 1-200 characters without control characters")
-        if r.reporting_interval_s is not None and r.reporting_interval_s <= 0:
-            problems.append("reporting_interval_s must be positive")
-        if r.status not in ("active", "inactive", "retired"):
-            problems.append("status must be active, inactive or retired")
-        errors.extend((n, p) for p in problems)
+        for problem in record_problems(r, registry):
+            errors.add(n, problem)
+        if r.device_id in seen:
+            errors.add(n, f"device_id {r.device_id} appears twice")
         seen.add(r.device_id)
-    if errors:
-        raise RegistrationError(errors)
-    created = 0
+        if cities is not None and registry.city(r.city) not in cities:
+            outside.add(n, f"city {_shown(r.city)} is outside this key's cities")
+    errors.raise_if_any()
+    outside.raise_if_any(OutOfScope)
     with conn.transaction(), conn.cursor() as cur:
-        site_keys = {(_city(cities, r.city), r.site_kind, r.site_name)
-                     for r in records}
-        site_ids: dict[tuple[int, str, str], int] = {}
-        for key in sorted(site_keys):
-            cur.execute("""INSERT INTO sites (city_code, kind, name) VALUES (%s, %s, %s)
-                           ON CONFLICT (city_code, kind, name) DO UPDATE SET name = excluded.name
-                           RETURNING site_id""", key)
-            site_ids[key] = cur.fetchone()[0]
-        for r in records:
-            city = _city(cities, r.city)
-            cur.execute("""
-                INSERT INTO devices (device_id, model, pilot, network, site_id, installed_at, status, reporting_interval_s)
-                VALUES (%s, %s, %s, %s, %s, coalesce(%s, now()), %s, %s)
-                ON CONFLICT (device_id) DO UPDATE SET model = excluded.model, pilot = excluded.pilot,
-                    network = excluded.network, site_id = excluded.site_id,
-                    installed_at = coalesce(%s, devices.installed_at), status = excluded.status,
-                    reporting_interval_s = excluded.reporting_interval_s
-                RETURNING (xmax = 0)""",
-                (r.device_id, r.model, models[r.model], r.network, site_ids[(city, r.site_kind, r.site_name)],
-                 r.installed_at, r.status, r.reporting_interval_s, r.installed_at))
-            created += 1 if cur.fetchone()[0] else 0
+        # Locked, so that the counts and the scope check hold until commit.
+        existing = dict(cur.execute("""SELECT d.device_id, s.city_code FROM devices d LEFT JOIN sites s USING (site_id)
+                                       WHERE d.device_id = ANY(%s) FOR UPDATE OF d""", (list(seen),)).fetchall())
+        if cities is not None:
+            for n, r in enumerate(records, start=first_line):
+                if r.device_id in existing and existing[r.device_id] not in cities:
+                    outside.add(n, f"device {r.device_id} cannot be registered with this key")
+            outside.raise_if_any(OutOfScope)
+        site_keys = sorted({(registry.city(r.city), r.site_kind, r.site_name) for r in records})
+        columns = [list(c) for c in zip(*site_keys, strict=True)] if site_keys else [[], [], []]
+        cur.execute("""INSERT INTO sites (city_code, kind, name)
+                       SELECT * FROM unnest(%s::integer[], %s::text[], %s::text[])
+                       ON CONFLICT (city_code, kind, name) DO NOTHING""", columns)
+        site_ids = {(c, k, n): i for i, c, k, n in cur.execute("""
+            SELECT s.site_id, s.city_code, s.kind, s.name FROM sites s
+            JOIN unnest(%s::integer[], %s::text[], %s::text[]) AS u(c, k, n)
+              ON s.city_code = u.c AND s.kind = u.k AND s.name = u.n""", columns)}
+        # executemany runs in pipeline mode: 100,000 devices in a few round trips' time, not 100,000.
+        cur.executemany("""
+            INSERT INTO devices (device_id, model, pilot, network, site_id, installed_at, status, reporting_interval_s)
+            VALUES (%s, %s, %s, %s, %s, coalesce(%s, now()), %s, %s)
+            ON CONFLICT (device_id) DO UPDATE SET model = excluded.model, pilot = excluded.pilot,
+                network = excluded.network, site_id = excluded.site_id,
+                installed_at = coalesce(%s, devices.installed_at), status = excluded.status,
+                reporting_interval_s = excluded.reporting_interval_s""",
+            [(r.device_id, r.model, registry.models[r.model], r.network,
+              site_ids[(registry.city(r.city), r.site_kind, r.site_name)], r.installed_at, r.status,
+              r.reporting_interval_s, r.installed_at) for r in records])
+    created = len(seen) - len(existing)
     return {"created": created, "updated": len(records) - created, "sites": len(site_ids)}
 
 
-def parse_csv(text: str) -> list[DeviceRecord]:
-    """Device records from CSV with a header row; RegistrationError naming every bad line."""
+def parse_csv(source: str | Iterable[str], *, registry: Registry | None = None,
+              max_errors: int = MAX_ERRORS) -> list[DeviceRecord]:
+    """Device records from CSV with a header row, read a line at a time from `source` (text, a text
+    file or any iterable of lines).  RegistrationError naming the first `max_errors` bad lines and
+    counting all of them; with `registry`, unknown models and cities and repeated ids are found here
+    too.  Once a line is bad no more records are kept (none will be registered), so a large bad
+    file costs the error list, not the file.  NotUtf8 when the text cannot be decoded."""
+    lines = io.StringIO(source, newline="") if isinstance(source, str) else source
+    errors = _Errors(max_errors)
     try:
-        return _parse_csv(csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+        records = _parse_csv(csv.DictReader(_without_bom(lines)), errors, registry)
+    except UnicodeDecodeError as exc:
+        raise NotUtf8([(0, f"the CSV must be UTF-8 ({exc.reason} at byte {exc.start} of a chunk)")]) from None
+    errors.raise_if_any()
+    return records
+
+
+def _without_bom(lines: Iterable[str]) -> Iterator[str]:
+    it = iter(lines)
+    for first in it:
+        yield first.lstrip("\ufeff")
+        break
+    yield from it
+
+
+def _parse_csv(reader: csv.DictReader, errors: _Errors, registry: Registry | None) -> list[DeviceRecord]:
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
     except csv.Error as exc:
-        raise RegistrationError([(0, f"not CSV: {exc}")]) from None
-
-
-def _parse_csv(reader: csv.DictReader) -> list[DeviceRecord]:
-    header = [h.strip() for h in (reader.fieldnames or [])]
+        errors.add(1, f"not CSV: {exc}")
+        return []
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
-        raise RegistrationError([(1, f"header lacks column(s) {', '.join(missing)}; "
-                                     f"expected {', '.join(CSV_COLUMNS)} (+ optional {', '.join(CSV_OPTIONAL)})")])
-    records, errors = [], []
-    for row in reader:
-        line = reader.line_num
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        errors.add(1, f"header lacks column(s) {', '.join(missing)}; "
+                      f"expected {', '.join(CSV_COLUMNS)} (+ optional {', '.join(CSV_OPTIONAL)})")
+        return []
+    records: list[DeviceRecord] = []
+    seen: set[str] = set()
+    while True:
         try:
-            installed = row.get("installed_at") or None
-            interval = row.get("reporting_interval_s") or None
-            records.append(DeviceRecord(
-                device_id=row["device_id"], model=row["model"], network=row["network"], city=row["city"],
-                site_kind=row["site_kind"], site_name=row["site_name"],
-                installed_at=_aware(datetime.fromisoformat(installed)) if installed else None,
-                reporting_interval_s=int(interval) if interval else None,
-                status=row.get("status") or "active"))
+            row = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as exc:          # the reader cannot go on after this (e.g. an overlong field)
+            errors.add(reader.line_num, f"not CSV: {exc}")
+            return []
+        line = reader.line_num
+        fields = {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
+        try:
+            record = _record(fields)
         except ValueError as exc:
-            errors.append((line, str(exc)))
-    if errors:
-        raise RegistrationError(errors)
-    return records
+            errors.add(line, str(exc))
+            continue
+        problems = record_problems(record, registry)
+        if registry is not None and record.device_id in seen:
+            problems.append(f"device_id {record.device_id} appears twice")
+        for problem in problems:
+            errors.add(line, problem)
+        if errors.total:
+            records.clear()
+            seen.clear()
+            continue
+        seen.add(record.device_id)
+        records.append(record)
+
+
+def _record(row: dict[str, str]) -> DeviceRecord:
+    installed = row.get("installed_at") or None
+    interval = row.get("reporting_interval_s") or None
+    if interval is not None and not re.fullmatch(r"[+-]?[0-9]{1,12}", interval):
+        raise ValueError(f"reporting_interval_s {_shown(interval)} is not a whole number of seconds up to "
+                         f"{MAX_REPORTING_INTERVAL_S}")
+    try:
+        when = _aware(datetime.fromisoformat(installed)) if installed else None
+    except ValueError:
+        raise ValueError(f"installed_at {_shown(installed)} is not an ISO 8601 time "
+                         "(e.g. 2025-03-01T08:00:00+08:00)") from None
+    # sys.intern: a 100,000-line file repeats a few models, cities and kinds; one copy of each is kept.
+    return DeviceRecord(
+        device_id=row.get("device_id", ""), model=sys.intern(row.get("model", "")),
+        network=sys.intern(row.get("network", "")), city=sys.intern(row.get("city", "")),
+        site_kind=sys.intern(row.get("site_kind", "")), site_name=row.get("site_name", ""),
+        installed_at=when, reporting_interval_s=int(interval) if interval else None,
+        status=sys.intern(row.get("status") or "active"))
 
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-__all__ = ["PILOTS", "DeviceRecord", "RegistrationError", "bundled_models", "parse_csv", "register_devices",
-           "sync_models"]
+__all__ = ["MAX_ERRORS", "PILOTS", "DeviceRecord", "NotUtf8", "OutOfScope", "RegistrationError", "Registry",
+           "bundled_models", "installed_at_problem", "parse_csv", "record_problems", "register_devices", "sync_models"]

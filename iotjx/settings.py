@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         None, description="Token CTWing pushes must carry (header `X-Push-Token` or `?token=`); unset: endpoint off")
     onenet_push_token: str | None = Field(
         None, description="OneNET push token (msg_signature = base64(MD5(token+nonce+msg))); unset: endpoint off")
+    # API request bounds (api/limits.py)
+    api_max_body: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Largest API request body in bytes (JSON routes); larger gets 413")
+    api_max_import_bytes: int = Field(
+        32 << 20, ge=1024, le=1 << 30, description="Largest CSV body of `POST /devices/bulk` in bytes; larger gets 413")
     # Downlinks for sleeping devices (ingest/downlink.py)
     downlink_ttl_s: int = Field(7 * 86400, ge=60, description="A queued command expires after this long by default")
     downlink_max_attempts: int = Field(

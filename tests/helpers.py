@@ -1,7 +1,9 @@
-"""Small helpers the tests share: a registered fleet, waiting on the database."""
+"""Small helpers the tests share: a registered fleet, waiting on the database, API keys."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 
 import psycopg
@@ -28,3 +30,19 @@ def wait_for_count(db_url: str, sql: str, expected: int, timeout: float = 60.0) 
                 return count
             time.sleep(0.1)
     return count
+
+
+def insert_key(db_url: str, role: str, cities: list[int] | None = None, revoked: bool = False) -> str:
+    """An API key stored as README.md describes (`iotjx.<key_id>.<secret>`, SHA-256 of the secret),
+    made here rather than by iotjx.apikeys; returns the whole key."""
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("""INSERT INTO api_keys (key_id, name, role, cities, secret_hash, revoked_at)
+                        VALUES (%s, 'test', %s, %s, %s, CASE WHEN %s THEN now() END)""",
+                     (key_id, role, cities, hashlib.sha256(secret.encode()).digest(), revoked))
+    return f"iotjx.{key_id}.{secret}"
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The header that carries an API key."""
+    return {"Authorization": f"Bearer {key}"}

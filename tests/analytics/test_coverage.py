@@ -20,6 +20,7 @@ from iotjx.db import connect
 from iotjx.devices import DeviceRecord, register_devices
 from iotjx.model import Uplink
 from simulators.fleet import imei
+from tests.helpers import bearer, insert_key
 
 LIVE_FACTOR = 1.5
 
@@ -84,7 +85,7 @@ def populated(db_url):
 
 
 def test_coverage_equals_sql_counts(populated, settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(insert_key(settings.database_url, "admin"))) as client:
         body = client.get("/coverage").json()
     targets = {t["target_id"]: t for t in body["targets"]}
     with psycopg.connect(populated) as conn:
@@ -119,7 +120,7 @@ def test_coverage_equals_sql_counts(populated, settings):
 
 
 def test_operator_entered_progress_and_filters(populated, settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(insert_key(settings.database_url, "admin"))) as client:
         assert client.put("/targets/5g-base-stations/progress", json={"value": 12345}).status_code == 200
         assert client.put("/targets/yingtan-water-nbiot/progress", json={"value": 1}).status_code == 409
         assert client.put("/targets/no-such-target/progress", json={"value": 1}).status_code == 404

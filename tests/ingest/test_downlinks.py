@@ -20,13 +20,12 @@ from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 
 from api.app import create_app
-from api.routes_downlinks import router
 from ingest.coap import set_device_token
 from ingest.downlink import build_payload, parse_ack_ids
 from ingest.gateway import Gateway
 from iotjx.mqtt_accounts import set_device_password
 from simulators.water import make_meters
-from tests.helpers import register_fleet
+from tests.helpers import bearer, insert_key, register_fleet
 
 
 def _valve_frame(close: bool, di_low_first: bool = True) -> bytes:
@@ -57,9 +56,8 @@ def stack(settings, no_thread_leaks):
     gateway = Gateway(cfg)
     gateway.start()
     app = create_app(cfg)
-    app.include_router(router)
     try:
-        with TestClient(app) as api:
+        with TestClient(app, headers=bearer(insert_key(cfg.database_url, "admin"))) as api:
             yield gateway, api, cfg
     finally:
         gateway.stop()
