@@ -327,22 +327,20 @@ class _audited_write:
         self.command, self.target, self.change = command, target, change
 
     def __enter__(self):
-        import getpass
-
+        from . import audit
         from .db import connect
         settings = get_settings()
         _need_database(settings)
-        self.actor = f"cli:{getpass.getuser()}"
+        self.actor = audit.cli_actor()
         self.conn = connect(settings.database_url)
         return self.conn
 
     def __exit__(self, kind, exc, tb) -> None:
-        from psycopg.types.json import Jsonb
+        from . import audit
         try:
             if kind is None:
-                self.conn.execute("""INSERT INTO audit_log (actor, method, route, target, change)
-                                     VALUES (%s, 'CLI', %s, %s, %s)""",
-                                  (self.actor, f"iotjx {self.command}", self.target, Jsonb(self.change)))
+                audit.record(self.conn, actor=self.actor, method=self.command, route=f"iotjx {self.command}",
+                             target=self.target, change=self.change)
                 self.conn.commit()
             else:
                 self.conn.rollback()

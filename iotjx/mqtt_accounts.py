@@ -65,12 +65,17 @@ def _store(conn: psycopg.Connection, username: str, role: str, device_id: str | 
     if not PASSWORD.match(password):
         raise ValueError("an MQTT password is 16-128 printable ASCII characters without spaces")
     iterations, salt, digest = hash_password(password)
-    conn.execute("""
+    # A password is rotated only for an account of the same role: a device registered under a
+    # gateway's name must not take its account over (nor the other way round).
+    stored = conn.execute("""
         INSERT INTO mqtt_accounts (username, role, device_id, iterations, salt, password_hash)
         VALUES (%s, %s, %s, %s, %s, %s)
-        ON CONFLICT (username) DO UPDATE SET role = excluded.role, device_id = excluded.device_id,
-            iterations = excluded.iterations, salt = excluded.salt, password_hash = excluded.password_hash,
-            updated_at = now()""", (username, role, device_id, iterations, salt, digest))
+        ON CONFLICT (username) DO UPDATE SET iterations = excluded.iterations, salt = excluded.salt,
+            password_hash = excluded.password_hash, updated_at = now()
+        WHERE mqtt_accounts.role = excluded.role
+        RETURNING 1""", (username, role, device_id, iterations, salt, digest)).fetchone()
+    if stored is None:
+        raise ValueError(f"{username!r} is already the name of another kind of MQTT account")
     return password
 
 
@@ -95,6 +100,8 @@ def set_service_account(conn: psycopg.Connection, username: str, role: str, pass
     return _store(conn, username, role, None, password)
 
 
-def delete_account(conn: psycopg.Connection, username: str) -> bool:
-    """Remove an account (the broker refuses it once its files are generated again)."""
-    return conn.execute("DELETE FROM mqtt_accounts WHERE username = %s", (username,)).rowcount > 0
+def delete_account(conn: psycopg.Connection, username: str, role: str | None = None) -> bool:
+    """Remove an account, of `role` only when given (the broker refuses it once its files are
+    generated again)."""
+    return conn.execute("DELETE FROM mqtt_accounts WHERE username = %s AND (%s::text IS NULL OR role = %s)",
+                        (username, role, role)).rowcount > 0

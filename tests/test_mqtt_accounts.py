@@ -56,3 +56,18 @@ def test_device_and_service_accounts_in_the_registry(db_url):
     assert mqtt_accounts.verify_password(password, *by_name[device][3:])
     assert mqtt_accounts.verify_password("p" * 16, *by_name["gw-1"][3:])
     assert password.encode() not in b"".join(bytes(r[5]) + bytes(r[4]) for r in rows)
+
+
+def test_a_device_registered_under_a_service_accounts_name_cannot_take_that_account_over(db_url):
+    fleet = register_fleet(db_url, 1)
+    record = fleet[0].record
+    with psycopg.connect(db_url) as conn:
+        mqtt_accounts.set_service_account(conn, "gw-9", "gateway", "g" * 16)
+        conn.execute("UPDATE devices SET device_id = 'gw-9' WHERE device_id = %s", (record.device_id,))
+        with pytest.raises(ValueError, match="another kind"):
+            mqtt_accounts.set_device_password(conn, "gw-9", "d" * 16)
+        assert not mqtt_accounts.delete_account(conn, "gw-9", "device")
+        row = conn.execute("SELECT role, iterations, salt, password_hash FROM mqtt_accounts "
+                           "WHERE username = 'gw-9'").fetchone()
+    assert row[0] == "gateway" and mqtt_accounts.verify_password("g" * 16, *row[1:])
+
