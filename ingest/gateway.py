@@ -61,7 +61,7 @@ class Gateway:
         self.http = None
         if settings.http_push_enabled:
             from .http import HttpPushIngest
-            self.http = HttpPushIngest(settings, self.pipeline.submit)
+            self.http = HttpPushIngest(settings, self.pipeline.try_submit)
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
