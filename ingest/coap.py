@@ -304,7 +304,8 @@ class CoapIngest:
         manager = self._context.request_interfaces[0].token_interface
         tune_incoming(manager, self._tuning)
         self._front = DatagramFront(asyncio.get_running_loop(), sock, manager.message_interface, manager,
-                                    self._on_uplink, self.settings.coap_empty_ack_delay_s, counters=self.counters)
+                                    self._on_uplink, self.settings.coap_empty_ack_delay_s, counters=self.counters,
+                                    max_payload=self.settings.coap_max_payload)
         self._front.install()
         if self.rcvbuf < wanted:
             log.warning("CoAP receive buffer is %d bytes, not the %d asked: raise net.core.rmem_max",
