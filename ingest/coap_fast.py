@@ -85,6 +85,11 @@ def _option_field(nibble: int, data: bytes, i: int, n: int) -> tuple[int, int]:
     return -1, i
 
 
+def _empty_ack(mid: int) -> bytes:
+    """An empty ACK (RFC 7252 §4.2): the request is here, its answer follows separately."""
+    return bytes((0x60, 0, mid >> 8, mid & 255))
+
+
 def _reset(mid: int) -> bytes:
     """A Reset (§4.2): how a confirmable message that cannot be processed is rejected."""
     return bytes((0x70, 0, mid >> 8, mid & 255))
@@ -180,19 +185,13 @@ def parse_uplink(data: bytes) -> tuple[int, int, bytes, str, list[str], int | No
             break
         i += 1
         delta, length = byte >> 4, byte & 15
-        if delta >= 13:
-            if delta == 13 and i < n:
-                delta, i = data[i] + 13, i + 1
-            elif delta == 14 and i + 1 < n:
-                delta, i = (data[i] << 8 | data[i + 1]) + 269, i + 2
-            else:
+        if delta >= 13:                     # rare: the nibbles are the values in nearly every option
+            delta, i = _option_field(delta, data, i, n)
+            if delta < 0:
                 return None
         if length >= 13:
-            if length == 13 and i < n:
-                length, i = data[i] + 13, i + 1
-            elif length == 14 and i + 1 < n:
-                length, i = (data[i] << 8 | data[i + 1]) + 269, i + 2
-            else:
+            length, i = _option_field(length, data, i, n)
+            if length < 0:
                 return None
         number += delta
         if i + length > n or number not in FAST_OPTIONS:
@@ -355,7 +354,7 @@ class DatagramFront:
                 if type(seen) is bytes:
                     self._send(seen, addr, ancdata)
                 elif seen.empty_acked:
-                    self._send(bytes((0x60, 0, mid >> 8, mid & 255)), addr, ancdata)
+                    self._send(_empty_ack(mid), addr, ancdata)
             return
         now = self._loop.time()
         if len(ancdata) != 1 or ancdata[0][:2] != (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO):
@@ -422,7 +421,7 @@ class DatagramFront:
                 if ex.t0 > late:
                     break
                 ex.empty_acked = True
-                self._send(bytes((0x60, 0, ex.mid >> 8, ex.mid & 255)), ex.addr, ex.ancdata)
+                self._send(_empty_ack(ex.mid), ex.addr, ex.ancdata)
             waiting.popleft()
         arrivals, recent, old = self._arrivals, self._recent, now - EXCHANGE_LIFETIME_S
         while arrivals and (arrivals[0][0] < old or len(recent) > self._recent_max):
