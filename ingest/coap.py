@@ -452,7 +452,8 @@ class CoapIngest:
         if outcome.status == "rejected":
             if outcome.reason == "unknown_device":
                 return _response(codes.NOT_FOUND, f"unknown device {device_id}: uplink kept in quarantine")
-            code = codes.INTERNAL_SERVER_ERROR if outcome.reason == "storage" else codes.BAD_REQUEST
+            code = {"storage": codes.INTERNAL_SERVER_ERROR, "too_large": codes.REQUEST_ENTITY_TOO_LARGE
+                    }.get(outcome.reason, codes.BAD_REQUEST)      # too_large: past its model's size limit
             return _response(code, f"{outcome.reason}: {outcome.detail}")
         # stored, duplicate, or spooled (fsync'd journal: commands wait for the committed reading)
         if (outcome.status in ("stored", "duplicate") and self._downlinks is not None

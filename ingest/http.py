@@ -322,6 +322,9 @@ class HttpPushIngest:
                            reason=outcome.reason)
         if outcome.reason == "storage":
             return problem(500, "not stored", outcome.detail, reason=outcome.reason)
+        if outcome.reason == "too_large":        # past its device model's size limit (kept as a reject)
+            return problem(413, "payload too large for its device model; kept as a reject", outcome.detail,
+                           reason=outcome.reason)
         return problem(422, "push refused by the decoder; kept as a reject", outcome.detail, reason=outcome.reason)
 
     def _refuse(self, status: int, title: str, detail: str, **extra: Any) -> JSONResponse:

@@ -432,3 +432,28 @@ def test_backpressure_is_answered_at_once_with_503_and_nothing_is_lost(settings,
     with psycopg.connect(db) as conn:
         stored = Counter(conn.execute("SELECT device_id FROM raw_uplinks WHERE outcome = 'stored'").fetchall())
     assert stored == Counter({(m.device_id + "9",): 1 for m in meters} | {(AKR_IMEI,): 1})
+
+
+def test_an_uplink_past_its_models_size_limit_is_answered_413(settings, no_thread_leaks):
+    """The pipeline's `too_large` reject (a device model's size limit, checked after the envelope is
+    opened) is answered 413 with the reason, like the body limit.  The pipeline is stood in for by
+    one that acknowledges that outcome from another thread, after a moment, as the writer does."""
+    from ingest.http import HttpPushIngest
+    from iotjx.model import Outcome
+
+    cfg = settings.model_copy(update={"http_push_enabled": True, "http_push_bind": "127.0.0.1:0",
+                                      "ctwing_push_token": CTWING_TOKEN})
+
+    def try_submit(uplink) -> bool:
+        threading.Timer(0.05, uplink.ack, [Outcome("rejected", "too_large", "2,048 bytes; the model allows 512")]).start()
+        return True
+
+    endpoint = HttpPushIngest(cfg, try_submit)
+    endpoint.start()
+    try:
+        answer = httpx.post(f"http://127.0.0.1:{endpoint.port}/push/ctwing", content=_case("ctwing", "huaqiang_appdata_lwm2m"),
+                            headers={"X-Push-Token": CTWING_TOKEN}, timeout=30)
+    finally:
+        endpoint.stop()
+    assert answer.status_code == 413 and answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["reason"] == "too_large" and "512" in answer.json()["detail"]
