@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -385,6 +386,31 @@ def encode_onenet(fields: Mapping[str, Any], settings: Mapping[str, Any]) -> byt
 
 # --------------------------------------------------------------------------- gateway helper
 
+# What names one message of one device, whatever the platform's JSON looks like around it: a retry
+# re-serialised (whitespace, key order, a member we do not read, a new nonce and signature) has the
+# same identity; two messages of a device differ in the platform's sequence or time, or in the data.
+_IDENTITY_KEYS = ("carrier", "kind", "message_type", "sequence", "received_at", "sent_at", "service_id")
+
+
+def push_identity(codec: str, payload: bytes) -> tuple[str, bytes] | None:
+    """(device, 16-byte key) naming the message a carrier push carries, for deduplication: the
+    device is the envelope's IMEI (else the platform's device id); the key hashes the platform's
+    sequence and times and the device's payload or service data, never the body's bytes.  None when
+    the envelope does not open (the push is rejected anyway)."""
+    try:
+        envelope = decode(codec, payload)
+    except DecodeError:
+        return None
+    device = envelope.get("imei") or envelope.get("device_id") or ""
+    inner = envelope.get("inner_payload")
+    identity = {key: envelope.get(key) for key in _IDENTITY_KEYS}
+    identity["payload"] = None if inner is None else bytes(inner).hex()
+    identity["service_data"] = envelope.get("service_data")
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return device, hashlib.blake2b(canonical.encode(), digest_size=16, person=b"iotjx-push").digest()
+
+
+
 def unwrap(codec: str, payload: bytes, settings: Mapping[str, Any] | None = None
            ) -> tuple[dict[str, Any], bytes | None]:
     """(envelope, inner bytes or None) of a carrier push, so the gateway can hand the inner bytes to
@@ -402,4 +428,5 @@ CODECS = [
           default_settings=DEFAULT_SETTINGS),
 ]
 
-__all__ = ["CODECS", "decode_ctwing", "decode_onenet", "encode_ctwing", "encode_onenet", "radio_fields", "unwrap"]
+__all__ = ["CODECS", "decode_ctwing", "decode_onenet", "encode_ctwing", "encode_onenet", "push_identity", "radio_fields",
+           "unwrap"]

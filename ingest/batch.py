@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 
 import decoders
 from decoders import DecodeError
-from decoders.carrier import is_radio_field, unwrap
+from decoders.carrier import is_radio_field, push_identity, unwrap
 from iotjx.model import Device, Uplink
 
 from .registry import DeviceRegistry
@@ -22,6 +22,18 @@ from .writer import WriteSet
 
 ENVELOPES = ("ctwing", "onenet")
 FIELDS = "fields"      # pseudo-codec: an object-model push whose platform already decoded the fields
+
+
+def claim_key(u: Uplink, payload_key: Callable[[bytes], bytes]) -> tuple[str, bytes]:
+    """(device, key) the uplink's dedup claim is made under: a carrier push's by the message its
+    envelope names (`decoders.carrier.push_identity`: the same push re-serialised is one uplink),
+    anything else's by its device and `payload_key(payload)`."""
+    codec = u.meta.get("envelope") if u.meta else None
+    if codec and not u.meta.get("envelope_opened"):
+        identity = push_identity(codec, u.payload)
+        if identity is not None:
+            return identity
+    return u.device_id, payload_key(u.payload)
 
 
 class BatchBuilder:

@@ -304,7 +304,8 @@ class CoapIngest:
         manager = self._context.request_interfaces[0].token_interface
         tune_incoming(manager, self._tuning)
         self._front = DatagramFront(asyncio.get_running_loop(), sock, manager.message_interface, manager,
-                                    self._on_uplink, self.settings.coap_empty_ack_delay_s, counters=self.counters)
+                                    self._on_uplink, self.settings.coap_empty_ack_delay_s, counters=self.counters,
+                                    max_payload=self.settings.coap_max_payload)
         self._front.install()
         if self.rcvbuf < wanted:
             log.warning("CoAP receive buffer is %d bytes, not the %d asked: raise net.core.rmem_max",
@@ -451,7 +452,8 @@ class CoapIngest:
         if outcome.status == "rejected":
             if outcome.reason == "unknown_device":
                 return _response(codes.NOT_FOUND, f"unknown device {device_id}: uplink kept in quarantine")
-            code = codes.INTERNAL_SERVER_ERROR if outcome.reason == "storage" else codes.BAD_REQUEST
+            code = {"storage": codes.INTERNAL_SERVER_ERROR, "too_large": codes.REQUEST_ENTITY_TOO_LARGE
+                    }.get(outcome.reason, codes.BAD_REQUEST)      # too_large: past its model's size limit
             return _response(code, f"{outcome.reason}: {outcome.detail}")
         # stored, duplicate, or spooled (fsync'd journal: commands wait for the committed reading)
         if (outcome.status in ("stored", "duplicate") and self._downlinks is not None

@@ -20,18 +20,30 @@ transport and takes those uplinks itself (RFC 7252 message layer, kept to what t
   each) and the answer follows as a separate confirmable response through aiocoap's message
   manager, which retransmits it until the device ACKs (§5.2.2); a NON request gets a NON answer.
 
+The front also guards what reaches aiocoap.  A datagram is read whole up to the uplink limit plus
+`HEADER_ROOM` for header and options (aiocoap's own transport reads 4,096 bytes, which cut a valid
+4,887-byte uplink); a longer one is answered 4.13 with Size1 = the limit (RFC 7252 §5.9.2.9,
+§5.10.9).  A datagram that is not well-formed CoAP (`format_error`: §3's message format, and
+option values aiocoap's decoder cannot read) is counted (`malformed`), logged once per source and
+`MALFORMED_LOG_S`, and answered as §4.2/§5.4.1 say: a CON request with an unreadable critical
+option gets 4.02 Bad Option, any other CON a Reset, anything else nothing.
+
 Parsing by hand is a deliberate exception to "use the library": `tests/ingest/test_coap_fast.py`
-holds it equal to `aiocoap.Message.decode` on generated messages."""
+holds `parse_uplink` equal to `aiocoap.Message.decode` on generated messages, and `format_error`
+strict enough that aiocoap decodes whatever it lets through."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import sys
-from collections import Counter, deque
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 import aiocoap
+from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.optiontypes import StringOption
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 from aiocoap.util.socknumbers import HAS_RECVERR
 
@@ -53,6 +65,97 @@ FAST_OPTIONS = frozenset({3, 7, URI_PATH, CONTENT_FORMAT, URI_QUERY, 17, 60})
 EXCHANGE_LIFETIME_S = 247.0                 # RFC 7252 §4.8.2, with the default parameters
 SWEEP_S = 0.05                              # how often late requests get their empty ACK
 READS_PER_WAKE = 64                         # datagrams read per readiness callback
+HEADER_ROOM = 1024                          # header, token and options a datagram may add to its payload
+MALFORMED_LOG_S = 60.0                      # one log line per source and this interval for malformed datagrams
+# Options whose value aiocoap decodes as UTF-8 (and raises on when it is not).
+STRING_OPTIONS = frozenset(int(n) for n in OptionNumber.__members__.values() if n.format is StringOption)
+REQUEST_ENTITY_TOO_LARGE, BAD_OPTION = 0x8D, 0x82         # 4.13, 4.02
+
+
+def _option_field(nibble: int, data: bytes, i: int, n: int) -> tuple[int, int]:
+    """An option's delta or length from its 4-bit nibble and the extended bytes at `i` (RFC 7252
+    §3.1: 13 → one more byte + 13, 14 → two more bytes + 269), and where the option goes on; (-1, i)
+    for the reserved nibble 15 or extended bytes past `n`."""
+    if nibble < 13:
+        return nibble, i
+    if nibble == 13 and i < n:
+        return data[i] + 13, i + 1
+    if nibble == 14 and i + 1 < n:
+        return (data[i] << 8 | data[i + 1]) + 269, i + 2
+    return -1, i
+
+
+def _empty_ack(mid: int) -> bytes:
+    """An empty ACK (RFC 7252 §4.2): the request is here, its answer follows separately."""
+    return bytes((0x60, 0, mid >> 8, mid & 255))
+
+
+def _reset(mid: int) -> bytes:
+    """A Reset (§4.2): how a confirmable message that cannot be processed is rejected."""
+    return bytes((0x70, 0, mid >> 8, mid & 255))
+
+
+def format_error(data: bytes) -> tuple[str, int | None] | None:
+    """Why `data` is not a well-formed CoAP message (RFC 7252 §3) — with the option number when an
+    option's value is at fault — or None.  Never looser than aiocoap's decoder: what passes here,
+    `aiocoap.Message.decode` decodes without raising."""
+    n = len(data)
+    if n < 4:
+        return "shorter than the 4-byte header", None
+    if data[0] >> 6 != 1:
+        return f"version {data[0] >> 6} (CoAP is 1)", None
+    tkl = data[0] & 15
+    if tkl > 8:
+        return f"token length {tkl} (at most 8)", None
+    if 4 + tkl > n:
+        return "token cut short", None
+    if data[1] == 0 and n > 4:
+        return "an empty message with bytes after its header", None
+    i, number = 4 + tkl, 0
+    while i < n:
+        byte = data[i]
+        if byte == 0xFF:
+            return ("payload marker without payload", None) if i + 1 == n else None
+        delta, i = _option_field(byte >> 4, data, i + 1, n)
+        if delta < 0:
+            return f"option header after option {number} cut short or reserved", None
+        length, i = _option_field(byte & 15, data, i, n)
+        if length < 0:
+            return f"option {number + delta} length cut short or reserved", None
+        number += delta
+        if i + length > n:
+            return f"option {number} runs past the end", None
+        if number in STRING_OPTIONS:
+            try:
+                data[i:i + length].decode()
+            except UnicodeDecodeError:
+                return f"option {number} is not UTF-8", number
+        i += length
+    return None
+
+
+class OncePerInterval:
+    """Which sources to log now: the first event of a source in each `interval_s`, with the number
+    of its events not logged since.  At most `max_sources` remembered (the oldest forgotten)."""
+
+    def __init__(self, interval_s: float = MALFORMED_LOG_S, max_sources: int = 10_000) -> None:
+        self.interval_s = interval_s
+        self._max = max_sources
+        self._sources: OrderedDict[str, list] = OrderedDict()       # source -> [logged at, events since]
+
+    def due(self, source: str, now: float | None = None) -> int | None:
+        """None: do not log this one; else log it, saying how many were not logged before it."""
+        now = time.monotonic() if now is None else now
+        entry = self._sources.get(source)
+        if entry is not None and now - entry[0] < self.interval_s:
+            entry[1] += 1
+            return None
+        suppressed = 0 if entry is None else entry[1]
+        self._sources[source] = [now, 0]
+        self._sources.move_to_end(source)
+        while len(self._sources) > self._max:
+            self._sources.popitem(last=False)
+        return suppressed
 
 
 def parse_uplink(data: bytes) -> tuple[int, int, bytes, str, list[str], int | None, bytes] | None:
@@ -82,19 +185,13 @@ def parse_uplink(data: bytes) -> tuple[int, int, bytes, str, list[str], int | No
             break
         i += 1
         delta, length = byte >> 4, byte & 15
-        if delta >= 13:
-            if delta == 13 and i < n:
-                delta, i = data[i] + 13, i + 1
-            elif delta == 14 and i + 1 < n:
-                delta, i = (data[i] << 8 | data[i + 1]) + 269, i + 2
-            else:
+        if delta >= 13:                     # rare: the nibbles are the values in nearly every option
+            delta, i = _option_field(delta, data, i, n)
+            if delta < 0:
                 return None
         if length >= 13:
-            if length == 13 and i < n:
-                length, i = data[i] + 13, i + 1
-            elif length == 14 and i + 1 < n:
-                length, i = (data[i] << 8 | data[i + 1]) + 269, i + 2
-            else:
+            length, i = _option_field(length, data, i, n)
+            if length < 0:
                 return None
         number += delta
         if i + length > n or number not in FAST_OPTIONS:
@@ -138,8 +235,12 @@ class DatagramFront:
 
     def __init__(self, loop, sock: socket.socket, protocol, message_manager,
                  on_uplink: Callable[[Exchange, tuple], None], empty_ack_delay_s: float, *,
-                 counters: Counter | None = None, recent_max: int = 100_000) -> None:
+                 counters: Counter | None = None, recent_max: int = 100_000, max_payload: int = 16384) -> None:
+        """`max_payload`: the uplink limit; a datagram longer than it plus `HEADER_ROOM` gets 4.13."""
         self._loop = loop
+        self._max_payload = max_payload
+        self._read_size = max_payload + HEADER_ROOM
+        self._malformed_log = OncePerInterval()
         self._sock = sock
         self._protocol = protocol                   # aiocoap's MessageInterfaceUDP6
         self._manager = message_manager             # aiocoap's MessageManager (MIDs, separate responses)
@@ -151,7 +252,8 @@ class DatagramFront:
         self._recent_max = recent_max
         self._waiting: deque[Exchange] = deque()            # CON requests not yet answered, oldest first
         self._sweeper: Callable | None = None
-        # fast_requests: taken here; message_duplicates: retransmissions absorbed; send_errors
+        # fast_requests: taken here; message_duplicates: retransmissions absorbed; send_errors;
+        # malformed: datagrams that are not CoAP; too_large: datagrams past the read size
         self.counters: Counter[str] = Counter() if counters is None else counters
 
     def install(self) -> None:
@@ -178,19 +280,69 @@ class DatagramFront:
                 protocol.error_received(exc)
             else:
                 protocol.datagram_errqueue_received(data, ancdata, flags, addr)
+        size = self._read_size
         for _ in range(READS_PER_WAKE):
             try:
-                data, ancdata, flags, addr = sock.recvmsg(4096, 1024)
+                data, ancdata, flags, addr = sock.recvmsg(size, 1024)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 protocol.error_received(exc)
                 return
+            if flags & socket.MSG_TRUNC:
+                self._too_large(data, ancdata, addr)
+                continue
             parsed = parse_uplink(data)
             if parsed is None:
-                protocol.datagram_msg_received(data, ancdata, flags, addr)
+                self._pass_on(data, ancdata, flags, addr)
             else:
                 self._take(parsed, ancdata, addr)
+
+    def _pass_on(self, data: bytes, ancdata, flags: int, addr) -> None:
+        """A datagram that is not a single-datagram uplink: to aiocoap, if it is CoAP at all."""
+        problem = format_error(data)
+        if problem is None:
+            try:
+                self._protocol.datagram_msg_received(data, ancdata, flags, addr)
+                return
+            except Exception as exc:      # aiocoap's decoder refusing what format_error let through
+                problem = (f"{type(exc).__name__}: {exc}", None)
+        self._malformed(data, ancdata, addr, *problem)
+
+    def _malformed(self, data: bytes, ancdata, addr, why: str, option: int | None) -> None:
+        """Count it, log it once per source and interval, and answer it as RFC 7252 §4.2/§5.4.1 say."""
+        self.counters["malformed"] += 1
+        suppressed = self._malformed_log.due(addr[0])
+        if suppressed is not None:
+            log.warning("malformed CoAP datagram from %s (%d bytes): %s%s", _host(addr), len(data), why,
+                        f" ({suppressed} more from it in the last {MALFORMED_LOG_S:.0f} s not logged)"
+                        if suppressed else "")
+        if len(data) < 4 or data[0] >> 4 != 4:           # not a CON of version 1: nothing to answer
+            return
+        mid, tkl = data[2] << 8 | data[3], data[0] & 15
+        if option is not None and 1 <= data[1] < 32 and tkl <= 8:
+            # A request whose critical option cannot be read: as an unrecognized one, 4.02 (§5.4.1).
+            answer = bytes((0x60 | tkl, BAD_OPTION, data[2], data[3])) + data[4:4 + tkl] + b"\xff" + \
+                f"option {option}: not UTF-8".encode()
+        else:
+            answer = _reset(mid)
+        self._send(answer, addr, ancdata)
+
+    def _too_large(self, data: bytes, ancdata, addr) -> None:
+        """A datagram cut by the read size: a request gets 4.13 with Size1 = the limit; anything else nothing."""
+        self.counters["too_large"] += 1
+        if len(data) < 4 or data[0] >> 6 != 1 or (data[0] >> 4 & 3) > 1 or not 1 <= data[1] < 32 \
+                or (data[0] & 15) > 8:
+            return
+        message = aiocoap.Message(code=REQUEST_ENTITY_TOO_LARGE,
+                                  payload=f"uplinks are limited to {self._max_payload} bytes".encode())
+        message.opt.size1 = self._max_payload
+        message.token = data[4:4 + (data[0] & 15)]
+        if data[0] >> 4 & 3 == CON:
+            message.mtype, message.mid = aiocoap.ACK, data[2] << 8 | data[3]
+        else:
+            message.mtype, message.mid = aiocoap.NON, self._manager._next_message_id()
+        self._send(message.encode(), addr, ancdata)
 
     def _take(self, parsed, ancdata, addr) -> None:
         mtype, mid = parsed[0], parsed[1]
@@ -202,7 +354,7 @@ class DatagramFront:
                 if type(seen) is bytes:
                     self._send(seen, addr, ancdata)
                 elif seen.empty_acked:
-                    self._send(bytes((0x60, 0, mid >> 8, mid & 255)), addr, ancdata)
+                    self._send(_empty_ack(mid), addr, ancdata)
             return
         now = self._loop.time()
         if len(ancdata) != 1 or ancdata[0][:2] != (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO):
@@ -269,7 +421,7 @@ class DatagramFront:
                 if ex.t0 > late:
                     break
                 ex.empty_acked = True
-                self._send(bytes((0x60, 0, ex.mid >> 8, ex.mid & 255)), ex.addr, ex.ancdata)
+                self._send(_empty_ack(ex.mid), ex.addr, ex.ancdata)
             waiting.popleft()
         arrivals, recent, old = self._arrivals, self._recent, now - EXCHANGE_LIFETIME_S
         while arrivals and (arrivals[0][0] < old or len(recent) > self._recent_max):
@@ -277,6 +429,12 @@ class DatagramFront:
                 recent.pop(key, None)
         arrivals.append((now, []))
         self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
+
+
+def _host(addr) -> str:
+    """A peer's host as logged: an IPv4-mapped address as IPv4."""
+    host = addr[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 def _pktinfo(ancdata) -> bytes | None:

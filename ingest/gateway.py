@@ -1,5 +1,10 @@
 """The gateway process: transports (MQTT; CoAP and carrier HTTP push when enabled) + pipeline +
-downlinks for sleeping devices + a heartbeat row that /health reads."""
+downlinks for sleeping devices + a heartbeat row that /health reads.
+
+Given a `SchemaKeeper` whose schema is not applied yet (the database did not answer at start-up),
+the gateway runs all the same: every database connection it makes waits behind the keeper's gate,
+so uplinks are spooled (fsync'd) and acknowledged, and the spool is replayed once the keeper has
+applied the migrations — with no operator."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -24,6 +31,9 @@ from .registry import DeviceRegistry
 from .spool import Spool
 from .writer import Writer
 
+if TYPE_CHECKING:
+    from iotjx.runtime import SchemaKeeper
+
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
@@ -32,16 +42,16 @@ SWITCH_INTERVAL_S = 0.0005
 class Gateway:
     """Owns the pipeline, the transports and the downlinks; `start`, then `stop` (drains, acks, closes)."""
 
-    def __init__(self, settings: Settings, *, heartbeat_s: float = 2.0) -> None:
+    def __init__(self, settings: Settings, *, heartbeat_s: float = 2.0, schema: SchemaKeeper | None = None) -> None:
+        """`schema`: when given, no connection is made before its schema is applied (see the module)."""
         if settings.database_url is None:
             raise ValueError("the gateway needs IOTJX_DATABASE_URL")
         self.settings = settings
-        url = settings.database_url
-        self.registry = DeviceRegistry(lambda: connect(url, application_name="iotjx-registry"),
-                                       cache_max=settings.registry_cache_max)
-        self.writer = Writer(lambda: connect(url, application_name="iotjx-writer"))
-        self.more_writers = [Writer(lambda k=k: connect(url, application_name=f"iotjx-writer{k}"))
-                             for k in range(1, settings.database_writers)]
+        self.schema = schema
+        connector = self._connector
+        self.registry = DeviceRegistry(connector("iotjx-registry"), cache_max=settings.registry_cache_max)
+        self.writer = Writer(connector("iotjx-writer"))
+        self.more_writers = [Writer(connector(f"iotjx-writer{k}")) for k in range(1, settings.database_writers)]
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000,
                                  batch_idle_s=settings.batch_idle_ms / 1000, queue_max=settings.queue_max,
@@ -49,24 +59,34 @@ class Gateway:
                                  spool=Spool(settings.spool_dir or settings.data_dir / "spool" / settings.mqtt_client_id,
                                              max_bytes=settings.spool_max_bytes),
                                  more_writers=self.more_writers)
-        self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))
+        self.downlinks = DownlinkService(settings, connector("iotjx-downlinks"))
         self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush,
                                read_gate=self.pipeline.wait_room, submit_many=self._submit_mqtt_many)
         self.coap = None
         if settings.coap_enabled:
             from .coap import CoapIngest, DeviceCredentials
-            credentials = DeviceCredentials(lambda: connect(url, application_name="iotjx-coap"))
+            credentials = DeviceCredentials(connector("iotjx-coap"))
             self.coap = CoapIngest(settings, self.pipeline.submit, credentials, self.downlinks,
                                    ack_flush=self.pipeline.add_ack_flush)
         self.http = None
         if settings.http_push_enabled:
             from .http import HttpPushIngest
-            self.http = HttpPushIngest(settings, self.pipeline.submit)
+            self.http = HttpPushIngest(settings, self.pipeline.try_submit)
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._status_conn: psycopg.Connection | None = None     # one connection for every beat
+        self._status_connect = connector("iotjx-heartbeat", autocommit=True)
+        self._status_error: str | None = None
         self.started_at = datetime.now(UTC)
+
+    def _connector(self, application_name: str, **kwargs) -> Callable[[], psycopg.Connection]:
+        """A connection factory for one part of the gateway, behind the schema's gate when there is one."""
+        url = self.settings.database_url
+
+        def factory() -> psycopg.Connection:
+            return connect(url, application_name=application_name, **kwargs)
+        return factory if self.schema is None else self.schema.gate(factory)
 
     def start(self) -> None:
         try:
@@ -78,6 +98,8 @@ class Gateway:
         # paho's thread and the writer share the GIL; a thread back from the database waits for the
         # other to yield, up to the switch interval (5 ms by default) each time.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if self.schema is not None:
+            self.schema.start()              # retries the migrations while the database is away
         self.pipeline.start()
         self.downlinks.start()
         self.mqtt.start()
@@ -92,6 +114,8 @@ class Gateway:
         # MQTT only pauses first, so what the pipeline holds is acknowledged on a live connection;
         # the other transports let the uplinks they hold be answered; then the writer drains.
         self.mqtt.pause()
+        if self.schema is not None:
+            self.schema.stop()
         if self.http is not None:
             self.http.stop()
         if self.coap is not None:
@@ -146,8 +170,7 @@ class Gateway:
         s = self.status()
         try:
             if self._status_conn is None or self._status_conn.closed:
-                self._status_conn = connect(self.settings.database_url, autocommit=True,
-                                            application_name="iotjx-heartbeat")
+                self._status_conn = self._status_connect()
             self._status_conn.execute("""
                 INSERT INTO gateway_status (gateway_id, started_at, updated_at, broker_connected, queue_depth, counters)
                 VALUES (%s, %s, now(), %s, %s, %s)
@@ -158,9 +181,14 @@ class Gateway:
                  json.dumps({**s["counters"], "last_error": s["last_error"], "spool": s["spool"],
                              "metrics": s["metrics"]})))
         except psycopg.Error as exc:
-            log.warning("heartbeat not written: %s", str(exc).splitlines()[0])
+            error = str(exc).splitlines()[0]
+            # Once per change: a database away for an hour is one line, not one every beat.
+            log.log(logging.WARNING if error != self._status_error else logging.DEBUG, "heartbeat not written: %s", error)
+            self._status_error = error
             if self._status_conn is not None:
                 self._status_conn.close()       # reconnect on the next beat
+        else:
+            self._status_error = None
 
 
 def _then_deliver(transport_ack, downlinks: DownlinkService, device_id: str, outcome: Outcome) -> None:

@@ -2,17 +2,28 @@
 verification), a small FastAPI app served by uvicorn in a thread of the gateway process.
 
 The body goes to the pipeline untouched as ``Uplink(device_id="", meta={"envelope": …})``: the
-pipeline opens the envelope and finds the device by IMEI.  The answer waits for the commit:
-CTWing 202, OneNET 200 (OneNET's push manual: anything but 200 makes it push again); a duplicate
-(a platform's retry) answers the same.  401 for a missing or wrong token or signature, 413 past
-`http_push_max_body`, 422 problem+json for an envelope or payload the decoders refused (kept in
-rejected_uplinks), 404 for an IMEI no device has (kept as `unknown_device`), 503 for a carrier
-whose token is not configured.
+pipeline opens the envelope, finds the device by IMEI, and deduplicates by the message the envelope
+names (`decoders.carrier.push_identity`), so a retry re-serialised by the platform is stored once.
+The answer waits for the commit: CTWing 202, OneNET 200 (OneNET's push manual: anything but 200
+makes it push again); a duplicate (a platform's retry) answers the same.  401 for a missing or wrong
+token or signature, or a stale or replayed OneNET push; 413 past `http_push_max_body`; 422
+problem+json for an envelope or payload the decoders refused (kept in rejected_uplinks); 404 for an
+IMEI no device has (kept as `unknown_device`); 503 for a carrier whose token is not configured, and
+503 + Retry-After when the pipeline has no room (backpressure: nothing was taken) or has not
+committed the push within `http_push_answer_s` (it may still be stored: the retry is then a
+duplicate).  The event loop never waits on the pipeline: the hand-off is `try_submit`.
 
 Authentication: CTWing names no push signature in the public record, so the subscription carries
 our token, in the header ``X-Push-Token`` or, for a platform form that only takes a URL, the query
 ``?token=``.  OneNET signs: msg_signature = base64(MD5(token ‖ nonce ‖ msg)), msg as the JSON text
-of the ``msg`` member (its string value when it is a string: encrypted pushes)."""
+of the ``msg`` member (its string value when it is a string: encrypted pushes).  The signature has
+no time of its own, so freshness comes from the signed ``msg.at`` (the platform's time, epoch ms):
+a push further than `onenet_push_max_age_s` from now is refused, and so is a nonce (with its
+signature) already accepted within that window — remembered in this process (`NonceWindow`).  With
+two gateway replicas a replay may reach the replica that has not seen the nonce: the dedup claim in
+the database (shared, transactional) then answers it as a duplicate, stores nothing again, and
+since the dedup window (a day) is longer than the freshness window, every replay the time check lets
+through is one the dedup still remembers."""
 
 from __future__ import annotations
 
@@ -25,8 +36,9 @@ import logging
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -39,6 +51,8 @@ from iotjx.settings import Settings, bind_address
 log = logging.getLogger(__name__)
 
 CTWING_TOKEN_HEADER = "X-Push-Token"
+BUSY_RETRY_S = 5        # Retry-After when the queue is full (as CoAP's Max-Age for the same)
+SLOW_RETRY_S = 10       # Retry-After when the commit did not come in time
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -81,22 +95,80 @@ def raw_members(text: str) -> dict[str, tuple[Any, str]]:
             raise ValueError("expected ',' or '}'")
 
 
-def onenet_verified(body: bytes, token: str) -> bool:
-    """True when a OneNET push body carries a valid msg_signature (or `signature`) for `token`."""
+@dataclass(frozen=True, slots=True)
+class SignedPush:
+    """A OneNET push whose signature holds: its nonce, signature, and the signed ``msg.at`` of each
+    message it carries (None where absent or not a number)."""
+
+    nonce: str
+    signature: str
+    times_ms: tuple[float | None, ...]
+
+
+def onenet_signed(body: bytes, token: str) -> SignedPush | None:
+    """The push when its msg_signature (or `signature`) is valid for `token`, else None."""
     try:
         members = raw_members(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, IndexError, RecursionError):
-        return False
+        return None
     signature = (members.get("msg_signature") or members.get("signature") or (None,))[0]
     nonce = (members.get("nonce") or (None,))[0]
     msg = members.get("msg") or members.get("enc_msg")
     if not isinstance(signature, str) or not isinstance(nonce, str) or msg is None:
-        return False
+        return None
     value, raw = msg
     candidates = [value] if isinstance(value, str) else [raw, json.dumps(value, separators=(",", ":"),
                                                                          ensure_ascii=False)]
     signature = signature.replace(" ", "+")        # a '+' that went through form decoding
-    return any(hmac.compare_digest(onenet_signature(token, nonce, c), signature) for c in candidates)
+    if not any(hmac.compare_digest(onenet_signature(token, nonce, c), signature) for c in candidates):
+        return None
+    messages = value if isinstance(value, list) else [value]
+    return SignedPush(nonce, signature, tuple(_time_ms(m) for m in messages))
+
+
+def onenet_verified(body: bytes, token: str) -> bool:
+    """True when a OneNET push body carries a valid msg_signature (or `signature`) for `token`."""
+    return onenet_signed(body, token) is not None
+
+
+def _time_ms(message: Any) -> float | None:
+    at = message.get("at") if isinstance(message, dict) else None
+    if isinstance(at, bool) or not isinstance(at, (int, float, str)):
+        return None
+    try:
+        return float(at)
+    except (ValueError, OverflowError):
+        return None
+
+
+class NonceWindow:
+    """OneNET (nonce, signature) pairs accepted within the last `window_s`, at most `max_entries`
+    (the oldest forgotten first: the dedup claim still stops a replay of those).  A pair is reserved
+    while its push is in flight and released when the push was not taken (503, 500), so the
+    platform's retry of a push we did not take is not mistaken for a replay."""
+
+    def __init__(self, window_s: float, max_entries: int = 200_000) -> None:
+        self.window_s = window_s
+        self._max = max_entries
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()     # pair -> when, oldest first
+        self._lock = threading.Lock()
+
+    def reserve(self, push: SignedPush, now: float | None = None) -> bool:
+        """True and remembered when the pair was not accepted within the window; False: a replay."""
+        now = time.monotonic() if now is None else now
+        key = (push.nonce, push.signature)
+        with self._lock:
+            seen = self._seen
+            while seen and (len(seen) >= self._max or next(iter(seen.values())) < now - self.window_s):
+                seen.popitem(last=False)
+            if key in seen:
+                return False
+            seen[key] = now
+            return True
+
+    def release(self, push: SignedPush) -> None:
+        with self._lock:
+            self._seen.pop((push.nonce, push.signature), None)
 
 
 def problem(status: int, title: str, detail: str = "", **extra: Any) -> JSONResponse:
@@ -108,9 +180,12 @@ def problem(status: int, title: str, detail: str = "", **extra: Any) -> JSONResp
 class HttpPushIngest:
     """The push endpoint; `start` returns once it listens (`.port`), `stop` lets requests finish."""
 
-    def __init__(self, settings: Settings, submit: Callable[[Uplink], None]) -> None:
+    def __init__(self, settings: Settings, try_submit: Callable[[Uplink], bool]) -> None:
+        """`try_submit` hands an uplink to the pipeline without waiting (`Pipeline.try_submit`):
+        False when it has no room, and the push is answered 503 + Retry-After."""
         self.settings = settings
-        self._submit = submit
+        self._try_submit = try_submit
+        self.nonces = NonceWindow(settings.onenet_push_max_age_s)
         self.counters: Counter[str] = Counter()
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
@@ -131,6 +206,10 @@ class HttpPushIngest:
                 raise RuntimeError(f"the push endpoint did not start on {self.settings.http_push_bind}")
             time.sleep(0.02)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        window, dedup = self.settings.onenet_push_max_age_s, self.settings.dedup_window_s
+        if dedup and window > dedup:
+            log.warning("IOTJX_ONENET_PUSH_MAX_AGE_S (%g s) is longer than IOTJX_DEDUP_WINDOW_S (%g s): a replay "
+                        "reaching another replica late in the window is no longer caught by the dedup", window, dedup)
         log.info("carrier push endpoint on %s port %d (ctwing %s, onenet %s)", host, self.port,
                  "on" if self.settings.ctwing_push_token else "off",
                  "on" if self.settings.onenet_push_token else "off")
@@ -182,18 +261,59 @@ class HttpPushIngest:
         except TooLarge:
             return self._refuse(413, "push too large",
                                 f"bodies are limited to {self.settings.http_push_max_body} bytes")
+        signed = None
         if carrier == "onenet":
             token = self.settings.onenet_push_token
             if not token:
                 return self._refuse(503, "onenet push not configured", "set IOTJX_ONENET_PUSH_TOKEN")
-            if not onenet_verified(body, token):
+            signed = onenet_signed(body, token)
+            if signed is None:
                 return self._refuse(401, "unauthorized", "msg_signature does not match the token (or is missing)")
+            if self.nonces.window_s > 0:
+                refusal = self._fresh(signed)
+                if refusal is not None:
+                    return refusal
+        try:
+            response = await self._submit_and_answer(request, body, carrier, ok_status)
+        except BaseException:           # the client went away: nothing answered, nothing taken for granted
+            if signed is not None:
+                self.nonces.release(signed)
+            raise
+        if signed is not None and response.status_code >= 500:
+            self.nonces.release(signed)      # not taken (or not stored): the retry is not a replay
+        return response
+
+    def _fresh(self, signed: SignedPush) -> JSONResponse | None:
+        """The refusal of a OneNET push outside the freshness window or replayed within it, or None
+        (its nonce then reserved)."""
+        window = self.nonces.window_s
+        now_ms = time.time() * 1000
+        for at in signed.times_ms:
+            if at is None:
+                return self._refuse(401, "push without a time", "a signed push must carry msg.at (epoch ms) "
+                                    "to be checked for freshness", reason="stale")
+            if abs(now_ms - at) > window * 1000:
+                return self._refuse(401, "stale push", f"msg.at is {abs(now_ms - at) / 1000:.0f} s from now; "
+                                    f"pushes are accepted within {window:g} s (IOTJX_ONENET_PUSH_MAX_AGE_S)",
+                                    reason="stale")
+        if not self.nonces.reserve(signed):
+            return self._refuse(401, "replayed push", f"this nonce and signature were accepted within the last "
+                                f"{window:g} s", reason="replayed_nonce")
+        return None
+
+    async def _submit_and_answer(self, request: Request, body: bytes, carrier: str, ok_status: int) -> JSONResponse:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Outcome] = loop.create_future()
         peer = request.client.host if request.client else None
-        self._submit(Uplink(device_id="", payload=body, transport="http", received_at=time.time(),
-                            meta={"envelope": carrier, "peer": peer}, ack=_resolver(loop, done)))
-        outcome = await done
+        uplink = Uplink(device_id="", payload=body, transport="http", received_at=time.time(),
+                        meta={"envelope": carrier, "peer": peer}, ack=_resolver(loop, done))
+        if not self._try_submit(uplink):
+            return self._busy("the gateway's queue is full (backpressure); nothing was taken", BUSY_RETRY_S)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(done), self.settings.http_push_answer_s)
+        except TimeoutError:
+            return self._busy(f"not committed within {self.settings.http_push_answer_s:g} s; it may still be "
+                              "stored, and a retry is then answered as a duplicate", SLOW_RETRY_S)
         self.counters[f"{carrier}.{outcome.status}"] += 1
         if outcome.status != "rejected":
             return JSONResponse({"status": outcome.status}, status_code=ok_status)
@@ -202,11 +322,22 @@ class HttpPushIngest:
                            reason=outcome.reason)
         if outcome.reason == "storage":
             return problem(500, "not stored", outcome.detail, reason=outcome.reason)
+        if outcome.reason == "too_large":        # past its device model's size limit (kept as a reject)
+            return problem(413, "payload too large for its device model; kept as a reject", outcome.detail,
+                           reason=outcome.reason)
         return problem(422, "push refused by the decoder; kept as a reject", outcome.detail, reason=outcome.reason)
 
-    def _refuse(self, status: int, title: str, detail: str) -> JSONResponse:
+    def _refuse(self, status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
         self.counters[f"refused.{status}"] += 1
-        return problem(status, title, detail)
+        if "reason" in extra:
+            self.counters[f"refused.{extra['reason']}"] += 1
+        return problem(status, title, detail, **extra)
+
+    def _busy(self, detail: str, retry_after_s: int) -> JSONResponse:
+        self.counters["busy"] += 1
+        response = problem(503, "gateway busy, retry later", detail, reason="busy")
+        response.headers["Retry-After"] = str(retry_after_s)
+        return response
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

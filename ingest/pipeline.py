@@ -33,8 +33,8 @@ from iotjx.model import Uplink
 from .metrics import UNKNOWN_CODEC, IngestMetrics
 from .registry import DeviceRegistry
 from .spool import Spool, SpoolFull
-from .uplink_queue import UplinkQueue
-from .batch import BatchBuilder
+from .uplink_queue import Closed, UplinkQueue
+from .batch import BatchBuilder, claim_key
 from .writer import SPOOLED, WriteSet, Writer
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,16 @@ class Pipeline:
         it is committed (stored / duplicate / rejected) or fsync'd in the spool (spooled)."""
         self._queue.put(uplink)
         self.counters[f"received.{uplink.transport}"] += 1
+
+    def try_submit(self, uplink: Uplink) -> bool:
+        """`submit` without waiting: False (nothing queued, `ack` never called) while the queue is
+        full or the pipeline is stopping.  For a transport answering on an event loop."""
+        try:
+            self._queue.put(uplink, timeout=0)
+        except (TimeoutError, Closed):
+            return False
+        self.counters[f"received.{uplink.transport}"] += 1
+        return True
 
     def submit_many(self, uplinks: list[Uplink], transport: str) -> None:
         """`submit` for a group of uplinks of one transport (one queue operation for all of them)."""
@@ -412,7 +422,7 @@ class Pipeline:
             ws = WriteSet()
             devices = self._builder.devices(batch)
             if self._dedup_window_s > 0:
-                is_new = tx.claim([(u.device_id, dedup_key(u.payload)) for u in batch],
+                is_new = tx.claim([claim_key(u, dedup_key) for u in batch],
                                   [u.received_at for u in batch],
                                   self._builder.dedup_windows(batch, self._dedup_window_s, devices))
                 fresh = [u for u, new in zip(batch, is_new, strict=True) if new]

@@ -72,10 +72,15 @@ def gateway() -> None:
         console.print("[red]IOTJX_MQTT_URL is not set[/]")
         raise typer.Exit(2)
     from ingest.gateway import Gateway
-    from .runtime import prepare_database
+    from .runtime import SchemaKeeper
 
-    prepare_database(settings)
-    gw = Gateway(settings)
+    # A database that does not answer is no reason to stop: the gateway spools and acknowledges, and
+    # the schema (then the spool's replay) follows when the database is back, with no operator.
+    schema = SchemaKeeper(settings)
+    if not schema.apply_now():
+        logging.getLogger("iotjx").warning("the database does not answer: uplinks are spooled and acknowledged "
+                                           "until it does; migrations are retried in the background")
+    gw = Gateway(settings, schema=schema)
     gw.start()
     logging.getLogger("iotjx").info("gateway %s running; SIGTERM to stop", settings.mqtt_client_id)
     _wait_for_signal()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 from collections import Counter
@@ -15,6 +16,7 @@ import aiocoap
 import psycopg
 import pytest
 from aiocoap.numbers import codes
+from aiocoap.optiontypes import OpaqueOption
 
 import decoders
 from ingest.coap import set_device_token
@@ -276,3 +278,82 @@ def test_tokens_cached_while_the_database_is_away(gateway, coap_settings):
     assert (first.code, again.code, wrong.code) == (codes.CHANGED, codes.CHANGED, codes.UNAUTHORIZED)
     assert other.code == codes.SERVICE_UNAVAILABLE and other.opt.max_age == 30
     assert _water_rows(db) == Counter(_water_row(seen.device_id, f) for f in frames)
+
+
+def test_a_large_single_datagram_is_read_whole_and_a_longer_one_gets_413(gateway, coap_settings):
+    """aiocoap's client without block-wise: a 5 kB SenML pack in one datagram (past the 4,096 bytes
+    a read used to take) is stored whole; one past the limit gets 4.13 with Size1 = the limit, both
+    when the datagram fits the read (the payload is measured) and when it is longer (the read is cut)."""
+    db = coap_settings.database_url
+    senml = register_fleet(db, 1, seed=25, model="lwm2m-3424-water-senml-json")[0].record.device_id
+    meter = make_meters(register_fleet(db, 1, seed=26), seed=26)[0]
+    tokens = _tokens(db, [senml, meter.device_id])
+    pack = _senml_pack(senml, 48)
+    assert 4096 < len(pack) < MAX_PAYLOAD
+    base = f"coap://127.0.0.1:{gateway.coap.port}/up"
+
+    async def single(ctx, url: str, payload: bytes, fmt: int) -> aiocoap.Message:
+        request = aiocoap.Message(code=aiocoap.POST, uri=url, payload=payload, transport_tuning=aiocoap.Reliable)
+        request.opt.content_format = fmt
+        return await asyncio.wait_for(ctx.request(request, handle_blockwise=False).response, 60)
+
+    async def run():
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            return (await single(ctx, f"{base}/{senml}?t={tokens[senml]}", pack, 110),
+                    await single(ctx, f"{base}/{meter.device_id}?t={tokens[meter.device_id]}",
+                                 b"\x68" * (MAX_PAYLOAD + 500), 42),
+                    await single(ctx, f"{base}/{meter.device_id}?t={tokens[meter.device_id]}",
+                                 b"\x68" * (3 * MAX_PAYLOAD), 42))
+        finally:
+            await ctx.shutdown()
+
+    stored, over, far_over = asyncio.run(run())
+    assert stored.code == codes.CHANGED, stored.payload
+    for answer in (over, far_over):
+        assert (answer.code, answer.opt.size1) == (codes.REQUEST_ENTITY_TOO_LARGE, MAX_PAYLOAD)
+    with psycopg.connect(db) as conn:
+        raw = conn.execute("SELECT payload, outcome FROM raw_uplinks").fetchall()
+        settings = conn.execute("SELECT settings FROM device_models WHERE model = 'lwm2m-3424-water-senml-json'"
+                                ).fetchone()[0]
+        flow = conn.execute("SELECT flow_m3 FROM water_readings WHERE device_id = %s", (senml,)).fetchall()
+    assert [(bytes(p), o) for p, o in raw] == [(pack, "stored")]         # byte for byte; nothing of the others
+    assert flow == [(decoders.decode("senml-json", pack, settings)["fields"]["flow_m3"],)]
+    assert gateway.coap.counters["too_large"] == 2
+
+
+def test_an_unreadable_option_from_real_clients_gets_4_02_and_one_log_line(gateway, coap_settings, tmp_path,
+                                                                            caplog):
+    """A Uri-Query that is not UTF-8 (aiocoap's client with an opaque value, libcoap's with -O): 4.02
+    Bad Option each time, counted; logged once for the source, with no traceback."""
+    db = coap_settings.database_url
+    meter = make_meters(register_fleet(db, 1, seed=27), seed=27)[0]
+    frame = meter.frame(datetime(2026, 11, 6, 7, tzinfo=UTC))
+    url = f"coap://127.0.0.1:{gateway.coap.port}/up/{meter.device_id}"
+    caplog.set_level(logging.INFO)
+
+    async def run():
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            answers = []
+            for _ in range(5):
+                request = aiocoap.Message(code=aiocoap.POST, uri=url, payload=frame, transport_tuning=aiocoap.Reliable)
+                request.opt.add_option(OpaqueOption(15, b"t=\xff\xfe"))
+                answers.append(await asyncio.wait_for(ctx.request(request).response, 60))
+            return answers
+        finally:
+            await ctx.shutdown()
+
+    answers = asyncio.run(run())
+    assert [a.code for a in answers] == [codes.BAD_OPTION] * 5
+    assert answers[0].payload == b"option 15: not UTF-8"
+    if COAP_CLIENT is not None:
+        (tmp_path / "frame.bin").write_bytes(frame)
+        done = subprocess.run([COAP_CLIENT, "-B", "30", "-m", "post", "-t", "42", "-O", "15,0xfffe", "-f",
+                               str(tmp_path / "frame.bin"), url], capture_output=True, timeout=60)
+        assert done.stderr.decode().startswith("4.02"), done
+    lines = [r for r in caplog.records if "malformed CoAP datagram" in r.getMessage()]
+    assert len(lines) == 1 and "option 15 is not UTF-8" in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+    assert gateway.coap.counters["malformed"] == 5 + (COAP_CLIENT is not None)
+    assert _water_rows(db) == Counter()

@@ -212,3 +212,13 @@ def test_server_context_renders_as_aiocoap_does():
     source = inspect.getsource(aiocoap.Context.render_to_pipe)
     for part in ("error_to_message(pipe, self.log)", "run_driving_pipe(", "self._render_to_pipe(pipe)"):
         assert part in source, f"aiocoap's Context.render_to_pipe changed; review ingest.coap.ServerContext: {source}"
+
+
+def test_an_uplink_past_its_models_size_limit_is_answered_4_13(settings):
+    """The pipeline's `too_large` reject (a device model's size limit) is answered 4.13, not 4.00."""
+    from iotjx.model import Outcome
+
+    coap = CoapIngest(settings, lambda u: None, DeviceCredentials(lambda: connect(settings.database_url)))
+    answer = coap._answer_for(Outcome("rejected", "too_large", "2,048 bytes; the model allows 512"), "dev")
+    assert answer.code == codes.REQUEST_ENTITY_TOO_LARGE and b"512" in answer.payload
+    assert coap._answer_for(Outcome("rejected", "checksum", "bad sum"), "dev").code == codes.BAD_REQUEST

@@ -6,6 +6,7 @@ aiocoap."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from aiocoap.optiontypes import OpaqueOption
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import decoders
-from ingest.coap_fast import FAST_OPTIONS, parse_uplink
+from ingest.coap_fast import FAST_OPTIONS, OncePerInterval, format_error, parse_uplink
 from ingest.gateway import Gateway
 from simulators.water import make_meters
 from tests.helpers import register_fleet
@@ -93,6 +94,42 @@ def test_parser_takes_no_datagram_aiocoap_would_refuse(data):
     assert (decoded.mid, decoded.token, list(decoded.opt.uri_query)) == (parsed[1], parsed[2], parsed[4])
 
 
+def _aiocoap_decodes(data: bytes) -> bool:
+    try:
+        aiocoap.Message.decode(data)
+    except Exception:          # UnparsableMessage, and the UnicodeDecodeError of a string option
+        return False
+    return True
+
+
+@hsettings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages())
+def test_format_error_passes_every_message_aiocoap_encodes(message):
+    assert format_error(message.encode()) is None
+
+
+@hsettings(max_examples=3000, deadline=None)
+@given(st.one_of(st.binary(max_size=60),
+                 st.binary(min_size=4, max_size=60).map(lambda b: bytes([0x40 | b[0] & 0x3F]) + b[1:]),
+                 st.tuples(messages(), st.integers(0, 80), st.binary(min_size=1, max_size=3)).map(
+                     lambda t: (lambda d: d[:t[1]] + t[2] + d[t[1] + len(t[2]):])(t[0].encode()))))
+def test_format_error_lets_through_only_what_aiocoap_decodes(data):
+    """Random bytes, CoAP-like headers and valid messages with bytes overwritten: whatever
+    `format_error` passes to aiocoap, aiocoap's decoder takes without raising."""
+    if format_error(data) is None:
+        assert _aiocoap_decodes(data), data
+    elif not _aiocoap_decodes(data):
+        assert format_error(data)[0]
+
+
+def test_once_per_interval_counts_what_it_does_not_log():
+    gate = OncePerInterval(interval_s=60, max_sources=2)
+    assert [gate.due("a", now=t) for t in (0, 1, 2, 59)] == [0, None, None, None]
+    assert gate.due("a", now=61) == 3                   # the next interval: one line, 3 not logged
+    assert gate.due("b", now=61) == 0 and gate.due("c", now=61) == 0
+    assert gate.due("a", now=62) == 0                   # forgotten past max_sources: logged as new
+
+
 # ----------------------------------------------------------------------------- on the wire
 
 @pytest.fixture
@@ -108,8 +145,9 @@ def fast_gateway(settings, no_thread_leaks):
 class Peer:
     """One device endpoint speaking raw CoAP datagrams (encoded by aiocoap, not by the gateway's code)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
         self.sock.settimeout(10)
 
@@ -227,3 +265,79 @@ def test_other_options_are_left_to_aiocoap(fast_gateway, settings):
     assert Counter(d for d, _ in _stored(settings.database_url).elements()) == Counter([meters[0].device_id])
     counters = fast_gateway.coap.counters
     assert (counters["fast_requests"], counters["requests"], counters["bad_option"]) == (0, 2, 1)
+
+
+# RFC 7252 §3 format errors, as a device's broken stack or a scanner sends them.
+MALFORMED = {
+    "reserved_delta": bytes((0x40, 0x02, 0x10, 0x01, 0xF1, 0x00)),           # option delta nibble 15
+    "reserved_length": bytes((0x40, 0x02, 0x10, 0x02, 0xBF)),                 # option length nibble 15
+    "option_past_end": bytes((0x40, 0x02, 0x10, 0x03, 0xB8)) + b"up",         # 8 announced, 2 there
+    "marker_no_payload": bytes((0x40, 0x02, 0x10, 0x04, 0xB2)) + b"up\xff",
+    "token_too_long": bytes((0x49, 0x02, 0x10, 0x05)) + b"123456789",
+    "non_reserved_delta": bytes((0x50, 0x02, 0x10, 0x06, 0xF1, 0x00)),        # NON: no answer at all
+    "path_not_utf8": bytes((0x41, 0x02, 0x10, 0x07, 0x99, 0xB2)) + b"up" + bytes((0x02,)) + b"\xff\xfe\xffx",
+}
+
+
+def test_malformed_datagrams_are_answered_counted_and_logged_once_per_source(fast_gateway, settings, caplog):
+    """A CON with a format error gets a Reset with its message ID (§4.2), a NON nothing, a request
+    with an unreadable critical option 4.02 (§5.4.1).  Two hosts (one from two ports) send each kind
+    20 times a port: 420 counted, 2 log lines (one per host), no traceback; a valid uplink after them
+    is stored."""
+    caplog.set_level(logging.INFO)
+    meters, frames = _fleet(settings.database_url, 1, seed=45)
+    peers = [Peer(fast_gateway.coap.port), Peer(fast_gateway.coap.port, source="127.0.0.2"),
+             Peer(fast_gateway.coap.port)]            # the third: the first host again, another port
+    answers: dict[str, list[bytes]] = {name: [] for name in MALFORMED}
+    try:
+        for _ in range(20):
+            for peer in peers:
+                for name, data in MALFORMED.items():
+                    peer.sock.send(data)
+                    if name != "non_reserved_delta":
+                        answers[name].append(peer.sock.recv(2048))
+        peers[0].sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            peers[0].sock.recv(2048)                    # nothing for the NON
+        peers[0].post(meters[0].device_id, frames[0], mid=0x0401, token=b"\x41")
+        stored = peers[0].receive()
+    finally:
+        for peer in peers:
+            peer.close()
+    for name, data in MALFORMED.items():
+        if name == "path_not_utf8":
+            answer = aiocoap.Message.decode(answers[name][0])
+            assert (answer.mtype, answer.code, answer.mid, answer.token) == (aiocoap.ACK, codes.BAD_OPTION, 0x1007,
+                                                                             b"\x99")
+            assert answer.payload == b"option 11: not UTF-8"
+        elif name != "non_reserved_delta":
+            assert set(answers[name]) == {bytes((0x70, 0, data[2], data[3]))}, name      # Reset, same MID
+    assert (stored.code, stored.token) == (codes.CHANGED, b"\x41")
+    assert fast_gateway.coap.counters["malformed"] == 3 * 20 * len(MALFORMED)
+    lines = [r for r in caplog.records if "malformed CoAP datagram" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    assert not [r for r in caplog.records if r.exc_info or "unparsable" in r.getMessage()]
+    assert sum(_stored(settings.database_url).values()) == 1
+
+
+def test_a_datagram_past_the_read_size_gets_413_with_size1(fast_gateway, settings):
+    """Longer than the limit plus room for the header: the read is cut (MSG_TRUNC); a CON request
+    still gets 4.13 on its ACK with Size1 = the limit, a NON one a NON 4.13, an ACK nothing."""
+    limit = fast_gateway.settings.coap_max_payload
+    peer = Peer(fast_gateway.coap.port)
+    try:
+        peer.post("860000000000001", b"\x68" * (limit + 4000), mid=0x0501, token=b"\x51\x52")
+        con = peer.receive()
+        peer.post("860000000000001", b"\x68" * (limit + 4000), mid=0x0502, token=b"\x53", mtype=aiocoap.NON)
+        non = peer.receive()
+        peer.sock.send(_raw(aiocoap.ACK, codes.CHANGED, 0x0503, b"", b"\x00" * (limit + 4000)).encode())
+        peer.sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            peer.sock.recv(2048)
+    finally:
+        peer.close()
+    assert (con.mtype, con.code, con.mid, con.token, con.opt.size1) == (
+        aiocoap.ACK, codes.REQUEST_ENTITY_TOO_LARGE, 0x0501, b"\x51\x52", limit)
+    assert (non.mtype, non.code, non.token, non.opt.size1) == (aiocoap.NON, codes.REQUEST_ENTITY_TOO_LARGE,
+                                                              b"\x53", limit)
+    assert fast_gateway.coap.counters["too_large"] == 3

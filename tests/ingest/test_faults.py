@@ -634,3 +634,49 @@ def test_a_full_queue_stops_reading_but_not_acknowledging(batched):
         time.sleep(0.5)
         _stop_and_expect_redelivered(acks, ingest, settings, received, [b"n%d" % i for i in range(30)])
         pub.close()
+
+
+# ------------------------------------------------------------------------------------- (e) a restart without the database
+def test_e_gateway_killed_and_restarted_while_the_database_is_down(broker, tmp_path):
+    """The database stops mid-stream, the gateway (spooling) is SIGKILLed and started again while the
+    database is still down: it comes up all the same, spools and acknowledges what arrives, and once
+    the database is back it applies the schema and replays both runs' spool by itself — nobody
+    restarts anything.  Every uplink the publishers had acknowledged is stored exactly once."""
+    pg = PrivatePostgres()
+    try:
+        pg.start()
+        with psycopg.connect(pg.url.replace("/iotjx", "/postgres"), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE iotjx")
+        settings = _settings(pg.url, broker.url, broker.protocol)
+        prepare_database(settings)
+        stream_uplinks, probes, published = _split(_uplinks(pg.url, seed=25))
+        spool_dir = tmp_path / "spool"
+        journals = lambda: len(list(spool_dir.glob("*.journal")))            # noqa: E731
+        gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id)
+        gateway.env["IOTJX_SPOOL_DIR"] = str(spool_dir)
+        gateway.start()
+        try:
+            _live(settings, [gateway], published, probes)
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+            assert _wait_count(pg.url, 3000, 60) >= 3000, gateway.logs()
+            pg.stop()                                           # mid-stream
+            assert _wait(lambda: journals() > 0, 20), gateway.logs()
+            time.sleep(2.0)
+            gateway.kill()                                      # SIGKILL, with the spool holding data
+            at_kill = journals()
+            gateway.start()                                     # the database still down
+            assert _wait(lambda: journals() > at_kill, 90), gateway.logs()     # up, spooling, acknowledging
+            time.sleep(3.0)
+            assert gateway.proc.poll() is None, gateway.logs()
+            assert "the database does not answer" in gateway.logs()
+            pg.start()                                          # and nothing else: no restart, no command
+            stream.finish()
+            assert _wait_count(pg.url, len(published), 180) == len(published), gateway.logs()
+            assert _wait(lambda: journals() == 0, 60), gateway.logs()        # replayed, truncated
+            time.sleep(1.0)                                     # a second copy would show up now
+        finally:
+            gateway.stop()
+        _assert_exactly_once(pg.url, published)
+        assert gateway.runs == 2
+    finally:
+        pg.destroy()

@@ -7,7 +7,9 @@ import base64
 import hashlib
 import json
 import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,6 +43,11 @@ def _sign(msg_text: str, nonce: str, token: str = ONENET_TOKEN, key: str = "msg_
     signature = base64.b64encode(hashlib.md5((token + nonce + msg_text).encode()).digest()).decode()
     return ('{"msg":' + msg_text + ',"' + key + '":' + json.dumps(signature) + ',"nonce":' + json.dumps(nonce)
             + "}").encode()
+
+
+def _fresh(msg: dict, age_s: float = 0.0) -> dict:
+    """A OneNET msg from a case file with its platform time `age_s` before now (the cases are from 2019)."""
+    return {**msg, "at": int((time.time() - age_s) * 1000)}
 
 
 def _water_row(device_id: str, frame: bytes) -> tuple:
@@ -129,17 +136,17 @@ def test_onenet_pushes_signatures_verification_and_refusals(push):
     client, cfg = push
     db = cfg.database_url
     frames = _frames(db, 2)
-    msg = json.loads(_case("onenet", "akr_meter_hex"))["msg"]
+    msg = _fresh(json.loads(_case("onenet", "akr_meter_hex"))["msg"])
     msg["value"] = frames[0].hex().upper()              # the real envelope around a CJ/T 188 frame
     compact = _sign(json.dumps(msg, separators=(",", ":")), "I$TLyP&f")
     msg["value"] = frames[1].hex().upper()
     spaced = _sign(json.dumps(msg), "a1B2c3D4")         # signed over the text as sent, spaces and all
-    login_text = json.dumps(json.loads(_case("onenet", "login_online"))["msg"], separators=(",", ":"))
+    login_text = json.dumps(_fresh(json.loads(_case("onenet", "login_online"))["msg"]), separators=(",", ":"))
     login = _sign(login_text, "Zx9!Qw2e")
-    variant_msg = json.dumps(json.loads(_case("onenet", "text_value_signature_variant"))["msg"],
+    variant_msg = json.dumps(_fresh(json.loads(_case("onenet", "text_value_signature_variant"))["msg"]),
                              separators=(",", ":"))
     variant = _sign(variant_msg, "h9(2&z&z", key="signature")      # the `signature` spelling; IMEI unknown
-    unknown_type = _sign(json.dumps(json.loads(_case("onenet", "unknown_type"))["msg"]), "nonce123")
+    unknown_type = _sign(json.dumps(_fresh(json.loads(_case("onenet", "unknown_type"))["msg"])), "nonce123")
     real_signature = _case("onenet", "akr_meter_hex")                # signed with a token we do not have
 
     answers = {
@@ -155,10 +162,10 @@ def test_onenet_pushes_signatures_verification_and_refusals(push):
         "too_large": client.post("/push/onenet", content=compact + b" " * MAX_BODY),
     }
     status = {k: r.status_code for k, r in answers.items()}
-    assert status == {"compact": 200, "spaced": 200, "retry": 200, "login": 200, "variant": 404,
+    assert status == {"compact": 200, "spaced": 200, "retry": 401, "login": 200, "variant": 404,
                       "unknown_type": 422, "foreign_token": 401, "unsigned": 401, "tampered": 401,
                       "too_large": 413}
-    assert answers["retry"].json()["status"] == "duplicate"
+    assert answers["retry"].json()["reason"] == "replayed_nonce"         # the same nonce: refused at the door
     assert answers["unknown_type"].json()["reason"] == "unsupported"
 
     # OneNET's URL verification: GET with msg, nonce, signature; echo msg when the signature holds.
@@ -215,3 +222,238 @@ def test_unconfigured_carrier_is_refused(settings, no_thread_leaks):
         gateway.stop()
     with psycopg.connect(cfg.database_url) as conn:
         assert conn.execute("SELECT count(*) FROM raw_uplinks").fetchone()[0] == 0
+
+
+# ------------------------------------------------------------------------- replays and re-serialised retries
+
+def _ctwing(frame: bytes, sn: int, at_ms: int) -> dict:
+    """The real CTWing envelope around a meter frame, with a packet number and a platform time."""
+    body = json.loads(_case("ctwing", "huaqiang_appdata_lwm2m"))
+    body.update(upPacketSN=sn, timestamp=at_ms)
+    body["payload"]["APPdata"] = base64.b64encode(frame).decode()
+    return body
+
+
+def _outcomes(answers: dict) -> dict:
+    return {k: (r.status_code, r.json().get("status") or r.json().get("reason")) for k, r in answers.items()}
+
+
+def test_a_push_re_serialised_is_one_uplink_and_different_messages_are_not(push):
+    """The dedup key is the message the envelope names, not the body's bytes: the same push with
+    other whitespace, key order, an added member (OneNET: signed again with another nonce) is stored
+    once, by this gateway and by another one (a second writer) alike; two messages of one device that
+    differ in packet number, time or payload are both stored."""
+    client, cfg = push
+    db = cfg.database_url
+    frames = _frames(db, 2)
+    hdr = {"X-Push-Token": CTWING_TOKEN}
+    now_ms = int(time.time() * 1000)
+    body = _ctwing(frames[0], 7, now_ms)
+    post = lambda content: client.post("/push/ctwing", content=content, headers=hdr)   # noqa: E731
+    answers = {
+        "first": post(json.dumps(body, separators=(",", ":")).encode()),
+        "spaced": post(json.dumps(body, indent=2).encode()),
+        "reordered": post(json.dumps(dict(reversed(list(body.items())))).encode()),
+        "added_member": post(json.dumps({**body, "assocAssetId": "x", "gatewayHint": {"hop": 2}}).encode()),
+        "next_packet": post(json.dumps(_ctwing(frames[0], 8, now_ms)).encode()),        # same bytes, next SN
+        "later": post(json.dumps(_ctwing(frames[0], 7, now_ms + 60_000)).encode()),     # same SN, later time
+        "other_frame": post(json.dumps(_ctwing(frames[1], 7, now_ms)).encode()),
+    }
+    assert _outcomes(answers) == {"first": (202, "stored"), "spaced": (202, "duplicate"),
+                                  "reordered": (202, "duplicate"), "added_member": (202, "duplicate"),
+                                  "next_packet": (202, "stored"), "later": (202, "stored"),
+                                  "other_frame": (202, "stored")}
+
+    msg = _fresh(json.loads(_case("onenet", "akr_meter_hex"))["msg"])
+    msg["value"] = frames[1].hex().upper()
+    onenet = {
+        "first": client.post("/push/onenet", content=_sign(json.dumps(msg, separators=(",", ":")), "n1-Aa9")),
+        # the platform's retry: signed again with a new nonce, its JSON written another way
+        "resigned": client.post("/push/onenet", content=_sign(json.dumps(dict(reversed(list(msg.items())))),
+                                                              "n2-Bb8")),
+        "added_member": client.post("/push/onenet", content=_sign(json.dumps({**msg, "login_type": 10}),
+                                                                  "n3-Cc7")),
+        "next_reading": client.post("/push/onenet", content=_sign(json.dumps({**msg, "at": msg["at"] + 1000}),
+                                                                  "n4-Dd6")),
+    }
+    assert _outcomes(onenet) == {"first": (200, "stored"), "resigned": (200, "duplicate"),
+                                 "added_member": (200, "duplicate"), "next_reading": (200, "stored")}
+
+    # Another gateway (its own writer and connection) given a re-serialised copy: the claim is shared.
+    from ingest.pipeline import Pipeline
+    from ingest.registry import DeviceRegistry
+    from ingest.writer import Writer
+    from iotjx.db import connect
+    from iotjx.model import Uplink
+    registry, writer = DeviceRegistry(lambda: connect(db)), Writer(lambda: connect(db))
+    try:
+        ws = Pipeline(registry, writer).process([Uplink(
+            device_id="", payload=json.dumps(body, indent=4, sort_keys=True).encode(), transport="http",
+            received_at=time.time(), meta={"envelope": "ctwing", "peer": "127.0.0.2"})])
+    finally:
+        writer.close()
+        registry.close()
+    assert ws.duplicates == 1 and ws.stored == 0
+
+    with psycopg.connect(db) as conn:
+        rows = Counter(conn.execute("""SELECT device_id, meter_address, flow_m3, meter_time, status, valve, transport
+                                       FROM water_readings""").fetchall())
+        raw = Counter(conn.execute("SELECT device_id, outcome FROM raw_uplinks").fetchall())
+    assert rows == Counter({_water_row(HUAQIANG_IMEI, frames[0]): 3, _water_row(HUAQIANG_IMEI, frames[1]): 1,
+                            _water_row(AKR_IMEI, frames[1]): 2})
+    assert raw == Counter({(HUAQIANG_IMEI, "stored"): 4, (AKR_IMEI, "stored"): 2,
+                           ("", "duplicate"): 6})           # a duplicate's envelope is not opened
+
+
+def test_onenet_pushes_outside_the_freshness_window_or_replayed_are_refused(push):
+    """msg.at further than IOTJX_ONENET_PUSH_MAX_AGE_S from now (either way), or missing, is refused;
+    so is a nonce already accepted, also inside a body written another way; each with a problem
+    document naming why.  Nothing of them is stored or logged."""
+    client, cfg = push
+    db = cfg.database_url
+    window = cfg.onenet_push_max_age_s
+    frames = _frames(db, 1)
+    msg = _fresh(json.loads(_case("onenet", "akr_meter_hex"))["msg"])
+    msg["value"] = frames[0].hex().upper()
+    text = json.dumps(msg, separators=(",", ":"))
+    accepted = _sign(text, "fresh-01")
+    no_time = {k: v for k, v in msg.items() if k != "at"}
+    answers = {
+        "accepted": client.post("/push/onenet", content=accepted),
+        "replayed": client.post("/push/onenet", content=accepted),
+        "replayed_respaced": client.post("/push/onenet", content=b"  " + accepted.replace(b',"nonce"', b', "nonce"')),
+        "stale": client.post("/push/onenet", content=_sign(json.dumps({**msg, "at": msg["at"] - int(window + 120) * 1000}),
+                                                           "stale-01")),
+        "future": client.post("/push/onenet", content=_sign(json.dumps({**msg, "at": msg["at"] + int(window + 120) * 1000}),
+                                                            "future-1")),
+        "no_time": client.post("/push/onenet", content=_sign(json.dumps(no_time), "notime-1")),
+    }
+    assert {k: r.status_code for k, r in answers.items()} == {
+        "accepted": 200, "replayed": 401, "replayed_respaced": 401, "stale": 401, "future": 401, "no_time": 401}
+    for name, reason in (("replayed", "replayed_nonce"), ("replayed_respaced", "replayed_nonce"),
+                         ("stale", "stale"), ("future", "stale"), ("no_time", "stale")):
+        answer = answers[name]
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["reason"] == reason and answer.json()["detail"], name
+    assert "IOTJX_ONENET_PUSH_MAX_AGE_S" in answers["stale"].json()["detail"]
+
+    # A second replica has not seen the nonce: the replay passes its door and the shared dedup claim
+    # answers it as what it is, a duplicate.
+    with _push_endpoint(cfg) as (other, _):
+        across = other.post("/push/onenet", content=accepted)
+    assert (across.status_code, across.json()["status"]) == (200, "duplicate")
+    with psycopg.connect(db) as conn:
+        raw = Counter(conn.execute("SELECT device_id, outcome FROM raw_uplinks").fetchall())
+    assert raw == Counter({(AKR_IMEI, "stored"): 1, ("", "duplicate"): 1})
+
+
+@contextmanager
+def _push_endpoint(cfg, *, start_pipeline: bool = True, queue_max: int = 50_000):
+    """A push endpoint on a pipeline of its own (a replica, or one that takes nothing until started)."""
+    from ingest.http import HttpPushIngest
+    from ingest.pipeline import Pipeline
+    from ingest.registry import DeviceRegistry
+    from ingest.writer import Writer
+    from iotjx.db import connect
+    db = cfg.database_url
+    registry, writer = DeviceRegistry(lambda: connect(db)), Writer(lambda: connect(db))
+    pipeline = Pipeline(registry, writer, batch_age_s=0.05, queue_max=queue_max)
+    if start_pipeline:
+        pipeline.start()
+    endpoint = HttpPushIngest(cfg, getattr(pipeline, "try_submit", pipeline.submit))   # (main had no try_submit)
+    endpoint.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{endpoint.port}", timeout=30) as client:
+            yield client, pipeline
+    finally:
+        endpoint.stop()
+        pipeline.stop()
+        writer.close()
+        registry.close()
+
+
+def test_backpressure_is_answered_at_once_with_503_and_nothing_is_lost(settings, no_thread_leaks):
+    """A pipeline that takes nothing (not started, a queue of 2): pushes past the queue get 503 +
+    Retry-After at once, a wrong token its 401, while the two queued ones wait; those not committed
+    within IOTJX_HTTP_PUSH_ANSWER_S get 503 too.  Once the pipeline runs, every push sent again is
+    stored exactly once (the ones that were queued answer as duplicates), the 503'd OneNET nonce
+    included (a push not taken is not a replay)."""
+    cfg = settings.model_copy(update={"http_push_enabled": True, "http_push_bind": "127.0.0.1:0",
+                                      "ctwing_push_token": CTWING_TOKEN, "onenet_push_token": ONENET_TOKEN,
+                                      "http_push_answer_s": 3.0})
+    db = cfg.database_url
+    meters = make_meters(register_fleet(db, 6, seed=41), seed=41)
+    with psycopg.connect(db) as conn:
+        register_devices(conn, [DeviceRecord(device_id=m.device_id + "9", model="ctwing-cjt188-water",
+                                             network="nbiot", city="Yingtan", site_kind="residential",
+                                             site_name="月湖区 龙岗小区") for m in meters]
+                         + [DeviceRecord(device_id=AKR_IMEI, model="onenet-cjt188-water", network="nbiot",
+                                         city="Yingtan", site_kind="residential", site_name="月湖区 龙岗小区")])
+    now_ms = int(time.time() * 1000)
+    bodies = {}
+    for k, m in enumerate(meters):
+        body = _ctwing(m.frame(datetime(2026, 11, 7, 9, tzinfo=UTC)), k, now_ms)
+        body["IMEI"] = m.device_id + "9"
+        bodies[f"ctwing{k}"] = ("/push/ctwing", json.dumps(body).encode(), {"X-Push-Token": CTWING_TOKEN})
+    msg = _fresh(json.loads(_case("onenet", "akr_meter_hex"))["msg"])
+    msg["value"] = meters[0].frame(datetime(2026, 11, 7, 10, tzinfo=UTC)).hex().upper()
+    bodies["onenet"] = ("/push/onenet", _sign(json.dumps(msg), "bp-nonce"), {})
+
+    with _push_endpoint(cfg, start_pipeline=False, queue_max=2) as (client, pipeline):
+        first: dict[str, httpx.Response] = {}
+
+        def send(name: str) -> None:
+            path, content, headers = bodies[name]
+            first[name] = client.post(path, content=content, headers=headers)
+
+        senders = [threading.Thread(target=send, args=(name,)) for name in bodies]
+        for t in senders:
+            t.start()
+        wrong = client.post("/push/ctwing", content=bodies["ctwing0"][1], headers={"X-Push-Token": "wrong-token"})
+        for t in senders:
+            t.join(60)
+        assert wrong.status_code == 401
+        assert len(first) == len(bodies)
+        statuses = Counter(r.status_code for r in first.values())
+        assert statuses == Counter({503: len(bodies)})        # 2 queued (not committed in time), 5 refused
+        for answer in first.values():
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert int(answer.headers["Retry-After"]) > 0 and answer.json()["reason"] == "busy"
+        pipeline.start()
+        deadline = time.monotonic() + 30
+        while pipeline.queue_depth and time.monotonic() < deadline:      # the two queued ones taken
+            time.sleep(0.05)
+        again = {}
+        for name, (path, content, headers) in bodies.items():
+            again[name] = client.post(path, content=content, headers=headers)
+    assert all(r.status_code in (200, 202) for r in again.values()), {k: r.text[:300] for k, r in again.items() if r.status_code >= 300}
+    outcomes = Counter(r.json()["status"] for r in again.values())
+    assert outcomes == Counter({"stored": len(bodies) - 2, "duplicate": 2})
+    with psycopg.connect(db) as conn:
+        stored = Counter(conn.execute("SELECT device_id FROM raw_uplinks WHERE outcome = 'stored'").fetchall())
+    assert stored == Counter({(m.device_id + "9",): 1 for m in meters} | {(AKR_IMEI,): 1})
+
+
+def test_an_uplink_past_its_models_size_limit_is_answered_413(settings, no_thread_leaks):
+    """The pipeline's `too_large` reject (a device model's size limit, checked after the envelope is
+    opened) is answered 413 with the reason, like the body limit.  The pipeline is stood in for by
+    one that acknowledges that outcome from another thread, after a moment, as the writer does."""
+    from ingest.http import HttpPushIngest
+    from iotjx.model import Outcome
+
+    cfg = settings.model_copy(update={"http_push_enabled": True, "http_push_bind": "127.0.0.1:0",
+                                      "ctwing_push_token": CTWING_TOKEN})
+
+    def try_submit(uplink) -> bool:
+        threading.Timer(0.05, uplink.ack, [Outcome("rejected", "too_large", "2,048 bytes; the model allows 512")]).start()
+        return True
+
+    endpoint = HttpPushIngest(cfg, try_submit)
+    endpoint.start()
+    try:
+        answer = httpx.post(f"http://127.0.0.1:{endpoint.port}/push/ctwing", content=_case("ctwing", "huaqiang_appdata_lwm2m"),
+                            headers={"X-Push-Token": CTWING_TOKEN}, timeout=30)
+    finally:
+        endpoint.stop()
+    assert answer.status_code == 413 and answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["reason"] == "too_large" and "512" in answer.json()["detail"]

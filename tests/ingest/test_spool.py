@@ -383,3 +383,79 @@ def test_a_slow_database_sends_the_batches_behind_to_the_spool(db_url, tmp_path,
     assert _stored(db_url) == Counter((u.device_id, u.payload) for u in uplinks)
     assert _stored_order(db_url) == sorted(_stored_order(db_url))
     assert all(len(v) == 1 for v in acks.by_key.values()) and len(acks.by_key) == 600
+
+
+# ---------------------------------------------------------------------------------------- no schema yet
+def test_a_gateway_started_before_its_schema_spools_and_replays_once_the_schema_is_applied(
+        pg_admin_url, broker, tmp_path, no_thread_leaks):
+    """An empty database and a schema keeper whose migrations "cannot reach" it: the gateway starts,
+    takes MQTT uplinks and acknowledges them from the spool, and writes nothing — the database still
+    has no table.  Once the keeper gets through (migrations, then the devices), the spool is
+    replayed by itself and every uplink is stored once, equal to the reference decoder."""
+    import uuid
+
+    from decoders import decode
+    from ingest.gateway import Gateway
+    from iotjx.devices import register_devices
+    from iotjx.runtime import SchemaKeeper, prepare_database
+    from iotjx.settings import Settings
+    from simulators.fleet import plan_water_fleet
+    from simulators.publish import MqttPublisher
+
+    name = f"iotjx_t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
+    url = psycopg.conninfo.make_conninfo(**{**info, "dbname": name})
+    try:
+        settings = Settings(database_url=url, mqtt_url=broker.url, mqtt_protocol=broker.protocol,
+                            mqtt_client_id=f"iotjx-test-{uuid.uuid4().hex[:8]}",
+                            mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50,
+                            spool_dir=tmp_path / "spool")
+        fleet = plan_water_fleet(5, 61)
+        meters = make_meters(fleet, seed=61)
+        sent = [(m.device_id, m.frame(datetime(2026, 11, 9, h, tzinfo=UTC))) for h in range(4) for m in meters]
+        reachable = threading.Event()
+
+        def prepare(s: Settings) -> None:
+            if not reachable.is_set():
+                raise psycopg.OperationalError("connection refused (the database is not reachable yet)")
+            prepare_database(s)
+            with psycopg.connect(url) as conn:
+                register_devices(conn, [d.record for d in fleet])
+
+        keeper = SchemaKeeper(settings, prepare=prepare, first_delay_s=0.2, retry_max_s=0.5)
+        assert not keeper.apply_now()
+        gateway = Gateway(settings, schema=keeper)
+        gateway.start()
+        host, port = settings.mqtt_host_port
+        pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"pub-{uuid.uuid4().hex[:6]}")
+        try:
+            assert gateway.mqtt.wait_connected(15)
+            for device_id, frame in sent:
+                pub.publish(device_id, frame)
+            assert pub.flush(30)
+            deadline = time.monotonic() + 30
+            while gateway.pipeline.counters["spooled"] < len(sent) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert gateway.pipeline.counters["spooled"] == len(sent)        # acknowledged from the spool
+            with psycopg.connect(url) as conn:
+                assert conn.execute("SELECT to_regclass('water_readings')").fetchone()[0] is None
+            reachable.set()                                                 # nothing else is done
+            assert keeper.ready.wait(30)
+            assert wait_for_count(url, "SELECT count(*) FROM water_readings", len(sent)) == len(sent)
+            deadline = time.monotonic() + 30
+            while not gateway.pipeline._spool.empty and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            pub.close()
+            gateway.stop()
+        with psycopg.connect(url) as conn:
+            rows = Counter(conn.execute("SELECT device_id, meter_time, flow_m3 FROM water_readings").fetchall())
+            raw = Counter(conn.execute("SELECT outcome FROM raw_uplinks").fetchall())
+        assert rows == Counter((d, decode("cjt188", f)["meter_time"], decode("cjt188", f)["flow_m3"]) for d, f in sent)
+        assert raw == Counter({("stored",): len(sent)})
+        assert gateway.pipeline.counters["replayed"] == len(sent) and keeper.ready.is_set()
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

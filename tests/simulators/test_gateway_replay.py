@@ -49,7 +49,8 @@ def _gateway_settings(settings, db_url: str):
     return settings.model_copy(update={
         "database_url": db_url, "mqtt_client_id": f"iotjx-sim-gw-{tag}", "mqtt_topic_prefix": f"s{tag}",
         "coap_enabled": True, "coap_bind": "127.0.0.1:0", "http_push_enabled": True,
-        "http_push_bind": "127.0.0.1:0", "ctwing_push_token": CTWING_TOKEN, "onenet_push_token": ONENET_TOKEN})
+        "http_push_bind": "127.0.0.1:0", "ctwing_push_token": CTWING_TOKEN, "onenet_push_token": ONENET_TOKEN,
+        "onenet_push_max_age_s": 0})     # a capture replays pushes of simulated times and their planted retries
 
 
 def _register(db_url: str, devices, coap_devices) -> None:
