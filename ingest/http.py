@@ -142,29 +142,42 @@ def _time_ms(message: Any) -> float | None:
 
 
 class NonceWindow:
-    """OneNET (nonce, signature) pairs accepted within the last `window_s`, at most `max_entries`
-    (the oldest forgotten first: the dedup claim still stops a replay of those).  A pair is reserved
-    while its push is in flight and released when the push was not taken (503, 500), so the
-    platform's retry of a push we did not take is not mistaken for a replay."""
+    """OneNET (nonce, signature) pairs seen within the last `window_s`, at most `max_entries` (the
+    oldest forgotten first: the dedup claim still stops a replay of those).  A pair is reserved
+    while its push is in flight, kept once the push was answered 2xx (stored or a duplicate), and
+    released otherwise (503, 500, a reject, the client gone), so the platform's retry of a push we did
+    not take goes through the pipeline again."""
+
+    NEW, IN_FLIGHT, TAKEN = "new", "in_flight", "taken"
 
     def __init__(self, window_s: float, max_entries: int = 200_000) -> None:
         self.window_s = window_s
         self._max = max_entries
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()     # pair -> when, oldest first
+        # pair -> (when first seen, taken?), oldest first
+        self._seen: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def reserve(self, push: SignedPush, now: float | None = None) -> bool:
-        """True and remembered when the pair was not accepted within the window; False: a replay."""
+    def reserve(self, push: SignedPush, now: float | None = None) -> str:
+        """`NEW` (and reserved) when the pair was not seen within the window; `IN_FLIGHT` while its
+        first push waits for its commit; `TAKEN` when that push was answered 2xx: a replay."""
         now = time.monotonic() if now is None else now
         key = (push.nonce, push.signature)
         with self._lock:
             seen = self._seen
-            while seen and (len(seen) >= self._max or next(iter(seen.values())) < now - self.window_s):
+            while seen and (len(seen) >= self._max or next(iter(seen.values()))[0] < now - self.window_s):
                 seen.popitem(last=False)
-            if key in seen:
-                return False
-            seen[key] = now
-            return True
+            entry = seen.get(key)
+            if entry is not None:
+                return self.TAKEN if entry[1] else self.IN_FLIGHT
+            seen[key] = (now, False)
+            return self.NEW
+
+    def taken(self, push: SignedPush) -> None:
+        with self._lock:
+            key = (push.nonce, push.signature)
+            entry = self._seen.get(key)
+            if entry is not None:
+                self._seen[key] = (entry[0], True)
 
     def release(self, push: SignedPush) -> None:
         with self._lock:
@@ -279,13 +292,17 @@ class HttpPushIngest:
             if signed is not None:
                 self.nonces.release(signed)
             raise
-        if signed is not None and response.status_code >= 500:
-            self.nonces.release(signed)      # not taken (or not stored): the retry is not a replay
+        if signed is not None:
+            if response.status_code < 300:
+                self.nonces.taken(signed)
+            else:
+                self.nonces.release(signed)      # not taken: the platform's retry goes through again
         return response
 
     def _fresh(self, signed: SignedPush) -> JSONResponse | None:
-        """The refusal of a OneNET push outside the freshness window or replayed within it, or None
-        (its nonce then reserved)."""
+        """The answer to a OneNET push outside the freshness window (401), replayed within it after it
+        was taken (200, a duplicate) or while it is still in flight (503), or None for a new one (its
+        nonce then reserved)."""
         window = self.nonces.window_s
         now_ms = time.time() * 1000
         for at in signed.times_ms:
@@ -296,9 +313,14 @@ class HttpPushIngest:
                 return self._refuse(401, "stale push", f"msg.at is {abs(now_ms - at) / 1000:.0f} s from now; "
                                     f"pushes are accepted within {window:g} s (IOTJX_ONENET_PUSH_MAX_AGE_S)",
                                     reason="stale")
-        if not self.nonces.reserve(signed):
-            return self._refuse(401, "replayed push", f"this nonce and signature were accepted within the last "
-                                f"{window:g} s", reason="replayed_nonce")
+        seen = self.nonces.reserve(signed)
+        if seen == NonceWindow.TAKEN:
+            # The same signed push again (OneNET retries when our 200 was lost, and a replayer sends
+            # what it captured): already stored, so answered as the duplicate it is, at the door.
+            self.counters["onenet.replayed_nonce"] += 1
+            return JSONResponse({"status": "duplicate"}, status_code=200)
+        if seen == NonceWindow.IN_FLIGHT:
+            return self._busy("the same push is being stored; its retry is answered once it is", BUSY_RETRY_S)
         return None
 
     async def _submit_and_answer(self, request: Request, body: bytes, carrier: str, ok_status: int) -> JSONResponse:

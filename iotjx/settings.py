@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     onenet_push_token: str | None = Field(
         None, description="OneNET push token (msg_signature = base64(MD5(token+nonce+msg))); unset: endpoint off")
     onenet_push_max_age_s: float = Field(
-        900, ge=0, description="OneNET pushes whose `msg.at` is further than this from now, or whose nonce was already "
-                               "accepted within it, are refused (401); 0: no freshness check (replaying captures in a test system)")
+        900, ge=0, description="OneNET pushes whose `msg.at` is further than this from now are refused (401); a nonce seen "
+                               "within it is answered at the door (a duplicate once taken); 0: no freshness check (replaying captures in a test system)")
     http_push_answer_s: float = Field(
         20, gt=0, description="A push not committed (or spooled) within this long is answered 503 + Retry-After; "
                               "the platform's retry is a duplicate if it was stored meanwhile")

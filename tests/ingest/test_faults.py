@@ -647,7 +647,7 @@ def test_e_gateway_killed_and_restarted_while_the_database_is_down(broker, tmp_p
         pg.start()
         with psycopg.connect(pg.url.replace("/iotjx", "/postgres"), autocommit=True) as conn:
             conn.execute("CREATE DATABASE iotjx")
-        settings = _settings(pg.url, broker.url, broker.protocol)
+        settings = _settings(pg.url, broker, broker.protocol)
         prepare_database(settings)
         stream_uplinks, probes, published = _split(_uplinks(pg.url, seed=25))
         spool_dir = tmp_path / "spool"
@@ -656,8 +656,8 @@ def test_e_gateway_killed_and_restarted_while_the_database_is_down(broker, tmp_p
         gateway.env["IOTJX_SPOOL_DIR"] = str(spool_dir)
         gateway.start()
         try:
-            _live(settings, [gateway], published, probes)
-            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks).start()
+            _live(settings, [gateway], published, probes, broker.tester_login)
+            stream = Stream(settings.mqtt_url, settings.mqtt_topic_prefix, stream_uplinks, broker.tester_login).start()
             assert _wait_count(pg.url, 3000, 60) >= 3000, gateway.logs()
             pg.stop()                                           # mid-stream
             assert _wait(lambda: journals() > 0, 20), gateway.logs()

@@ -162,10 +162,10 @@ def test_onenet_pushes_signatures_verification_and_refusals(push):
         "too_large": client.post("/push/onenet", content=compact + b" " * MAX_BODY),
     }
     status = {k: r.status_code for k, r in answers.items()}
-    assert status == {"compact": 200, "spaced": 200, "retry": 401, "login": 200, "variant": 404,
+    assert status == {"compact": 200, "spaced": 200, "retry": 200, "login": 200, "variant": 404,
                       "unknown_type": 422, "foreign_token": 401, "unsigned": 401, "tampered": 401,
                       "too_large": 413}
-    assert answers["retry"].json()["reason"] == "replayed_nonce"         # the same nonce: refused at the door
+    assert answers["retry"].json() == {"status": "duplicate"}            # the same nonce: answered at the door
     assert answers["unknown_type"].json()["reason"] == "unsupported"
 
     # OneNET's URL verification: GET with msg, nonce, signature; echo msg when the signature holds.
@@ -329,9 +329,11 @@ def test_onenet_pushes_outside_the_freshness_window_or_replayed_are_refused(push
         "no_time": client.post("/push/onenet", content=_sign(json.dumps(no_time), "notime-1")),
     }
     assert {k: r.status_code for k, r in answers.items()} == {
-        "accepted": 200, "replayed": 401, "replayed_respaced": 401, "stale": 401, "future": 401, "no_time": 401}
-    for name, reason in (("replayed", "replayed_nonce"), ("replayed_respaced", "replayed_nonce"),
-                         ("stale", "stale"), ("future", "stale"), ("no_time", "stale")):
+        "accepted": 200, "replayed": 200, "replayed_respaced": 200, "stale": 401, "future": 401, "no_time": 401}
+    # A replay of a push already taken is answered as the duplicate it is, without reaching the
+    # pipeline (a genuine OneNET retry after a lost 200 must not be refused, or it retries for ever).
+    assert answers["replayed"].json() == answers["replayed_respaced"].json() == {"status": "duplicate"}
+    for name, reason in (("stale", "stale"), ("future", "stale"), ("no_time", "stale")):
         answer = answers[name]
         assert answer.headers["content-type"] == "application/problem+json"
         assert answer.json()["reason"] == reason and answer.json()["detail"], name
@@ -457,3 +459,23 @@ def test_an_uplink_past_its_models_size_limit_is_answered_413(settings, no_threa
         endpoint.stop()
     assert answer.status_code == 413 and answer.headers["content-type"] == "application/problem+json"
     assert answer.json()["reason"] == "too_large" and "512" in answer.json()["detail"]
+
+
+def test_a_onenet_nonce_is_in_flight_then_taken_or_released_and_forgotten_after_the_window():
+    """What the door answers the same signed push again: wait (503) while the first waits for its
+    commit, a duplicate once it was taken, the pipeline again once it was not; nothing after the window."""
+    from ingest.http import NonceWindow, SignedPush
+
+    window = NonceWindow(60.0, max_entries=3)
+    push, other = SignedPush("n1", "s1", (1.0,)), SignedPush("n2", "s2", (1.0,))
+    assert window.reserve(push, now=0.0) == NonceWindow.NEW
+    assert window.reserve(push, now=1.0) == NonceWindow.IN_FLIGHT
+    window.taken(push)
+    assert window.reserve(push, now=2.0) == NonceWindow.TAKEN
+    assert window.reserve(other, now=2.0) == NonceWindow.NEW
+    window.release(other)                                   # not taken: its retry is new again
+    assert window.reserve(other, now=3.0) == NonceWindow.NEW
+    assert window.reserve(push, now=61.0) == NonceWindow.NEW     # past the window: forgotten
+    for i in range(5):                                      # the bound: the oldest go first
+        window.reserve(SignedPush(f"x{i}", "s", (1.0,)), now=62.0)
+    assert window.reserve(other, now=62.0) == NonceWindow.NEW
