@@ -408,7 +408,7 @@ def test_a_gateway_started_before_its_schema_spools_and_replays_once_the_schema_
     info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
     url = psycopg.conninfo.make_conninfo(**{**info, "dbname": name})
     try:
-        settings = Settings(database_url=url, mqtt_url=broker.url, mqtt_protocol=broker.protocol,
+        settings = Settings(database_url=url, **broker.gateway_settings(), mqtt_protocol=broker.protocol,
                             mqtt_client_id=f"iotjx-test-{uuid.uuid4().hex[:8]}",
                             mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50,
                             spool_dir=tmp_path / "spool")
@@ -429,7 +429,8 @@ def test_a_gateway_started_before_its_schema_spools_and_replays_once_the_schema_
         gateway = Gateway(settings, schema=keeper)
         gateway.start()
         host, port = settings.mqtt_host_port
-        pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"pub-{uuid.uuid4().hex[:6]}")
+        pub = MqttPublisher(host, port, prefix=settings.mqtt_topic_prefix, client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                            **broker.tester_login)
         try:
             assert gateway.mqtt.wait_connected(15)
             for device_id, frame in sent:
