@@ -83,9 +83,10 @@ class Settings(BaseSettings):
     downlink_poll_s: float = Field(
         2.0, gt=0, description="How often the gateway refreshes which devices have commands waiting, and expires old ones")
 
-    # Bounds on what uplinks can cost the gateway (ingest/rejects.py, docs/ingest.md "Rejects")
+    # Bounds on what uplinks can cost the gateway (ingest/rejects.py, docs/ingest.md "Rejects").  The
+    # ceiling is at least the models' default limit (16 KiB, decoders.models), and caps a model's larger one.
     uplink_max_bytes: int = Field(
-        65536, ge=2048, le=1 << 20, description="Largest uplink any transport queues; larger is cut to its first KiB "
+        65536, ge=16384, le=1 << 20, description="Largest uplink any transport queues; larger is cut to its first KiB "
         "and kept as a `too_large` reject (size and digest in the detail). At least every model's max_payload_bytes, "
         "at most the broker's message_size_limit")
     queue_max_bytes: int = Field(
