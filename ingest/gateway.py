@@ -51,7 +51,7 @@ class Gateway:
                                              max_bytes=settings.spool_max_bytes),
                                  more_writers=self.more_writers, queue_max_bytes=settings.queue_max_bytes,
                                  uplink_max_bytes=settings.uplink_max_bytes,
-                                 reject_rows_per_min=settings.reject_rows_per_min)
+                                 reject_rows_per_min=settings.reject_rows_per_min or None)
         self.reject_retention = RejectRetention(
             lambda: connect(url, autocommit=True, application_name="iotjx-retention"), settings.reject_retention_days)
         self.downlinks = DownlinkService(settings, lambda: connect(url, application_name="iotjx-downlinks"))

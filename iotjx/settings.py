@@ -94,7 +94,8 @@ class Settings(BaseSettings):
         "a full queue stops reading from the transport")
     reject_rows_per_min: int = Field(
         60, ge=0, description="Reject rows kept per source (peer address, MQTT user name, else the transport), "
-        "reason and minute; past it rejects are only counted in `reject_tally`")
+        "reason and minute; past it rejects are only counted in `reject_tally`; 0: no limit (a tester replaying a capture faster "
+        "than real time)")
     reject_retention_days: int = Field(
         30, ge=1, description="Days `rejected_uplinks` and `reject_tally` keep their rows (purged hourly in chunks)")
 
