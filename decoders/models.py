@@ -22,7 +22,12 @@ FAMILIES = ("water", "fire", "traffic", "parking")
 NETWORKS = ("nbiot", "cat1")
 ENVELOPE_CODECS = ("ctwing", "onenet")
 _KEYS = {"vendor", "family", "codec", "settings", "inner_codec", "inner_settings", "name_map",
-         "report_interval_s", "network", "description", "dedup_window_s"}
+         "report_interval_s", "network", "description", "dedup_window_s", "max_payload_bytes"}
+# A model's largest frame when its table does not say: CoAP's documented single-request limit
+# (IOTJX_COAP_MAX_PAYLOAD).  Models whose protocol bounds the frame say so (CJ/T 188, GB/T 26875.3,
+# the parking sensor); the gateway rejects a larger uplink as `too_large`.
+DEFAULT_MAX_PAYLOAD_BYTES = 16384
+MAX_PAYLOAD_CEILING = 65536          # the default IOTJX_UPLINK_MAX_BYTES: no model may ask for more
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,9 @@ class DeviceModel:
     # Seconds within which identical bytes from one device are one uplink sent twice; None: the
     # gateway's default.  Short for frames with neither time nor counter (a quiet lane repeats itself).
     dedup_window_s: float | None = None
+    # The largest uplink (for an envelope model: the device's frame inside the envelope) in bytes;
+    # larger is kept as a `too_large` reject without its full bytes.
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
 
     def codec_settings(self) -> dict[str, Any]:
         """The settings for ``decode(self.codec, …)``: vendor settings plus the name map."""
@@ -78,6 +86,9 @@ def _model(path: Path, name: str, table: Any, known: set[str]) -> DeviceModel:
     window = table.get("dedup_window_s")
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, float)) or window < 0):
         raise _fail(path, name, f"dedup_window_s must be a number of seconds >= 0, not {window!r}")
+    limit = table.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAYLOAD_CEILING:
+        raise _fail(path, name, f"max_payload_bytes must be an integer from 1 to {MAX_PAYLOAD_CEILING}, not {limit!r}")
     inner = table.get("inner_codec")
     if inner is not None:
         if codec not in ENVELOPE_CODECS:
@@ -96,7 +107,7 @@ def _model(path: Path, name: str, table: Any, known: set[str]) -> DeviceModel:
         settings=MappingProxyType(dict(table.get("settings", {}))), inner_codec=inner,
         inner_settings=MappingProxyType(dict(table.get("inner_settings", {}))),
         name_map=MappingProxyType(dict(name_map)), description=str(table.get("description", "")),
-        dedup_window_s=None if window is None else float(window),
+        dedup_window_s=None if window is None else float(window), max_payload_bytes=limit,
     )
 
 
@@ -138,4 +149,4 @@ def get_model(name: str) -> DeviceModel:
         raise KeyError(f"no device model {name!r}; known: {', '.join(sorted(_CATALOGUE))}") from None
 
 
-__all__ = ["DeviceModel", "get_model", "load_models"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DeviceModel", "get_model", "load_models"]

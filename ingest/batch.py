@@ -17,6 +17,7 @@ from decoders.carrier import is_radio_field, push_identity, unwrap
 from iotjx.model import Device, Uplink
 
 from .registry import DeviceRegistry
+from .rejects import KEPT_BYTES, TOO_LARGE, UNKNOWN_DEVICE, cut_mark, digest, too_large_detail
 from .sinks import RADIO, WATER, radio_row, rows_for, water_columns, water_fast_mask
 from .writer import WriteSet
 
@@ -73,7 +74,10 @@ class BatchBuilder:
         """The rows a batch turns into; pure apart from the registry lookup (`devices`: what a lookup
         for this batch already found)."""
         ws = ws if ws is not None else WriteSet()
-        if any(u.meta.get("envelope") for u in batch if u.meta):
+        marked = [u for u in batch if u.meta]          # MQTT's uplinks carry none: one cheap pass
+        if marked and any(cut_mark(u) for u in marked):
+            batch = [u for u in batch if not _reject_cut(ws, u)]
+        if marked and any(u.meta.get("envelope") for u in marked):
             batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
             batch = [u for u in batch if u is not None]
         if devices is None:
@@ -84,10 +88,11 @@ class BatchBuilder:
                 devices = {**devices, **self._lookup(missing)}
         groups: dict[tuple[str, str, str], list[Uplink]] = defaultdict(list)
         settings_of: dict[tuple[str, str, str], dict[str, Any]] = {}
+        limit_of: dict[tuple[str, str, str], int | None] = {}
         for u in batch:
             device = devices.get(u.device_id)
             if device is None:
-                ws.add_reject(u, None, "unknown_device", "no registered, active device with this id")
+                ws.add_reject(u, None, UNKNOWN_DEVICE, "no registered, active device with this id")
                 continue
             codec, settings = device.codec, device.codec_settings
             if codec in ENVELOPES:
@@ -100,8 +105,9 @@ class BatchBuilder:
             key = (codec, device.family, device.model)      # a model fixes its codec settings
             groups[key].append(u)
             settings_of[key] = settings
+            limit_of[key] = device.max_payload_bytes
         for key, uplinks in groups.items():
-            self._decode_group(ws, key[0], key[1], settings_of[key], uplinks)
+            self._decode_group(ws, key[0], key[1], settings_of[key], uplinks, limit_of[key])
         return ws
 
     def _open_pushed_envelope(self, ws: WriteSet, u: Uplink) -> Uplink | None:
@@ -153,7 +159,7 @@ class BatchBuilder:
         return opened
 
     def _decode_group(self, ws: WriteSet, codec: str, family: str, settings: dict[str, Any],
-                      uplinks: list[Uplink]) -> None:
+                      uplinks: list[Uplink], limit: int | None = None) -> None:
         if codec == FIELDS:
             name_map = settings.get("name_map") or {}
             for u in uplinks:
@@ -164,7 +170,13 @@ class BatchBuilder:
             for u in uplinks:
                 ws.add_reject(u, None, "unsupported", "an envelope model without an inner codec")
             return
-        result = decoders.decode_batch(codec, [u.payload for u in uplinks], settings)
+        payloads = [u.payload for u in uplinks]
+        if limit is not None and max(map(len, payloads)) > limit:      # one C-level pass per group
+            uplinks = [u for u in uplinks if not _reject_over(ws, u, codec, limit)]
+            if not uplinks:
+                return
+            payloads = [u.payload for u in uplinks]
+        result = decoders.decode_batch(codec, payloads, settings)
         ok = result.status == 0
         for i in np.flatnonzero(~ok):
             u = uplinks[i]
@@ -191,6 +203,26 @@ class BatchBuilder:
         ws.add_rows(table.table, table.all_columns, [table.row(u, r) for r in rows])
         _add_radio(ws, u)
         ws.add_stored(u, codec)
+
+
+def _reject_cut(ws: WriteSet, u: Uplink) -> bool:
+    """True (and a too_large reject) for an uplink the pipeline cut at IOTJX_UPLINK_MAX_BYTES."""
+    mark = cut_mark(u)
+    if not mark:
+        return False
+    ws.add_reject(u, None, TOO_LARGE, too_large_detail(mark["bytes"], mark["limit"], bytes.fromhex(mark["blake2b"]),
+                                                       "the gateway's IOTJX_UPLINK_MAX_BYTES"))
+    return True
+
+
+def _reject_over(ws: WriteSet, u: Uplink, codec: str, limit: int) -> bool:
+    """True (and a too_large reject keeping `KEPT_BYTES` of it) for a frame over its model's limit."""
+    if len(u.payload) <= limit:
+        return False
+    ws.add_reject(u, codec, TOO_LARGE, too_large_detail(len(u.payload), limit, digest(u.payload),
+                                                        "its model's max_payload_bytes"),
+                  payload=u.payload[:KEPT_BYTES])
+    return True
 
 
 def _add_radio(ws: WriteSet, u: Uplink) -> None:

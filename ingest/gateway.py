@@ -28,6 +28,7 @@ from .downlink import DownlinkService
 from .mqtt import MqttIngest
 from .pipeline import Pipeline
 from .registry import DeviceRegistry
+from .rejects import RejectRetention
 from .spool import Spool
 from .writer import Writer
 
@@ -58,7 +59,11 @@ class Gateway:
                                  dedup_window_s=settings.dedup_window_s, slow_batch_s=settings.slow_batch_s,
                                  spool=Spool(settings.spool_dir or settings.data_dir / "spool" / settings.mqtt_client_id,
                                              max_bytes=settings.spool_max_bytes),
-                                 more_writers=self.more_writers)
+                                 more_writers=self.more_writers, queue_max_bytes=settings.queue_max_bytes,
+                                 uplink_max_bytes=settings.uplink_max_bytes,
+                                 reject_rows_per_min=settings.reject_rows_per_min or None)
+        self.reject_retention = RejectRetention(connector("iotjx-retention", autocommit=True),
+                                                settings.reject_retention_days)
         self.downlinks = DownlinkService(settings, connector("iotjx-downlinks"))
         self.mqtt = MqttIngest(settings, self._submit_mqtt, ack_flush=self.pipeline.add_ack_flush,
                                read_gate=self.pipeline.wait_room, submit_many=self._submit_mqtt_many)
@@ -101,6 +106,7 @@ class Gateway:
         if self.schema is not None:
             self.schema.start()              # retries the migrations while the database is away
         self.pipeline.start()
+        self.reject_retention.start()
         self.downlinks.start()
         self.mqtt.start()
         if self.coap is not None:
@@ -122,6 +128,7 @@ class Gateway:
             self.coap.stop()
         self.pipeline.stop()
         self.mqtt.stop()
+        self.reject_retention.stop()
         self.downlinks.stop()
         self._stop.set()
         if self._heartbeat is not None:

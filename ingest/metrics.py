@@ -6,7 +6,9 @@ it; `render_prometheus` turns one or more snapshots into the Prometheus text exp
 
 The codec of an uplink is decided by the device registry in the writer, never by the transport, so
 `received` and `spooled` (counted before the registry is asked) are per transport; `stored`,
-`duplicate` and `rejected` are per transport and codec."""
+`duplicate` and `rejected` are per transport and codec.  `rejects_suppressed` counts, per transport
+and reason, the rejects past the per-source rate that were counted in reject_tally instead of
+written as rows (they are in `rejected` too)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class IngestMetrics:
         self._transport: dict[str, Counter[str]] = {k: Counter() for k in PER_TRANSPORT}
         self._codec: dict[str, Counter[tuple[str, str]]] = {k: Counter() for k in PER_CODEC}
         self._reasons: Counter[str] = Counter()
+        self._suppressed: Counter[tuple[str, str]] = Counter()     # (transport, reason)
         self._buckets = [0] * (len(BATCH_BUCKETS) + 1)
         self._batch_sum = 0.0
         self._batch_count = 0
@@ -41,12 +44,16 @@ class IngestMetrics:
         with self._lock:
             self._transport[event].update(by_transport)
 
-    def outcomes(self, by_key: Mapping[tuple[str, str, str], int], reasons: Mapping[str, int]) -> None:
-        """One committed batch: counts per (status, transport, codec), and reject reasons."""
+    def outcomes(self, by_key: Mapping[tuple[str, str, str], int], reasons: Mapping[str, int],
+                 suppressed: Mapping[tuple[str, str], int] | None = None) -> None:
+        """One committed batch: counts per (status, transport, codec), reject reasons, and the
+        rejects only counted (not written) per (transport, reason)."""
         with self._lock:
             for (status, transport, codec), n in by_key.items():
                 self._codec[status][(transport, codec)] += n
             self._reasons.update(reasons)
+            if suppressed:
+                self._suppressed.update(suppressed)
 
     def batch(self, seconds: float, uplinks: int) -> None:
         """A batch committed after `seconds` (collect → commit)."""
@@ -67,6 +74,10 @@ class IngestMetrics:
                     nested.setdefault(transport, {})[codec] = n
                 out[status] = nested
             out["rejected_by_reason"] = dict(self._reasons)
+            nested = {}
+            for (transport, reason), n in self._suppressed.items():
+                nested.setdefault(transport, {})[reason] = n
+            out["rejects_suppressed"] = nested
             recent = sorted(self._recent)
             out["batch_seconds"] = {
                 "buckets": list(BATCH_BUCKETS), "counts": list(self._buckets), "sum": self._batch_sum,
@@ -111,6 +122,11 @@ def render_prometheus(snapshots: Mapping[str, Mapping[str, Any]]) -> str:
     family("iotjx_ingest_rejected_reason_total", "counter", "Rejected uplinks by reject reason",
            [("", {"gateway": g, "reason": r}, n)
             for g, s in snapshots.items() for r, n in sorted((s.get("rejected_by_reason") or {}).items())])
+    family("iotjx_ingest_rejects_suppressed_total", "counter",
+           "Rejects past the per-source rate: counted in reject_tally, not written as rows",
+           [("", {"gateway": g, "transport": t, "reason": r}, n)
+            for g, s in snapshots.items() for t, reasons in sorted((s.get("rejects_suppressed") or {}).items())
+            for r, n in sorted(reasons.items())])
     samples: list[tuple[str, dict[str, str], float]] = []
     for g, s in snapshots.items():
         h = s.get("batch_seconds")
@@ -125,6 +141,7 @@ def render_prometheus(snapshots: Mapping[str, Mapping[str, Any]]) -> str:
     family("iotjx_ingest_batch_seconds", "histogram", "Time from a batch's hand-over to its commit", samples)
     gauges = [
         ("queue_depth", "Uplinks waiting in memory for the writer", lambda s: s.get("queue_depth")),
+        ("queue_bytes", "Payload bytes waiting in memory for the writer", lambda s: s.get("queue_bytes")),
         ("spool_bytes", "Bytes in the on-disk spool", lambda s: _spool(s, "bytes")),
         ("spool_limit_bytes", "The spool's byte limit (backpressure beyond it)", lambda s: _spool(s, "limit_bytes")),
         ("spool_uplinks", "Uplinks in the on-disk spool", lambda s: _spool(s, "uplinks")),

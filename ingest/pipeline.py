@@ -11,7 +11,9 @@ When the journal is empty again, batches go straight to the database.  A journal
 run puts the pipeline in spooling mode at start-up, so it is replayed before anything newer.
 
 Nothing is acknowledged before it is committed or fsync'd.  Memory is bounded: `queue_max` uplinks
-in the queue plus one batch in each thread.  When the journal reaches its byte limit the intake
+and `queue_max_bytes` of payload in the queue (plus one put), and one batch taken from it in each
+thread; an uplink over `uplink_max_bytes` is cut to its first KiB before it is queued and rejected
+as `too_large` (`ingest.rejects`).  When the journal reaches its byte limit the intake
 thread stops taking batches, the queue fills and `submit` blocks — transports stop reading and
 stop acknowledging (MQTT: the broker keeps the messages; CoAP/HTTP: devices retry) — and the
 pipeline says so in the log, once per change of state, and in its counters."""
@@ -32,6 +34,7 @@ from iotjx.model import Uplink
 
 from .metrics import UNKNOWN_CODEC, IngestMetrics
 from .registry import DeviceRegistry
+from .rejects import SuppressionLog, cut, cut_mark
 from .spool import Spool, SpoolFull
 from .uplink_queue import Closed, UplinkQueue
 from .batch import BatchBuilder, claim_key
@@ -50,11 +53,16 @@ class Pipeline:
                  batch_age_s: float = 0.2, batch_idle_s: float = 0.0, queue_max: int = 50_000, retry_max_s: float = 5.0,
                  dedup_window_s: float = 86400.0, spool: Spool | None = None,
                  slow_batch_s: float = SLOW_BATCH_S, metrics: IngestMetrics | None = None,
-                 more_writers: Sequence[Writer] = ()) -> None:
+                 more_writers: Sequence[Writer] = (), queue_max_bytes: int | None = None,
+                 uplink_max_bytes: int | None = None, reject_rows_per_min: int | None = None) -> None:
         """`more_writers`: further connections, each with a database thread of its own, so that one
         batch is built while another waits on PostgreSQL (the spool is replayed by the first).
         `batch_idle_s` > 0: a batch is also written once no uplink arrived for that long while no
-        other batch is being written (group commit for devices that wait for their answer)."""
+        other batch is being written (group commit for devices that wait for their answer).
+        `queue_max_bytes`: the queue's bound in payload bytes besides `queue_max` uplinks;
+        `uplink_max_bytes`: larger uplinks are queued cut, as too_large rejects;
+        `reject_rows_per_min`: reject rows kept per source, reason and minute, the rest counted
+        (None: every reject is a row).  None: no such bound."""
         self._dedup_window_s = dedup_window_s
         self._last_purge = 0.0
         self._builder = BatchBuilder(registry)
@@ -68,7 +76,11 @@ class Pipeline:
         self._retry_max_s = retry_max_s
         self._slow_batch_s = slow_batch_s
         self._spool = spool
-        self._queue: UplinkQueue[Uplink] = UplinkQueue(queue_max)
+        self._queue: UplinkQueue[Uplink] = UplinkQueue(queue_max, queue_max_bytes, _payload_bytes)
+        self._weigh = queue_max_bytes is not None or uplink_max_bytes is not None
+        self._uplink_max = uplink_max_bytes if uplink_max_bytes is not None else float("inf")
+        self._reject_rows_per_min = reject_rows_per_min
+        self._suppression_log = SuppressionLog(reject_rows_per_min or 0)
         self._intake: threading.Thread | None = None
         self._db: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -92,14 +104,25 @@ class Pipeline:
     def submit(self, uplink: Uplink) -> None:
         """Queue one uplink; blocks while the queue is full.  Its `ack` is called exactly once, after
         it is committed (stored / duplicate / rejected) or fsync'd in the spool (spooled)."""
-        self._queue.put(uplink)
+        if not self._weigh:
+            self._queue.put(uplink)
+        else:
+            size = len(uplink.payload)
+            if size > self._uplink_max:
+                uplink = self._cut(uplink)
+                size = len(uplink.payload)
+            self._queue.put_many((uplink,), weights=(size,))
         self.counters[f"received.{uplink.transport}"] += 1
 
     def try_submit(self, uplink: Uplink) -> bool:
         """`submit` without waiting: False (nothing queued, `ack` never called) while the queue is
         full or the pipeline is stopping.  For a transport answering on an event loop."""
+        size = len(uplink.payload)
+        if size > self._uplink_max:
+            uplink = self._cut(uplink)
+            size = len(uplink.payload)
         try:
-            self._queue.put(uplink, timeout=0)
+            self._queue.put_many((uplink,), timeout=0, weights=(size,) if self._weigh else None)
         except (TimeoutError, Closed):
             return False
         self.counters[f"received.{uplink.transport}"] += 1
@@ -107,9 +130,22 @@ class Pipeline:
 
     def submit_many(self, uplinks: list[Uplink], transport: str) -> None:
         """`submit` for a group of uplinks of one transport (one queue operation for all of them)."""
-        if uplinks:
+        if not uplinks:
+            return
+        if not self._weigh:
             self._queue.put_many(uplinks)
-            self.counters[f"received.{transport}"] += len(uplinks)
+        else:
+            sizes = [len(u.payload) for u in uplinks]
+            if max(sizes) > self._uplink_max:
+                uplinks = [self._cut(u) if n > self._uplink_max else u for u, n in zip(uplinks, sizes, strict=True)]
+                sizes = [len(u.payload) for u in uplinks]
+            self._queue.put_many(uplinks, weights=sizes)
+        self.counters[f"received.{transport}"] += len(uplinks)
+
+    def _cut(self, uplink: Uplink) -> Uplink:
+        """An uplink over IOTJX_UPLINK_MAX_BYTES as it is queued: its first KiB, to be rejected."""
+        self.counters[f"too_large.{uplink.transport}"] += 1
+        return cut(uplink, int(self._uplink_max))
 
     def wait_room(self, timeout: float) -> bool:
         """True when `submit` would not block now; waits up to `timeout` for room.  A transport
@@ -134,6 +170,11 @@ class Pipeline:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def queue_bytes(self) -> int:
+        """Payload bytes waiting in the queue (0 when it is not bounded in bytes)."""
+        return self._queue.qbytes()
+
     def spool_status(self) -> dict[str, Any]:
         """The journal as /health and the metrics show it (JSON-able)."""
         with self._cond:
@@ -151,7 +192,8 @@ class Pipeline:
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters, batch latency, queue depth and the spool, JSON-able (see `ingest.metrics`)."""
-        return {**self.metrics.snapshot(), "queue_depth": self.queue_depth, "spool": self.spool_status()}
+        return {**self.metrics.snapshot(), "queue_depth": self.queue_depth, "queue_bytes": self.queue_bytes,
+                "spool": self.spool_status()}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -422,8 +464,7 @@ class Pipeline:
             ws = WriteSet()
             devices = self._builder.devices(batch)
             if self._dedup_window_s > 0:
-                is_new = tx.claim([claim_key(u, dedup_key) for u in batch],
-                                  [u.received_at for u in batch],
+                is_new = tx.claim(_dedup_keys(batch), [u.received_at for u in batch],
                                   self._builder.dedup_windows(batch, self._dedup_window_s, devices))
                 fresh = [u for u, new in zip(batch, is_new, strict=True) if new]
                 if len(fresh) < len(batch):
@@ -431,6 +472,8 @@ class Pipeline:
                     for u, codec in zip(dups, self._builder.codecs(dups, devices), strict=True):
                         ws.add_duplicate(u, codec)
             self._builder.build(fresh, ws, devices)
+            if ws.rejects and self._reject_rows_per_min is not None:
+                tx.tally_rejects(ws, self._reject_rows_per_min)
             tx.write(ws)
         return ws
 
@@ -447,8 +490,14 @@ class Pipeline:
             if outcome.status == "rejected":
                 reasons[outcome.reason or "unknown"] += 1
         self._flush_acks()
+        suppressed: Counter[tuple[str, str]] = Counter()
+        for (transport, _, reason), n in ws.suppressed.items():
+            suppressed[(transport, reason)] += n
+        if suppressed:
+            self._suppression_log.note(ws.suppressed)
         with self._stats_lock:         # the database threads count into the same figures
-            self.metrics.outcomes(outcomes, reasons)
+            self.metrics.outcomes(outcomes, reasons, suppressed)
+            self.counters["rejects_suppressed"] += sum(suppressed.values())
             self.metrics.batch(seconds, len(batch))
             self.batches += 1
             self.counters["stored"] += ws.stored
@@ -471,3 +520,20 @@ class Pipeline:
 def dedup_key(payload: bytes) -> bytes:
     """What makes two uplinks of one device the same: their bytes (a retransmission, a redelivery)."""
     return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def _dedup_keys(batch: list[Uplink]) -> list[tuple[str, bytes]]:
+    """(device, key) per uplink (`batch.claim_key`: a carrier push's by the message it carries); an
+    uplink cut at IOTJX_UPLINK_MAX_BYTES keeps the key of all its bytes (its redelivery is a
+    duplicate; another payload with the same first KiB is not)."""
+    keys = [claim_key(u, dedup_key) for u in batch]
+    if any(cut_mark(u) for u in batch if u.meta):
+        for i, u in enumerate(batch):
+            mark = cut_mark(u)
+            if mark:
+                keys[i] = (u.device_id, bytes.fromhex(mark["blake2b"]))
+    return keys
+
+
+def _payload_bytes(uplink: Uplink) -> int:
+    return len(uplink.payload)

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 _LOOKUP = """
     SELECT d.device_id, d.model, m.codec, d.pilot, d.network, d.site_id,
            coalesce(d.reporting_interval_s, m.reporting_interval_s), d.status, m.settings::text,
-           coalesce(m.family, m.pilot), m.inner_codec, m.inner_settings::text, m.dedup_window_s
+           coalesce(m.family, m.pilot), m.inner_codec, m.inner_settings::text, m.dedup_window_s,
+           m.max_payload_bytes
     FROM devices d JOIN device_models m USING (model)
     WHERE d.device_id = ANY(%s)"""
 
@@ -120,9 +121,9 @@ class DeviceRegistry:
             if len(self._profiles) >= _PROFILES_MAX:
                 self._profiles.clear()
             model, codec, pilot, network, site_id, interval, status, settings, family, inner, inner_settings, \
-                dedup = key
+                dedup, max_payload = key
             profile = (model, codec, pilot, network, site_id, interval, status, self._decoded(settings),
-                       family, inner, self._decoded(inner_settings), dedup)
+                       family, inner, self._decoded(inner_settings), dedup, max_payload)
             self._profiles[key] = profile
         return profile
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from iotjx.model import Outcome, Uplink
 
 from . import pgbinary
 from .pgbinary import Column
+from .rejects import reject_source, tally_rejects
 from .sinks import RADIO
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,12 @@ class WriteSet:
 
     readings: dict[str, tuple[tuple[str, ...], list[tuple]]] = field(default_factory=dict)
     blocks: list[tuple[str, tuple[str, ...], list[Column], int]] = field(default_factory=list)   # columnar rows
-    rejects: list[tuple] = field(default_factory=list)
+    rejects: list[tuple] = field(default_factory=list)      # REJECT_COLUMNS; their raw-log rows are derived
+    reject_sources: list[str] = field(default_factory=list)  # beside `rejects`: who sent each (rate limits)
+    reject_at: list[float] = field(default_factory=list)     # beside `rejects`: received_at, epoch seconds
+    # None: every reject is written; else beside `rejects`, False for one only counted in reject_tally.
+    reject_kept: list[bool] | None = None
+    suppressed: Counter[tuple[str, str, str]] = field(default_factory=Counter)   # (transport, source, reason)
     raw: list[tuple] = field(default_factory=list)
     # Device liveness (device_state): one (device, received_at) per stored uplink, aggregated at
     # write time with numpy (`liveness`) rather than merged in Python per uplink.
@@ -79,11 +86,23 @@ class WriteSet:
         self.days.add(when.date())
         self.raw.append((when, u.device_id, u.transport, u.payload, Jsonb(u.meta) if u.meta else None, outcome))
 
-    def add_reject(self, u: Uplink, codec: str | None, reason: str, detail: str) -> None:
-        self.rejects.append((datetime.fromtimestamp(u.received_at, UTC), u.device_id, u.transport, codec,
-                             u.payload, reason, detail, Jsonb(u.meta) if u.meta else None))
-        self.add_raw(u, f"rejected:{reason}")
+    def add_reject(self, u: Uplink, codec: str | None, reason: str, detail: str,
+                   payload: bytes | None = None) -> None:
+        """Kept in the rejects table and the raw log with the reason (`payload`: what to keep of the
+        bytes, when not all of them), unless `Transaction.tally_rejects` counts it instead."""
+        when = datetime.fromtimestamp(u.received_at, UTC)
+        self.days.add(when.date())
+        self.rejects.append((when, u.device_id, u.transport, codec, u.payload if payload is None else payload,
+                             reason, detail, Jsonb(u.meta) if u.meta else None))
+        self.reject_sources.append(reject_source(u))
+        self.reject_at.append(u.received_at)
         self._set(u, Outcome("rejected", reason, detail), codec)
+
+    def kept_rejects(self) -> list[tuple]:
+        """The reject rows to write (all of them unless a tally suppressed some)."""
+        if self.reject_kept is None:
+            return self.rejects
+        return [r for r, keep in zip(self.rejects, self.reject_kept, strict=True) if keep]
 
     def add_block(self, table: str, columns: tuple[str, ...], values: list[Column], rows: int) -> None:
         """Rows given as columns (`ingest.pgbinary`): COPYed without a Python tuple per row."""
@@ -207,10 +226,14 @@ class Writer:
                     _copy(cur, table, columns, rows)
             for table, columns, values, rows in ws.blocks:
                 _copy_block(cur, table, columns, values, rows)
-            if ws.rejects:
-                _copy(cur, "rejected_uplinks", REJECT_COLUMNS, ws.rejects)
-            if ws.raw:
-                _copy(cur, "raw_uplinks", RAW_COLUMNS, ws.raw)
+            kept = ws.kept_rejects()
+            if kept:
+                _copy(cur, "rejected_uplinks", REJECT_COLUMNS, kept)
+            raw = ws.raw
+            if kept:         # a reject's raw-log row: its own bytes (as kept), meta and reason
+                raw = raw + [(r[0], r[1], r[2], r[4], r[7], f"rejected:{r[5]}") for r in kept]
+            if raw:
+                _copy(cur, "raw_uplinks", RAW_COLUMNS, raw)
             if ws.seen_ids:
                 cur.execute(_SEEN_UPSERT, ws.liveness())   # sorted: no deadlock between replicas
 
@@ -279,6 +302,11 @@ class Transaction:
                     Column("double precision", np.asarray([windows[i] for i in at], dtype=np.float64))], n))
             old = {i for (i,) in cur.execute(_CLAIM).fetchall()}
         return [windows[i] <= 0 or (first[k] == i and i not in old) for i, k in enumerate(keys)]
+
+    def tally_rejects(self, ws: WriteSet, rows_per_min: int) -> Counter[tuple[str, str, str]]:
+        """`ingest.rejects.tally_rejects` in this transaction: the rejects past `rows_per_min` per
+        source, reason and minute are counted, not written."""
+        return tally_rejects(self._conn, ws, rows_per_min)
 
     def write(self, ws: WriteSet) -> None:
         self._writer._write_in(self._conn, ws)

@@ -109,6 +109,22 @@ class Settings(BaseSettings):
     downlink_poll_s: float = Field(
         2.0, gt=0, description="How often the gateway refreshes which devices have commands waiting, and expires old ones")
 
+    # Bounds on what uplinks can cost the gateway (ingest/rejects.py, docs/ingest.md "Rejects").  The
+    # ceiling is at least the models' default limit (16 KiB, decoders.models), and caps a model's larger one.
+    uplink_max_bytes: int = Field(
+        65536, ge=16384, le=1 << 20, description="Largest uplink any transport queues; larger is cut to its first KiB "
+        "and kept as a `too_large` reject (size and digest in the detail). At least every model's max_payload_bytes, "
+        "at most the broker's message_size_limit")
+    queue_max_bytes: int = Field(
+        64 << 20, ge=1 << 20, description="Payload bytes held in the gateway's queue (besides queue_max uplinks); "
+        "a full queue stops reading from the transport")
+    reject_rows_per_min: int = Field(
+        60, ge=0, description="Reject rows kept per source (peer address, MQTT user name, else the transport), "
+        "reason and minute; past it rejects are only counted in `reject_tally`; 0: no limit (a tester replaying a capture faster "
+        "than real time)")
+    reject_retention_days: int = Field(
+        30, ge=1, description="Days `rejected_uplinks` and `reject_tally` keep their rows (purged hourly in chunks)")
+
     @field_validator("mqtt_protocol")
     @classmethod
     def _protocol(cls, value: str) -> str:

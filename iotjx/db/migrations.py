@@ -364,6 +364,22 @@ def _m6_security(conn: psycopg.Connection, timescale: bool) -> None:
                     FOR EACH STATEMENT EXECUTE FUNCTION iotjx_notify_mqtt_accounts()""")
 
 
+def _m7_bounds(conn: psycopg.Connection, timescale: bool) -> None:
+    """The largest uplink per device model, and the per-minute tally of rejects by source: rows past
+    a source's rate are counted here instead of written to rejected_uplinks (ingest/writer.py)."""
+    conn.execute("ALTER TABLE device_models ADD COLUMN IF NOT EXISTS max_payload_bytes integer "
+                 "CHECK (max_payload_bytes > 0)")           # NULL: only the gateway's IOTJX_UPLINK_MAX_BYTES
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS reject_tally (
+            minute timestamptz NOT NULL,         -- the minute the rejects were received in (UTC)
+            transport text NOT NULL,
+            source text NOT NULL,                -- peer address, MQTT user name, else the transport
+            reason text NOT NULL,                -- as rejected_uplinks.reason
+            rejects bigint NOT NULL,             -- every reject of this key and minute
+            suppressed bigint NOT NULL DEFAULT 0,    -- of which counted here only, not written as rows
+            PRIMARY KEY (minute, transport, source, reason))""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -371,6 +387,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "CoAP device credentials (hashed); downlinks for sleeping devices", _m4_credentials_downlinks),
     Migration(5, "dedup window per device model", _m5_dedup_windows),
     Migration(6, "API keys and roles, the audit log, MQTT accounts", _m6_security),
+    Migration(7, "largest uplink per device model; reject tally by source and minute", _m7_bounds),
 )
 
 

@@ -251,3 +251,27 @@ def test_upgrading_a_version_1_database_with_compressed_chunks(ts, tmp_path_fact
         assert engine.scalar("SELECT extra->>'leak' FROM water_readings WHERE extra IS NOT NULL") == "true"
         # Upgraded step by step or installed fresh: the same schema, the same TimescaleDB settings.
         assert _snapshot(engine) == _snapshot(fresh)
+
+
+def test_reject_retention_purges_in_chunks_on_timescaledb_too(ts):
+    """rejected_uplinks and reject_tally are plain tables on TimescaleDB as well (reject_id stays a
+    primary key on its own); the gateway's chunked purge runs there under its advisory lock."""
+    from ingest.rejects import purge_rejects
+
+    engine, _ = ts
+    assert engine.scalar("SELECT count(*) FROM timescaledb_information.hypertables "
+                         "WHERE hypertable_name IN ('rejected_uplinks', 'reject_tally')") == 0
+    now = datetime.now(UTC)
+    ages = {f"rej-{k}": 31 + k for k in range(7)} | {"rej-new": 29}
+    _insert(engine, "rejected_uplinks", ("received_at", "device_id", "transport", "payload", "reason"),
+            [(now - timedelta(days=age), d, "mqtt", b"\x68", "checksum") for d, age in ages.items()])
+    _insert(engine, "reject_tally", ("minute", "transport", "source", "reason", "rejects"),
+            [(now.replace(second=0, microsecond=0) - timedelta(days=age), "mqtt", d, "checksum", 1)
+             for d, age in ages.items()])
+    purged = purge_rejects(EngineConnection(engine), 30, chunk=3, pause_s=0)
+    assert (purged.rows, purged.done) == ({"rejected_uplinks": 7, "reject_tally": 7}, True)
+    assert [r[0] for r in engine.run("SELECT device_id FROM rejected_uplinks WHERE device_id LIKE 'rej-%'").rows] \
+        == ["rej-new"]
+    assert [r[0] for r in engine.run("SELECT source FROM reject_tally").rows] == ["rej-new"]
+    assert engine.scalar("SELECT data_type FROM information_schema.columns "
+                         "WHERE table_name = 'device_models' AND column_name = 'max_payload_bytes'") == "integer"

@@ -98,3 +98,26 @@ def test_senml_model_maps_3424():
     pack = encode("senml-cbor", {"records": [{"name": "/3424/0/1", "unit": "m3", "value": 17.25,
                                               "time": datetime(2026, 1, 1, tzinfo=UTC)}]})
     assert decode(model.codec, pack, model.codec_settings())["fields"] == {"flow_m3": 17.25}
+
+
+@pytest.mark.parametrize(("value", "ok"), [("512", True), ("65536", True), ("0", False), ("65537", False),
+                                           ("true", False), ('"4k"', False), ("1.5", False)])
+def test_max_payload_bytes_is_a_byte_count_up_to_the_gateway_ceiling(tmp_path, value, ok):
+    path = write(tmp_path, GOOD + f"max_payload_bytes = {value}\n")
+    if ok:
+        assert load_models([path])["m1"].max_payload_bytes == int(value)
+    else:
+        with pytest.raises(ValueError, match="max_payload_bytes must be an integer from 1 to 65536"):
+            load_models([path])
+    assert load_models([write(tmp_path, GOOD, "plain.toml")])["m1"].max_payload_bytes == 16384   # the default
+
+
+def test_every_bundled_model_fits_its_protocols_largest_frame_and_the_gateway_ceiling():
+    """A limit below a valid frame would reject real readings: each is at least the largest frame its
+    codec can carry (CJ/T 188: 13 + a one-byte L, with a preamble; GB/T 26875.3: 30 + 1,024)."""
+    from iotjx.settings import Settings
+
+    largest = {"cjt188": 4 + 13 + 255, "gb26875": 30 + 1024, "parking": 13}
+    for m in load_models().values():
+        inner = m.inner_codec or m.codec
+        assert largest.get(inner, 0) <= m.max_payload_bytes <= Settings().uplink_max_bytes, m.name

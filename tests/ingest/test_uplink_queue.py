@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from ingest.uplink_queue import Closed, UplinkQueue
 
@@ -164,3 +165,87 @@ def test_close_wakes_a_waiting_taker_and_a_blocked_putter():
     q2.close()
     putter.join(5)
     assert len(errors) == 1
+
+
+# ------------------------------------------------------------------------------ the byte bound
+Item = tuple[int, int]          # (id, weight): the weight stands for an uplink's payload length
+
+
+def _weight(item: Item) -> int:
+    return item[1]
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(maxsize=st.integers(1, 6), max_bytes=st.integers(1, 600),
+       ops=st.lists(st.one_of(st.tuples(st.just("put"), st.lists(st.integers(0, 400), min_size=1, max_size=4)),
+                              st.tuples(st.just("take"), st.integers(1, 8))), max_size=40))
+def test_bounded_by_items_and_bytes_as_a_plain_model_says(maxsize, max_bytes, ops):
+    """Against a plain list: a put waits (here: times out at once) exactly while the queue is at
+    either bound, otherwise its whole group goes in; a take hands out the oldest and frees their
+    weight; what is held never passes the byte bound by more than the last put's weight."""
+    q: UplinkQueue[Item] = UplinkQueue(maxsize, max_bytes, _weight)
+    model: list[Item] = []
+    ids = iter(range(10**6))
+    for op, arg in ops:
+        full = len(model) >= maxsize or sum(w for _, w in model) >= max_bytes
+        if op == "put":
+            group = [(next(ids), w) for w in arg]
+            if full:
+                with pytest.raises(TimeoutError):
+                    q.put_many(group, timeout=0)
+            else:
+                q.put_many(group, timeout=0)
+                model.extend(group)
+                assert sum(w for _, w in model) < max_bytes + sum(arg)
+        elif model:                                    # a take on an empty queue would wait for a put
+            assert q.take(arg, 0) == (model[:arg], False)
+            del model[:arg]
+        held = sum(w for _, w in model)
+        assert (q.qsize(), q.qbytes()) == (len(model), held)
+        assert q.wait_room(0) == (len(model) < maxsize and held < max_bytes)
+
+
+def test_a_putter_held_by_the_byte_bound_goes_on_when_a_take_frees_bytes():
+    q: UplinkQueue[Item] = UplinkQueue(1000, 100, _weight)
+    q.put((0, 60))
+    q.put((1, 50))                                  # 110 bytes: at the byte bound, far from 1000 items
+    assert not q.wait_room(0)
+    putter = threading.Thread(target=q.put, args=((2, 10),))
+    putter.start()
+    putter.join(0.2)
+    assert putter.is_alive()                        # held back by bytes alone
+    assert q.take(1, 0) == ([(0, 60)], False)       # 50 bytes left: room
+    putter.join(5)
+    assert not putter.is_alive() and q.qbytes() == 60
+
+
+def test_one_uplink_heavier_than_the_whole_byte_bound_still_passes():
+    """Never a deadlock: an item above `max_bytes` goes into a queue below its bound, and a putter
+    waiting with one is let in by the take that empties the queue."""
+    q: UplinkQueue[Item] = UplinkQueue(10, 100, _weight)
+    q.put((0, 1000), timeout=0)                     # empty queue: in at once, alone
+    assert q.qbytes() == 1000 and not q.wait_room(0)
+    heavy = threading.Thread(target=q.put, args=((1, 5000),))
+    heavy.start()
+    heavy.join(0.2)
+    assert heavy.is_alive()
+    assert q.take(10, 0) == ([(0, 1000)], False)
+    heavy.join(5)
+    assert not heavy.is_alive()
+    assert q.take(10, 0) == ([(1, 5000)], False) and q.qbytes() == 0
+    q.put((2, 10))
+    q.put((3, 5000), timeout=0)                     # below the bound with 10 bytes held: in, whole
+    assert q.qbytes() == 5010
+
+
+def test_weights_given_by_the_putter_are_counted_and_checked():
+    q: UplinkQueue[bytes] = UplinkQueue(10, 1000, len)
+    q.put_many([b"a" * 300, b"b" * 200], weights=[300, 200])
+    q.put_many([b"c" * 10])                         # weighed by the queue
+    assert q.qbytes() == 510
+    with pytest.raises(ValueError, match="2 weights for 1 items"):
+        q.put_many([b"d"], weights=[1, 1])
+    assert q.take(2, 0)[0] == [b"a" * 300, b"b" * 200] and q.qbytes() == 10
+    unbounded: UplinkQueue[bytes] = UplinkQueue(10)
+    unbounded.put_many([b"x" * 10**6], weights=[10**6])
+    assert unbounded.qbytes() == 0 and unbounded.wait_room(0)     # no byte bound: not weighed

@@ -50,7 +50,9 @@ def _gateway_settings(settings, db_url: str):
         "database_url": db_url, "mqtt_client_id": f"iotjx-sim-gw-{tag}", "mqtt_topic_prefix": f"s{tag}",
         "coap_enabled": True, "coap_bind": "127.0.0.1:0", "http_push_enabled": True,
         "http_push_bind": "127.0.0.1:0", "ctwing_push_token": CTWING_TOKEN, "onenet_push_token": ONENET_TOKEN,
-        "onenet_push_max_age_s": 0})     # a capture replays pushes of simulated times and their planted retries
+        "onenet_push_max_age_s": 0,      # a capture replays pushes of simulated times and their planted retries
+        # Every reject a row: the planted rejects, sent faster than real time, pass 60 a minute.
+        "reject_rows_per_min": 0})
 
 
 def _register(db_url: str, devices, coap_devices) -> None:
