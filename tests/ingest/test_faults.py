@@ -577,7 +577,7 @@ def _stop_and_expect_redelivered(acks: Acks, own: MosquittoProcess, ingest, sett
     acknowledged (47 or 48 of 50 with the broker held back by SIGSTOP; MQTT allows it — at least
     once — and the pipeline would count them as duplicates, but this test says what is gone)."""
     log = own.workdir / "mosquitto.log"
-    line = f"Client {settings.mqtt_client_id} disconnected."
+    line = f"Client {settings.mqtt_session_client_id} disconnected."
     before = log.read_text(errors="replace").count(line)
     ingest.stop()
     assert ingest.counters["stale_acks"] == 0
