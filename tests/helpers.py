@@ -46,3 +46,13 @@ def insert_key(db_url: str, role: str, cities: list[int] | None = None, revoked:
 def bearer(key: str) -> dict[str, str]:
     """The header that carries an API key."""
     return {"Authorization": f"Bearer {key}"}
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes; its last answer (a test asserts it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

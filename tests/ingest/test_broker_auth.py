@@ -36,7 +36,7 @@ from iotjx.broker import PROJECT_CONF, MosquittoProcess
 from iotjx.settings import Settings
 from simulators.publish import MqttPublisher
 from simulators.water import make_meters
-from tests.helpers import register_fleet, wait_for_count
+from tests.helpers import register_fleet, wait_for_count, wait_until as _wait
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/mosquitto").exists() and not shutil.which("mosquitto"),
                                 reason="the attacks are made on the real Mosquitto")
@@ -535,13 +535,6 @@ def test_broker_sync_watch_follows_the_registry(site):
     assert not watcher.is_alive()
 
 
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _scalar(db_url: str, sql: str):

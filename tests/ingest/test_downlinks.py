@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -25,7 +24,7 @@ from ingest.downlink import build_payload, parse_ack_ids
 from ingest.gateway import Gateway
 from iotjx.mqtt_accounts import set_device_password
 from simulators.water import make_meters
-from tests.helpers import bearer, insert_key, register_fleet
+from tests.helpers import bearer, insert_key, register_fleet, wait_until as _wait
 
 
 def _valve_frame(close: bool, di_low_first: bool = True) -> bytes:
@@ -41,13 +40,6 @@ def _status(db_url: str, downlink_id: int) -> tuple:
                                FROM downlinks WHERE id = %s""", (downlink_id,)).fetchone()
 
 
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from ingest.spool import Spool
 from ingest.writer import Writer
 from simulators.publish import MqttPublisher
 from simulators.water import make_meters
-from tests.helpers import register_fleet
+from tests.helpers import register_fleet, wait_until as _wait
 
 pytestmark = [
     pytest.mark.slow,
@@ -330,13 +330,6 @@ def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leak
         pg.destroy()
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 # ------------------------------------------------------------------------------------- (b) (c) (d)

@@ -25,7 +25,7 @@ from ingest.registry import DeviceRegistry
 from ingest.spool import MAGIC, Spool, SpoolFull, decode_segment, encode_record
 from ingest.writer import Writer
 from simulators.water import make_meters
-from tests.helpers import register_fleet, wait_for_count
+from tests.helpers import register_fleet, wait_for_count, wait_until
 
 
 # ---------------------------------------------------------------------------------------- format
@@ -190,13 +190,9 @@ def _stored_order(db_url: str) -> list[float]:
     return [float(r[0]) for r in rows]
 
 
+
 def _wait(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return wait_until(predicate, timeout)
 
 
 def test_an_uplink_is_acknowledged_only_after_its_record_is_fsynced(db_url, tmp_path, monkeypatch, no_thread_leaks):
