@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="IOTJX_MQTT_PROTOCOL of the gateways, and the bare subscriber's protocol")
     p.add_argument("--gateway-cmd", default="",
                    help="command run as each gateway (A/B of a change); default: python -m iotjx.cli gateway")
+    p.add_argument("--broker-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a line of the broker's configuration changed for this run, e.g. autosave_interval=1 "
+                        "(repeatable; see broker_durability.py)")
     p.add_argument("--latency-load", type=float, default=0.5, help="paced latency run at this share of e2e rate")
     p.add_argument("--memory-s", type=float, help="duration of the short memory run (60 s; --quick 20 s)")
     p.add_argument("--memory-load", type=float, default=1.1,
@@ -239,7 +242,13 @@ def main(argv=None) -> int:
                f"{' '.join(info['mosquitto'])}, paho {info['paho']}, psycopg {info['psycopg']}, numba {info['numba']}")
     check_encoding()
     wd = workdir()
-    broker = MosquittoProcess(wd / "mosquitto").start()
+    conf = {}
+    if args.broker_set:
+        from broker_durability import variant_conf
+        overrides = dict(item.split("=", 1) for item in args.broker_set)
+        conf = {"base": variant_conf(overrides, wd / "broker-variant.conf")}
+        report.say(f"broker configuration changed: {overrides}")
+    broker = MosquittoProcess(wd / "mosquitto", **conf).start()
     # The broker is the secured one: the load logs in as its tester, the gateways as its gateway.
     os.environ.update(IOTJX_BENCH_MQTT_USERNAME=broker.tester_login["username"],
                       IOTJX_BENCH_MQTT_PASSWORD=broker.tester_login["password"])
