@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         lost = max(r["crash"]["lost"] for r in runs[name])
         lost_s = max(r["crash"]["lost_s"] for r in runs[name])
         ratio = f"{rate / base:.2f}" if base else "-"
-        print(f"{name:13s} {rate:>20,}/s {ratio:>7s} {lost:>11,} {lost_s:>13.2f}")
+        print(f"{name:13s} {rate:>20,.0f}/s {ratio:>7s} {lost:>11,} {lost_s:>13.2f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1))
     return 0
