@@ -285,7 +285,10 @@ class InProcessGateway:
         return dict(self.pipeline.counters)
 
 
-def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leaks):
+@contextmanager
+def _private_database(broker, seed: int):
+    """A private cluster (to stop mid-stream) with a migrated `iotjx` database: (the cluster, gateway
+    settings on `broker`, the run's uplinks split as `_split` does); the cluster is removed after."""
     pg = PrivatePostgres()
     try:
         pg.start()
@@ -293,7 +296,13 @@ def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leak
             conn.execute("CREATE DATABASE iotjx")
         settings = _settings(pg.url, broker, broker.protocol)
         prepare_database(settings)
-        stream_uplinks, probes, published = _split(_uplinks(pg.url, seed=21))
+        yield pg, settings, _split(_uplinks(pg.url, seed=seed))
+    finally:
+        pg.destroy()
+
+
+def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leaks):
+    with _private_database(broker, seed=21) as (pg, settings, (stream_uplinks, probes, published)):
         spool_dir = tmp_path / "spool"
         if "spool_dir" in Settings.model_fields:
             gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id)
@@ -326,8 +335,6 @@ def test_a_database_stopped_for_20_s_mid_stream(broker, tmp_path, no_thread_leak
                 counters = conn.execute("SELECT counters FROM gateway_status WHERE gateway_id = %s",
                                         (settings.mqtt_client_id,)).fetchone()[0]
         assert counters["spooled"] > 0 and counters["replayed"] == counters["spooled"]
-    finally:
-        pg.destroy()
 
 
 
@@ -648,14 +655,7 @@ def test_e_gateway_killed_and_restarted_while_the_database_is_down(broker, tmp_p
     database is still down: it comes up all the same, spools and acknowledges what arrives, and once
     the database is back it applies the schema and replays both runs' spool by itself — nobody
     restarts anything.  Every uplink the publishers had acknowledged is stored exactly once."""
-    pg = PrivatePostgres()
-    try:
-        pg.start()
-        with psycopg.connect(pg.url.replace("/iotjx", "/postgres"), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE iotjx")
-        settings = _settings(pg.url, broker, broker.protocol)
-        prepare_database(settings)
-        stream_uplinks, probes, published = _split(_uplinks(pg.url, seed=25))
+    with _private_database(broker, seed=25) as (pg, settings, (stream_uplinks, probes, published)):
         spool_dir = tmp_path / "spool"
         journals = lambda: len(list(spool_dir.glob("*.journal")))            # noqa: E731
         gateway = GatewayProcess(settings, tmp_path, settings.mqtt_client_id)
@@ -684,5 +684,3 @@ def test_e_gateway_killed_and_restarted_while_the_database_is_down(broker, tmp_p
             gateway.stop()
         _assert_exactly_once(pg.url, published)
         assert gateway.runs == 2
-    finally:
-        pg.destroy()
