@@ -45,14 +45,14 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
 
     from .db import connect, redact
     from .devices import register_devices
-    from .runtime import prepare_database, resolve_services
+    from .runtime import prepare_database, resolve_database
     from .targets import load_catalogue
 
     with ExitStack() as stack:
         fleet_login = {"username": settings.mqtt_username, "password": settings.mqtt_password}
         if settings.mqtt_url is None:
             settings, fleet_login = _demo_broker(settings, stack)
-        settings = resolve_services(settings, stack)
+        settings = resolve_database(settings)
         summary = prepare_database(settings)
         console.print(f"[bold]database[/] {redact(settings.database_url)} — storage: {summary['storage']}, "
                       f"schema v{summary['version']}")

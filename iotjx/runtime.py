@@ -1,45 +1,31 @@
-"""Resolving the database and broker a command runs against: configured, or embedded defaults."""
+"""The database a command runs against (configured, or an embedded one for the demo), its schema
+applied, and kept applied for a gateway that starts while the database is away."""
 
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeVar
 
 import psycopg
 
-from .broker import AmqttBroker, MosquittoProcess
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def resolve_services(settings: Settings, stack: ExitStack, *, data_dir: Path | None = None) -> Settings:
-    """Settings with a database and a broker: the configured ones, else embedded ones whose
-    shutdown is registered on `stack`."""
+def resolve_database(settings: Settings, *, data_dir: Path | None = None) -> Settings:
+    """Settings with a database: the configured one, else an embedded one in `data_dir` (the demo's
+    broker, with the accounts it makes, is `demo._demo_broker`)."""
+    if settings.database_url is not None:
+        return settings
+    from .db.embedded import start_embedded_postgres
     data_dir = Path(data_dir or settings.data_dir).resolve()
-    updates = {}
-    if settings.database_url is None:
-        from .db.embedded import start_embedded_postgres
-        updates["database_url"] = start_embedded_postgres(data_dir / "pg")
-        log.info("no IOTJX_DATABASE_URL: using an embedded PostgreSQL in %s", data_dir / "pg")
-    if settings.mqtt_url is None:
-        if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
-            broker = MosquittoProcess(data_dir / "mosquitto").start()
-            stack.callback(broker.stop)
-            log.info("no IOTJX_MQTT_URL: started mosquitto with deploy/mosquitto/mosquitto.conf at %s", broker.url)
-        else:
-            broker = AmqttBroker().start()
-            stack.callback(broker.stop)
-            updates["mqtt_protocol"] = "3.1.1"
-            log.info("no IOTJX_MQTT_URL and no mosquitto: started an embedded amqtt broker at %s", broker.url)
-        updates["mqtt_url"] = broker.url
-    return settings.model_copy(update=updates) if updates else settings
+    log.info("no IOTJX_DATABASE_URL: using an embedded PostgreSQL in %s", data_dir / "pg")
+    return settings.model_copy(update={"database_url": start_embedded_postgres(data_dir / "pg")})
 
 
 def prepare_database(settings: Settings) -> dict[str, object]:
