@@ -20,7 +20,6 @@ pipeline says so in the log, once per change of state, and in its counters."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -34,7 +33,7 @@ from iotjx.model import Uplink
 
 from .metrics import UNKNOWN_CODEC, IngestMetrics
 from .registry import DeviceRegistry
-from .rejects import SuppressionLog, cut, cut_mark
+from .rejects import SuppressionLog, cut, cut_mark, digest
 from .spool import Spool, SpoolFull
 from .uplink_queue import Closed, UplinkQueue
 from .batch import BatchBuilder, claim_key
@@ -517,16 +516,11 @@ class Pipeline:
         return self._builder.build(batch, ws)
 
 
-def dedup_key(payload: bytes) -> bytes:
-    """What makes two uplinks of one device the same: their bytes (a retransmission, a redelivery)."""
-    return hashlib.blake2b(payload, digest_size=16).digest()
-
-
 def _dedup_keys(batch: list[Uplink]) -> list[tuple[str, bytes]]:
     """(device, key) per uplink (`batch.claim_key`: a carrier push's by the message it carries); an
     uplink cut at IOTJX_UPLINK_MAX_BYTES keeps the key of all its bytes (its redelivery is a
     duplicate; another payload with the same first KiB is not)."""
-    keys = [claim_key(u, dedup_key) for u in batch]
+    keys = [claim_key(u, digest) for u in batch]      # a device's uplinks are the same when their bytes are
     if any(cut_mark(u) for u in batch if u.meta):
         for i, u in enumerate(batch):
             mark = cut_mark(u)

@@ -49,7 +49,8 @@ PURGE_LOCK = 0x10_7A_5D              # advisory lock: one gateway purges at a ti
 
 
 def digest(payload: bytes) -> bytes:
-    """BLAKE2b-128 of a payload: the pipeline's dedup key, and a too_large reject's fingerprint."""
+    """BLAKE2b-128 of a payload: what makes two uplinks of one device the same (a retransmission, a
+    redelivery: the pipeline's dedup key), and a too_large reject's fingerprint."""
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
