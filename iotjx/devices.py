@@ -165,7 +165,7 @@ def bundled_models() -> list[dict[str, Any]]:
             "pilot": "traffic" if m.family in ("parking", "traffic") else m.family,
             "vendor": m.vendor, "settings": m.codec_settings(), "inner_codec": m.inner_codec,
             "inner_settings": dict(m.inner_settings), "reporting_interval_s": m.report_interval_s,
-            "dedup_window_s": m.dedup_window_s, "max_payload_bytes": m.max_payload_bytes,
+            "dedup_window_s": m.dedup_window_s, "max_payload_bytes": m.max_payload_bytes, "network": m.network,
         })
     return out
 
@@ -173,22 +173,22 @@ def bundled_models() -> list[dict[str, Any]]:
 def sync_models(conn: psycopg.Connection, models: Iterable[dict[str, Any]] | None = None) -> int:
     """Upsert the device models (the catalogue is the source of truth for the ones it names).  A
     model without `max_payload_bytes` has none in the table: only the gateway's
-    IOTJX_UPLINK_MAX_BYTES bounds its uplinks."""
+    IOTJX_UPLINK_MAX_BYTES bounds its uplinks; one without `network` may be registered on either."""
     rows = [(m["model"], m["codec"], m["pilot"], m.get("family", m["pilot"]), m.get("vendor", ""),
              Jsonb(m.get("settings", {})), m.get("inner_codec"), Jsonb(m.get("inner_settings", {})),
-             m["reporting_interval_s"], m.get("dedup_window_s"), m.get("max_payload_bytes"))
+             m["reporting_interval_s"], m.get("dedup_window_s"), m.get("max_payload_bytes"), m.get("network"))
             for m in (models if models is not None else bundled_models())]
     with conn.cursor() as cur:
         cur.executemany("""
             INSERT INTO device_models (model, codec, pilot, family, vendor, settings, inner_codec, inner_settings,
-                                       reporting_interval_s, dedup_window_s, max_payload_bytes)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                       reporting_interval_s, dedup_window_s, max_payload_bytes, network)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (model) DO UPDATE SET codec = excluded.codec, pilot = excluded.pilot,
                 family = excluded.family, vendor = excluded.vendor, settings = excluded.settings,
                 inner_codec = excluded.inner_codec, inner_settings = excluded.inner_settings,
                 reporting_interval_s = excluded.reporting_interval_s,
                 dedup_window_s = excluded.dedup_window_s,
-                max_payload_bytes = excluded.max_payload_bytes""", rows)
+                max_payload_bytes = excluded.max_payload_bytes, network = excluded.network""", rows)
     return len(rows)
 
 

@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     raw_retention_days: int = Field(30, ge=1, description="Days the raw-uplink log keeps original bytes")
     data_dir: Path = Field(Path(".iotjx"), description="Where the demo keeps its embedded database and broker files")
     targets_file: Path | None = Field(None, description="Targets catalogue (TOML); unset: the bundled one")
+    timezone: str = Field(
+        "Asia/Shanghai", description="Local time of days, snapshots and rollups (a Jiangxi day); an IANA zone name")
+    # Coverage (analytics/coverage.py, README "Coverage")
+    coverage_refresh_s: float = Field(
+        30, ge=0, description="`/coverage` answers from a report recomputed in one pass this often (its `generated_at` "
+                              "says when); 0: recomputed for every request (small fleets, tests)")
+    coverage_snapshot_delay_s: float = Field(
+        3600, ge=0, description="A day's coverage snapshot is taken this long after the day ends (uplinks spooled "
+                                "across midnight arrive first); missed days are filled from the stored uplinks")
     log_level: str = Field("INFO", description="Python log level")
     # CoAP ingest (ingest/coap.py, docs/transports.md)
     coap_enabled: bool = Field(False, description="Serve `POST coap://HOST/up/{device_id}` in the gateway")
@@ -125,6 +134,17 @@ class Settings(BaseSettings):
     reject_retention_days: int = Field(
         30, ge=1, description="Days `rejected_uplinks` and `reject_tally` keep their rows (purged hourly in chunks)")
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {value!r} is not an IANA time zone such as Asia/Shanghai") from None
+        return value
+
     @field_validator("mqtt_protocol")
     @classmethod
     def _protocol(cls, value: str) -> str:
@@ -154,6 +174,13 @@ class Settings(BaseSettings):
             if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
                 raise ValueError("mqtt_url must look like mqtt://host:1883")
         return value
+
+    @property
+    def tz(self):
+        """`timezone` as a ZoneInfo: the zone of days, snapshots and rollups."""
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(self.timezone)
 
     @property
     def mqtt_host_port(self) -> tuple[str, int]:

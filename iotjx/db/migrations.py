@@ -380,6 +380,125 @@ def _m7_bounds(conn: psycopg.Connection, timescale: bool) -> None:
             PRIMARY KEY (minute, transport, source, reason))""")
 
 
+def _m8_coverage(conn: psycopg.Connection, timescale: bool) -> None:
+    """Coverage the programme office can sign (README "Coverage"): the site catalogue (stable ids,
+    aliases, grades, model sites, opening and closing), each model's network, every device's status
+    history, every operator-entered figure, and the daily snapshots of targets and breakdown."""
+    # Sites: a row with a `code` is a catalogue site (verified); without one, a site a device import
+    # named in free text (unverified: never counted toward a plan target).
+    for column in ("code text UNIQUE",                  # the catalogue's stable site id
+                   "grade text",                        # 1A..5A for scenic spots; as the catalogue says otherwise
+                   "model_site boolean NOT NULL DEFAULT false",
+                   "model_site_since date",             # counted as a model site from this day (NULL: always)
+                   "status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'closed'))",
+                   "opened_on date",                    # in the catalogue from this day (NULL: always)
+                   "closed_on date",                    # out of every denominator from this day
+                   "created_at timestamptz NOT NULL DEFAULT now()",
+                   "updated_at timestamptz NOT NULL DEFAULT now()"):
+        conn.execute(f"ALTER TABLE sites ADD COLUMN IF NOT EXISTS {column}")
+    conn.execute("ALTER TABLE sites DROP CONSTRAINT IF EXISTS sites_closed_has_date")
+    conn.execute("ALTER TABLE sites ADD CONSTRAINT sites_closed_has_date "
+                 "CHECK ((status = 'closed') = (closed_on IS NOT NULL))")
+    conn.execute("ALTER TABLE sites DROP CONSTRAINT IF EXISTS sites_unverified_plain")
+    conn.execute("ALTER TABLE sites ADD CONSTRAINT sites_unverified_plain "
+                 "CHECK (code IS NOT NULL OR (grade IS NULL AND NOT model_site))")
+    # Every name a catalogue site is known by (official name and aliases), normalised (iotjx.sites.name_key):
+    # a device import naming a site by any of them attaches to the catalogue site.
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS site_names (
+            city_code integer NOT NULL,
+            kind text NOT NULL,
+            name_key text NOT NULL,
+            site_id bigint NOT NULL REFERENCES sites(site_id) ON DELETE CASCADE,
+            name text NOT NULL,                  -- as the catalogue spells it
+            is_alias boolean NOT NULL,
+            PRIMARY KEY (city_code, kind, name_key))""")
+    conn.execute("CREATE INDEX IF NOT EXISTS site_names_site ON site_names (site_id)")
+    # A model's network (a Cat-1 model cannot be registered as NB-IoT); NULL: either.
+    conn.execute("ALTER TABLE device_models ADD COLUMN IF NOT EXISTS network text "
+                 "CHECK (network IN ('nbiot', 'cat1'))")
+    # Every status a device has had, from when: "registered / active at day D" for any past day.
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS device_status_log (
+            device_id text NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            since timestamptz NOT NULL,
+            status text NOT NULL,
+            PRIMARY KEY (device_id, since))""")
+    conn.execute("""
+        INSERT INTO device_status_log (device_id, since, status)
+        SELECT device_id, created_at, status FROM devices ON CONFLICT DO NOTHING""")
+    conn.execute("""
+        CREATE OR REPLACE FUNCTION iotjx_log_device_status() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO device_status_log (device_id, since, status)
+                SELECT n.device_id, now(), n.status FROM new_rows n
+                ON CONFLICT (device_id, since) DO UPDATE SET status = excluded.status;
+            ELSE
+                INSERT INTO device_status_log (device_id, since, status)
+                SELECT n.device_id, now(), n.status FROM new_rows n JOIN old_rows o USING (device_id)
+                WHERE n.status IS DISTINCT FROM o.status
+                ON CONFLICT (device_id, since) DO UPDATE SET status = excluded.status;
+            END IF;
+            RETURN NULL;
+        END $$""")
+    conn.execute("DROP TRIGGER IF EXISTS devices_status_log_insert ON devices")
+    conn.execute("""CREATE TRIGGER devices_status_log_insert AFTER INSERT ON devices
+                    REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION iotjx_log_device_status()""")
+    conn.execute("DROP TRIGGER IF EXISTS devices_status_log_update ON devices")
+    conn.execute("""CREATE TRIGGER devices_status_log_update AFTER UPDATE ON devices
+                    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION iotjx_log_device_status()""")
+    # Operator-entered figures: every entry kept, with who, when, for which day and a note.
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS target_progress_log (
+            entry_id bigserial PRIMARY KEY,
+            target_id text NOT NULL,
+            value double precision NOT NULL CHECK (value >= 0 AND value < 'Infinity'),
+            as_of date NOT NULL,                 -- the day the figure describes
+            note text NOT NULL DEFAULT '',
+            actor text NOT NULL,                 -- key:<key_id> or cli:<os user>, as in audit_log
+            entered_at timestamptz NOT NULL DEFAULT now())""")
+    conn.execute("CREATE INDEX IF NOT EXISTS target_progress_log_target ON target_progress_log (target_id, as_of, entered_at)")
+    if conn.execute("SELECT to_regclass('target_progress')").fetchone()[0] is not None:
+        conn.execute("""
+            INSERT INTO target_progress_log (target_id, value, as_of, note, actor, entered_at)
+            SELECT target_id, value, (updated_at AT TIME ZONE 'Asia/Shanghai')::date, note, 'migrated', updated_at
+            FROM target_progress WHERE value >= 0 AND value < 'Infinity'""")
+        conn.execute("DROP TABLE target_progress")
+    # Daily snapshots (local days): one row per day and target, and the breakdown of that day.  A day is
+    # complete when its row in coverage_snapshot_days exists (written in the same transaction).
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS coverage_snapshot_days (
+            day date PRIMARY KEY,
+            state_at timestamptz NOT NULL,       -- the instant described: the end of the local day
+            taken_at timestamptz NOT NULL DEFAULT now(),
+            how text NOT NULL,                   -- scheduled / filled / retaken
+            devices bigint NOT NULL,             -- devices registered at state_at
+            duration_s double precision NOT NULL)""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS coverage_snapshots (
+            day date NOT NULL REFERENCES coverage_snapshot_days(day) ON DELETE CASCADE,
+            target_id text NOT NULL,
+            value double precision,              -- NULL: nothing measured (an operator target without entry)
+            target_value double precision NOT NULL,   -- the target as the catalogue said that day
+            registered bigint,                   -- devices (or catalogue sites) in scope
+            active bigint,
+            live bigint,
+            PRIMARY KEY (day, target_id))""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS coverage_breakdown_daily (
+            day date NOT NULL REFERENCES coverage_snapshot_days(day) ON DELETE CASCADE,
+            city_code integer NOT NULL,          -- 0: devices without a site
+            pilot text NOT NULL,
+            network text NOT NULL,
+            registered bigint NOT NULL,
+            active bigint NOT NULL,
+            live bigint NOT NULL,
+            PRIMARY KEY (day, city_code, pilot, network))""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -388,6 +507,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "dedup window per device model", _m5_dedup_windows),
     Migration(6, "API keys and roles, the audit log, MQTT accounts", _m6_security),
     Migration(7, "largest uplink per device model; reject tally by source and minute", _m7_bounds),
+    Migration(8, "site catalogue, model networks, device status history, progress entries, coverage snapshots",
+              _m8_coverage),
 )
 
 
