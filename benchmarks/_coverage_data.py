@@ -237,7 +237,7 @@ def build(admin_url: str, name: str, devices: int, targets_file: Path) -> BuiltD
     t0 = time.perf_counter()
     snapshot = build_history(url, targets_file)
     took["history"] = time.perf_counter() - t0
-    live, registered = live_count(url)
+    live, _registered = live_count(url)
     with psycopg.connect(url) as conn:
         sites = conn.execute("SELECT count(*) FROM sites").fetchone()[0]
     return BuiltDatabase(url=url, name=name, devices=devices, sites=sites, live=live, build_s=took,
