@@ -3,18 +3,21 @@
 Every request passes, outermost first: LastResort (an unhandled exception becomes a logged 500
 problem) → CleanUrl (no NUL in the URL) → Authenticate (the API key; 401 for anyone without a valid
 one, except on /health) → BodyLimit (413 past IOTJX_API_MAX_BODY, or IOTJX_API_MAX_IMPORT_BYTES for
-the CSV import) → the route, whose role dependency answers 403 for a key of too low a role.  Every
+the CSV import) → the route, whose role dependency answers 403 for a key of too low a role, and
+which refuses a query parameter it does not take (422: a misspelt `as_of` is not silently ignored).  Every
 error is a problem document (api/problems.py).  OpenAPI at /openapi.json and /docs, with a key."""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from psycopg_pool import ConnectionPool
 
 from api import problems
+from analytics.coverage import CoverageService
 from api.auth import Authenticate
+from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl
 from api.routes import audit, coverage, credentials, devices, downlinks, keys, system
 from iotjx import __version__
@@ -32,19 +35,25 @@ def create_app(settings: Settings) -> FastAPI:
     pool = ConnectionPool(settings.database_url, min_size=1, max_size=8, open=False,
                           kwargs={"application_name": "iotjx-api", "autocommit": True})
 
+    catalogue = load_catalogue(settings.targets_file)      # a bad catalogue stops the start, naming the entry
+    service = CoverageService(pool.connection, catalogue, settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.open(wait=False)
+        service.start()
         yield
+        service.stop()
         pool.close()
 
     # The framework's own /docs and /openapi.json would answer anyone: they are routes of ours instead.
     app = FastAPI(title="iotjx", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, description="Telemetry backend of Jiangxi's mobile-IoT programme (物联江西). "
+                  redoc_url=None, dependencies=[Depends(refuse_unknown_query)], description="Telemetry backend of Jiangxi's mobile-IoT programme (物联江西). "
                                               "Every route but /health needs `Authorization: Bearer KEY`.")
     app.state.pool = pool
     app.state.settings = settings
-    app.state.catalogue = load_catalogue(settings.targets_file)
+    app.state.catalogue = catalogue
+    app.state.coverage = service
     for router in ROUTERS:
         app.include_router(router)
     # add_middleware puts each new one outside the previous: listed innermost first.

@@ -91,6 +91,27 @@ def device_city(conn: psycopg.Connection, key: ApiKey, device_id: str, *, lock: 
     return row[0]
 
 
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not take (every route: an app-wide dependency), so that
+    a misspelt or unsupported parameter is never silently ignored."""
+    route = request.scope.get("route")
+    if route is None or not request.url.query:
+        return
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        from fastapi.dependencies.utils import get_flat_dependant
+
+        names = _QUERY_NAMES[id(route)] = frozenset(p.alias for p in get_flat_dependant(route.dependant).query_params)
+    unknown = sorted({k for k in request.query_params.keys() if k not in names})
+    if unknown:
+        takes = ", ".join(sorted(names)) or "none"
+        raise HTTPException(422, f"unknown query parameter(s) {', '.join(map(repr, unknown))[:200]}; "
+                                 f"{getattr(route, 'path', 'this route')} takes: {takes}")
+
+
 def audit_write(conn: psycopg.Connection, request: Request, key: ApiKey, *, target: str | None,
                 change: dict[str, Any], status: int) -> None:
     """The audit row of a write, in the caller's transaction: actor, method, route template, target."""
@@ -100,4 +121,4 @@ def audit_write(conn: psycopg.Connection, request: Request, key: ApiKey, *, targ
 
 
 __all__ = ["Admin", "AppSettings", "Conn", "DeviceId", "KeyId", "Operator", "Pool", "RowId", "TargetId", "Viewer",
-           "WholeProvince", "audit_write", "current_key", "device_city", "require_role"]
+           "WholeProvince", "audit_write", "refuse_unknown_query", "current_key", "device_city", "require_role"]

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -208,19 +209,81 @@ def keys_revoke(key_id: str) -> None:
     console.print(f"key {key_id} revoked")
 
 
-@app.command()
-def coverage() -> None:
-    """Print the coverage report."""
+coverage_app = typer.Typer(help="Coverage against the targets: the report (now or as of a day) and the daily snapshots.")
+app.add_typer(coverage_app, name="coverage")
+
+
+def _catalogue(settings):
+    from .targets import CatalogueError, load_catalogue
+    try:
+        return load_catalogue(settings.targets_file)
+    except CatalogueError as exc:
+        console.print(f"[red]the targets catalogue cannot be used:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@coverage_app.callback(invoke_without_command=True)
+def coverage(ctx: typer.Context,
+             as_of: Annotated[Optional[datetime], typer.Option("--as-of", formats=["%Y-%m-%d"],
+                                                                help="a past day: the report from its snapshot")] = None,
+             history_days: Annotated[int, typer.Option(min=0, max=3660, help="days of history per target")] = 30) -> None:
+    """Print the coverage report: plan targets with their verdicts, programme targets with their pace."""
+    if ctx.invoked_subcommand is not None:
+        return
     settings = get_settings()
     _need_database(settings)
-    from analytics.coverage import breakdown, coverage_report
+    from analytics.coverage import NoSnapshot, compute_now, report_as_of
+    from .coverage_view import report_view
     from .db import connect
-    from .demo import _coverage_tables
-    from .targets import load_catalogue
-    with connect(settings.database_url) as conn:
-        console.print(_coverage_tables(coverage_report(conn, load_catalogue(settings.targets_file),
-                                                       live_factor=settings.live_factor),
-                                       breakdown(conn, live_factor=settings.live_factor)))
+    catalogue = _catalogue(settings)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            report = (report_as_of(conn, catalogue, as_of.date(), history_days=history_days) if as_of else
+                      compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz,
+                                  history_days=history_days))
+        except NoSnapshot as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(1) from None
+    console.print(report_view(report))
+
+
+@coverage_app.command("snapshot")
+def coverage_snapshot(
+        day: Annotated[Optional[datetime], typer.Option(formats=["%Y-%m-%d"], help="one past day")] = None,
+        since: Annotated[Optional[datetime], typer.Option("--from", formats=["%Y-%m-%d"],
+                                                          help="fill every missing day from this one")] = None,
+        retake: Annotated[bool, typer.Option(help="replace the day's snapshot (with --day)")] = False) -> None:
+    """Take the daily snapshots the API takes by itself: every missing past day (default), one --day, or
+    every missing day --from a day.  Idempotent: a day already taken is kept unless --retake."""
+    from rich.progress import Progress
+
+    from analytics.coverage import days_to_take, take_snapshot
+    from .db import connect
+    settings = get_settings()
+    _need_database(settings)
+    catalogue = _catalogue(settings)
+    if retake and day is None:
+        console.print("[red]--retake needs --day[/]")
+        raise typer.Exit(2)
+    with connect(settings.database_url, autocommit=True) as conn:
+        days = [day.date()] if day else days_to_take(conn, settings, first=since.date() if since else None)
+        taken = 0
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("coverage snapshots", total=len(days))
+            for d in days:
+                try:
+                    done = take_snapshot(conn, d, catalogue, settings, how="filled", retake=retake)
+                except ValueError as exc:
+                    console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+                    raise typer.Exit(1) from None
+                taken += done
+                console.print(f"{d}: {'taken' if done else 'already taken'}")
+                progress.advance(task)
+        if retake and taken:
+            from . import audit
+            audit.record(conn, actor=audit.cli_actor(), method="coverage snapshot", route="iotjx coverage snapshot",
+                         target=str(day.date()), change={"retake": True})
+    console.print(f"{taken} snapshot(s) taken, {len(days) - taken} already there")
 
 
 # ----------------------------------------------------------------------------- the broker's accounts

@@ -11,7 +11,7 @@ import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -36,8 +36,9 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
     """Run everything until `duration` seconds have passed (or Ctrl-C); 0 when data flowed."""
     import uvicorn
 
-    from analytics.coverage import breakdown, coverage_report
+    from analytics.coverage import compute_now
     from api.app import create_app
+    from iotjx.coverage_view import report_view
     from ingest.gateway import Gateway
     from simulators.fleet import plan_water_fleet
     from simulators.publish import MqttPublisher
@@ -134,11 +135,9 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
             sim.join(10)
             publisher.flush(15)
             time.sleep(settings.batch_age_ms / 1000 + 0.5)
-            now = datetime.now(UTC)
-            table = breakdown(conn, live_factor=settings.live_factor, now=now)
-            console.print(_coverage_tables(coverage_report(conn, catalogue, live_factor=settings.live_factor, now=now),
-                                           table))
-            live, registered = sum(r["live"] for r in table), sum(r["registered"] for r in table)
+            report = compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz)
+            console.print(report_view(report))
+            live, registered = sum(r["live"] for r in report.breakdown), sum(r["registered"] for r in report.breakdown)
             stored = conn.execute("SELECT count(*) FROM water_readings").fetchone()[0]
             reasons = conn.execute("SELECT reason, count(*) FROM rejected_uplinks GROUP BY 1 ORDER BY 1").fetchall()
         console.print(f"live devices: {live} of {registered} registered")
@@ -187,22 +186,3 @@ def _demo_key(settings: Settings, stack: ExitStack) -> str:
 
     stack.callback(revoke)
     return secret
-
-
-def _coverage_tables(rows, table_rows) -> Group:
-    by_city = Table(title="Devices by city, pilot and network (live = reported within its interval)")
-    for col in ("city", "pilot", "network", "registered", "live"):
-        by_city.add_column(col, justify="right" if col in ("registered", "live") else "left")
-    for r in table_rows:
-        by_city.add_row(f"{r['city_zh']} {r['city_en']}" if r["city"] else "(no site)", r["pilot"], r["network"],
-                        str(r["registered"]), str(r["live"]))
-    targets = Table(title="Coverage against targets")
-    for col in ("target", "clause", "scope", "value", "target", "percent", "deadline"):
-        targets.add_column(col, overflow="fold")
-    for r in rows:
-        scope = " ".join(str(x) for x in (r.city_name, r.pilot, r.network, r.site_kind) if x) or "province"
-        clause = r.clause_zh or "programme target (operators')"
-        targets.add_row(r.target_id, clause, scope,
-                        "—" if r.value is None else f"{r.value:g}", f"{r.target:g} {r.unit}",
-                        "—" if r.percent is None else f"{r.percent:.2f} %", str(r.deadline))
-    return Group(by_city, targets)

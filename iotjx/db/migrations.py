@@ -486,6 +486,8 @@ def _m8_coverage(conn: psycopg.Connection, timescale: bool) -> None:
             registered bigint,                   -- devices (or catalogue sites) in scope
             active bigint,
             live bigint,
+            sites bigint,                        -- site measures: catalogue sites in scope that day
+            sites_meeting bigint,                -- …of which met the per-site minimum
             PRIMARY KEY (day, target_id))""")
     conn.execute("""
         CREATE TABLE IF NOT EXISTS coverage_breakdown_daily (
