@@ -155,61 +155,25 @@ def _yesterday(tz_name: str) -> date:
 
 
 def build_history(url: str, targets_file: Path, tz_name: str = "Asia/Shanghai") -> dict[str, Any]:
-    """60 days of coverage snapshots ending yesterday (local): one real snapshot when
-    `analytics.coverage.take_snapshot` exists (timed), the other days synthesised from it in SQL;
-    without it, all 60 synthesised from the registry as it is now."""
-    import analytics.coverage as cov
+    """60 days of coverage snapshots ending yesterday (local): one real snapshot of yesterday
+    (`analytics.coverage.take_snapshot`, timed), the 59 days before it copied from it in SQL."""
+    from analytics.coverage import take_snapshot
+    from iotjx.settings import Settings
+    from iotjx.targets import load_catalogue
 
     yesterday = _yesterday(tz_name)
-    out: dict[str, Any] = {"days": HISTORY_DAYS, "last_day": yesterday.isoformat()}
+    settings = Settings(database_url=url, targets_file=targets_file, timezone=tz_name)
     with psycopg.connect(url) as conn:
-        if hasattr(cov, "take_snapshot"):
-            from iotjx.settings import Settings
-            from iotjx.targets import load_catalogue
-
-            settings = Settings(database_url=url, targets_file=targets_file, timezone=tz_name)
-            catalogue = load_catalogue(targets_file)
-            t0 = time.perf_counter()
-            cov.take_snapshot(conn, yesterday, catalogue, settings)
-            conn.commit()
-            out["take_snapshot_s"] = time.perf_counter() - t0
-            out["how"] = "1 real snapshot (take_snapshot), 59 days synthesised from it"
-        else:
-            _synthetic_day(conn, yesterday, targets_file, tz_name)
-            out["how"] = "60 days synthesised (no take_snapshot on this commit)"
+        t0 = time.perf_counter()
+        take_snapshot(conn, yesterday, load_catalogue(targets_file), settings)
+        conn.commit()
+        took = time.perf_counter() - t0
         _copy_back(conn, yesterday, HISTORY_DAYS - 1)
         conn.commit()
-        out["snapshot_rows"] = conn.execute("SELECT count(*) FROM coverage_snapshots").fetchone()[0]
-        out["breakdown_rows"] = conn.execute("SELECT count(*) FROM coverage_breakdown_daily").fetchone()[0]
-    return out
-
-
-def _synthetic_day(conn: psycopg.Connection, day: date, targets_file: Path, tz_name: str) -> None:
-    """One snapshot day made up from the registry: the breakdown by city × pilot × network as it is
-    now, every target at a plausible fraction of its value."""
-    import tomllib
-
-    data = tomllib.loads(targets_file.read_text())
-    entries = [e for src in ("plan", "programme") for e in data.get(src, [])]
-    conn.execute("""
-        INSERT INTO coverage_snapshot_days (day, state_at, how, devices, duration_s)
-        SELECT %(day)s, ((%(day)s::date + 1)::timestamp AT TIME ZONE %(tz)s), 'filled',
-               (SELECT count(*) FROM devices WHERE status <> 'retired'), 0""", {"day": day, "tz": tz_name})
-    conn.execute("""
-        INSERT INTO coverage_breakdown_daily (day, city_code, pilot, network, registered, active, live)
-        SELECT %s, coalesce(s.city_code, 0), d.pilot, d.network, count(*),
-               count(*) FILTER (WHERE d.status = 'active'),
-               count(*) FILTER (WHERE d.status = 'active' AND st.last_seen >= now() - make_interval(
-                   secs => 1.5 * coalesce(d.reporting_interval_s, m.reporting_interval_s)))
-        FROM devices d JOIN device_models m USING (model) LEFT JOIN sites s USING (site_id)
-        LEFT JOIN device_state st USING (device_id)
-        WHERE d.status <> 'retired' GROUP BY 2, 3, 4""", (day,))
-    with conn.cursor() as cur:
-        cur.executemany("""
-            INSERT INTO coverage_snapshots (day, target_id, value, target_value, registered, active, live)
-            VALUES (%s, %s, %s, %s, %s, %s, %s)""",
-                        [(day, e["id"], None if e["measure"]["kind"] == "operator" else 0.6 * float(e["value"]),
-                          float(e["value"]), 1000 + n, 900 + n, 600 + n) for n, e in enumerate(entries)])
+        rows = conn.execute("SELECT count(*) FROM coverage_snapshots").fetchone()[0]
+        breakdown = conn.execute("SELECT count(*) FROM coverage_breakdown_daily").fetchone()[0]
+    return {"days": HISTORY_DAYS, "last_day": yesterday.isoformat(), "take_snapshot_s": took,
+            "snapshot_rows": rows, "breakdown_rows": breakdown}
 
 
 def _copy_back(conn: psycopg.Connection, day: date, days: int) -> None:
@@ -220,9 +184,10 @@ def _copy_back(conn: psycopg.Connection, day: date, days: int) -> None:
                devices, duration_s
         FROM coverage_snapshot_days, generate_series(1, %(n)s) k WHERE day = %(day)s""", {"day": day, "n": days})
     conn.execute("""
-        INSERT INTO coverage_snapshots (day, target_id, value, target_value, registered, active, live)
+        INSERT INTO coverage_snapshots (day, target_id, value, target_value, registered, active, live, sites,
+                                        sites_meeting)
         SELECT day - k, target_id, value * (1 - 0.004 * k), target_value, registered, active,
-               (live * (1 - 0.004 * k))::bigint
+               (live * (1 - 0.004 * k))::bigint, sites, (sites_meeting * (1 - 0.004 * k))::bigint
         FROM coverage_snapshots, generate_series(1, %(n)s) k WHERE day = %(day)s""", {"day": day, "n": days})
     conn.execute("""
         INSERT INTO coverage_breakdown_daily (day, city_code, pilot, network, registered, active, live)

@@ -74,28 +74,6 @@ def old_targets(path: Path) -> list[OldTarget]:
     return out
 
 
-def legacy_catalogue_toml(targets: list[OldTarget]) -> str:
-    """The same targets in the catalogue format of c5a11fd (for an API still on the old code, which
-    cannot load the new format); operator targets left out (the old route reads a dropped table)."""
-    lines = []
-    for t in targets:
-        if t.measure == "operator":
-            continue
-        lines += [f"[[{t.source}]]", f'id = "{t.target_id}"', f"value = {t.value}", f'unit = "{t.unit}"',
-                  f"deadline = {t.deadline.isoformat()}"]
-        if t.city is not None:
-            lines.append(f"city = {t.city}")
-        if t.network is not None:
-            lines.append(f'network = "{t.network}"')
-        measure = [f'kind = "{t.measure}"']
-        if t.pilots and len(t.pilots) == 1:
-            measure.append(f'pilot = "{t.pilots[0]}"')
-        if t.site_kinds:
-            measure.append(f'site_kind = "{t.site_kinds[0]}"')
-        lines += ["measure = { " + ", ".join(measure) + " }", ""]
-    return "\n".join(lines)
-
-
 @dataclass(frozen=True, slots=True)
 class CoverageRow:
     """One target's standing: measured value against the target, and the deadline."""

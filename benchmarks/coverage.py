@@ -19,8 +19,7 @@ the bundled models, device_state, 60 days of coverage snapshots), then for each 
   least once) — the table says how many ran.
 
 Nothing is asserted on times; the requirement (p95 under 100 ms at 1M devices and 100 targets) is
-reported PASS/FAIL.  Until the new path is on this commit (`analytics.coverage.compute_now`), the
-API still runs the old code: its figures are labelled so and as_of is skipped."""
+reported PASS/FAIL."""
 
 from __future__ import annotations
 
@@ -84,12 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.scale_list = [(s, SCALES[s] if s in SCALES else int(s)) for s in args.scales.lower().split(",") if s]
     args.target_list = [int(t) for t in args.targets.split(",") if t]
     return args
-
-
-def new_path_available() -> bool:
-    """Whether this commit's `/coverage` is the one-pass path (else the API still runs the old code)."""
-    import analytics.coverage as cov
-    return hasattr(cov, "compute_now")
 
 
 def stats(samples_s: list[float]) -> dict[str, Any]:
@@ -166,12 +159,12 @@ def timed_gets(client: httpx.Client, path: str, n: int, progress: Progress, labe
 
 # --------------------------------------------------------------------------- one configuration
 
-def run_config(db: data.BuiltDatabase, targets: int, catalogue: Path, api_catalogue: Path, key: str, args,
-               new_path: bool, as_of: date, progress: Progress) -> dict[str, Any]:
-    out: dict[str, Any] = {"targets": targets, "api_runs": "new" if new_path else "old (new path not on this commit)"}
+def run_config(db: data.BuiltDatabase, targets: int, catalogue: Path, key: str, args, as_of: date,
+               progress: Progress) -> dict[str, Any]:
+    out: dict[str, Any] = {"targets": targets}
     headers = {"Authorization": f"Bearer {key}"}
     timeout = httpx.Timeout(600.0)
-    with serve_api(db.url, api_catalogue, None) as base, httpx.Client(base_url=base, headers=headers,
+    with serve_api(db.url, catalogue, None) as base, httpx.Client(base_url=base, headers=headers,
                                                                         timeout=timeout) as client:
         t0 = time.perf_counter()
         first = client.get("/coverage")
@@ -181,17 +174,13 @@ def run_config(db: data.BuiltDatabase, targets: int, catalogue: Path, api_catalo
         times, body = timed_gets(client, "/coverage", args.requests, progress, f"{db.devices:,} × {targets}: /coverage",
                                  budget_s=args.request_budget_s)
         out["coverage"] = stats(times)
-        out["response"] = {"targets": len(body.get("targets", [])), "breakdown": len(body.get("breakdown", [])),
-                           "generated_at": body.get("generated_at")}
-        if new_path:
-            times, body = timed_gets(client, "/coverage", args.requests, progress,
-                                     f"{db.devices:,} × {targets}: as_of", params={"as_of": as_of.isoformat()},
-                                     budget_s=args.request_budget_s)
-            out["as_of"] = {**stats(times), "day": as_of.isoformat(), "targets": len(body.get("targets", [])),
-                            "breakdown": len(body.get("breakdown", []))}
-        else:
-            out["as_of"] = {"n": 0, "skipped": "no as_of on this commit"}
-    with serve_api(db.url, api_catalogue, 0) as base, httpx.Client(base_url=base, headers=headers,
+        out["response"] = {"source": body["source"], "targets": len(body["targets"]),
+                           "breakdown": len(body["breakdown"]), "generated_at": body["generated_at"]}
+        times, body = timed_gets(client, "/coverage", args.requests, progress, f"{db.devices:,} × {targets}: as_of",
+                                 params={"as_of": as_of.isoformat()}, budget_s=args.request_budget_s)
+        out["as_of"] = {**stats(times), "day": as_of.isoformat(), "source": body["source"],
+                        "targets": len(body["targets"]), "breakdown": len(body["breakdown"])}
+    with serve_api(db.url, catalogue, 0) as base, httpx.Client(base_url=base, headers=headers,
                                                                      timeout=timeout) as client:
         client.get("/coverage")                      # the pool's connections and the code paths warm
         times, _ = timed_gets(client, "/coverage", args.recompute_requests, progress,
@@ -239,22 +228,15 @@ def main(argv=None) -> int:
     import tempfile
 
     args = parse_args(argv)
-    new_path = new_path_available()
     info = machine()
     console.print(f"machine: {info['nproc']} cores, load {info['loadavg']}; Python {info['python']}, "
-                  f"PostgreSQL {info['postgresql']}; /coverage runs the "
-                  f"{'new one-pass path' if new_path else 'OLD path (the new one is not on this commit)'}")
+                  f"PostgreSQL {info['postgresql']}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="covbench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     catalogues = {n: data.write_catalogue(workdir / f"targets_{n}.toml", n) for n in args.target_list}
-    api_catalogues = dict(catalogues)
-    if not new_path:                 # the old loader cannot read the new format
-        for n, path in catalogues.items():
-            api_catalogues[n] = workdir / f"targets_{n}_legacy.toml"
-            api_catalogues[n].write_text(old.legacy_catalogue_toml(old.old_targets(path)))
     history_catalogue = catalogues[max(catalogues)]      # every smaller catalogue's ids are in the largest
     results: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                               "new_path": new_path, "scales": [], "failed": {}}
+                               "scales": [], "failed": {}}
     t_run = time.perf_counter()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)
@@ -275,9 +257,7 @@ def main(argv=None) -> int:
                     progress.remove_task(task)
                 console.print(f"{name}: {db.devices:,} devices ({db.live:,} live), {db.sites:,} sites, built in "
                               f"{time.perf_counter() - t0:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in db.build_s.items())}); "
-                              f"history: {db.snapshot['how']}"
-                              + (f", take_snapshot {db.snapshot['take_snapshot_s']:.2f} s"
-                                 if "take_snapshot_s" in db.snapshot else ""))
+                              f"take_snapshot of {db.snapshot['last_day']} {db.snapshot['take_snapshot_s']:.2f} s")
                 scale = {"scale": label, "devices": db.devices, "sites": db.sites, "live": db.live,
                          "build_s": db.build_s, "snapshot": db.snapshot, "configs": []}
                 results["scales"].append(scale)
@@ -286,8 +266,7 @@ def main(argv=None) -> int:
                     as_of = date.fromisoformat(db.snapshot["last_day"])
                     for n in args.target_list:
                         try:
-                            cfg = run_config(db, n, catalogues[n], api_catalogues[n], key, args, new_path, as_of,
-                                             progress)
+                            cfg = run_config(db, n, catalogues[n], key, args, as_of, progress)
                         except Exception:
                             results["failed"][f"{label}×{n}"] = traceback.format_exc()
                             console.print(f"[red]{label} × {n} targets failed[/red]\n"
@@ -320,8 +299,8 @@ def line_of(devices: int, cfg: dict) -> str:
 
 
 def print_table(results: dict) -> None:
-    table = Table(title=f"GET /coverage ({'new one-pass path' if results['new_path'] else 'API still on the OLD code'})"
-                        f" vs the old path, ms; run {results.get('run_s', 0):.0f} s")
+    table = Table(title=f"GET /coverage (one pass) vs the old path (a statement per target), ms; "
+                        f"run {results.get('run_s', 0):.0f} s")
     for col in ("devices", "targets", "/coverage p50", "p95", "as_of p50", "p95", "recompute p50",
                 "old p50", "p95", "old runs", "old / new p95"):
         table.add_column(col, justify="right")
@@ -334,13 +313,12 @@ def print_table(results: dict) -> None:
                           _ms(a, "p50_ms"), _ms(a, "p95_ms"), _ms(r, "p50_ms"), _ms(o, "p50_ms"), _ms(o, "p95_ms"),
                           str(o["n"]), "—" if ratio is None else (f"{ratio:,.0f}×" if ratio >= 10 else f"{ratio:.1f}×"))
             if (scale["devices"], cfg["targets"]) == REQUIREMENT[:2]:
-                verdict = c["p95_ms"] < REQUIREMENT[2] and results["new_path"], c["p95_ms"]
+                verdict = c["p95_ms"] < REQUIREMENT[2], c["p95_ms"]
     console.print(table)
     if verdict is not None:
         ok, p95 = verdict
         console.print(f"requirement: /coverage p95 < {REQUIREMENT[2]:.0f} ms at {REQUIREMENT[0]:,} devices and "
-                      f"{REQUIREMENT[1]} targets: {p95:.1f} ms — {'PASS' if ok else 'FAIL'}"
-                      + ("" if results["new_path"] else " (the API still runs the old code)"))
+                      f"{REQUIREMENT[1]} targets: {p95:.1f} ms — {'PASS' if ok else 'FAIL'}")
     for name, why in results["failed"].items():
         console.print(f"[red]failed: {name}[/red]: {why.strip().splitlines()[-1]}")
 

@@ -27,18 +27,16 @@ def test_a_quick_run_produces_every_figure(pg_admin_url, tmp_path):
     assert figures["failed"] == {}
     [scale] = figures["scales"]
     assert scale["devices"] == 2_000 and scale["sites"] > 0 and 0 < scale["live"] < 2_000
-    assert scale["snapshot"]["days"] == 60 and scale["snapshot"]["snapshot_rows"] > 0
+    assert scale["snapshot"]["days"] == 60
+    assert scale["snapshot"]["snapshot_rows"] == 60 * 16 and scale["snapshot"]["take_snapshot_s"] > 0
     [cfg] = scale["configs"]
     assert cfg["targets"] == 16
-    for figure, runs in (("coverage", 5), ("recompute", 3)):
-        assert cfg[figure]["n"] == runs and len(cfg[figure]["samples_ms"]) == runs
-        assert 0 < cfg[figure]["p50_ms"] <= cfg[figure]["p95_ms"]
-    assert cfg["response"]["targets"] == (16 if figures["new_path"] else 11)   # the old API skips operator targets
-    assert cfg["response"]["breakdown"] > 0
-    if figures["new_path"]:
-        assert cfg["as_of"]["n"] == 5 and cfg["as_of"]["p50_ms"] > 0 and cfg["as_of"]["targets"] == 16
-    else:
-        assert cfg["as_of"]["n"] == 0 and "skipped" in cfg["as_of"]
+    assert cfg["recompute"]["n"] == 3 and len(cfg["recompute"]["samples_ms"]) == 3
+    for figure in ("coverage", "as_of"):
+        assert cfg[figure]["n"] == 5 and 0 < cfg[figure]["p50_ms"] <= cfg[figure]["p95_ms"]
+    assert (cfg["response"]["source"], cfg["response"]["targets"]) == ("live", 16)
+    assert (cfg["as_of"]["source"], cfg["as_of"]["targets"]) == ("snapshot", 16)
+    assert cfg["response"]["breakdown"] > 0 and cfg["as_of"]["breakdown"] > 0
     assert cfg["old"]["n"] >= 1 and cfg["old"]["p50_ms"] > 0 and cfg["old"]["targets"] == 16
     assert "GET /coverage" in done.stdout
     with psycopg.connect(pg_admin_url) as conn:         # the benchmark drops what it built
