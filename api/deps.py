@@ -53,6 +53,7 @@ Viewer = Annotated[ApiKey, Depends(require_role("viewer"))]
 Operator = Annotated[ApiKey, Depends(require_role("operator"))]
 Admin = Annotated[ApiKey, Depends(require_role("admin"))]
 WholeProvince = Annotated[ApiKey, Depends(require_role("viewer", whole_province=True))]
+WholeProvinceAdmin = Annotated[ApiKey, Depends(require_role("admin", whole_province=True))]
 
 
 def _pool(request: Request) -> ConnectionPool:
@@ -94,6 +95,14 @@ def device_city(conn: psycopg.Connection, key: ApiKey, device_id: str, *, lock: 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
 
 
+def _query_names(dependant) -> set[str]:
+    """The query parameters a route's dependency tree declares (FastAPI's public Dependant fields)."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 def refuse_unknown_query(request: Request) -> None:
     """422 for a query parameter the route does not take (every route: an app-wide dependency), so that
     a misspelt or unsupported parameter is never silently ignored."""
@@ -102,9 +111,7 @@ def refuse_unknown_query(request: Request) -> None:
         return
     names = _QUERY_NAMES.get(id(route))
     if names is None:
-        from fastapi.dependencies.utils import get_flat_dependant
-
-        names = _QUERY_NAMES[id(route)] = frozenset(p.alias for p in get_flat_dependant(route.dependant).query_params)
+        names = _QUERY_NAMES[id(route)] = frozenset(_query_names(route.dependant))
     unknown = sorted({k for k in request.query_params.keys() if k not in names})
     if unknown:
         takes = ", ".join(sorted(names)) or "none"
@@ -121,4 +128,4 @@ def audit_write(conn: psycopg.Connection, request: Request, key: ApiKey, *, targ
 
 
 __all__ = ["Admin", "AppSettings", "Conn", "DeviceId", "KeyId", "Operator", "Pool", "RowId", "TargetId", "Viewer",
-           "WholeProvince", "audit_write", "refuse_unknown_query", "current_key", "device_city", "require_role"]
+           "WholeProvince", "WholeProvinceAdmin", "audit_write", "refuse_unknown_query", "current_key", "device_city", "require_role"]

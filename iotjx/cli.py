@@ -99,6 +99,7 @@ def api() -> None:
     settings = get_settings()
     _logging(settings.log_level)
     _need_database(settings)
+    _catalogue(settings)                 # a bad targets catalogue stops here, naming the entry
     prepare_database(settings)
     host, port = bind_address(settings.api_bind)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())

@@ -151,7 +151,10 @@ def broker(tmp_path_factory) -> Iterator[BrokerHandle]:
 def settings(db_url, broker) -> Settings:
     return Settings(database_url=db_url, **broker.gateway_settings(), mqtt_protocol=broker.protocol,
                     mqtt_client_id=f"iotjx-test-{uuid.uuid4().hex[:8]}",
-                    mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50)
+                    mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50,
+                    # /coverage recomputed per request: a test sees what it just wrote (the refreshed
+                    # report has its own test in tests/analytics/test_coverage.py)
+                    coverage_refresh_s=0)
 
 
 @pytest.fixture

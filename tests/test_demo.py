@@ -17,7 +17,9 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"storage:\s+postgresql", out)
-    assert "Coverage against targets" in out
+    # plan targets with their verdicts, programme targets with their pace
+    assert "Plan targets" in out and "Programme targets" in out
+    assert re.search(r"tourism-smart-parking.*(met|missed|unknown)", out)
     live = re.search(r"live devices: (\d+) of (\d+) registered", out)
     assert live and int(live.group(1)) > 0 and int(live.group(2)) == 60, out[-2000:]
     stored = re.search(r"stored (\d+) readings", out)

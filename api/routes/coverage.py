@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from analytics.coverage import NoSnapshot, local_day, report_as_of, snapshot_range, take_snapshot
-from api.deps import Admin, AppSettings, Conn, Operator, TargetId, Viewer, audit_write
+from api.deps import AppSettings, Conn, Operator, TargetId, Viewer, WholeProvinceAdmin, audit_write
 from api.problems import PROBLEM
 from api.schemas import CityCode, Note
 from iotjx.apikeys import ApiKey
@@ -248,8 +248,9 @@ class SnapshotRequest(BaseModel):
 
 
 @router.post("/coverage/snapshots", summary="Take (or retake) one past day's snapshot from the stored uplinks",
+             description="Province-wide history: an admin key without a city scope.",
              responses={403: PROBLEM, 422: PROBLEM})
-async def take(key: Admin, body: Annotated[SnapshotRequest, Body()], request: Request) -> dict[str, Any]:
+async def take(key: WholeProvinceAdmin, body: Annotated[SnapshotRequest, Body()], request: Request) -> dict[str, Any]:
     settings = request.app.state.settings
     today = _today(settings)
     if not EARLIEST_DAY <= body.day < today:

@@ -158,3 +158,32 @@ def test_pace_needed_observed_projected_and_at_risk():
     missed = pace(_target(380, day - timedelta(days=5)), day, 400, hist)
     assert missed.status == "missed" and missed.met_at_deadline is False
     assert pace(_target(380, day - timedelta(days=60)), day, 400, hist).status == "unknown"     # no figure that day
+
+
+def test_coverage_answers_from_the_report_it_refreshes(history):
+    from analytics.coverage import CoverageService
+    from tests.helpers import wait_until
+
+    catalogue = load_catalogue()
+
+    def yingtan(report) -> float:
+        return next(t for t in report.targets if t["target_id"] == "yingtan-water-nbiot")["value"]
+
+    held = CoverageService(lambda: psycopg.connect(history.database_url),
+                           catalogue, history.model_copy(update={"coverage_refresh_s": 3600}))
+    first = held.report()
+    with psycopg.connect(history.database_url) as conn:
+        register_devices(conn, [DeviceRecord(device_id="869000000099999", model="cjt188-nb-water-std", network="nbiot",
+                                             city="Yingtan", site_kind="residential", site_name="龙岗小区")])
+    pipeline = Pipeline(DeviceRegistry(lambda: connect(history.database_url)),
+                        Writer(lambda: connect(history.database_url)))
+    pipeline.process([Uplink(device_id="869000000099999", payload=_meter(99999), transport="mqtt",
+                             received_at=time.time())])
+    assert held.report() is first                      # within its period: the same report, no new pass
+    refreshing = CoverageService(lambda: psycopg.connect(history.database_url),
+                                 catalogue, history.model_copy(update={"coverage_refresh_s": 0.2}))
+    refreshing.start()
+    try:
+        assert wait_until(lambda: yingtan(refreshing.report()) == yingtan(first) + 1, timeout=20)
+    finally:
+        refreshing.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
@@ -116,6 +117,11 @@ CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/targets"): Call("viewer"),
     ("PUT", "/targets/{target_id}/progress"): Call("operator", {"target_id": "5g-base-stations"},
                                                    json={"value": 12}, scoped=404),
+    ("GET", "/targets/{target_id}/progress"): Call("viewer", {"target_id": "5g-base-stations"}, scoped=404),
+    ("GET", "/targets/{target_id}/history"): Call("viewer", {"target_id": "yingtan-water-nbiot"}, scoped=404),
+    ("GET", "/coverage/snapshots"): Call("viewer"),
+    ("POST", "/coverage/snapshots"): Call("admin", json={"day": str(date.today() - timedelta(days=2))},
+                                          whole_province=True, scoped=403),
     ("GET", "/keys"): Call("admin"),
     ("POST", "/keys"): Call("admin", json={"role": "viewer", "cities": ["Yingtan"]}, scoped=403),
     ("DELETE", "/keys/{key_id}"): Call("admin", lambda w: {"key_id": w.spare_key()}, scoped=404),

@@ -129,7 +129,7 @@ def test_the_registered_device_stays_readable_and_nothing_bad_was_stored(client,
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM downlinks").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM target_progress").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM target_progress_log").fetchone()[0] == 0
 
 
 def test_cli_import_refuses_the_same_and_audits_what_it_registers(settings, tmp_path):
