@@ -313,6 +313,7 @@ def main(argv=None) -> int:
                         data.drop_database(args.pg_admin_url, name)
     finally:
         results["run_s"] = time.perf_counter() - t_run
+        results["loadavg_end"] = os.getloadavg()
         print_table(results)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
