@@ -7,8 +7,9 @@ How a figure is made, for "now" and for any past day alike:
    active?) holding two counts: devices registered, devices live at the instant described.  `cells_now`
    reads the live state the writer keeps (`device_state`); `cells_at` rebuilds the state at the end of a
    past local day from the status history and the stored uplinks (a missed day is filled later).
-2. **Evaluation** — `evaluate` computes every target from the cells with numpy (a mask and a
-   `bincount` per target), so a hundred targets cost a hundred passes over a few thousand cells,
+2. **Evaluation** — `measure` computes every target from the cells with numpy (a mask and a
+   `bincount` per target), so a hundred targets cost a hundred passes over the cells (a site × model ×
+   active each: ~160,000 for a million devices at 10,000 sites),
    not a hundred scans of a million devices.
 
 Device rules, the same in every figure: a retired device (or one installed after the instant) counts
