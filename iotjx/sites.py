@@ -40,6 +40,10 @@ _TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f", "
 _WHITESPACE = re.compile(r"\s+")
 
 
+class SiteError(RegistrationError):
+    """Catalogue records that cannot be imported: `.errors` lists (line, message), `.total` counts them."""
+
+
 def name_key(name: str) -> str:
     """The form names are matched in: NFKC, casefolded, whitespace runs as one space, stripped
     (so "庐山 风景区", "庐山　风景区" (ideographic space) and "Lushan" / "LUSHAN" match)."""
@@ -141,7 +145,7 @@ def parse_sites_csv(source: str | Iterable[str], *, registry: Registry | None = 
                          comments)
     except UnicodeDecodeError as exc:
         raise NotUtf8([(0, f"the CSV must be UTF-8 ({exc.reason} at byte {exc.start} of a chunk)")]) from None
-    errors.raise_if_any()
+    errors.raise_if_any(SiteError)
     return records
 
 
@@ -253,7 +257,7 @@ def import_sites(conn: psycopg.Connection, records: list[SiteRecord], *, first_l
         seen.setdefault(r.site_id, n)
         if cities is not None and registry.city(r.city) not in cities:
             outside.add(n, f"city {_shown(r.city)} is outside this key's cities")
-    errors.raise_if_any()
+    errors.raise_if_any(SiteError)
     outside.raise_if_any(OutOfScope)
     city_of = [registry.city(r.city) for r in records]
     # Within the file: one key, one site (per city and kind).
@@ -264,7 +268,7 @@ def import_sites(conn: psycopg.Connection, records: list[SiteRecord], *, first_l
             if other != r.site_id:
                 errors.add(n, f"the name {_shown(key)} would belong to both {other} and {r.site_id} "
                               f"({r.kind} in {city}): a name or alias must name one site")
-    errors.raise_if_any()
+    errors.raise_if_any(SiteError)
     line_of = {r.site_id: n for n, r in enumerate(records, start=first_line)}
     codes = list(line_of)
     try:
@@ -272,7 +276,7 @@ def import_sites(conn: psycopg.Connection, records: list[SiteRecord], *, first_l
             return _import(cur, records, city_of, owner, codes, line_of, cities, errors, outside)
     except psycopg.errors.UniqueViolation as exc:
         # Names swapped between catalogue sites in one import can still meet the (city, kind, name) key.
-        raise RegistrationError([(0, f"two sites would have the same official name: "
+        raise SiteError([(0, f"two sites would have the same official name: "
                                      f"{exc.diag.message_detail or exc}")]) from None
 
 
@@ -298,7 +302,7 @@ def _import(cur: psycopg.Cursor, records: list[SiteRecord], city_of: list[int | 
         mine = owner[(city, kind, key)]
         errors.add(line_of[mine], f"the name {_shown(key)} of {mine} is already a name of {code} "
                                   f"({kind} in {city}): a name or alias must name one site")
-    errors.raise_if_any()
+    errors.raise_if_any(SiteError)
     # Unverified sites of the same cities and kinds whose name is one of a record's keys.
     pairs = sorted({(c, r.kind) for r, c in zip(records, city_of, strict=True)})
     pair_cols = [list(c) for c in zip(*pairs, strict=True)] if pairs else [[], []]
@@ -372,5 +376,5 @@ def _absorb(cur: psycopg.Cursor, moves: list[tuple[int, int]]) -> int:
     return moved
 
 
-__all__ = ["SITE_CODE", "SiteRecord", "import_sites", "load_sample_sites", "name_key", "parse_sites_csv",
+__all__ = ["SITE_CODE", "SiteError", "SiteRecord", "import_sites", "load_sample_sites", "name_key", "parse_sites_csv",
            "site_problems"]
