@@ -355,6 +355,47 @@ def _import(cur: psycopg.Cursor, records: list[SiteRecord], city_of: list[int | 
             "devices_moved": moved}
 
 
+# ----------------------------------------------------------------------------- reading
+
+_COLUMNS = ("site_id", "verified", "city", "kind", "name", "aliases", "grade", "model_site", "model_site_since",
+            "status", "opened_on", "closed_on", "active", "inactive")
+_SELECT = """
+    SELECT s.code, s.code IS NOT NULL, s.city_code, s.kind, s.name,
+           coalesce((SELECT array_agg(n.name ORDER BY n.name) FROM site_names n
+                     WHERE n.site_id = s.site_id AND n.is_alias), '{}'),
+           s.grade, s.model_site, s.model_site_since, s.status, s.opened_on, s.closed_on,
+           (SELECT count(*) FROM devices d WHERE d.site_id = s.site_id AND d.status = 'active'),
+           (SELECT count(*) FROM devices d WHERE d.site_id = s.site_id AND d.status = 'inactive')
+    FROM sites s"""
+_WHERE = """
+    WHERE (%(city)s::integer IS NULL OR s.city_code = %(city)s)
+      AND (%(cities)s::integer[] IS NULL OR s.city_code = ANY(%(cities)s))
+      AND (%(kind)s::text IS NULL OR s.kind = %(kind)s)
+      AND (%(verified)s::boolean IS NULL OR (s.code IS NOT NULL) = %(verified)s)
+      AND (%(status)s::text IS NULL OR s.status = %(status)s)"""
+
+
+def list_sites(conn: psycopg.Connection, *, city: int | None = None, cities: Collection[int] | None = None,
+               kind: str | None = None, verified: bool | None = None, status: str | None = None,
+               limit: int = 100, offset: int = 0) -> tuple[int, list[dict]]:
+    """(how many sites match, one page of them): catalogue sites by code, then unverified ones; each
+    with its aliases and its active and inactive devices (retired ones are not counted).  `cities`
+    is a caller's scope."""
+    params = {"city": city, "cities": list(cities) if cities is not None else None, "kind": kind,
+              "verified": verified, "status": status, "limit": limit, "offset": offset}
+    total = conn.execute(f"SELECT count(*) FROM sites s {_WHERE}", params).fetchone()[0]
+    rows = conn.execute(f"""{_SELECT} {_WHERE}
+                            ORDER BY s.code IS NULL, s.code, s.city_code, s.kind, s.name, s.site_id
+                            LIMIT %(limit)s OFFSET %(offset)s""", params).fetchall()
+    return total, [dict(zip(_COLUMNS, r, strict=True)) for r in rows]
+
+
+def get_site(conn: psycopg.Connection, code: str) -> dict | None:
+    """One catalogue site as `list_sites` gives it, or None."""
+    row = conn.execute(f"{_SELECT} WHERE s.code = %s", (code,)).fetchone()
+    return None if row is None else dict(zip(_COLUMNS, row, strict=True))
+
+
 def _named_keys(r: SiteRecord) -> list[tuple[str, str]]:
     """(key, name as written) for the official name then each alias, a key once."""
     out: dict[str, str] = {}
@@ -376,5 +417,5 @@ def _absorb(cur: psycopg.Cursor, moves: list[tuple[int, int]]) -> int:
     return moved
 
 
-__all__ = ["SITE_CODE", "SiteError", "SiteRecord", "import_sites", "load_sample_sites", "name_key", "parse_sites_csv",
+__all__ = ["SITE_CODE", "SiteError", "SiteRecord", "get_site", "import_sites", "list_sites", "load_sample_sites", "name_key", "parse_sites_csv",
            "site_problems"]

@@ -244,3 +244,44 @@ def test_ten_thousand_sites_import_in_seconds(db_url):
         assert conn.execute("SELECT count(*) FROM site_names").fetchone()[0] == 30_000
     print(f"10,000 sites: first import {first:.2f} s, again {again:.2f} s")
     assert first < 10 and again < 10
+
+
+def test_cli_imports_audits_and_lists(db_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from importlib import resources
+
+    env = {**os.environ, "IOTJX_DATABASE_URL": db_url, "COLUMNS": "200"}
+    sample = resources.files("iotjx.targets").joinpath("sites-sample.csv")
+    run = subprocess.run([sys.executable, "-m", "iotjx.cli", "sites", "import", str(sample)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("site_id,city,kind,name\nA,Yingtan,farm,x\nB,Atlantis,farm,y\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "iotjx.cli", "sites", "import", str(bad)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "line 3" in run.stdout and "Atlantis" in run.stdout
+    with psycopg.connect(db_url) as conn:
+        register_devices(conn, [_device(1, city="Yingtan", site_kind="scenic_spot", site_name="上清古镇")])
+        assert conn.execute("SELECT count(*) FROM sites WHERE code IS NOT NULL").fetchone()[0] == 33
+        assert conn.execute("SELECT method, change->>'created' FROM audit_log").fetchall() == [("sites import", "33")]
+    run = subprocess.run([sys.executable, "-m", "iotjx.cli", "sites", "list", "--unverified", "--city", "鹰潭"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "上清古镇" in run.stdout and "JX-SS" not in run.stdout, run.stdout
+    run = subprocess.run([sys.executable, "-m", "iotjx.cli", "sites", "list", "--city", "Yingtan"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert "JX-SS-0004" in run.stdout and "JX-SS-0001" not in run.stdout, run.stdout
+
+
+def test_device_csv_names_a_site_by_code_or_free_text(db_url):
+    from iotjx.devices import Registry, parse_csv
+
+    with psycopg.connect(db_url) as conn:
+        import_sites(conn, load_sample_sites())
+        records = parse_csv("device_id,model,site_id,city,site_kind,site_name\n"
+                            "869975030000018,nb-parking-sensor,JX-SS-0001,,,\n"
+                            "869975030000026,nb-parking-sensor,,Shangrao,scenic_spot,婺源\n",
+                            registry=Registry.load(conn))
+        assert records[0].site_id == "JX-SS-0001" and records[1].site_id is None and records[0].network == ""
+        assert register_devices(conn, records, first_line=2)["catalogue_sites"] == 2

@@ -22,8 +22,8 @@ from api.routes.devices import SPOOL_IN_MEMORY
 from api.schemas import CityCode, CityName, Text
 from iotjx.apikeys import ApiKey
 from iotjx.devices import SITE_KINDS, Registry
-from iotjx.sites import (EARLIEST, LATEST, MAX_ALIASES, MAX_GRADE, MAX_NAME, SITE_CODE, SiteRecord, import_sites,
-                         parse_sites_csv)
+from iotjx.sites import (EARLIEST, LATEST, MAX_ALIASES, MAX_GRADE, MAX_NAME, SITE_CODE, SiteRecord, get_site,
+                         import_sites, list_sites, parse_sites_csv)
 
 router = APIRouter(tags=["sites"])
 
@@ -131,24 +131,13 @@ async def import_bulk(key: Admin, request: Request, pool: Pool) -> SiteImportRes
         return await run_in_threadpool(_import, csv_body, key, request, pool)
 
 
-_SELECT = """
-    SELECT s.code, s.code IS NOT NULL, s.city_code, s.kind, s.name,
-           coalesce((SELECT array_agg(n.name ORDER BY n.name) FROM site_names n
-                     WHERE n.site_id = s.site_id AND n.is_alias), '{}'),
-           s.grade, s.model_site, s.model_site_since, s.status, s.opened_on, s.closed_on,
-           (SELECT count(*) FROM devices d WHERE d.site_id = s.site_id AND d.status = 'active'),
-           (SELECT count(*) FROM devices d WHERE d.site_id = s.site_id AND d.status = 'inactive')"""
-
-
-def _site(row: tuple) -> SiteOut:
-    *head, active, inactive = row
-    fields = dict(zip(list(SiteOut.model_fields)[:-1], head, strict=True))
-    return SiteOut(**fields, devices=DeviceCounts(active=active, inactive=inactive))
+def _site(row: dict) -> SiteOut:
+    return SiteOut(**row, devices=DeviceCounts(active=row["active"], inactive=row["inactive"]))
 
 
 @router.get("/sites", response_model=SiteList, summary="Catalogue and unverified sites, with their device counts",
             responses={403: PROBLEM})
-def list_sites(key: Viewer, conn: Conn,
+def read_sites(key: Viewer, conn: Conn,
                city: Annotated[CityCode | None, Query(description="division code, e.g. 360600")] = None,
                kind: Annotated[Literal[SITE_KINDS] | None, Query()] = None,  # type: ignore[valid-type]
                verified: Annotated[bool | None, Query(description="true: catalogue sites; false: unverified")] = None,
@@ -157,23 +146,14 @@ def list_sites(key: Viewer, conn: Conn,
                offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> SiteList:
     if city is not None and not key.sees_city(city):
         raise HTTPException(403, f"city {city} is outside this key's cities")
-    where = """WHERE (%(city)s::integer IS NULL OR s.city_code = %(city)s)
-                 AND (%(cities)s::integer[] IS NULL OR s.city_code = ANY(%(cities)s))
-                 AND (%(kind)s::text IS NULL OR s.kind = %(kind)s)
-                 AND (%(verified)s::boolean IS NULL OR (s.code IS NOT NULL) = %(verified)s)
-                 AND (%(status)s::text IS NULL OR s.status = %(status)s)"""
-    params = {"city": city, "cities": list(key.cities) if key.cities is not None else None, "kind": kind,
-              "verified": verified, "status": status, "limit": limit, "offset": offset}
-    total = conn.execute(f"SELECT count(*) FROM sites s {where}", params).fetchone()[0]
-    rows = conn.execute(f"""{_SELECT} FROM sites s {where}
-                            ORDER BY s.code IS NULL, s.code, s.city_code, s.kind, s.name, s.site_id
-                            LIMIT %(limit)s OFFSET %(offset)s""", params).fetchall()
+    total, rows = list_sites(conn, city=city, cities=key.cities, kind=kind, verified=verified, status=status,
+                             limit=limit, offset=offset)
     return SiteList(total=total, items=[_site(r) for r in rows])
 
 
 @router.get("/sites/{site_id}", response_model=SiteOut, summary="One catalogue site", responses={404: PROBLEM})
-def get_site(key: Viewer, site_id: SiteCode, conn: Conn) -> SiteOut:
-    row = conn.execute(f"{_SELECT} FROM sites s WHERE s.code = %s", (site_id,)).fetchone()
-    if row is None or not key.sees_city(row[2]):
+def read_site(key: Viewer, site_id: SiteCode, conn: Conn) -> SiteOut:
+    row = get_site(conn, site_id)
+    if row is None or not key.sees_city(row["city"]):
         raise HTTPException(404, f"no site {site_id}")
     return _site(row)
