@@ -19,13 +19,13 @@ from analytics.coverage import CoverageService
 from api.auth import Authenticate
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl
-from api.routes import audit, coverage, credentials, devices, downlinks, keys, system
+from api.routes import audit, coverage, credentials, devices, downlinks, keys, sites, system
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
-ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, coverage.router, keys.router,
-           audit.router)
+ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
+           keys.router, audit.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,7 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     # add_middleware puts each new one outside the previous: listed innermost first.
     app.add_middleware(BodyLimit, default=settings.api_max_body,
-                       per_path={"/devices/bulk": settings.api_max_import_bytes})
+                       per_path={"/devices/bulk": settings.api_max_import_bytes,
+                                 "/sites/bulk": settings.api_max_import_bytes})
     app.add_middleware(Authenticate, pool=pool)
     app.add_middleware(CleanUrl)
     problems.install(app)           # handlers, and LastResort outermost

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ingest.downlink import DownlinkError
 from iotjx.apikeys import ApiKeyError
 from iotjx.devices import RegistrationError
+from iotjx.sites import SiteError
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RegistrationError)
     async def _registration(request: Request, exc: RegistrationError):
-        title = {403: "outside this key's cities", 415: "unsupported CSV encoding"}.get(exc.status,
-                                                                                    "invalid device records")
+        title = {403: "outside this key's cities", 415: "unsupported CSV encoding"}.get(
+            exc.status, "invalid site records" if isinstance(exc, SiteError) else "invalid device records")
         return problem(exc.status, title, [{"line": n, "error": m} for n, m in exc.errors],
                        errors_total=exc.total, errors_shown=len(exc.errors))
 

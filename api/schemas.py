@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field, create_model
 
 from iotjx.db.migrations import CITIES
-from iotjx.devices import (DEVICE_ID, MAX_REPORTING_INTERVAL_S, SITE_KINDS, STATUSES, bundled_models,
+from iotjx.devices import (DEVICE_ID, MAX_REPORTING_INTERVAL_S, SITE_CODE, SITE_KINDS, STATUSES, bundled_models,
                            installed_at_problem)
 
 MAX_PARAMS_BYTES = 4096
@@ -116,11 +116,15 @@ def device_in_model() -> type[BaseModel]:
         device_id=(str, Field(pattern=DEVICE_ID.pattern, examples=["869975034012345"],
                               description="IMEI or carrier platform id")),
         model=(Literal[models], Field(examples=["cjt188-nb-water-std"])),  # type: ignore[valid-type]
-        network=(Literal["nbiot", "cat1"], ...),
-        city=(CityName, Field(examples=["360600", "Yingtan", "鹰潭"], description="division code or name")),
-        site_kind=(Literal[SITE_KINDS], Field(examples=["residential"])),  # type: ignore[valid-type]
+        network=(Literal["nbiot", "cat1", ""], Field("", description="empty: the model's network")),
+        city=(CityName | Literal[""], Field("", examples=["360600", "Yingtan", "鹰潭"],  # type: ignore[valid-type]
+                                            description="division code or name")),
+        site_kind=(Literal[(*SITE_KINDS, "")], Field("", examples=["residential"])),  # type: ignore[valid-type]
         site_name=(Annotated[str, AfterValidator(clean_text)],
-                   Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["月湖区 龙岗小区"])),
+                   Field("", max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$", examples=["月湖区 龙岗小区"],
+                         description="with city and site_kind: resolved through the catalogue's names and aliases")),
+        site_id=(str | None, Field(None, pattern=SITE_CODE.pattern, max_length=64, examples=["JX-SS-0004"],
+                                   description="a catalogue site's code (instead of city, site_kind, site_name)")),
         installed_at=(InstalledAt, None),
         reporting_interval_s=(int | None, Field(None, gt=0, le=MAX_REPORTING_INTERVAL_S,
                                                 description="overrides the model's interval (at most 366 days)")),
@@ -132,6 +136,8 @@ class RegistrationResult(BaseModel):
     created: int
     updated: int
     sites: int
+    catalogue_sites: int = Field(description="distinct catalogue sites the devices now attach to")
+    unverified_sites: int = Field(description="distinct unverified (free-text) sites the devices now attach to")
 
 
 __all__ = ["CityCode", "CityName", "InstalledAt", "JsonParams", "Note", "RegistrationResult", "Text", "clean_json",

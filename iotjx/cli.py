@@ -25,7 +25,10 @@ keys_app = typer.Typer(help="API keys: made, listed, revoked (the key is shown o
                        no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
+sites_app = typer.Typer(help="The site catalogue (the sites plan targets count) and the unverified sites devices "
+                             "named in free text.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(sites_app, name="sites")
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
@@ -140,6 +143,67 @@ def devices_import(csv_file: Path) -> None:
         if exc.total > len(exc.errors):
             console.print(f"[red]{exc.total} errors in all[/] (the first {len(exc.errors)} are shown)")
         raise typer.Exit(1) from None
+
+
+def _print_errors(exc) -> None:
+    for line, message in exc.errors:
+        console.print(f"[red]line {line}[/]: {escape(message)}", highlight=False)
+    if exc.total > len(exc.errors):
+        console.print(f"[red]{exc.total} errors in all[/] (the first {len(exc.errors)} are shown)")
+
+
+@sites_app.command("import")
+def sites_import(csv_file: Path) -> None:
+    """Import catalogue sites from CSV (site_id,city,kind,name + optional aliases (a|b),grade,model_site,
+    model_site_since,status,opened_on,closed_on), all or nothing; audited."""
+    settings = get_settings()
+    _need_database(settings)
+    from . import audit
+    from .db import connect
+    from .devices import RegistrationError, Registry
+    from .sites import import_sites, parse_sites_csv
+    try:
+        with connect(settings.database_url) as conn:
+            with csv_file.open(encoding="utf-8", newline="") as lines:
+                records = parse_sites_csv(lines, registry=Registry.load(conn))
+            result = import_sites(conn, records, first_line=2)
+            audit.record(conn, actor=audit.cli_actor(), method="sites import", route="iotjx sites import",
+                         target=str(csv_file), change={**result, "sites": len(records)})
+        console.print(result)
+    except RegistrationError as exc:
+        _print_errors(exc)
+        raise typer.Exit(1) from None
+
+
+@sites_app.command("list")
+def sites_list(unverified: Annotated[bool, typer.Option(help="only the unverified sites (not in the catalogue)")] = False,
+               city: Annotated[Optional[str], typer.Option(help="division code or name")] = None,
+               limit: Annotated[int, typer.Option(min=1, help="at most this many rows")] = 1000) -> None:
+    """The sites: code, city, kind, name, aliases, grade, model site, status, devices active/inactive."""
+    settings = get_settings()
+    _need_database(settings)
+    from rich.table import Table
+    from .db import connect
+    from .devices import Registry
+    from .sites import list_sites
+    with connect(settings.database_url) as conn:
+        code = None
+        if city is not None:
+            code = Registry.load(conn).city(city)
+            if code is None:
+                console.print(f"[red]unknown city {escape(city)}[/]", highlight=False)
+                raise typer.Exit(2)
+        total, rows = list_sites(conn, city=code, verified=False if unverified else None, limit=limit)
+    table = Table(title=f"sites ({len(rows)} of {total})")
+    for column in ("site_id", "city", "kind", "name", "aliases", "grade", "model site", "status", "devices"):
+        table.add_column(column)
+    for s in rows:
+        model = ("since " + str(s["model_site_since"]) if s["model_site_since"] else "yes") if s["model_site"] else ""
+        status = s["status"] + (f" {s['closed_on']}" if s["closed_on"] else "")
+        table.add_row(s["site_id"] or "[yellow]unverified[/]", str(s["city"]), s["kind"], escape(s["name"]),
+                      escape(" | ".join(s["aliases"])), s["grade"] or "", model, status,
+                      f"{s['active']} / {s['inactive']}")
+    console.print(table)
 
 
 @keys_app.command("create")

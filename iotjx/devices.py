@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,8 +20,10 @@ from .model import NETWORKS, PILOTS
 log = logging.getLogger(__name__)
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-CSV_COLUMNS = ("device_id", "model", "network", "city", "site_kind", "site_name")
-CSV_OPTIONAL = ("installed_at", "reporting_interval_s", "status")
+CSV_COLUMNS = ("device_id", "model")
+CSV_OPTIONAL = ("network", "city", "site_kind", "site_name", "site_id", "installed_at", "reporting_interval_s",
+                "status")
+SITE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")    # a catalogue site's code (iotjx.sites)
 SITE_KINDS = ("residential", "commercial", "community", "scenic_spot", "museum", "campus", "farm", "dev_zone",
               "building", "road", "intersection", "parking_lot", "hydrant", "other")
 STATUSES = ("active", "inactive", "retired")
@@ -73,29 +75,39 @@ class _Errors:
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
-    """One device as an operator registers it."""
+    """One device as an operator registers it.  Its site is named either by `site_id` (a catalogue
+    code) or in free text by `city`, `site_kind` and `site_name` (resolved through the catalogue's
+    names and aliases; an unverified site when none matches)."""
 
     device_id: str
     model: str
-    network: str
-    city: str                      # division code, English or Chinese name
-    site_kind: str
-    site_name: str
+    network: str = ""              # "": the model's network
+    city: str = ""                 # division code, English or Chinese name
+    site_kind: str = ""
+    site_name: str = ""
     installed_at: datetime | None = None
     reporting_interval_s: int | None = None
     status: str = "active"
+    site_id: str | None = None     # a catalogue site's code
 
 
 @dataclass(frozen=True, slots=True)
 class Registry:
-    """What a record is checked against: the known models (→ pilot) and the cities' codes and names."""
+    """What a record is checked against: the known models (→ pilot, → network: None for either) and
+    the cities' codes and names."""
 
     models: dict[str, str]
     cities: dict[str, int]
+    networks: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def load(cls, conn: psycopg.Connection) -> Registry:
-        return cls(dict(conn.execute("SELECT model, pilot FROM device_models").fetchall()), _city_lookup(conn))
+        rows = conn.execute("SELECT model, pilot, network FROM device_models").fetchall()
+        return cls({m: p for m, p, _ in rows}, _city_lookup(conn), {m: n for m, _, n in rows})
+
+    def network(self, r: DeviceRecord) -> str:
+        """The network a record registers its device on: its own, else its model's ("" if neither)."""
+        return r.network or self.networks.get(r.model) or ""
 
     def city(self, value: str) -> int | None:
         value = str(value).strip()
@@ -133,17 +145,15 @@ def record_problems(r: DeviceRecord, registry: Registry | None = None) -> list[s
         problems.append(f"model {_shown(r.model)} is not a model name")
     elif registry is not None and r.model not in registry.models:
         problems.append(f"unknown model {_shown(r.model)} (known: {', '.join(sorted(registry.models))})")
-    if r.network not in NETWORKS:
-        problems.append(f"network must be one of {NETWORKS}, not {_shown(r.network)}")
-    if not isinstance(r.city, str) or len(r.city) > 50 or not _is_text(r.city) or (
-            registry is not None and registry.city(r.city) is None):
-        problems.append(f"unknown city {_shown(r.city)}: use a division code such as 360600 or a name such as Yingtan")
-    if r.site_kind not in SITE_KINDS:
-        problems.append(f"site_kind must be one of {', '.join(SITE_KINDS)}, not {_shown(r.site_kind)}")
-    if not isinstance(r.site_name, str) or not r.site_name:
-        problems.append("site_name is empty")
-    elif len(r.site_name) > 200 or not _is_text(r.site_name):
-        problems.append("site_name must be 1-200 characters without control characters")
+    if r.network not in (*NETWORKS, ""):
+        problems.append(f"network must be one of {NETWORKS} (or empty: the model's), not {_shown(r.network)}")
+    elif registry is not None and r.model in registry.models:
+        fixed = registry.networks.get(r.model)
+        if fixed and r.network and r.network != fixed:
+            problems.append(f"model {r.model} is a {fixed} model: it cannot be registered as {r.network}")
+        elif not fixed and not r.network:
+            problems.append(f"model {r.model} may be on either network: give network (nbiot or cat1)")
+    problems.extend(_site_problems(r, registry))
     if r.installed_at is not None and (problem := installed_at_problem(r.installed_at)):
         problems.append(problem)
     if r.reporting_interval_s is not None and not 0 < r.reporting_interval_s <= MAX_REPORTING_INTERVAL_S:
@@ -151,6 +161,26 @@ def record_problems(r: DeviceRecord, registry: Registry | None = None) -> list[s
                         f"not {_shown(r.reporting_interval_s)}")
     if r.status not in STATUSES:
         problems.append("status must be active, inactive or retired")
+    return problems
+
+
+def _site_problems(r: DeviceRecord, registry: Registry | None) -> list[str]:
+    """A record's site: a catalogue code, or city, kind and name (all three); what is given is well formed."""
+    problems = []
+    if r.site_id is not None and (not isinstance(r.site_id, str) or not SITE_CODE.match(r.site_id)):
+        problems.append(f"site_id {_shown(r.site_id)} is not a catalogue site code (1-64 letters, digits or _.:-)")
+    if not isinstance(r.city, str) or len(r.city) > 50 or not _is_text(r.city) or (
+            r.city and registry is not None and registry.city(r.city) is None):
+        problems.append(f"unknown city {_shown(r.city)}: use a division code such as 360600 or a name such as Yingtan")
+    if r.site_kind not in (*SITE_KINDS, ""):
+        problems.append(f"site_kind must be one of {', '.join(SITE_KINDS)}, not {_shown(r.site_kind)}")
+    if not isinstance(r.site_name, str) or len(r.site_name) > 200 or not _is_text(r.site_name):
+        problems.append("site_name must be 1-200 characters without control characters")
+    elif r.site_id is None:
+        lacking = [what for what in ("city", "site_kind", "site_name") if getattr(r, what) == ""]
+        if lacking:
+            problems.append(f"{', '.join(lacking)} {'is' if len(lacking) == 1 else 'are'} empty: name the site by "
+                            "site_id (a catalogue code) or by city, site_kind and site_name")
     return problems
 
 
@@ -204,12 +234,14 @@ def _city_lookup(conn: psycopg.Connection) -> dict[str, int]:
 
 def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, first_line: int = 1,
                      cities: Collection[int] | None = None, max_errors: int = MAX_ERRORS) -> dict[str, int]:
-    """Create or update devices (and their sites) in one transaction, all or nothing; returns the
-    counts created, updated and sites.
+    """Create or update devices (and their unverified sites) in one transaction, all or nothing;
+    returns the counts created, updated, sites, and of those sites catalogue_sites and unverified_sites.
 
+    A record's site is its catalogue `site_id`, or its free-text city, kind and name: a name or alias
+    of a catalogue site there attaches it to that site, otherwise to an unverified site of that name.
     RegistrationError lists the bad records (numbered from `first_line`, the first `max_errors`);
-    with `cities` (a caller's scope), OutOfScope for a record of another city or one that would
-    overwrite a device registered in another city."""
+    with `cities` (a caller's scope), OutOfScope for a record of another city (a catalogue site's own
+    city for `site_id` records) or one that would overwrite a device registered in another city."""
     registry = Registry.load(conn)
     errors, outside = _Errors(max_errors), _Errors(max_errors)
     seen: set[str] = set()
@@ -219,11 +251,14 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
         if r.device_id in seen:
             errors.add(n, f"device_id {r.device_id} appears twice")
         seen.add(r.device_id)
-        if cities is not None and registry.city(r.city) not in cities:
+        if cities is not None and r.site_id is None and registry.city(r.city) not in cities:
             outside.add(n, f"city {_shown(r.city)} is outside this key's cities")
     errors.raise_if_any()
     outside.raise_if_any(OutOfScope)
     with conn.transaction(), conn.cursor() as cur:
+        catalogue = _catalogue_sites(cur, records, registry, first_line, errors, outside, cities)
+        errors.raise_if_any()
+        outside.raise_if_any(OutOfScope)
         # Locked, so that the counts and the scope check hold until commit.
         existing = dict(cur.execute("""SELECT d.device_id, s.city_code FROM devices d LEFT JOIN sites s USING (site_id)
                                        WHERE d.device_id = ANY(%s) FOR UPDATE OF d""", (list(seen),)).fetchall())
@@ -232,15 +267,18 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
                 if r.device_id in existing and existing[r.device_id] not in cities:
                     outside.add(n, f"device {r.device_id} cannot be registered with this key")
             outside.raise_if_any(OutOfScope)
-        site_keys = sorted({(registry.city(r.city), r.site_kind, r.site_name) for r in records})
+        site_keys = sorted({(registry.city(r.city), r.site_kind, r.site_name) for i, r in enumerate(records)
+                            if catalogue[i] is None})
         columns = [list(c) for c in zip(*site_keys, strict=True)] if site_keys else [[], [], []]
         cur.execute("""INSERT INTO sites (city_code, kind, name)
                        SELECT * FROM unnest(%s::integer[], %s::text[], %s::text[])
                        ON CONFLICT (city_code, kind, name) DO NOTHING""", columns)
-        site_ids = {(c, k, n): i for i, c, k, n in cur.execute("""
+        unverified = {(c, k, n): i for i, c, k, n in cur.execute("""
             SELECT s.site_id, s.city_code, s.kind, s.name FROM sites s
             JOIN unnest(%s::integer[], %s::text[], %s::text[]) AS u(c, k, n)
               ON s.city_code = u.c AND s.kind = u.k AND s.name = u.n""", columns)}
+        site_ids = [catalogue[i] if catalogue[i] is not None
+                    else unverified[(registry.city(r.city), r.site_kind, r.site_name)] for i, r in enumerate(records)]
         # executemany runs in pipeline mode: 100,000 devices in a few round trips' time, not 100,000.
         cur.executemany("""
             INSERT INTO devices (device_id, model, pilot, network, site_id, installed_at, status, reporting_interval_s)
@@ -249,11 +287,60 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
                 network = excluded.network, site_id = excluded.site_id,
                 installed_at = coalesce(%s, devices.installed_at), status = excluded.status,
                 reporting_interval_s = excluded.reporting_interval_s""",
-            [(r.device_id, r.model, registry.models[r.model], r.network,
-              site_ids[(registry.city(r.city), r.site_kind, r.site_name)], r.installed_at, r.status,
-              r.reporting_interval_s, r.installed_at) for r in records])
+            [(r.device_id, r.model, registry.models[r.model], registry.network(r), site_id, r.installed_at, r.status,
+              r.reporting_interval_s, r.installed_at) for r, site_id in zip(records, site_ids, strict=True)])
     created = len(seen) - len(existing)
-    return {"created": created, "updated": len(records) - created, "sites": len(site_ids)}
+    in_catalogue = {i for i in catalogue if i is not None}
+    return {"created": created, "updated": len(records) - created, "sites": len(set(site_ids)),
+            "catalogue_sites": len(in_catalogue), "unverified_sites": len(set(site_ids) - in_catalogue)}
+
+
+def _catalogue_sites(cur: psycopg.Cursor, records: list[DeviceRecord], registry: Registry, first_line: int,
+                     errors: _Errors, outside: _Errors, cities: Collection[int] | None) -> list[int | None]:
+    """Each record's catalogue site (its row id), or None where its free text names none: by
+    `site_id` (which must exist and agree with any city, kind and name also given), else by a name or
+    alias of a catalogue site in the record's city and kind."""
+    from .sites import name_key
+
+    codes = sorted({r.site_id for r in records if r.site_id is not None})
+    by_code: dict[str, tuple[int, int, str, str]] = {}
+    names: dict[int, set[str]] = {}
+    if codes:
+        for code, site_id, city, kind, name in cur.execute(
+                "SELECT code, site_id, city_code, kind, name FROM sites WHERE code = ANY(%s)", (codes,)):
+            by_code[code] = (site_id, city, kind, name)
+        for site_id, key in cur.execute("SELECT site_id, name_key FROM site_names WHERE site_id = ANY(%s)",
+                                        ([v[0] for v in by_code.values()],)):
+            names.setdefault(site_id, set()).add(key)
+    free = sorted({(registry.city(r.city), r.site_kind, name_key(r.site_name)) for r in records if r.site_id is None})
+    by_name: dict[tuple[int, str, str], int] = {}
+    if free:
+        by_name = {(c, k, nk): i for c, k, nk, i in cur.execute("""
+            SELECT n.city_code, n.kind, n.name_key, n.site_id FROM site_names n
+            JOIN unnest(%s::integer[], %s::text[], %s::text[]) AS u(c, k, nk)
+              ON n.city_code = u.c AND n.kind = u.k AND n.name_key = u.nk""",
+            [list(c) for c in zip(*free, strict=True)])}
+    out: list[int | None] = []
+    for n, r in enumerate(records, start=first_line):
+        if r.site_id is None:
+            out.append(by_name.get((registry.city(r.city), r.site_kind, name_key(r.site_name))))
+            continue
+        site = by_code.get(r.site_id)
+        if site is None:
+            errors.add(n, f"unknown site_id {_shown(r.site_id)}: not a code of the site catalogue")
+            out.append(None)
+            continue
+        site_id, city, kind, name = site
+        if r.city and registry.city(r.city) != city:
+            errors.add(n, f"site {r.site_id} is in city {city}, not {_shown(r.city)}")
+        if r.site_kind and r.site_kind != kind:
+            errors.add(n, f"site {r.site_id} is a {kind}, not a {r.site_kind}")
+        if r.site_name and name_key(r.site_name) not in names.get(site_id, ()):
+            errors.add(n, f"site {r.site_id} is {_shown(name)}: {_shown(r.site_name)} is not one of its names")
+        if cities is not None and city not in cities:
+            outside.add(n, f"site {r.site_id} is in a city outside this key's cities")
+        out.append(site_id)
+    return out
 
 
 def parse_csv(source: str | Iterable[str], *, registry: Registry | None = None,
@@ -338,7 +425,7 @@ def _record(row: dict[str, str]) -> DeviceRecord:
         device_id=row.get("device_id", ""), model=sys.intern(row.get("model", "")),
         network=sys.intern(row.get("network", "")), city=sys.intern(row.get("city", "")),
         site_kind=sys.intern(row.get("site_kind", "")), site_name=row.get("site_name", ""),
-        installed_at=when, reporting_interval_s=int(interval) if interval else None,
+        site_id=row.get("site_id") or None, installed_at=when, reporting_interval_s=int(interval) if interval else None,
         status=sys.intern(row.get("status") or "active"))
 
 

@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     api_max_body: int = Field(
         1 << 20, ge=1024, le=64 << 20, description="Largest API request body in bytes (JSON routes); larger gets 413")
     api_max_import_bytes: int = Field(
-        32 << 20, ge=1024, le=1 << 30, description="Largest CSV body of `POST /devices/bulk` in bytes; larger gets 413")
+        32 << 20, ge=1024, le=1 << 30, description="Largest CSV body of `POST /devices/bulk` and `POST /sites/bulk` in bytes; larger gets 413")
     # Downlinks for sleeping devices (ingest/downlink.py)
     downlink_ttl_s: int = Field(7 * 86400, ge=60, description="A queued command expires after this long by default")
     downlink_max_attempts: int = Field(

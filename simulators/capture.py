@@ -102,7 +102,7 @@ class CaptureWriter:
     def device(self, record: DeviceRecord) -> None:
         self._file.write(_dumps({"type": "device", "device_id": record.device_id, "model": record.model,
                                  "network": record.network, "city": record.city, "site_kind": record.site_kind,
-                                 "site_name": record.site_name,
+                                 "site_name": record.site_name, "site_id": record.site_id,
                                  "reporting_interval_s": record.reporting_interval_s}))
 
     def write(self, uplink: UplinkRecord) -> None:
@@ -174,7 +174,7 @@ def read_capture(path: str | Path) -> Capture:
         elif kind == "device":
             capture.devices.append(DeviceRecord(
                 device_id=obj["device_id"], model=obj["model"], network=obj["network"], city=str(obj["city"]),
-                site_kind=obj["site_kind"], site_name=obj["site_name"],
+                site_kind=obj["site_kind"], site_name=obj["site_name"], site_id=obj.get("site_id"),
                 reporting_interval_s=obj.get("reporting_interval_s")))
         elif kind == "uplink":
             break

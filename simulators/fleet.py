@@ -46,9 +46,11 @@ def plan_water_fleet(n: int, seed: int = 0, *, model: str = "cjt188-nb-water-std
         ids.add(device_id)
         k = rng.randrange(sites_per_city)
         kind = "community" if k == 0 else "residential"
-        network = "cat1" if rng.random() < 0.1 else "nbiot"
+        # A meter is on its model's network (the registry refuses any other).  The draw that once picked
+        # a network is kept so that a seed still gives the same ids and meter addresses as before.
+        rng.random()
         fleet.append(SimulatedDevice(
-            record=DeviceRecord(device_id=device_id, model=model, network=network, city=str(city), site_kind=kind,
+            record=DeviceRecord(device_id=device_id, model=model, city=str(city), site_kind=kind,
                                 site_name=f"{CITY_NAMES[city]} {kind} {k + 1}",
                                 reporting_interval_s=reporting_interval_s),
             city=city, meter_address=f"{rng.randrange(10**14):014d}"))

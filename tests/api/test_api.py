@@ -42,10 +42,14 @@ def test_register_one_then_read_it_back(settings, admin_client):
               "site_kind": "residential", "site_name": "龙岗小区"}
     client = admin_client
     r = client.post("/devices", json=device)
-    assert r.status_code == 201 and r.json() == {"created": 1, "updated": 0, "sites": 1}
-    assert client.post("/devices", json={**device, "network": "cat1"}).json()["updated"] == 1
+    assert r.status_code == 201 and r.json() == {"created": 1, "updated": 0, "sites": 1, "catalogue_sites": 0,
+                                                 "unverified_sites": 1}
+    wrong = client.post("/devices", json={**device, "network": "cat1"})       # an NB-IoT model
+    assert wrong.status_code == 422 and "is a nbiot model: it cannot be registered as cat1" in wrong.text
+    assert client.post("/devices", json={**device, "network": "", "status": "inactive"}).json()["updated"] == 1
     got = client.get(f"/devices/{device['device_id']}").json()
-    assert got["city"] == 360600 and got["network"] == "cat1" and got["codec"] == "cjt188"
+    assert got["city"] == 360600 and got["network"] == "nbiot" and got["codec"] == "cjt188"
+    assert got["status"] == "inactive"
     assert got["pilot"] == "water" and got["last_seen"] is None and got["uplinks"] == 0
     assert client.get("/devices/000").status_code == 404
     bad = client.post("/devices", json={**device, "model": "no-such-model"})
@@ -69,9 +73,11 @@ def test_bulk_csv_is_all_or_nothing_with_line_numbers(settings, admin_client):
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] == 0
     r = client.post("/devices/bulk", content=good.encode(), headers={"content-type": "text/csv"})
-    assert r.status_code == 200 and r.json() == {"created": 3, "updated": 0, "sites": 3}
-    r = client.post("/devices/bulk", content=b"device_id,model\n1,2\n", headers={"content-type": "text/csv"})
-    assert r.status_code == 422 and "header lacks" in r.json()["detail"][0]["error"]
+    assert r.status_code == 200 and r.json() == {"created": 3, "updated": 0, "sites": 3, "catalogue_sites": 0,
+                                                 "unverified_sites": 3}
+    r = client.post("/devices/bulk", content=b"device_id,network\n1,nbiot\n", headers={"content-type": "text/csv"})
+    assert r.status_code == 422 and "header lacks column(s) model" in r.json()["detail"][0]["error"]
+    assert "site_id" in r.json()["detail"][0]["error"]          # the optional columns are listed
     with psycopg.connect(settings.database_url) as conn:
         rows = dict(conn.execute("SELECT device_id, pilot FROM devices").fetchall())
     assert rows == {"869975030000026": "water", "869975030000034": "fire", "869975030000042": "traffic"}

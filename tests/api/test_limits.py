@@ -123,7 +123,8 @@ def test_health_answers_while_a_large_import_runs(api_process, keys, settings):
     importer.join(600)
     assert health.status_code == 200 and health.json()["database"]["reachable"]
     assert answer["import"].status_code == 200, answer["import"].text[:500]
-    assert answer["import"].json() == {"created": rows, "updated": 0, "sites": 500}
+    assert answer["import"].json() == {"created": rows, "updated": 0, "sites": 500, "catalogue_sites": 0,
+                                         "unverified_sites": 500}
     assert events == ["health answered", "import answered"]
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] == rows

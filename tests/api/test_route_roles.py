@@ -21,6 +21,7 @@ from api.app import create_app
 from api.auth import OPEN_PATHS
 from ingest.coap import set_device_token
 from iotjx.mqtt_accounts import set_device_password
+from iotjx.sites import SiteRecord, import_sites
 from tests.api.conftest import YINGTAN, key_id
 from tests.helpers import bearer, insert_key
 
@@ -97,6 +98,9 @@ class Call:
 
 CSV_YINGTAN = ("device_id,model,network,city,site_kind,site_name\n"
                "869975030000026,cjt188-nb-water-std,nbiot,Yingtan,residential,龙岗小区\n").encode()
+SITES_CSV_YINGTAN = ("site_id,city,kind,name,aliases,model_site,model_site_since\n"
+                     "JX-CO-0101,Yingtan,community,月湖示例社区,月湖社区,true,2024-06-01\n").encode()
+YINGTAN_SITE = "JX-SS-0004"
 
 CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/metrics"): Call("viewer", whole_province=True, scoped=403),
@@ -113,6 +117,11 @@ CALLS: dict[tuple[str, str], Call] = {
                                                      json={"kind": "valve_close"}, scoped=404),
     ("GET", "/devices/{device_id}/downlinks"): Call("viewer", {"device_id": YINGTAN_DEVICE}, scoped=404),
     ("GET", "/downlinks/{downlink_id}"): Call("viewer", lambda w: {"downlink_id": w.downlink_id}, scoped=404),
+    ("POST", "/sites"): Call("admin", json={"site_id": "JX-FA-0101", "city": "Yingtan", "kind": "farm",
+                                            "name": "示例农场", "aliases": ["鹰潭农场"]}, scoped=403),
+    ("POST", "/sites/bulk"): Call("admin", content=SITES_CSV_YINGTAN, scoped=403),
+    ("GET", "/sites"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
+    ("GET", "/sites/{site_id}"): Call("viewer", {"site_id": YINGTAN_SITE}, scoped=404),
     ("GET", "/coverage"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
     ("GET", "/targets"): Call("viewer"),
     ("PUT", "/targets/{target_id}/progress"): Call("operator", {"target_id": "5g-base-stations"},
@@ -152,6 +161,7 @@ def world(settings, keys):
         assert made.status_code == 201, made.text
         with psycopg.connect(settings.database_url) as conn:
             set_device_token(conn, YINGTAN_DEVICE)
+            import_sites(conn, [SiteRecord(YINGTAN_SITE, "Yingtan", "scenic_spot", "龙虎山风景名胜区", ("龙虎山",))])
         queued = client.post(f"/devices/{YINGTAN_DEVICE}/downlinks", json={"kind": "raw", "payload_hex": "a5"},
                              headers=bearer(keys.admin))
         w.downlink_id = queued.json()["id"]

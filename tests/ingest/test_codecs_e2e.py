@@ -24,7 +24,7 @@ T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 
 
 def _device(rng, model: str, kind: str = "building") -> DeviceRecord:
-    return DeviceRecord(device_id=imei(rng), model=model, network="nbiot", city="360100", site_kind=kind,
+    return DeviceRecord(device_id=imei(rng), model=model, city="360100", site_kind=kind,
                         site_name="e2e site")
 
 
