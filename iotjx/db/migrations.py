@@ -420,7 +420,7 @@ def _m8_coverage(conn: psycopg.Connection, timescale: bool) -> None:
     # Every status a device has had, from when: "registered / active at day D" for any past day.
     conn.execute("""
         CREATE TABLE IF NOT EXISTS device_status_log (
-            device_id text NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+            device_id text NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE ON UPDATE CASCADE,
             since timestamptz NOT NULL,
             status text NOT NULL,
             PRIMARY KEY (device_id, since))""")
