@@ -46,6 +46,7 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
 
     from .db import connect, redact
     from .devices import register_devices
+    from .sites import import_sites, load_sample_sites
     from .runtime import prepare_database, resolve_database
     from .targets import load_catalogue
 
@@ -61,7 +62,11 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, interv
 
         fleet = plan_water_fleet(devices, seed, reporting_interval_s=max(10, int(interval * 5)))
         with connect(settings.database_url) as conn:
+            # The sample site catalogue (the programme office imports the official one): plan targets
+            # count its sites; two of the fleet's communities are its model communities (by alias).
+            sites = import_sites(conn, load_sample_sites())
             reg = register_devices(conn, [d.record for d in fleet])
+        console.print(f"[bold]sites[/]    the sample site catalogue: {sites}")
         console.print(f"[bold]fleet[/]    {devices} water meters registered across 11 cities ({reg})")
 
         gateway = Gateway(settings)
