@@ -138,10 +138,7 @@ def devices_import(csv_file: Path) -> None:
                          target=str(csv_file), change={**result, "devices": len(records)})
         console.print(result)
     except RegistrationError as exc:
-        for line, message in exc.errors:
-            console.print(f"[red]line {line}[/]: {escape(message)}", highlight=False)
-        if exc.total > len(exc.errors):
-            console.print(f"[red]{exc.total} errors in all[/] (the first {len(exc.errors)} are shown)")
+        _print_errors(exc)
         raise typer.Exit(1) from None
 
 

@@ -5,24 +5,20 @@ city) and does not see other cities' devices (404, as for an id that does not ex
 
 from __future__ import annotations
 
-import io
-import tempfile
 from datetime import datetime
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
+from api.csv_import import import_csv
 from api.deps import Admin, Conn, DeviceId, Pool, Viewer, audit_write
 from api.problems import PROBLEM
 from api.schemas import RegistrationResult, device_in_model
-from iotjx.apikeys import ApiKey
-from iotjx.devices import DeviceRecord, Registry, parse_csv, register_devices
+from iotjx.devices import DeviceRecord, parse_csv, register_devices
 
 router = APIRouter(tags=["devices"])
 
 DeviceIn = device_in_model()
-SPOOL_IN_MEMORY = 1 << 20        # a CSV body past this goes to a temporary file while it arrives
 
 
 class DeviceOut(BaseModel):
@@ -51,19 +47,6 @@ def register_one(key: Admin, device: DeviceIn, request: Request, conn: Conn) -> 
     return RegistrationResult(**result)
 
 
-def _import(csv_body: tempfile.SpooledTemporaryFile, key: ApiKey, request: Request, pool) -> RegistrationResult:
-    """Parse and register, on a worker thread: the event loop keeps answering meanwhile."""
-    lines = io.TextIOWrapper(csv_body, encoding="utf-8", newline="")
-    with pool.connection() as conn:
-        records = parse_csv(lines, registry=Registry.load(conn))
-        if not records:
-            raise HTTPException(422, "the CSV has a header but no devices")
-        with conn.transaction():
-            result = register_devices(conn, records, first_line=2, cities=key.cities)
-            audit_write(conn, request, key, target=None, change={**result, "devices": len(records)}, status=200)
-    return RegistrationResult(**result)
-
-
 @router.post("/devices/bulk", response_model=RegistrationResult, summary="Register devices from CSV (all or nothing)",
              description="Errors name their CSV line; the first 100 are listed and `errors_total` counts them all. "
                          "The body is limited by IOTJX_API_MAX_IMPORT_BYTES.",
@@ -72,13 +55,8 @@ def _import(csv_body: tempfile.SpooledTemporaryFile, key: ApiKey, request: Reque
                  "example": "device_id,model,network,city,site_kind,site_name\n"
                             "869975034012345,cjt188-nb-water-std,nbiot,Yingtan,residential,龙岗小区\n"}}}})
 async def register_bulk(key: Admin, request: Request, pool: Pool) -> RegistrationResult:
-    # The body streams into a spooled file (memory up to SPOOL_IN_MEMORY, then disk; its size is
-    # bounded by api.limits.BodyLimit) and is parsed a line at a time off the event loop.
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as csv_body:
-        async for chunk in request.stream():
-            csv_body.write(chunk)
-        csv_body.seek(0)
-        return await run_in_threadpool(_import, csv_body, key, request, pool)
+    return RegistrationResult(**await import_csv(request, key, pool, parse=parse_csv, apply=register_devices,
+                                                 noun="devices"))
 
 
 @router.get("/devices/{device_id}", response_model=DeviceOut, summary="One device and when it was last seen",

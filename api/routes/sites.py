@@ -7,21 +7,17 @@ catalogue) are listed too, with `verified: false` and no `site_id`."""
 
 from __future__ import annotations
 
-import io
-import tempfile
 from datetime import date
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import Admin, Conn, Pool, Viewer, audit_write
 from api.problems import PROBLEM
-from api.routes.devices import SPOOL_IN_MEMORY
+from api.csv_import import import_csv
 from api.schemas import CityCode, CityName, Text
-from iotjx.apikeys import ApiKey
-from iotjx.devices import SITE_KINDS, Registry
+from iotjx.devices import SITE_KINDS
 from iotjx.sites import (EARLIEST, LATEST, MAX_ALIASES, MAX_GRADE, MAX_NAME, SITE_CODE, SiteRecord, get_site,
                          import_sites, list_sites, parse_sites_csv)
 
@@ -100,19 +96,6 @@ def import_one(key: Admin, site: SiteIn, request: Request, conn: Conn) -> SiteIm
     return SiteImportResult(**result)
 
 
-def _import(csv_body: tempfile.SpooledTemporaryFile, key: ApiKey, request: Request, pool) -> SiteImportResult:
-    """Parse and import, on a worker thread: the event loop keeps answering meanwhile."""
-    lines = io.TextIOWrapper(csv_body, encoding="utf-8", newline="")
-    with pool.connection() as conn:
-        records = parse_sites_csv(lines, registry=Registry.load(conn))
-        if not records:
-            raise HTTPException(422, "the CSV has a header but no sites")
-        with conn.transaction():
-            result = import_sites(conn, records, first_line=2, cities=key.cities)
-            audit_write(conn, request, key, target=None, change={**result, "sites": len(records)}, status=200)
-    return SiteImportResult(**result)
-
-
 @router.post("/sites/bulk", response_model=SiteImportResult, summary="Import the site catalogue from CSV (all or nothing)",
              description="Columns site_id, city, kind, name (+ optional aliases separated by `|`, grade, model_site, "
                          "model_site_since, status, opened_on, closed_on). Errors name their CSV line; the first 100 "
@@ -123,12 +106,8 @@ def _import(csv_body: tempfile.SpooledTemporaryFile, key: ApiKey, request: Reque
                  "example": "site_id,city,kind,name,aliases,grade\n"
                             "JX-SS-0004,Yingtan,scenic_spot,龙虎山风景名胜区,龙虎山|Longhushan,5A\n"}}}})
 async def import_bulk(key: Admin, request: Request, pool: Pool) -> SiteImportResult:
-    # As POST /devices/bulk: spooled (memory, then disk; bounded by api.limits.BodyLimit), parsed off the loop.
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as csv_body:
-        async for chunk in request.stream():
-            csv_body.write(chunk)
-        csv_body.seek(0)
-        return await run_in_threadpool(_import, csv_body, key, request, pool)
+    return SiteImportResult(**await import_csv(request, key, pool, parse=parse_sites_csv, apply=import_sites,
+                                               noun="sites"))
 
 
 def _site(row: dict) -> SiteOut:
