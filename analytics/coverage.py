@@ -571,6 +571,21 @@ def fill_snapshots(connect: Callable[[], psycopg.Connection], catalogue: list[Co
     return taken
 
 
+def catalogue_problems(conn: psycopg.Connection, catalogue: list[CoverageTarget]) -> list[str]:
+    """What the targets catalogue asks of the site catalogue that it lacks: a site target no catalogue
+    site can count toward (its figure would be an empty 0 or no percent at all), said at start-up."""
+    today = datetime.now(UTC).date()
+    sites = Sites.load(conn, today)
+    out = []
+    for t in catalogue:
+        if t.measure in ("site_share", "sites_meeting") and not _candidate_sites(t, sites).any():
+            what = " or ".join(c.describe() for c in t.sites)
+            where = f" in city {t.city}" if t.city else ""
+            out.append(f"target {t.target_id}: no open catalogue site is a {what}{where}; import the site catalogue "
+                       "(`iotjx sites import FILE`) or its figure stays empty")
+    return out
+
+
 # --------------------------------------------------------------------------- the service behind /coverage
 
 class CoverageService:
@@ -617,6 +632,12 @@ class CoverageService:
 
     def _run(self) -> None:
         refresh = self.settings.coverage_refresh_s
+        try:
+            with self._connect() as conn:
+                for problem in catalogue_problems(conn, self.catalogue):
+                    log.warning("coverage: %s", problem)
+        except (psycopg.Error, OSError):
+            pass                        # the database is away: the loop below says so
         next_snapshot = time.monotonic()
         failing = False
         while not self._stop.is_set():

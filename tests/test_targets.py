@@ -84,3 +84,18 @@ def test_the_api_and_the_cli_do_not_start_on_a_bad_catalogue(tmp_path, db_url):
     proc = subprocess.run([sys.executable, "-m", "iotjx.cli", "coverage"], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "spots" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_site_targets_without_catalogue_sites_are_named_at_start_up(db_url):
+    import psycopg
+
+    from analytics.coverage import catalogue_problems
+    from iotjx.sites import import_sites, load_sample_sites
+
+    with psycopg.connect(db_url) as conn:
+        before = catalogue_problems(conn, load_catalogue())
+        assert {p.split(":")[0] for p in before} == {
+            "target tourism-smart-parking", "target smart-community-models", "target agri-iot-zones",
+            "target digital-dev-zones", "target smart-campus"}
+        import_sites(conn, load_sample_sites())
+        assert catalogue_problems(conn, load_catalogue()) == []

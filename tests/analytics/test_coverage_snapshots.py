@@ -187,3 +187,21 @@ def test_coverage_answers_from_the_report_it_refreshes(history):
         assert wait_until(lambda: yingtan(refreshing.report()) == yingtan(first) + 1, timeout=20)
     finally:
         refreshing.stop()
+
+
+def test_two_cli_processes_taking_the_same_day_write_it_once(history):
+    import os
+    import subprocess
+    import sys
+
+    day = datetime.now(history.tz).date() - timedelta(days=3)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("IOTJX_")},
+           "IOTJX_DATABASE_URL": history.database_url}
+    procs = [subprocess.Popen([sys.executable, "-m", "iotjx.cli", "coverage", "snapshot", "--day", str(day)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(f"{day}: taken" in o for o in outs) == [False, True], outs
+    with psycopg.connect(history.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM coverage_snapshots WHERE day = %s", (day,)).fetchone()[0] \
+            == len(load_catalogue())
