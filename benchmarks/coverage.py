@@ -23,6 +23,11 @@ reported PASS/FAIL."""
 
 from __future__ import annotations
 
+if __name__ == "coverage":
+    # A script of benchmarks/ puts this folder first on sys.path, where a library probing for coverage.py
+    # (numba does: `try: import coverage`) would find this file instead.  It is not that package.
+    raise ImportError("benchmarks/coverage.py is iotjx's coverage benchmark, not the coverage.py package")
+
 import argparse
 import json
 import os
