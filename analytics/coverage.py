@@ -292,11 +292,32 @@ def progress_at(conn: psycopg.Connection, day: date) -> dict[str, float]:
         WHERE as_of <= %s ORDER BY target_id, as_of DESC, entered_at DESC, entry_id DESC""", (day,)).fetchall())
 
 
-def progress_series(conn: psycopg.Connection, target_id: str, first: date, last: date) -> dict[date, float]:
-    """An operator target's figure on every day of [first, last] that has one."""
-    entries = conn.execute("""
-        SELECT as_of, value FROM target_progress_log WHERE target_id = %s AND as_of <= %s
-        ORDER BY as_of, entered_at, entry_id""", (target_id, last)).fetchall()
+Entries = dict[str, list[tuple[date, float]]]
+
+
+def operator_entries(conn: psycopg.Connection, target_ids: list[str], last: date) -> Entries:
+    """Every entry of these operator targets describing `last` or earlier, in the order they supersede
+    each other (the day described, then when entered): one query for all of them."""
+    out: Entries = {tid: [] for tid in target_ids}
+    for tid, d, v in conn.execute("""
+            SELECT target_id, as_of, value FROM target_progress_log WHERE target_id = ANY(%s) AND as_of <= %s
+            ORDER BY target_id, as_of, entered_at, entry_id""", (target_ids, last)):
+        out[tid].append((d, v))
+    return out
+
+
+def figure_on(entries: list[tuple[date, float]], day: date) -> float | None:
+    """The figure of `day`: the last entry describing that day or an earlier one."""
+    current = None
+    for d, v in entries:
+        if d > day:
+            break
+        current = v
+    return current
+
+
+def figure_series(entries: list[tuple[date, float]], first: date, last: date) -> dict[date, float]:
+    """The figure of every day of [first, last] that has one."""
     out: dict[date, float] = {}
     current, k = None, 0
     day = first
@@ -369,7 +390,8 @@ class Report:
     compute_s: float = 0.0
 
 
-def _history(conn: psycopg.Connection, targets: list[CoverageTarget], first: date, last: date) -> dict[str, dict[date, float]]:
+def _history(conn: psycopg.Connection, targets: list[CoverageTarget], first: date, last: date,
+             entries: Entries) -> dict[str, dict[date, float]]:
     """Daily values of every target over [first, last]: snapshots for measured targets, the entries
     for operator targets (a figure entered late still counts for the day it describes)."""
     out: dict[str, dict[date, float]] = {t.target_id: {} for t in targets}
@@ -380,11 +402,12 @@ def _history(conn: psycopg.Connection, targets: list[CoverageTarget], first: dat
         out[tid][d] = v
     for t in targets:
         if t.measure == "operator":
-            out[t.target_id] = progress_series(conn, t.target_id, first, last)
+            out[t.target_id] = figure_series(entries[t.target_id], first, last)
     return out
 
 
-def _deadline_values(conn: psycopg.Connection, targets: list[CoverageTarget], day: date) -> dict[str, dict[date, float]]:
+def _deadline_values(conn: psycopg.Connection, targets: list[CoverageTarget], day: date,
+                     entries: Entries) -> dict[str, dict[date, float]]:
     """Each passed deadline's value (its day's snapshot, or the operator figure for that day)."""
     out: dict[str, dict[date, float]] = {}
     passed = [t for t in targets if t.deadline < day]
@@ -398,16 +421,14 @@ def _deadline_values(conn: psycopg.Connection, targets: list[CoverageTarget], da
             out.setdefault(tid, {})[d] = v
     for t in passed:
         if t.measure == "operator":
-            v = progress_at_target(conn, t.target_id, t.deadline)
+            v = figure_on(entries[t.target_id], t.deadline)
             if v is not None:
                 out.setdefault(t.target_id, {})[t.deadline] = v
     return out
 
 
-def progress_at_target(conn: psycopg.Connection, target_id: str, day: date) -> float | None:
-    row = conn.execute("""SELECT value FROM target_progress_log WHERE target_id = %s AND as_of <= %s
-                          ORDER BY as_of DESC, entered_at DESC, entry_id DESC LIMIT 1""", (target_id, day)).fetchone()
-    return None if row is None else row[0]
+def _operator_ids(targets: list[CoverageTarget]) -> list[str]:
+    return [t.target_id for t in targets if t.measure == "operator"]
 
 
 def _target_row(t: CoverageTarget, m: Measured, p: Pace, names: dict[int, str], history: dict[date, float],
@@ -436,10 +457,11 @@ def compute_now(conn: psycopg.Connection, catalogue: list[CoverageTarget], *, li
     started = time.perf_counter()
     cells = cells_now(conn, live_factor=live_factor, tz=tz, now=now)
     day = cells.day
-    progress = progress_at(conn, day)
+    entries = operator_entries(conn, _operator_ids(catalogue), day)
+    progress = {tid: v for tid, e in entries.items() if (v := figure_on(e, day)) is not None}
     window = max(history_days, PACE_WINDOW_DAYS)
-    history = _history(conn, catalogue, day - timedelta(days=window), day - timedelta(days=1))
-    deadlines = _deadline_values(conn, catalogue, day)
+    history = _history(conn, catalogue, day - timedelta(days=window), day - timedelta(days=1), entries)
+    deadlines = _deadline_values(conn, catalogue, day, entries)
     names = _city_names(conn)
     rows = []
     for t in catalogue:
@@ -471,15 +493,15 @@ def report_as_of(conn: psycopg.Connection, catalogue: list[CoverageTarget], day:
     stored = {r[0]: r[1:] for r in conn.execute("""
         SELECT target_id, value, registered, active, live, sites, sites_meeting FROM coverage_snapshots
         WHERE day = %s""", (day,))}
+    entries = operator_entries(conn, _operator_ids(catalogue), day)
     window = max(history_days, PACE_WINDOW_DAYS)
-    history = _history(conn, catalogue, day - timedelta(days=window), day - timedelta(days=1))
-    deadlines = _deadline_values(conn, catalogue, day)
+    history = _history(conn, catalogue, day - timedelta(days=window), day - timedelta(days=1), entries)
+    deadlines = _deadline_values(conn, catalogue, day, entries)
     names = _city_names(conn)
-    progress = progress_at(conn, day)
     rows = []
     for t in catalogue:
         if t.measure == "operator":
-            m = Measured(progress.get(t.target_id))
+            m = Measured(figure_on(entries[t.target_id], day))
         elif t.target_id in stored:
             m = Measured(*stored[t.target_id])
         else:            # a target added to the catalogue after this day: nothing was measured

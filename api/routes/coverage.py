@@ -162,7 +162,7 @@ def target_history(key: Viewer, target_id: TargetId, request: Request, conn: Con
                    since: Annotated[date | None, Query(alias="from", description="first day (default: 365 days back)")] = None,
                    until: Annotated[date | None, Query(alias="to", description="last day (default: yesterday)")] = None,
                    ) -> dict[str, Any]:
-    from analytics.coverage import progress_series
+    from analytics.coverage import figure_series, operator_entries
 
     target = _target(request, key, target_id)
     today = _today(request.app.state.settings)
@@ -171,7 +171,7 @@ def target_history(key: Viewer, target_id: TargetId, request: Request, conn: Con
     if since > until or since < EARLIEST_DAY or until > today or (until - since).days > 3660:
         raise HTTPException(422, "from must not be after to, both from 2000-01-01 to today, at most 3660 days apart")
     if target.measure == "operator":
-        days = sorted(progress_series(conn, target_id, since, until).items())
+        days = sorted(figure_series(operator_entries(conn, [target_id], until)[target_id], since, until).items())
         series = [{"day": d, "value": v} for d, v in days]
     else:
         series = [{"day": d, "value": v, "registered": r, "active": a, "live": lv, "sites_in_scope": s,
