@@ -155,12 +155,18 @@ def _families(conn: psycopg.Connection) -> dict[str, str]:
     return {m: f or p for m, f, p in conn.execute("SELECT model, family, pilot FROM device_models")}
 
 
-def _one_pass(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[tuple]:
+def _one_pass(conn: psycopg.Connection, sql: str, params: dict[str, Any], day: date) -> tuple[list[tuple], Sites, dict[str, str]]:
+    """The cells' rows, the sites and the models' families, read from one snapshot of the database (a
+    site absorbed or a model added meanwhile cannot make the cells and the sites disagree)."""
+    outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
+        if outer:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         # One hash aggregate in memory: no spill to disk, and no JIT compile for a query run every minute.
         conn.execute("SET LOCAL work_mem = '64MB'")
         conn.execute("SET LOCAL jit = off")
-        return conn.execute(sql, params).fetchall()
+        rows = conn.execute(sql, params).fetchall()
+        return rows, Sites.load(conn, day), _families(conn)
 
 
 def local_day(at: datetime, tz: ZoneInfo) -> date:
@@ -176,15 +182,15 @@ def cells_now(conn: psycopg.Connection, *, live_factor: float, tz: ZoneInfo, now
     """The cells at `now` (default: the database's clock), from the live state the writer keeps."""
     now = now or conn.execute("SELECT now()").fetchone()[0]
     day = local_day(now, tz)
-    rows = _one_pass(conn, _CELLS_NOW, {"t": now, "f": live_factor})
-    return Cells.build(rows, Sites.load(conn, day), _families(conn), now, day)
+    rows, sites, families = _one_pass(conn, _CELLS_NOW, {"t": now, "f": live_factor}, day)
+    return Cells.build(rows, sites, families, now, day)
 
 
 def cells_at(conn: psycopg.Connection, day: date, *, live_factor: float, tz: ZoneInfo) -> Cells:
     """The cells at the end of local `day`, rebuilt from the status history and the stored uplinks."""
     at = day_end(day, tz)
-    rows = _one_pass(conn, CELLS_AT, {"t": at, "f": live_factor})
-    return Cells.build(rows, Sites.load(conn, day), _families(conn), at, day)
+    rows, sites, families = _one_pass(conn, CELLS_AT, {"t": at, "f": live_factor}, day)
+    return Cells.build(rows, sites, families, at, day)
 
 
 # --------------------------------------------------------------------------- evaluation
