@@ -319,3 +319,35 @@ def test_offline_after_twice_the_heartbeat_interval(fleet):
         assert [d.device_id for d in offline_devices(conn, NOW, city="Jiujiang")] == [SILENT]
         conn.execute("UPDATE devices SET status = 'inactive' WHERE device_id = %s", (SILENT,))
         assert SILENT not in offline(NOW)
+
+
+def test_report_fire_prints_tables_and_csv(fleet, monkeypatch):
+    from typer.testing import CliRunner
+
+    from iotjx.cli import app
+    from iotjx.settings import get_settings
+
+    db_url, store = fleet
+    at = NOW - timedelta(minutes=20)
+    store([_up(PANEL, _component(at, fire=True, address=4), at + timedelta(seconds=1))])
+    monkeypatch.setenv("IOTJX_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        shown = runner.invoke(app, ["report", "fire", "--city", "Nanchang"], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert "Open fire alarms and faults: 1" in shown.output and "4号烟感" in shown.output
+        plain = runner.invoke(app, ["report", "fire", "--csv", "--section", "alarms"])
+        assert plain.exit_code == 0, plain.output
+        lines = plain.output.strip().splitlines()
+        assert lines[0].startswith("alarm_id,state,kind,city") and len(lines) == 2 and ",active_unacked,alarm," in lines[1]
+        offline = runner.invoke(app, ["report", "fire", "--csv", "--section", "offline"]).output.splitlines()
+        # The panel last spoke 20 min ago (> 2 × 300 s); the NB detector is expected once a day.
+        assert {line.split(",")[0] for line in offline[1:]} == {PANEL, PANEL2, SILENT}
+        every = runner.invoke(app, ["report", "fire", "--csv"]).output
+        assert [line for line in every.splitlines() if line.startswith("# ")] == \
+            ["# alarms", "# offline", "# cities", "# sites"]
+        bad = runner.invoke(app, ["report", "fire", "--city", "Atlantis"])
+        assert bad.exit_code == 2 and "unknown city" in bad.output
+    finally:
+        get_settings.cache_clear()
