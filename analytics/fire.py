@@ -33,9 +33,11 @@ Definitions (the README's "Fire alarms" paragraph says the same):
 
 `update_alarms` computes the rows from ``fire_events``: idempotently (a transaction-scoped advisory
 lock serialises runs, from any number of processes; the unique key (component, kind, raised_at)
-backs it), and incrementally: it reads the rows received after its watermark minus a safety margin
-(``margin_s``, 1 hour), so that rows committed up to an hour after their receive time (a slow batch,
-a short outage replayed from the gateway's spool) are still seen.  Rows committed later than that (a
+backs it), and incrementally: its watermark is the latest receive time (``fire_events.time``) of the component-state
+rows read so far — it follows the data, not the wall clock, so a capture replayed with its original
+receive times is read in its own time — and a run reads the rows received after the watermark minus a
+safety margin (``margin_s``, 1 hour), so that rows committed up to an hour behind newer ones (a slow
+batch, another gateway's batch, a short outage replayed from the gateway's spool) are still seen.  Rows committed later than that (a
 longer outage) are seen by ``full=True``, which recomputes every component and gives the same rows as
 incremental runs would have.  For each component touched, only the frames from the start of its
 episode open at (or ending after) the earliest new label are re-read; episodes already stored are
@@ -118,7 +120,7 @@ class UpdateResult:
     inserted: int
     updated: int
     merged: int                      # rows folded into another (a late frame joined two episodes)
-    read_to: datetime | None
+    read_to: datetime | None         # the watermark after this run (None: no state row read yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +262,7 @@ def update_alarms(conn: psycopg.Connection, *, margin_s: float = MARGIN_S, full:
             i, u, m = _reconcile(cur, key, episodes(rows), stored.pop(key, []))
             inserted, updated, merged = inserted + i, updated + u, merged + m
         components = len(frames)
+        read_to = read_to if row is None else max(read_to or row["read_to"], row["read_to"])
         if read_to is not None:
             cur.execute("""INSERT INTO fire_alarm_progress (read_to) VALUES (%s)
                            ON CONFLICT (one) DO UPDATE SET read_to = greatest(fire_alarm_progress.read_to, excluded.read_to),

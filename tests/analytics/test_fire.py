@@ -412,3 +412,17 @@ def test_the_simulators_planted_alarms_and_faults_are_found(db_url):
     assert any(r.sent_t is not None and r.t - r.sent_t > 600 and {"alarm", "restore", "fault", "fault_restore"}
                & set(r.labels) for r in records)
     assert got == expected
+
+
+def test_a_row_committed_later_than_the_margin_is_found_by_a_full_run(fleet):
+    db_url, store = fleet
+    store([_up(PANEL, _component(NOW - timedelta(minutes=1), address=5), NOW)])   # a component reports normal
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert update_alarms(conn, margin_s=600).read_to == NOW                    # the watermark follows the data
+        # An alarm received three hours ago, committed only now (a long outage replayed from the spool).
+        at = NOW - timedelta(hours=3)
+        store([_up(PANEL, _component(at, fire=True), at + timedelta(seconds=1))])
+        assert update_alarms(conn, margin_s=600).inserted == 0          # behind the watermark's margin
+        assert update_alarms(conn).inserted == 0                        # the default margin (1 h) neither
+        assert update_alarms(conn, full=True).inserted == 1
+        assert update_alarms(conn, full=True).inserted == 0
