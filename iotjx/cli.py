@@ -478,6 +478,90 @@ class _audited_write:
             self.conn.close()
 
 
+# ----------------------------------------------------------------------------- reports (issue 13, item 8)
+report_app = typer.Typer(help="Reports operators act on, as a table or CSV.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+FIRE_SECTIONS = ("alarms", "offline", "cities", "sites")
+
+
+def _fire_tables(open_, offline, kpis) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the fire report as (header, rows) of plain values (for rich and CSV alike)."""
+    def t(value) -> str:
+        return "" if value is None else value.isoformat(timespec="seconds")
+
+    def n(value, digits: int = 1) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+    return {
+        "alarms": (["alarm_id", "state", "kind", "city", "site", "device_id", "component", "description", "raised_at",
+                    "received_at", "acked_by", "cleared_by"],
+                   [[a.alarm_id, a.state, a.kind, a.city_code or 0, a.site_name or "", a.device_id,
+                     f"{a.system_type}/{a.system_address}/{a.component_type}/{a.component_address}",
+                     a.description or "", t(a.raised_at), t(a.received_at), a.acked_by or "", a.cleared_by or ""]
+                    for a in open_]),
+        "offline": (["device_id", "model", "city", "site", "last_seen", "interval_s", "silent_h"],
+                    [[d.device_id, d.model, d.city_code or 0, d.site_name or "", t(d.last_seen) or "never",
+                      d.interval_s, n(d.silent_s / 3600)] for d in offline]),
+        "cities": (["city_code", "city", "alarms", "acked", "ack_p50_s", "ack_p90_s", "within_10s", "share_within_10s"],
+                   [[c.city_code, c.city, c.alarms, c.acked, n(c.ack_p50_s), n(c.ack_p90_s), c.within_budget,
+                     n(c.share_within_budget, 3)] for c in kpis.cities]),
+        "sites": (["site_id", "site", "city_code", "alarms", "with_verdict", "false_alarms", "false_share"],
+                  [[s.site_id or "", s.site_name or "(no site)", s.city_code, s.alarms, s.with_verdict, s.false_alarms,
+                    n(s.false_share, 3)] for s in kpis.sites]),
+    }
+
+
+@report_app.command("fire")
+def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                days: Annotated[int, typer.Option(min=1, max=3660, help="KPIs over alarms raised in the last N days")] = 30,
+                csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
+                section: Annotated[Optional[str], typer.Option(
+                    help=f"only one section: {', '.join(FIRE_SECTIONS)} (with --csv: one plain CSV table)")] = None) -> None:
+    """Open fire alarms and faults, offline fire devices, acknowledgement latency per city (GB 50440's 10 s
+    display budget) and false-alarm share per site.  Brings the alarm lifecycles up to date first."""
+    import csv as csvlib
+    from datetime import UTC, timedelta
+
+    from rich.table import Table
+
+    from analytics.fire import fire_kpis, offline_devices, open_alarms, update_alarms
+    from .db import connect
+    settings = get_settings()
+    _need_database(settings)
+    if section is not None and section not in FIRE_SECTIONS:
+        console.print(f"[red]--section must be one of {', '.join(FIRE_SECTIONS)}, not {escape(section)!r}[/]")
+        raise typer.Exit(2)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            update_alarms(conn)
+            now = datetime.now(UTC)
+            tables = _fire_tables(open_alarms(conn, city), offline_devices(conn, now, city),
+                                  fire_kpis(conn, now - timedelta(days=days), now, city))
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(2) from None
+    chosen = [section] if section else list(FIRE_SECTIONS)
+    if csv:
+        # One CSV table per section; with several, each is preceded by a "# section" line and a blank line
+        # between them (use --section for a single plain table).
+        out = csvlib.writer(sys.stdout, lineterminator="\n")
+        for k, name in enumerate(chosen):
+            header, rows = tables[name]
+            if len(chosen) > 1:
+                sys.stdout.write(("\n" if k else "") + f"# {name}\n")
+            out.writerow(header)
+            out.writerows(rows)
+        return
+    titles = {"alarms": "Open fire alarms and faults", "offline": "Offline fire devices (silent > 2 × interval)",
+              "cities": f"Acknowledgement per city, alarms raised in the last {days} days",
+              "sites": f"False alarms per site, last {days} days"}
+    for name in chosen:
+        header, rows = tables[name]
+        table = Table(*header, title=f"{titles[name]}: {len(rows)}")
+        for row in rows:
+            table.add_row(*(escape(str(v)) for v in row))
+        console.print(table)
+
+
 def _register_simulator_commands() -> None:
     from simulators.cli import register
     register(app, console)

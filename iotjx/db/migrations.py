@@ -501,6 +501,50 @@ def _m8_coverage(conn: psycopg.Connection, timescale: bool) -> None:
             PRIMARY KEY (day, city_code, pilot, network))""")
 
 
+def _m9_fire_alarms(conn: psycopg.Connection, timescale: bool) -> None:
+    """Fire alarm and fault lifecycles per component (analytics/fire.py): one row per episode of a
+    component's fire-alarm or fault flag, ordered by the frames' own time labels, with the operator's
+    acknowledgement, clearing and false-alarm verdict; and how far update_alarms has read fire_events."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS fire_alarms (
+            alarm_id bigserial PRIMARY KEY,
+            device_id text NOT NULL,
+            system_type smallint NOT NULL,
+            system_address smallint NOT NULL,
+            component_type smallint NOT NULL,
+            component_address bigint NOT NULL,
+            kind text NOT NULL CHECK (kind IN ('alarm', 'fault')),
+            raised_at timestamptz NOT NULL,      -- the time label of the first frame showing the flag set
+            received_at timestamptz NOT NULL,    -- when the first frame showing it arrived (the centre knew)
+            description text,                    -- the component's text in the raising frame
+            restored_at timestamptz,             -- the time label of the device's restore frame
+            restore_received_at timestamptz,     -- …and when that frame arrived
+            acked_at timestamptz,
+            acked_by text,
+            cleared_at timestamptz,              -- restored_at, or when an operator cleared it first
+            cleared_by text,                     -- 'device' (a restore frame) or the operator
+            false_alarm boolean,                 -- the operator's verdict (NULL: none given)
+            note text NOT NULL DEFAULT '',
+            verdict_by text,
+            verdict_at timestamptz,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            state text GENERATED ALWAYS AS (
+                CASE WHEN cleared_at IS NULL THEN
+                          CASE WHEN acked_at IS NULL THEN 'active_unacked' ELSE 'active_acked' END
+                     ELSE CASE WHEN acked_at IS NULL THEN 'cleared_unacked' ELSE 'cleared' END END) STORED,
+            CHECK ((acked_at IS NULL) = (acked_by IS NULL)),
+            CHECK ((cleared_at IS NULL) = (cleared_by IS NULL)),
+            CHECK ((false_alarm IS NULL) = (verdict_by IS NULL)),
+            UNIQUE (device_id, system_type, system_address, component_type, component_address, kind, raised_at))""")
+    conn.execute("CREATE INDEX IF NOT EXISTS fire_alarms_open ON fire_alarms (raised_at) WHERE state <> 'cleared'")
+    conn.execute("CREATE INDEX IF NOT EXISTS fire_alarms_raised ON fire_alarms (raised_at)")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS fire_alarm_progress (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            read_to timestamptz NOT NULL,        -- fire_events.time read so far (before the safety margin)
+            updated_at timestamptz NOT NULL DEFAULT now())""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -511,6 +555,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "largest uplink per device model; reject tally by source and minute", _m7_bounds),
     Migration(8, "site catalogue, model networks, device status history, progress entries, coverage snapshots",
               _m8_coverage),
+    Migration(9, "fire alarm and fault lifecycles per component", _m9_fire_alarms),
 )
 
 
