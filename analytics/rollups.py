@@ -520,6 +520,19 @@ def partial_rows(p: Partials) -> Iterator[tuple]:
         yield tuple(row)
 
 
+def partial_columns(p: Partials, value_columns: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """(name, array) per column of `p` in `merge_sql`'s order after the key columns (which come first,
+    named "key" and "bucket"), for a columnar binary COPY: key and bucket int64 (bucket in epoch
+    seconds), count, then per value column `{col}_n`, `_sum`, `_min`, `_max`, `_last`, `_last_t`
+    (float64, last_t in epoch seconds); NaN is to be written as NULL."""
+    if len(value_columns) != p.columns:
+        raise ValueError(f"{len(value_columns)} value column names for partials of {p.columns} columns")
+    out = [("key", p.keys), ("bucket", p.buckets), ("count", p.count)]
+    for j, col in enumerate(value_columns):
+        out += [(f"{col}_{agg}", np.ascontiguousarray(getattr(p, agg)[:, j])) for agg in AGGREGATES]
+    return out
+
+
 def _nullable(v: float) -> float | None:
     v = float(v)
     return None if v != v else v

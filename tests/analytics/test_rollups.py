@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from analytics import rollups as R
+from ingest import pgbinary
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 EXACT = ("keys", "buckets", "count", "n", "min", "max", "last", "last_t")
@@ -268,7 +269,8 @@ def test_merge_sql_in_postgres_equals_reference_and_group_by(db_url, seed):
             pieces += [tuple(a[lo:hi] for a in batch) for lo, hi in zip([0, *cuts], [*cuts, len(batch[0])])]
         else:
             pieces.append(batch)
-    via_staging = int(rng.integers(0, len(pieces)))
+    # two pieces go through a staging table (COPY of partial_rows; binary COPY of partial_columns)
+    via_rows, via_columns = (int(i) for i in rng.choice(len(pieces), 2, replace=False))
 
     upsert = R.merge_sql("rollup_test", ["device_key", "bucket"], COLUMNS)
     from_staging = R.merge_sql("rollup_test", ["device_key", "bucket"], COLUMNS, source="rollup_staging")
@@ -282,10 +284,19 @@ def test_merge_sql_in_postgres_equals_reference_and_group_by(db_url, seed):
         with conn.cursor() as cur:
             for i, piece in enumerate(pieces):
                 partials = R.reduce_groups(*piece)
-                if i == via_staging:
+                if i == via_rows:
                     with cur.copy(f"COPY rollup_staging ({', '.join(names)}) FROM STDIN") as copy:
                         for row in R.partial_rows(partials):
                             copy.write_row(row)
+                    cur.execute(from_staging)
+                    cur.execute("TRUNCATE rollup_staging")
+                elif i == via_columns:
+                    columns = R.partial_columns(partials, COLUMNS)
+                    assert [name for name, _ in columns][2:] == names[2:]
+                    block = pgbinary.encode([pgbinary.Column(_PGTYPE[name.rsplit("_", 1)[-1]], values)
+                                             for name, values in columns], len(partials))
+                    with cur.copy(f"COPY rollup_staging ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.write(block)
                     cur.execute(from_staging)
                     cur.execute("TRUNCATE rollup_staging")
                 else:
@@ -329,6 +340,11 @@ def test_merge_sql_in_postgres_equals_reference_and_group_by(db_url, seed):
             assert (sql_n, sql_min, sql_max) == (n, low, high)
             assert abs(sql_sum - total) <= 1e-12 * scale[g, j]
             assert last[col].get((row[0], row[1]), (None, None)) == (last_v, last_t)
+
+
+_PGTYPE = {"key": "bigint", "bucket": "timestamp with time zone", "count": "bigint", "n": "bigint",
+           "sum": "double precision", "min": "double precision", "max": "double precision",
+           "last": "double precision", "t": "timestamp with time zone"}     # "…_last_t".rsplit("_", 1) -> "t"
 
 
 def _none(v: float) -> float | None:
