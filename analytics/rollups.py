@@ -511,13 +511,24 @@ def partial_rows(p: Partials) -> Iterator[tuple]:
     (datetime) — None where the partial holds NaN (a column with n = 0)."""
     k = p.columns
     for i in range(len(p)):
-        row: list = [int(p.keys[i]), datetime.fromtimestamp(int(p.buckets[i]), UTC), int(p.count[i])]
+        row: list = [int(p.keys[i]), _timestamp(float(p.buckets[i])), int(p.count[i])]
         for j in range(k):
             row += [int(p.n[i, j]), float(p.sum[i, j]), _nullable(p.min[i, j]), _nullable(p.max[i, j]),
-                    _nullable(p.last[i, j])]
-            t = float(p.last_t[i, j])
-            row.append(None if t != t else datetime.fromtimestamp(t, UTC))
+                    _nullable(p.last[i, j]), _timestamp(float(p.last_t[i, j]))]
         yield tuple(row)
+
+
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _timestamp(t: float) -> datetime | None:
+    # Rounded to the microsecond as ingest/pgbinary rounds the readings' times (round((t - 2000-01-01)
+    # * 1e6), half to even), so `last_t` equals the stored time of the reading it came from.
+    # datetime.fromtimestamp rounds the float's exact value instead and differs by 1 µs on about a
+    # quarter of sub-microsecond times.
+    if t != t:
+        return None
+    return _PG_EPOCH + timedelta(microseconds=int(np.round((t - 946_684_800.0) * 1e6)))
 
 
 def partial_columns(p: Partials, value_columns: Sequence[str]) -> list[tuple[str, np.ndarray]]:

@@ -356,3 +356,21 @@ def test_merge_sql_refuses_odd_identifiers():
         R.merge_sql("rollup; DROP TABLE x", ["device_key"], ["flow"])
     with pytest.raises(ValueError, match="identifier"):
         R.merge_sql("rollup", ["device_key"], ['flow"'])
+
+
+def test_last_t_is_stored_as_the_writer_stores_reading_times(db_url):
+    """partial_rows rounds last_t to the microsecond as ingest/pgbinary rounds the readings' `time`, so a
+    rollup's last_t equals its reading's stored time even for sub-microsecond float times."""
+    rng = np.random.default_rng(5)
+    times = 1_709_222_400 + rng.random(2_000) * 86_400
+    partials = R.reduce_groups(np.arange(len(times)), np.zeros(len(times), dtype=np.int64), times,
+                               np.ones((len(times), 1)))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("CREATE TEMP TABLE stored (i bigint, t timestamptz)")
+        block = pgbinary.encode([pgbinary.Column("bigint", np.arange(len(times))),
+                                 pgbinary.Column("timestamp with time zone", times)], len(times))
+        with conn.cursor().copy("COPY stored FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(block)
+        stored = dict(conn.execute("SELECT i, t FROM stored").fetchall())
+    rows = list(R.partial_rows(partials))
+    assert [row[8] for row in rows] == [stored[i] for i in range(len(times))]
