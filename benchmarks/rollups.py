@@ -17,6 +17,12 @@ buckets), k = 3 value columns with 5 %, 10 % and 30 % NaN.  Each round runs, one
   "SQL + last" adding each column's last value and time (`array_agg(… ORDER BY t DESC, seq DESC)`),
   which is the whole of what the kernel computes.
 
+Then, shaped like the write path (not a reduce_groups comparison): batches of 5,000 readings from
+10,000 devices over one day are reduced and merged into a rollup table (an ordinary logged table, as
+the writer's would be) two ways, each into its own table: `executemany(merge_sql, partial_rows)` and
+a binary COPY of `partial_columns` into a temp staging table then one `merge_sql(source=…)`.  The
+statements are timed, not the commit (the writer commits them with the readings).
+
 Medians over the rounds, and each ratio as the median of the per-round ratios (the machine is
 shared and noisy).  numba's compile time is measured apart in a child process with an empty
 NUMBA_CACHE_DIR (the first call), and its cache load in a second child on that cache.  Nothing is
@@ -59,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds per size (default 5 at <= 1M, 3 above; --quick 2)")
     p.add_argument("--width", type=int, default=86_400, help="bucket width in seconds (86400: local day)")
     p.add_argument("--no-sql-last", action="store_true", help="skip 'SQL + last' (the slow one)")
+    p.add_argument("--merge-batches", type=int, help="write-path-shaped batches merged into a rollup table (30)")
     p.add_argument("--quick", action="store_true", help="100k readings, 2 rounds (a smoke run)")
     p.add_argument("--database-url", default=os.environ.get("IOTJX_BENCH_PG_URL",
                                                             "postgresql://postgres@127.0.0.1:5432/test"),
@@ -204,6 +211,65 @@ def bench_size(conn: psycopg.Connection, rows: int, rounds: int, width: int, wit
     return fig
 
 
+_PGTYPE = {"key": "bigint", "bucket": "timestamp with time zone", "count": "bigint", "n": "bigint",
+           "sum": "double precision", "min": "double precision", "max": "double precision",
+           "last": "double precision", "t": "timestamp with time zone"}     # "…_last_t".rsplit("_", 1) -> "t"
+
+
+def bench_merge(conn: psycopg.Connection, batches: int, batch_rows: int = 5_000, devices: int = 10_000) -> dict:
+    rng = np.random.default_rng(7)
+    tables = {"executemany": f"rollbench_em_{os.getpid()}", "copy_merge": f"rollbench_cm_{os.getpid()}"}
+    keys_sql = [("device_key", "bigint"), ("bucket", "timestamptz")]
+    names = ["device_key", "bucket", *R.rollup_columns(COLUMNS)]
+    samples: dict[str, list[float]] = {"reduce": [], "executemany": [], "copy_merge": []}
+    groups = []
+    try:
+        for table in tables.values():
+            conn.execute(R.rollup_table_sql(table, keys_sql, COLUMNS))
+        conn.execute(f"CREATE TEMP TABLE rollbench_staging (LIKE {tables['copy_merge']})")
+        conn.commit()
+        upsert = R.merge_sql(tables["executemany"], ["device_key", "bucket"], COLUMNS)
+        merge = R.merge_sql(tables["copy_merge"], ["device_key", "bucket"], COLUMNS, source="rollbench_staging")
+        for b in range(batches):
+            keys = rng.integers(0, devices, batch_rows, dtype=np.int64)
+            times = START + 3600 + b * 600 + rng.random(batch_rows) * 600      # 10 minutes a batch, one local day
+            values = rng.standard_normal((batch_rows, len(COLUMNS))) * 50 + 100
+            for j, share in enumerate(NAN_SHARE):
+                values[rng.random(batch_rows) < share, j] = np.nan
+            buckets = R.bucket_starts(times, 86_400, R.ZoneInfo("Asia/Shanghai"))
+            dt, partials = timed(R.reduce_groups, keys, buckets, times, values)
+            samples["reduce"].append(dt)
+            groups.append(len(partials))
+            with conn.cursor() as cur:
+                t0 = time.perf_counter()
+                cur.executemany(upsert, list(R.partial_rows(partials)))
+                samples["executemany"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                block = encode([Column(_PGTYPE[name.rsplit("_", 1)[-1]], values)
+                                for name, values in R.partial_columns(partials, COLUMNS)], len(partials))
+                with cur.copy(f"COPY rollbench_staging ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.write(block)
+                cur.execute(merge)
+                cur.execute("TRUNCATE rollbench_staging")
+                samples["copy_merge"].append(time.perf_counter() - t0)
+            conn.commit()
+        a, b = tables["executemany"], tables["copy_merge"]
+        differ = conn.execute(f"SELECT count(*) FROM ((TABLE {a} EXCEPT TABLE {b}) UNION ALL "
+                              f"(TABLE {b} EXCEPT TABLE {a})) d").fetchone()[0]
+        rows = conn.execute(f"SELECT count(*) FROM {a}").fetchone()[0]
+        assert differ == 0, f"the two merge paths disagree on {differ} rows"
+    finally:
+        conn.rollback()
+        for table in tables.values():
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.execute("DROP TABLE IF EXISTS rollbench_staging")
+        conn.commit()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"batches": batches, "batch_readings": batch_rows, "devices": devices,
+            "partial_rows_median": statistics.median(groups), "table_rows": rows, "median_s": med,
+            "us_per_reading": {k: v / batch_rows * 1e6 for k, v in med.items()}, "samples_s": samples}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = [SIZES.get(s) or int(s) for s in args.sizes.split(",")]
@@ -224,6 +290,7 @@ def main(argv=None) -> int:
         for rows in sizes:
             rounds = args.rounds or (5 if rows <= 1_000_000 else 3)
             figures["sizes"].append(bench_size(conn, rows, rounds, args.width, not args.no_sql_last))
+        figures["merge"] = bench_merge(conn, batches=args.merge_batches or (5 if args.quick else 30))
     figures["load_end"] = os.getloadavg()
     figures["total_s"] = time.perf_counter() - t_start
     print_table(figures)
@@ -244,6 +311,13 @@ def print_table(figures: dict[str, Any]) -> None:
         print(f"| {f['readings']:,} | {f['groups']:,} | {f['rounds']} | {f['copy_s']:.2f} | "
               + " | ".join(f"{f['median_s'][n]:.3f}" for n in names) + " | "
               + " | ".join(f"{f['ratio_vs_numba'][n]:.1f} ×" for n in names if n not in ("numba", "lexsort")) + " |")
+    m = figures["merge"]
+    print(f"\nmerge into a rollup table: {m['batches']} batches of {m['batch_readings']:,} readings from "
+          f"{m['devices']:,} devices, {m['partial_rows_median']:,.0f} partial rows a batch, {m['table_rows']:,} rows at the end")
+    print("| step | median ms a batch | µs a reading |")
+    print("|---|---:|---:|")
+    for k, v in m["median_s"].items():
+        print(f"| {k} | {v * 1e3:.2f} | {m['us_per_reading'][k]:.2f} |")
 
 
 if __name__ == "__main__":
