@@ -85,9 +85,9 @@ def bucket_starts(t: np.ndarray, width_s: int, tz: ZoneInfo) -> np.ndarray:
     seconds = _epoch_seconds(t)
     if width == DAY_S:
         day = (seconds + _utc_offsets(seconds, tz)) // DAY_S
-        days, index = np.unique(day, return_inverse=True)
+        days, index = _distinct(day)
         midnight = np.array([_local_midnight(int(d), tz) for d in days], dtype=np.int64)
-        return midnight[index.reshape(-1)]
+        return midnight[index]
     local = seconds + _utc_offsets(seconds, tz)
     return seconds - local % width
 
@@ -115,7 +115,7 @@ def _utc_offsets(seconds: np.ndarray, tz: ZoneInfo) -> np.ndarray:
     """The UTC offset in force at each instant, asking zoneinfo only per distinct UTC day of the batch
     (its first and last second; a day whose offset changes is bisected to the second of the change).
     Assumes at most one transition per day, which holds for every zone since 1900 in practice."""
-    days, index = np.unique(seconds // DAY_S, return_inverse=True)
+    days, index = _distinct(seconds // DAY_S)
     before = np.empty(len(days), dtype=np.int64)
     after = np.empty(len(days), dtype=np.int64)
     switch = np.empty(len(days), dtype=np.int64)
@@ -132,8 +132,19 @@ def _utc_offsets(seconds: np.ndarray, tz: ZoneInfo) -> np.ndarray:
             else:
                 hi = mid
         switch[i] = hi
-    index = index.reshape(-1)
     return np.where(seconds < switch[index], before[index], after[index])
+
+
+def _distinct(days: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the days to ask zoneinfo about, each reading's index into them).  A batch spans a few days: then
+    every day of its range, by subtraction (np.unique would sort the batch: 1.2 s at 10M readings)."""
+    if len(days) == 0:
+        return days, days
+    first, last = int(days.min()), int(days.max())
+    if last - first <= max(1_000, len(days)):
+        return np.arange(first, last + 1, dtype=np.int64), days - first
+    distinct, index = np.unique(days, return_inverse=True)
+    return distinct, index.reshape(-1)
 
 
 def _local_midnight(day: int, tz: ZoneInfo) -> int:
