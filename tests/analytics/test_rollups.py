@@ -374,3 +374,24 @@ def test_last_t_is_stored_as_the_writer_stores_reading_times(db_url):
         stored = dict(conn.execute("SELECT i, t FROM stored").fetchall())
     rows = list(R.partial_rows(partials))
     assert [row[8] for row in rows] == [stored[i] for i in range(len(times))]
+
+
+def test_the_benchmark_runs(pg_admin_url, tmp_path):
+    """benchmarks/rollups.py --quick completes and its three ways agree (it checks them itself); no
+    timing is asserted (the figures live in benchmarks/README.md)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "rollups.py"), "--quick", "--merge-batches", "2",
+                           "--database-url", pg_admin_url, "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    [size] = figures["sizes"]
+    assert size["readings"] == 100_000 and 0 < size["groups"] <= 100_000
+    assert set(size["median_s"]) == {"numba", "lexsort", "numpy", "sql5", "sql_last"}
+    assert figures["merge"]["table_rows"] > 0
