@@ -535,8 +535,8 @@ _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 def _timestamp(t: float) -> datetime | None:
     # Rounded to the microsecond as ingest/pgbinary rounds the readings' times (round((t - 2000-01-01)
     # * 1e6), half to even), so `last_t` equals the stored time of the reading it came from.
-    # datetime.fromtimestamp rounds the float's exact value instead and differs by 1 µs on about a
-    # quarter of sub-microsecond times.
+    # datetime.fromtimestamp rounds the float's exact value instead and differs by 1 µs on ~6 % of
+    # random sub-microsecond times of 2024 (measured over 200,000).
     if t != t:
         return None
     return _PG_EPOCH + timedelta(microseconds=int(np.round((t - 946_684_800.0) * 1e6)))
