@@ -56,12 +56,15 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
+from analytics.rollups import MEASUREMENT_AHEAD_S, MEASUREMENT_BEHIND_S
+
 log = logging.getLogger(__name__)
 
 LOCK_ID = 0x10_F1_2E                 # pg_advisory_xact_lock key serialising update_alarms
 MARGIN_S = 3600.0                    # re-read rows received this long before the watermark
-LABEL_BEHIND_S = 7 * 86400           # a time label is plausible from 7 days before the receive time…
-LABEL_AHEAD_S = 300                  # …to 300 s after it (analytics.rollups' measurement window)
+# A time label is plausible from 7 days before the receive time to 300 s after it: the rollups' window.
+LABEL_BEHIND_S = MEASUREMENT_BEHIND_S
+LABEL_AHEAD_S = MEASUREMENT_AHEAD_S
 OFFLINE_FACTOR = 2                   # offline after 2 × the heartbeat (reporting) interval
 DISPLAY_BUDGET_S = 10.0              # GB 50440: transmission device → centre display
 DEVICE = "device"                    # cleared_by of an alarm cleared by the device's restore frame
@@ -176,7 +179,7 @@ def _label_sql(e: str = "e") -> str:
             f"WHEN {plausible('sent_at')} THEN {e}.sent_at ELSE {e}.time END")
 
 
-_STATE_ROWS = f"""
+_STATE_ROWS = """
     FROM fire_events e
     CROSS JOIN LATERAL (VALUES ('alarm', e.fire_alarm), ('fault', e.fault)) AS f(kind, flag)
     WHERE e.app_type = 2 AND e.component_address IS NOT NULL AND f.flag IS NOT NULL"""
