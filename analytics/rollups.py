@@ -193,29 +193,34 @@ def reduce_groups(keys: np.ndarray, buckets: np.ndarray, times: np.ndarray, valu
 
 
 @nb.njit(cache=True)
-def _reduce_sorted(keys, buckets, times, values, order):
-    rows, k = values.shape
-    groups = 0
-    for i in range(rows):
-        p, q = order[i], order[i - 1]
-        if i == 0 or keys[p] != keys[q] or buckets[p] != buckets[q]:
-            groups += 1
-    g_keys = np.empty(groups, np.int64)
-    g_buckets = np.empty(groups, np.int64)
-    count = np.zeros(groups, np.int64)
-    n = np.zeros((groups, k), np.int64)
-    total = np.zeros((groups, k), np.float64)
-    low = np.full((groups, k), np.nan)
-    high = np.full((groups, k), np.nan)
-    last = np.full((groups, k), np.nan)
-    last_t = np.full((groups, k), np.nan)
+def _groups(keys, buckets, order, k):
+    """Each sorted row's group (a run of equal key and bucket), and the empty partials of the groups."""
+    rows = order.shape[0]
+    group = np.empty(rows, np.int64)
     g = -1
     for i in range(rows):
         p = order[i]
         if i == 0 or keys[p] != keys[order[i - 1]] or buckets[p] != buckets[order[i - 1]]:
             g += 1
-            g_keys[g] = keys[p]
-            g_buckets[g] = buckets[p]
+        group[i] = g
+    groups = g + 1
+    g_keys = np.empty(groups, np.int64)
+    g_buckets = np.empty(groups, np.int64)
+    for i in range(rows):
+        g_keys[group[i]] = keys[order[i]]
+        g_buckets[group[i]] = buckets[order[i]]
+    return (group, g_keys, g_buckets, np.zeros(groups, np.int64), np.zeros((groups, k), np.int64),
+            np.zeros((groups, k), np.float64), np.full((groups, k), np.nan), np.full((groups, k), np.nan),
+            np.full((groups, k), np.nan), np.full((groups, k), np.nan))
+
+
+@nb.njit(cache=True)
+def _reduce_sorted(keys, buckets, times, values, order):
+    rows, k = values.shape
+    group, g_keys, g_buckets, count, n, total, low, high, last, last_t = _groups(keys, buckets, order, k)
+    for i in range(rows):
+        p = order[i]
+        g = group[i]
         count[g] += 1
         t = times[p]
         for j in range(k):
@@ -253,27 +258,10 @@ def merge(a: Partials, b: Partials) -> Partials:
 @nb.njit(cache=True)
 def _merge_sorted(keys, buckets, count, n, total, low, high, last, last_t, order):
     rows, k = n.shape
-    groups = 0
-    for i in range(rows):
-        p, q = order[i], order[i - 1]
-        if i == 0 or keys[p] != keys[q] or buckets[p] != buckets[q]:
-            groups += 1
-    g_keys = np.empty(groups, np.int64)
-    g_buckets = np.empty(groups, np.int64)
-    g_count = np.zeros(groups, np.int64)
-    g_n = np.zeros((groups, k), np.int64)
-    g_total = np.zeros((groups, k), np.float64)
-    g_low = np.full((groups, k), np.nan)
-    g_high = np.full((groups, k), np.nan)
-    g_last = np.full((groups, k), np.nan)
-    g_last_t = np.full((groups, k), np.nan)
-    g = -1
+    group, g_keys, g_buckets, g_count, g_n, g_total, g_low, g_high, g_last, g_last_t = _groups(keys, buckets, order, k)
     for i in range(rows):
         p = order[i]
-        if i == 0 or keys[p] != keys[order[i - 1]] or buckets[p] != buckets[order[i - 1]]:
-            g += 1
-            g_keys[g] = keys[p]
-            g_buckets[g] = buckets[p]
+        g = group[i]
         g_count[g] += count[p]
         for j in range(k):
             if n[p, j] == 0:
