@@ -457,23 +457,35 @@ def _breakdown_dicts(conn: psycopg.Connection, rows: Iterable[tuple]) -> list[di
              "pilot": p, "network": n, "registered": r, "active": a, "live": lv} for c, p, n, r, a, lv in rows]
 
 
-def compute_now(conn: psycopg.Connection, catalogue: list[CoverageTarget], *, live_factor: float, tz: ZoneInfo,
-                history_days: int = PACE_WINDOW_DAYS, now: datetime | None = None) -> Report:
-    """The whole report at `now` in one pass over the registry (what `/coverage` answers from)."""
-    started = time.perf_counter()
-    cells = cells_now(conn, live_factor=live_factor, tz=tz, now=now)
-    day = cells.day
+def _standings(conn: psycopg.Connection, catalogue: list[CoverageTarget], day: date, history_days: int,
+               measured: Callable[[CoverageTarget, Entries], Measured]) -> list[dict[str, Any]]:
+    """Every target's row on `day`: its figures (`measured`), its daily values before, its verdict and pace."""
     entries = operator_entries(conn, _operator_ids(catalogue), day)
-    progress = {tid: v for tid, e in entries.items() if (v := figure_on(e, day)) is not None}
     window = max(history_days, PACE_WINDOW_DAYS)
     history = _history(conn, catalogue, day - timedelta(days=window), day - timedelta(days=1), entries)
     deadlines = _deadline_values(conn, catalogue, day, entries)
     names = _city_names(conn)
     rows = []
     for t in catalogue:
-        m = measure(t, cells, progress)
+        m = measured(t, entries)
         h = {**history[t.target_id], **deadlines.get(t.target_id, {})}
         rows.append(_target_row(t, m, pace(t, day, m.value, h), names, history[t.target_id], history_days, day))
+    return rows
+
+
+def compute_now(conn: psycopg.Connection, catalogue: list[CoverageTarget], *, live_factor: float, tz: ZoneInfo,
+                history_days: int = PACE_WINDOW_DAYS, now: datetime | None = None) -> Report:
+    """The whole report at `now` in one pass over the registry (what `/coverage` answers from)."""
+    started = time.perf_counter()
+    cells = cells_now(conn, live_factor=live_factor, tz=tz, now=now)
+    day = cells.day
+
+    def measured(t: CoverageTarget, entries: Entries) -> Measured:
+        if t.measure == "operator":
+            return Measured(figure_on(entries[t.target_id], day))
+        return measure(t, cells, {})
+
+    rows = _standings(conn, catalogue, day, history_days, measured)
     return Report(generated_at=datetime.now(UTC), state_at=cells.state_at, day=day, source="live", targets=rows,
                   breakdown=_breakdown_dicts(conn, breakdown_rows(cells)), unverified=unverified(cells),
                   compute_s=time.perf_counter() - started)
@@ -499,21 +511,15 @@ def report_as_of(conn: psycopg.Connection, catalogue: list[CoverageTarget], day:
     stored = {r[0]: r[1:] for r in conn.execute("""
         SELECT target_id, value, registered, active, live, sites, sites_meeting FROM coverage_snapshots
         WHERE day = %s""", (day,))}
-    entries = operator_entries(conn, _operator_ids(catalogue), day)
-    window = max(history_days, PACE_WINDOW_DAYS)
-    history = _history(conn, catalogue, day - timedelta(days=window), day - timedelta(days=1), entries)
-    deadlines = _deadline_values(conn, catalogue, day, entries)
-    names = _city_names(conn)
-    rows = []
-    for t in catalogue:
+
+    def measured(t: CoverageTarget, entries: Entries) -> Measured:
         if t.measure == "operator":
-            m = Measured(figure_on(entries[t.target_id], day))
-        elif t.target_id in stored:
-            m = Measured(*stored[t.target_id])
-        else:            # a target added to the catalogue after this day: nothing was measured
-            m = Measured(None)
-        h = {**history[t.target_id], **deadlines.get(t.target_id, {})}
-        rows.append(_target_row(t, m, pace(t, day, m.value, h), names, history[t.target_id], history_days, day))
+            return Measured(figure_on(entries[t.target_id], day))
+        if t.target_id in stored:
+            return Measured(*stored[t.target_id])
+        return Measured(None)        # a target added to the catalogue after this day: nothing was measured
+
+    rows = _standings(conn, catalogue, day, history_days, measured)
     breakdown = conn.execute("""SELECT city_code, pilot, network, registered, active, live FROM coverage_breakdown_daily
                                 WHERE day = %s ORDER BY 1, 2, 3""", (day,)).fetchall()
     return Report(generated_at=datetime.now(UTC), state_at=row[0], day=day, source="snapshot", targets=rows,
