@@ -264,3 +264,32 @@ def test_the_report_puts_each_device_in_one_list(fleet):
     assert report.suppressed_rejects == 0
     with pytest.raises(ValueError, match="unknown city"):
         health_report(fleet, live_factor=FACTOR, tz=TZ, now=NOW, city="Atlantis")
+
+
+def test_report_health_prints_tables_and_csv(fleet, monkeypatch):
+    from typer.testing import CliRunner
+
+    from iotjx.cli import app
+    from iotjx.settings import get_settings
+
+    db_url = fleet.info.dsn
+    monkeypatch.setenv("IOTJX_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        shown = runner.invoke(app, ["report", "health", "--city", "Nanchang"], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert "Devices sending only malformed frames (rejected within their live window): 1" in shown.output
+        assert W_BAD in shown.output and "Battery low: 2" in shown.output       # P_MV, P_BIT
+        silent = runner.invoke(app, ["report", "health", "--csv", "--section", "silent"]).output.splitlines()
+        assert silent[0].startswith("device_id,model,city") and {s.split(",")[0] for s in silent[1:]} == \
+            {W_SILENT, W_NEVER, UITD}
+        low = runner.invoke(app, ["report", "health", "--csv", "--section", "battery"]).output.splitlines()
+        assert {s.split(",")[0] for s in low[1:]} == {W_LOW, P_MV, P_BIT, S_LOW, P_JSON}
+        every = runner.invoke(app, ["report", "health", "--csv"]).output
+        assert [line for line in every.splitlines() if line.startswith("# ")] == \
+            ["# online", "# silent", "# malformed", "# battery"]
+        assert runner.invoke(app, ["report", "health", "--city", "Atlantis"]).exit_code == 2
+        assert runner.invoke(app, ["report", "health", "--section", "radio"]).exit_code == 2
+    finally:
+        get_settings.cache_clear()
