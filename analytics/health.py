@@ -158,6 +158,7 @@ _NOT_LIVE = f"""
                  (array_agg(x.detail ORDER BY x.received_at DESC, x.reject_id DESC))[1] AS last_detail
           FROM rejected_uplinks x JOIN q ON q.device_id = x.device_id
           WHERE x.received_at > %(t)s - q.w AND x.received_at <= %(t)s
+            AND x.received_at > %(t)s - (SELECT max(w) FROM q)      -- a bound the time index can use
           GROUP BY x.device_id)
     SELECT q.device_id, q.model, q.family, q.network, q.city_code, q.site_name, q.interval_s, q.last_seen,
            coalesce(q.last_seen, q.installed_at) AS since,
@@ -277,10 +278,16 @@ def uplink_success(conn: psycopg.Connection, since: datetime, until: datetime,
 def health_report(conn: psycopg.Connection, *, live_factor: float, tz: ZoneInfo, now: datetime | None = None,
                   city: str | int | None = None) -> HealthReport:
     """Online rates, silent and malformed-only devices and batteries at `now` (default: the database's clock)."""
-    now = now or conn.execute("SELECT now()").fetchone()[0]
-    silent, malformed = not_live(conn, now, live_factor=live_factor, city=city)
-    longest = conn.execute("""SELECT coalesce(max(coalesce(d.reporting_interval_s, m.reporting_interval_s)), 0)
-                              FROM devices d JOIN device_models m USING (model) WHERE d.status = 'active'""").fetchone()[0]
-    return HealthReport(now=now, online=tuple(online_rates(conn, live_factor=live_factor, tz=tz, now=now, city=city)),
-                        silent=tuple(silent), malformed=tuple(malformed), batteries=tuple(batteries(conn, now, city)),
-                        suppressed_rejects=suppressed_rejects(conn, now - timedelta(seconds=live_factor * longest), now))
+    outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        if outer:           # one snapshot: a device cannot be online in one list and silent in another
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        now = now or conn.execute("SELECT now()").fetchone()[0]
+        online = online_rates(conn, live_factor=live_factor, tz=tz, now=now, city=city)
+        silent, malformed = not_live(conn, now, live_factor=live_factor, city=city)
+        longest = conn.execute("""SELECT coalesce(max(coalesce(d.reporting_interval_s, m.reporting_interval_s)), 0)
+                                  FROM devices d JOIN device_models m USING (model)
+                                  WHERE d.status = 'active'""").fetchone()[0]
+        suppressed = suppressed_rejects(conn, now - timedelta(seconds=live_factor * longest), now)
+        return HealthReport(now=now, online=tuple(online), silent=tuple(silent), malformed=tuple(malformed),
+                            batteries=tuple(batteries(conn, now, city)), suppressed_rejects=suppressed)

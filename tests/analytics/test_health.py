@@ -293,3 +293,24 @@ def test_report_health_prints_tables_and_csv(fleet, monkeypatch):
         assert runner.invoke(app, ["report", "health", "--section", "radio"]).exit_code == 2
     finally:
         get_settings.cache_clear()
+
+
+def test_rejects_only_tallied_have_no_device_and_are_counted_apart(db_url):
+    """Past a source's reject rate the writer keeps no row, only reject_tally's count (no device id): the
+    device behind such rejects cannot be told from a silent one, and the report says how many there were."""
+    first, second = "869000000000501", "869000000000502"
+    with psycopg.connect(db_url) as conn:
+        register_devices(conn, [DeviceRecord(device_id=d, model="cjt188-nb-water-std", city="Yingtan",
+                                             site_kind="residential", site_name="Yingtan小区", installed_at=INSTALLED)
+                                for d in (first, second)])
+    minute = NOW.replace(second=0) - 10 * timedelta(minutes=1)
+    pipeline = Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url)),
+                        reject_rows_per_min=1)
+    pipeline.process([_up(first, b"\x68\x10", minute + timedelta(seconds=1)),
+                      _up(second, b"\x68\x11", minute + timedelta(seconds=2))])    # same source, reason, minute
+    assert pipeline.counters["rejects_suppressed"] == 1
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        silent, malformed = not_live(conn, NOW, live_factor=FACTOR)
+        assert [d.device_id for d in malformed] == [first] and [d.device_id for d in silent] == [second]
+        report = health_report(conn, live_factor=FACTOR, tz=TZ, now=NOW)
+        assert report.suppressed_rejects == 1 == conn.execute("SELECT sum(suppressed) FROM reject_tally").fetchone()[0]
