@@ -63,6 +63,18 @@ def _up(device: str, payload: bytes, at: datetime) -> Uplink:
     return Uplink(device_id=device, payload=payload, transport="mqtt", received_at=at.timestamp())
 
 
+def _process(db_url: str, uplinks: list[Uplink], **options) -> dict[str, int]:
+    """Store `uplinks` through the real pipeline; its counters.  Its connections are closed after."""
+    registry, writer = DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))
+    try:
+        pipeline = Pipeline(registry, writer, **options)
+        pipeline.process(uplinks)
+        return dict(pipeline.counters)
+    finally:
+        writer.close()
+        registry.close()
+
+
 def _records() -> list[DeviceRecord]:
     def r(device: str, model: str, city: str, **kw) -> DeviceRecord:
         return DeviceRecord(device_id=device, model=model, city=city, site_kind="residential",
@@ -111,10 +123,8 @@ def fleet(db_url):
     with psycopg.connect(db_url) as conn:
         register_devices(conn, _records())
     ok, bad = _story()
-    pipeline = Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url)))
-    pipeline.process(ok + bad)
-    assert pipeline.counters["stored"] == len(ok), dict(pipeline.counters)
-    assert pipeline.counters["rejected"] == len(bad), dict(pipeline.counters)
+    counters = _process(db_url, ok + bad)
+    assert counters["stored"] == len(ok) and counters["rejected"] == len(bad), counters
     with psycopg.connect(db_url, autocommit=True) as conn:
         yield conn
 
@@ -304,11 +314,10 @@ def test_rejects_only_tallied_have_no_device_and_are_counted_apart(db_url):
                                              site_kind="residential", site_name="Yingtan小区", installed_at=INSTALLED)
                                 for d in (first, second)])
     minute = NOW.replace(second=0) - 10 * timedelta(minutes=1)
-    pipeline = Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url)),
-                        reject_rows_per_min=1)
-    pipeline.process([_up(first, b"\x68\x10", minute + timedelta(seconds=1)),
-                      _up(second, b"\x68\x11", minute + timedelta(seconds=2))])    # same source, reason, minute
-    assert pipeline.counters["rejects_suppressed"] == 1
+    counters = _process(db_url, [_up(first, b"\x68\x10", minute + timedelta(seconds=1)),
+                                 _up(second, b"\x68\x11", minute + timedelta(seconds=2))],   # same source, reason,
+                        reject_rows_per_min=1)                                                  # minute
+    assert counters["rejects_suppressed"] == 1
     with psycopg.connect(db_url, autocommit=True) as conn:
         silent, malformed = not_live(conn, NOW, live_factor=FACTOR)
         assert [d.device_id for d in malformed] == [first] and [d.device_id for d in silent] == [second]
