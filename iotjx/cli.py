@@ -562,10 +562,10 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
         console.print(table)
 
 
-HEALTH_SECTIONS = ("online", "silent", "malformed", "battery")
+HEALTH_SECTIONS = ("online", "silent", "malformed", "battery", "success")
 
 
-def _health_tables(report) -> dict[str, tuple[list[str], list[list[object]]]]:
+def _health_tables(report, success) -> dict[str, tuple[list[str], list[list[object]]]]:
     """Each section of the health report as (header, rows) of plain values (for rich and CSV alike)."""
     def t(value) -> str:
         return "" if value is None else value.isoformat(timespec="seconds")
@@ -586,22 +586,28 @@ def _health_tables(report) -> dict[str, tuple[list[str], list[list[object]]]]:
         "battery": (["device_id", "model", "family", "city", "site", "value", "unit", "source", "at"],
                     [[b.device_id, b.model, b.family, b.city_code or 0, b.site_name or "", n(b.value, 0), b.unit or "",
                       b.source or "", t(b.at)] for b in report.batteries if b.state == "low"]),
+        "success": (["device_id", "model", "city", "interval_s", "counted_from", "received", "expected", "success"],
+                    [[u.device_id, u.model, u.city_code or 0, u.interval_s, t(u.counted_from), u.received, u.expected,
+                      n(u.success, 3)] for u in sorted(success, key=lambda u: (u.success, u.device_id))
+                     if u.success is not None and u.success < 1]),
     }
 
 
 @report_app.command("health")
 def report_health(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                  days: Annotated[int, typer.Option(min=1, max=3660, help="uplink success over the last N days")] = 7,
                   csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
                   section: Annotated[Optional[str], typer.Option(
                       help=f"only one section: {', '.join(HEALTH_SECTIONS)} (with --csv: one plain CSV table)")] = None
                   ) -> None:
     """Device health now: online (live) rate per city × pilot × network, silent devices, devices sending only
-    malformed frames, battery-low devices."""
+    malformed frames, battery-low devices, devices that sent fewer uplinks than expected over the last N days."""
     import csv as csvlib
+    from datetime import timedelta
 
     from rich.table import Table
 
-    from analytics.health import health_report
+    from analytics.health import health_report, uplink_success
     from .db import connect
     settings = get_settings()
     _need_database(settings)
@@ -611,10 +617,11 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
     with connect(settings.database_url, autocommit=True) as conn:
         try:
             report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
+            success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
         except ValueError as exc:
             console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
             raise typer.Exit(2) from None
-    tables = _health_tables(report)
+    tables = _health_tables(report, success)
     chosen = [section] if section else list(HEALTH_SECTIONS)
     if csv:
         # As `report fire`: one CSV table per section, each after a "# section" line when there are several.
@@ -629,7 +636,8 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
     titles = {"online": "Online (live) rate per city × pilot × network",
               "silent": f"Silent devices (active, no stored uplink within {settings.live_factor:g} × interval)",
               "malformed": "Devices sending only malformed frames (rejected within their live window)",
-              "battery": "Battery low"}
+              "battery": "Battery low",
+              "success": f"Uplink success below 1 over the last {days} days (stored ÷ whole intervals expected)"}
     for name in chosen:
         header, rows = tables[name]
         table = Table(*header, title=f"{titles[name]}: {len(rows)}")

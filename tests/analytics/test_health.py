@@ -298,7 +298,10 @@ def test_report_health_prints_tables_and_csv(fleet, monkeypatch):
         assert {s.split(",")[0] for s in low[1:]} == {W_LOW, P_MV, P_BIT, S_LOW, P_JSON}
         every = runner.invoke(app, ["report", "health", "--csv"]).output
         assert [line for line in every.splitlines() if line.startswith("# ")] == \
-            ["# online", "# silent", "# malformed", "# battery"]
+            ["# online", "# silent", "# malformed", "# battery", "# success"]
+        short = runner.invoke(app, ["report", "health", "--csv", "--section", "success", "--days", "1"])
+        rows = {line.split(",")[0]: line.split(",")[-1] for line in short.output.splitlines()[1:]}
+        assert rows[P_HALF] == "0.500" and P_OK not in rows and W_LOW not in rows and rows[W_NEVER] == "0.000"
         assert runner.invoke(app, ["report", "health", "--city", "Atlantis"]).exit_code == 2
         assert runner.invoke(app, ["report", "health", "--section", "radio"]).exit_code == 2
     finally:
