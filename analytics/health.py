@@ -52,7 +52,7 @@ SMOKE_BATTERY_ANALOG = 0x88          # F9164-TD-NB vendor analog type: battery, 
 # Models whose vendor type 0x88 is that battery (vendor types mean what each vendor says: a panel's 0x88
 # may be anything); only their fire_events are searched for it.
 SMOKE_BATTERY_MODELS = ("gb26875-nb-smoke",)
-SMOKE_LOW_MV = 2800                  # our threshold: the record shows 3575 mV; a fresh 3 V cell is ~3000
+SMOKE_LOW_MV = 2800                  # our threshold: the one public frame reads 3575 mV, the simulator 2950–3100
 PARKING_LOW_MV = 3300                # our threshold: Libelium publishes none; fresh nodes read 3400–3650
 LOW_PCT = 20.0                       # carrier object models' battery_pct
 STATES = ("ok", "low", "unknown")
