@@ -562,6 +562,93 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
         console.print(table)
 
 
+HEALTH_SECTIONS = ("online", "silent", "malformed", "battery", "success")
+
+
+def _health_tables(report, success) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the health report as (header, rows) of plain values (for rich and CSV alike)."""
+    def t(value) -> str:
+        return "" if value is None else value.isoformat(timespec="seconds")
+
+    def n(value, digits: int = 1) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+    return {
+        "online": (["city_code", "city", "pilot", "network", "registered", "active", "online", "online_rate"],
+                   [[r.city_code, r.city, r.pilot, r.network, r.registered, r.active, r.online, n(r.rate, 3)]
+                    for r in report.online]),
+        "silent": (["device_id", "model", "city", "site", "last_seen", "since", "interval_s", "silent_h"],
+                   [[d.device_id, d.model, d.city_code or 0, d.site_name or "", t(d.last_seen) or "never", t(d.since),
+                     d.interval_s, n(d.silent_s / 3600)] for d in report.silent]),
+        "malformed": (["device_id", "model", "city", "site", "last_stored", "rejects", "last_reject_at", "last_reason",
+                       "last_detail"],
+                      [[d.device_id, d.model, d.city_code or 0, d.site_name or "", t(d.last_seen) or "never", d.rejects,
+                        t(d.last_reject_at), d.last_reason or "", d.last_detail or ""] for d in report.malformed]),
+        "battery": (["device_id", "model", "family", "city", "site", "value", "unit", "source", "at"],
+                    [[b.device_id, b.model, b.family, b.city_code or 0, b.site_name or "", n(b.value, 0), b.unit or "",
+                      b.source or "", t(b.at)] for b in report.batteries if b.state == "low"]),
+        "success": (["device_id", "model", "city", "interval_s", "counted_from", "received", "expected", "success"],
+                    [[u.device_id, u.model, u.city_code or 0, u.interval_s, t(u.counted_from), u.received, u.expected,
+                      n(u.success, 3)] for u in sorted(success, key=lambda u: (u.success, u.device_id))
+                     if u.success is not None and u.success < 1]),
+    }
+
+
+@report_app.command("health")
+def report_health(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                  days: Annotated[int, typer.Option(min=1, max=3660, help="uplink success over the last N days")] = 7,
+                  csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
+                  section: Annotated[Optional[str], typer.Option(
+                      help=f"only one section: {', '.join(HEALTH_SECTIONS)} (with --csv: one plain CSV table)")] = None
+                  ) -> None:
+    """Device health now: online (live) rate per city × pilot × network, silent devices, devices sending only
+    malformed frames, battery-low devices, devices that sent fewer uplinks than expected over the last N days."""
+    import csv as csvlib
+    from datetime import timedelta
+
+    from rich.table import Table
+
+    from analytics.health import health_report, uplink_success
+    from .db import connect
+    settings = get_settings()
+    _need_database(settings)
+    if section is not None and section not in HEALTH_SECTIONS:
+        console.print(f"[red]--section must be one of {', '.join(HEALTH_SECTIONS)}, not {escape(section)!r}[/]")
+        raise typer.Exit(2)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
+            success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(2) from None
+    tables = _health_tables(report, success)
+    chosen = [section] if section else list(HEALTH_SECTIONS)
+    if csv:
+        # As `report fire`: one CSV table per section, each after a "# section" line when there are several.
+        out = csvlib.writer(sys.stdout, lineterminator="\n")
+        for k, name in enumerate(chosen):
+            header, rows = tables[name]
+            if len(chosen) > 1:
+                sys.stdout.write(("\n" if k else "") + f"# {name}\n")
+            out.writerow(header)
+            out.writerows(rows)
+        return
+    titles = {"online": "Online (live) rate per city × pilot × network",
+              "silent": f"Silent devices (active, no stored uplink within {settings.live_factor:g} × interval)",
+              "malformed": "Devices sending only malformed frames (rejected within their live window)",
+              "battery": "Battery low",
+              "success": f"Uplink success below 1 over the last {days} days (stored ÷ whole intervals expected)"}
+    for name in chosen:
+        header, rows = tables[name]
+        table = Table(*header, title=f"{titles[name]}: {len(rows)}")
+        for row in rows:
+            table.add_row(*(escape(str(v)) for v in row))
+        console.print(table)
+    if report.suppressed_rejects and (section is None or section in ("silent", "malformed")):
+        console.print(f"{report.suppressed_rejects} rejects were only tallied (past a source's rate, no device id): "
+                      "a device among them may be listed as silent", highlight=False)
+
+
 def _register_simulator_commands() -> None:
     from simulators.cli import register
     register(app, console)
