@@ -413,3 +413,84 @@ def _site_nights(cur: psycopg.Cursor, site_id: int, d0: date | None) -> None:
             SELECT percentile_cont(%(q)s) WITHIN GROUP (ORDER BY m.mnf_m3h), count(*)
             FROM water_night m WHERE m.site_id = n.site_id AND m.day BETWEEN n.day - %(k)s AND n.day)
         WHERE n.site_id = %(s)s AND (%(d0)s::date IS NULL OR n.day >= %(d0)s)""", p)
+
+
+# --------------------------------------------------------------------------- what the report and the API read
+
+@dataclass(frozen=True, slots=True)
+class CityDay:
+    day: date
+    city_code: int                   # 0: meters without a site
+    city: str
+    meters: int                      # meters with a reading that day
+    consumption_m3: float
+    reverse_m3: float
+
+
+@dataclass(frozen=True, slots=True)
+class SiteNight:
+    site_id: int
+    site_name: str
+    city_code: int
+    day: date                        # the site's latest night up to the day asked
+    mnf_m3h: float
+    meters: int
+    leakage_m3h: float | None
+    nights: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WaterAlert:
+    alert_id: int
+    device_id: str
+    kind: str
+    opened_at: datetime
+    closed_at: datetime | None
+    detail: str
+    city_code: int | None
+    site_name: str | None
+
+
+def consumption_by_city(conn: psycopg.Connection, since: date, until: date,
+                        city: str | int | None = None) -> list[CityDay]:
+    """Consumption per local day in [since, until] and city (water_daily summed), by day then city."""
+    if until < since:
+        raise ValueError(f"until ({until}) must not be before since ({since})")
+    code = city_code(conn, city)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute("""
+            SELECT w.day, coalesce(s.city_code, 0) AS city_code, coalesce(c.name_en, '(no site)') AS city,
+                   count(*)::int AS meters, sum(w.consumption_m3) AS consumption_m3, sum(w.reverse_m3) AS reverse_m3
+            FROM water_daily w LEFT JOIN devices d USING (device_id)
+            LEFT JOIN sites s ON s.site_id = d.site_id LEFT JOIN cities c ON c.code = s.city_code
+            WHERE w.day BETWEEN %(a)s AND %(b)s AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
+            GROUP BY 1, 2, 3 ORDER BY 1, 2""", {"a": since, "b": until, "c": code}).fetchall()
+    return [CityDay(**r) for r in rows]
+
+
+def site_nights(conn: psycopg.Connection, day: date, city: str | int | None = None,
+                limit: int = 20) -> list[SiteNight]:
+    """Each site's latest night up to `day` (within the leakage window), highest leakage first (then MNF)."""
+    code = city_code(conn, city)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute("""
+            SELECT DISTINCT ON (n.site_id) n.site_id, s.name AS site_name, s.city_code, n.day, n.mnf_m3h, n.meters,
+                   n.leakage_m3h, n.nights
+            FROM water_night n JOIN sites s USING (site_id)
+            WHERE n.day BETWEEN %(d)s::date - %(k)s AND %(d)s AND (%(c)s::int IS NULL OR s.city_code = %(c)s)
+            ORDER BY n.site_id, n.day DESC""", {"d": day, "k": LEAKAGE_DAYS - 1, "c": code}).fetchall()
+    out = [SiteNight(**r) for r in rows]
+    out.sort(key=lambda s: (-(s.leakage_m3h if s.leakage_m3h is not None else -math.inf), -s.mnf_m3h, s.site_id))
+    return out[:limit]
+
+
+def open_alerts(conn: psycopg.Connection, city: str | int | None = None) -> list[WaterAlert]:
+    """Water alerts not closed yet, oldest first."""
+    code = city_code(conn, city)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute("""
+            SELECT a.alert_id, a.device_id, a.kind, a.opened_at, a.closed_at, a.detail, s.city_code, s.name AS site_name
+            FROM water_alerts a LEFT JOIN devices d USING (device_id) LEFT JOIN sites s ON s.site_id = d.site_id
+            WHERE a.closed_at IS NULL AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
+            ORDER BY a.opened_at, a.alert_id""", {"c": code}).fetchall()
+    return [WaterAlert(**r) for r in rows]

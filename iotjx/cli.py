@@ -562,6 +562,79 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
         console.print(table)
 
 
+WATER_SECTIONS = ("consumption", "sites", "alerts")
+
+
+def _water_tables(days, sites, alerts) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the water report as (header, rows) of plain values (for rich and CSV alike)."""
+    def n(value, digits: int = 3) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    def t(value) -> str:
+        return "" if value is None else value.isoformat(timespec="seconds")
+    return {
+        "consumption": (["day", "city_code", "city", "meters", "consumption_m3", "reverse_m3"],
+                        [[d.day.isoformat(), d.city_code, d.city, d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)]
+                         for d in days]),
+        "sites": (["site_id", "site", "city_code", "night", "mnf_m3h", "meters", "leakage_m3h", "nights"],
+                  [[s.site_id, s.site_name, s.city_code, s.day.isoformat(), n(s.mnf_m3h), s.meters, n(s.leakage_m3h),
+                    s.nights or ""] for s in sites]),
+        "alerts": (["alert_id", "kind", "city", "site", "device_id", "opened_at", "detail"],
+                   [[a.alert_id, a.kind, a.city_code or 0, a.site_name or "", a.device_id, t(a.opened_at), a.detail]
+                    for a in alerts]),
+    }
+
+
+@report_app.command("water")
+def report_water(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                 days: Annotated[int, typer.Option(min=1, max=3660, help="consumption over the last N local days")] = 7,
+                 top: Annotated[int, typer.Option(min=1, max=10000, help="sites shown by leakage")] = 20,
+                 csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
+                 section: Annotated[Optional[str], typer.Option(
+                     help=f"only one section: {', '.join(WATER_SECTIONS)} (with --csv: one plain CSV table)")] = None) -> None:
+    """Daily water consumption per city, the top sites by leakage (rolling 7-day P20 of the minimum night
+    flow) and open per-meter alerts.  Brings the water figures up to date first."""
+    import csv as csvlib
+    from datetime import timedelta
+
+    from rich.table import Table
+
+    from analytics.water import consumption_by_city, open_alerts, site_nights, update_water
+    from .db import connect
+    settings = get_settings()
+    _need_database(settings)
+    if section is not None and section not in WATER_SECTIONS:
+        console.print(f"[red]--section must be one of {', '.join(WATER_SECTIONS)}, not {escape(section)!r}[/]")
+        raise typer.Exit(2)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            update_water(conn, tz=settings.tz)
+            today = datetime.now(settings.tz).date()
+            tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
+                                   site_nights(conn, today, city, top), open_alerts(conn, city))
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(2) from None
+    chosen = [section] if section else list(WATER_SECTIONS)
+    if csv:
+        out = csvlib.writer(sys.stdout, lineterminator="\n")
+        for k, name in enumerate(chosen):
+            header, rows = tables[name]
+            if len(chosen) > 1:
+                sys.stdout.write(("\n" if k else "") + f"# {name}\n")
+            out.writerow(header)
+            out.writerows(rows)
+        return
+    titles = {"consumption": f"Water consumption per city and local day, last {days} days",
+              "sites": "Sites by leakage (m³/h: rolling 7-day P20 of the minimum night flow)",
+              "alerts": "Open water meter alerts"}
+    for name in chosen:
+        header, rows = tables[name]
+        table = Table(*header, title=f"{titles[name]}: {len(rows)}")
+        for row in rows:
+            table.add_row(*(escape(str(v)) for v in row))
+        console.print(table)
+
 def _register_simulator_commands() -> None:
     from simulators.cli import register
     register(app, console)

@@ -265,3 +265,33 @@ def test_a_clean_fleet_has_no_leak(db_url):
         update_water(conn)
         kinds = [k for k, in conn.execute("SELECT kind FROM water_alerts")]
     assert "continuous_flow" not in kinds and "reverse_flow" not in kinds
+
+
+def test_report_water_prints_tables_and_csv(meters, monkeypatch):
+    from typer.testing import CliRunner
+
+    from iotjx.cli import app
+    from iotjx.settings import get_settings
+
+    db_url, store = meters
+    store(METER, [(_local(1, 1, 30) + timedelta(hours=k), 20 + 0.05 * k, {"battery": k > 2}) for k in range(4)])
+    monkeypatch.setenv("IOTJX_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        shown = runner.invoke(app, ["report", "water", "--city", "Yingtan"], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert "Open water meter alerts: 1" in shown.output and "龙岗小区" in shown.output
+        plain = runner.invoke(app, ["report", "water", "--csv", "--section", "consumption"])
+        assert plain.exit_code == 0, plain.output
+        lines = plain.output.strip().splitlines()
+        assert lines[0] == "day,city_code,city,meters,consumption_m3,reverse_m3"
+        assert lines[1:] == [f"{_local(1, 0).date().isoformat()},360600,Yingtan,1,0.15,0.00"]
+        sites = runner.invoke(app, ["report", "water", "--csv", "--section", "sites"]).output.splitlines()
+        assert len(sites) == 2 and sites[1].split(",")[4] == "0.050"     # 0.05 m³/h in both night slots
+        every = runner.invoke(app, ["report", "water", "--csv"]).output
+        assert [line for line in every.splitlines() if line.startswith("# ")] == ["# consumption", "# sites", "# alerts"]
+        bad = runner.invoke(app, ["report", "water", "--city", "Atlantis"])
+        assert bad.exit_code == 2 and "unknown city" in bad.output
+    finally:
+        get_settings.cache_clear()
