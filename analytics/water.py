@@ -229,8 +229,8 @@ def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
       that is not positive, spans a longer interval, or starts a new series.
     * reverse_flow: opens at a reverse-flow delta; closes at the next positive delta.
     * stopped: opens at the first reading 7 days or more after the register last rose (or the series
-      began) when every reading since had the valve open; closes at the next rise, a new series, or a
-      reading with the valve not open (a closed valve explains the stop).
+      began, or the valve was last seen not open) with the valve open at every reading since; closes at
+      the next rise, a new series, or a reading with the valve not open (a closed valve explains the stop).
     * battery_low / valve_closed / valve_abnormal: open at the first reading with the bit set (valve
       ``closed``; valve ``abnormal``, ST bits 11), close at the first with it clear; a reading without the
       field (NULL, valve ``unknown``) changes nothing.
@@ -249,8 +249,7 @@ def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
 
     prev: Reading | None = None
     chain_from: float | None = None
-    rose_at: float | None = None
-    valve_open_since_rise = True
+    rose_at: float | None = None         # since when the register has not risen with the valve open
     for r in readings:
         for kind, flag in (("battery_low", r.battery_low),
                            ("valve_closed", None if r.valve in (None, "unknown") else r.valve == "closed"),
@@ -262,7 +261,7 @@ def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
         if r.register_m3 is None:
             continue
         if prev is None:
-            rose_at, valve_open_since_rise = r.t, r.valve == "open"
+            rose_at = r.t if r.valve == "open" else None
             prev = r
             continue
         m3, kind = classify(prev.meter_address, prev.register_m3, r.meter_address, r.register_m3)
@@ -281,13 +280,13 @@ def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
         elif m3 > 0:
             stop("reverse_flow", r.t)
         # stopped meter
-        if m3 > 0 or kind == NEW_SERIES:
-            rose_at, valve_open_since_rise = r.t, r.valve == "open"
+        if r.valve != "open":
+            rose_at = None
             stop("stopped", r.t)
-        elif r.valve != "open":
-            valve_open_since_rise = False
+        elif m3 > 0 or kind == NEW_SERIES or rose_at is None:
+            rose_at = r.t
             stop("stopped", r.t)
-        elif valve_open_since_rise and rose_at is not None and r.t - rose_at >= STOPPED_DAYS * 86400.0:
+        elif r.t - rose_at >= STOPPED_DAYS * 86400.0:
             start("stopped", r.t, f"no consumption since {_iso(rose_at)}")
         prev = r
     out.extend(open_.values())

@@ -133,7 +133,8 @@ def test_days_split_at_local_midnight(meters):
 
 def test_state_alerts_battery_valve_and_stopped(meters):
     db_url, store = meters
-    readings = [(_local(12 - k, 12), 50.0 if k < 9 else 50.0 + k, {}) for k in range(12)]
+    # 16 daily readings; the register stands still until reading 14
+    readings = [(_local(16 - k, 12), 50.0 if k < 14 else 50.0 + k, {}) for k in range(16)]
     readings[3] = (readings[3][0], 50.0, {"battery": True})
     readings[4] = (readings[4][0], 50.0, {"battery": True, "valve": 0b01})
     readings[5] = (readings[5][0], 50.0, {"valve": 0b11})
@@ -145,9 +146,10 @@ def test_state_alerts_battery_valve_and_stopped(meters):
     assert ("battery_low", t[3], t[5]) in got
     assert ("valve_closed", t[4], t[5]) in got
     assert ("valve_abnormal", t[5], t[6]) in got
-    # the valve was open again from reading 6; seven days without a rise: stopped from reading 13 - … never,
-    # the register rose at reading 9 (six days after 6): no stopped alert; the first 3 days had one too few
-    assert [a for a in got if a[0] == "stopped"] == []
+    # stopped: not before reading 4 (3 days still), the valve shut at 4 and 5; open again from reading 6,
+    # so seven days without a rise at reading 13; the register rises at 14
+    assert [a for a in got if a[0] == "stopped"] == [("stopped", t[13], t[14])]
+    assert len(got) == 4
 
 
 # --------------------------------------------------------------------------- a simulated fleet
