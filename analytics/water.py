@@ -349,7 +349,8 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
                 lo = min(cut, first_open or cut) - timedelta(seconds=CONTEXT_S)
             rows = cur.execute(f"""
                 (SELECT {_READING_COLUMNS} FROM water_readings w
-                 WHERE w.device_id = %(d)s AND (%(lo)s::timestamptz IS NULL OR w.time >= %(lo)s - interval '{MEASUREMENT_AHEAD_S} seconds'))
+                 WHERE w.device_id = %(d)s
+                   AND (%(lo)s::timestamptz IS NULL OR w.time >= %(lo)s - interval '{MEASUREMENT_AHEAD_S} seconds'))
                 UNION ALL
                 (SELECT {_READING_COLUMNS} FROM water_readings w
                  WHERE %(lo)s::timestamptz IS NOT NULL AND w.device_id = %(d)s AND w.flow_m3 IS NOT NULL

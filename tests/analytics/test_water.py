@@ -297,3 +297,29 @@ def test_report_water_prints_tables_and_csv(meters, monkeypatch):
         assert bad.exit_code == 2 and "unknown city" in bad.output
     finally:
         get_settings.cache_clear()
+
+
+def test_a_late_uplink_changes_only_its_own_meter_from_its_own_day(meters):
+    db_url, store = meters
+    for device in (METER, OTHER):
+        store(device, [(_local(5 - k, 12), 10.0 + k, {}) for k in range(5)])
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        update_water(conn)
+        before = conn.execute("SELECT device_id, day, consumption_m3, updated_at FROM water_daily ORDER BY 1, 2").fetchall()
+        # a reading measured three days ago at 18:00 arrives now (held by the meter)
+        late_at = _local(3, 18)
+        Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))).process(
+            [Uplink(device_id=METER, payload=_frame(late_at, 12.5, serial=99), transport="mqtt",
+                    received_at=wallclock.time())])
+        update_water(conn)
+        after = conn.execute("SELECT device_id, day, consumption_m3, updated_at FROM water_daily ORDER BY 1, 2").fetchall()
+    # Rows are rewritten from the late reading's day for its meter (and, within the one-hour margin, the
+    # rows last written): only its own day and the next one change.
+    assert [r[:3] for r in before if r[0] == OTHER] == [r[:3] for r in after if r[0] == OTHER]
+    assert {r[1]: r[3] for r in before if r[0] == METER and r[1] < late_at.date()} == \
+        {r[1]: r[3] for r in after if r[0] == METER and r[1] < late_at.date()}          # not even rewritten
+    changed = {(r[0], r[1]) for r in {r[:3] for r in after} ^ {r[:3] for r in before}}
+    assert changed == {(METER, _local(3, 0).date()), (METER, _local(2, 0).date())}
+    days = {r[1]: r[2] for r in after if r[0] == METER}
+    assert days[_local(3, 0).date()] == pytest.approx(1.5) and days[_local(2, 0).date()] == pytest.approx(0.5)
+    assert sum(days.values()) == pytest.approx(4.0)
