@@ -175,7 +175,7 @@ _RECOUNT = """
     FROM l GROUP BY 1, 2 ORDER BY 1, 2"""
 
 
-def _simulate(db_url, *, leak: float, days: int = 3):
+def _simulate(db_url, *, leak: float, days: int = 3, hourly: bool = True):
     from simulators.engine import Simulation
     from simulators.scenario import load_scenario
 
@@ -183,8 +183,9 @@ def _simulate(db_url, *, leak: float, days: int = 3):
     base = load_scenario("province-mix").scaled(0.01)
     options = {"leak": leak, "rollover": 0.1 if leak else 0.0, "replacement": 0.1 if leak else 0.0,
                "battery_low": 0.05, "valve_closed": 0.02}
-    fleets = tuple(replace(f, interval_s=3600, options={**f.options, **options},
-                           behaviour=replace(f.behaviour, corrupt=0.0, midnight_share=0.0))
+    fleets = tuple(replace(f, interval_s=3600 if hourly else f.interval_s, options={**f.options, **options},
+                           behaviour=replace(f.behaviour, corrupt=0.0,
+                                             midnight_share=0.0 if hourly else f.behaviour.midnight_share))
                    for f in base.fleets if f.family == "water")
     assert len(fleets) == 5
     scenario = replace(base, fleets=fleets, start=now - days * 86400 - 600, duration_s=days * 86400)
@@ -257,6 +258,24 @@ def test_a_simulated_fleet_daily_sums_leaks_and_reruns(db_url):
     assert errors == []
     with psycopg.connect(db_url) as conn:
         assert _all_rows(conn) == incremental
+
+
+def test_daily_meters_sum_like_the_recount_and_give_no_night_figure(db_url):
+    """The province-mix meters as they are (once a day, many in the midnight burst) over six days."""
+    records, uplinks, pipeline = _simulate(db_url, leak=0.15, days=6, hourly=False)
+    assert any("leak" in r.labels for r in records)
+    pipeline.process(uplinks)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        update_water(conn)
+        stored = {(d, day): (n, m3) for d, day, n, m3 in conn.execute(
+            "SELECT device_id, day, readings, consumption_m3 FROM water_daily")}
+        recount = {(d, day): (n, m3) for d, day, n, m3 in conn.execute(_RECOUNT)}
+        assert stored.keys() == recount.keys() and len(stored) > 100
+        for k in stored:
+            assert stored[k][0] == recount[k][0] and stored[k][1] == pytest.approx(recount[k][1], abs=1e-6), k
+        assert conn.execute("SELECT count(*) FROM water_daily WHERE night_m3h IS NOT NULL").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM water_night").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM water_alerts WHERE kind = 'continuous_flow'").fetchone()[0] == 0
 
 
 def test_a_clean_fleet_has_no_leak(db_url):
