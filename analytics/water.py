@@ -220,7 +220,7 @@ def meter_days(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI,
     return rows
 
 
-def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
+def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI) -> list[AlertEpisode]:
     """The meter's alert episodes from its readings (sorted by measurement time).  Rules, each opened
     and closed at a reading's measurement time:
 
@@ -270,7 +270,7 @@ def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
         if kind != NEW_SERIES and m3 > 0 and gap <= CONTINUOUS_MAX_GAP_S:
             chain_from = prev.t if chain_from is None else chain_from
             if r.t - chain_from >= CONTINUOUS_FLOW_S:
-                start("continuous_flow", r.t, f"positive deltas since {_iso(chain_from)}")
+                start("continuous_flow", r.t, f"positive deltas since {_iso(chain_from, tz)}")
         else:
             chain_from = None
             stop("continuous_flow", r.t)
@@ -287,14 +287,14 @@ def alert_episodes(readings: Sequence[Reading]) -> list[AlertEpisode]:
             rose_at = r.t
             stop("stopped", r.t)
         elif r.t - rose_at >= STOPPED_DAYS * 86400.0:
-            start("stopped", r.t, f"no consumption since {_iso(rose_at)}")
+            start("stopped", r.t, f"no consumption since {_iso(rose_at, tz)}")
         prev = r
     out.extend(open_.values())
     return sorted(out, key=lambda e: (e.opened_at, e.kind))
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, SHANGHAI).isoformat(timespec="seconds")
+def _iso(t: float, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(t, tz).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- update_water
@@ -370,7 +370,7 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
                               None if m.night_m3h is None else [round(x, 9) for x in m.night_m3h])
                              for m in mdays])
             days_written += len(mdays)
-            eps = [e for e in alert_episodes(readings)
+            eps = [e for e in alert_episodes(readings, tz)
                    if cut is None or e.closed_at is None or e.closed_at >= cut.timestamp()]
             cur.execute("""DELETE FROM water_alerts WHERE device_id = %s
                            AND (%s::timestamptz IS NULL OR closed_at IS NULL OR closed_at >= %s)""", (device, cut, cut))

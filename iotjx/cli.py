@@ -565,13 +565,14 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
 WATER_SECTIONS = ("consumption", "sites", "alerts")
 
 
-def _water_tables(days, sites, alerts) -> dict[str, tuple[list[str], list[list[object]]]]:
-    """Each section of the water report as (header, rows) of plain values (for rich and CSV alike)."""
+def _water_tables(days, sites, alerts, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the water report as (header, rows) of plain values (for rich and CSV alike); times
+    in local time `tz`, as the days."""
     def n(value, digits: int = 3) -> str:
         return "" if value is None else f"{value:.{digits}f}"
 
     def t(value) -> str:
-        return "" if value is None else value.isoformat(timespec="seconds")
+        return "" if value is None else value.astimezone(tz).isoformat(timespec="seconds")
     return {
         "consumption": (["day", "city_code", "city", "meters", "consumption_m3", "reverse_m3"],
                         [[d.day.isoformat(), d.city_code, d.city, d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)]
@@ -611,7 +612,7 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
             update_water(conn, tz=settings.tz)
             today = datetime.now(settings.tz).date()
             tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
-                                   site_nights(conn, today, city, top), open_alerts(conn, city))
+                                   site_nights(conn, today, city, top), open_alerts(conn, city), settings.tz)
         except ValueError as exc:
             console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
             raise typer.Exit(2) from None
