@@ -325,64 +325,71 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
     docstring); safe to run twice and from several processes at once."""
     if margin_s < 0:
         raise ValueError(f"margin_s must be >= 0, not {margin_s}")
-    days_written = alerts_written = 0
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
         row = cur.execute("SELECT read_to FROM water_progress").fetchone()
         since = None if full or row is None else row["read_to"] - timedelta(seconds=margin_s)
-        touched = cur.execute(f"""
-            SELECT w.device_id, min({_measured_sql()}) AS t_new, max(w.time) AS seen_to
+        # The devices with readings received since the watermark, the local day of their earliest new
+        # measurement (d0: recomputed from there), the cut below which alerts stay as stored, and lo: from
+        # where readings are re-read (CONTEXT_S before the cut and before any alert still open at it).
+        cur.execute("DROP TABLE IF EXISTS water_touched")      # a caller's transaction that ran us before
+        cur.execute(f"""
+            CREATE TEMP TABLE water_touched ON COMMIT DROP AS
+            SELECT w.device_id, min({_measured_sql()}) AS t_new, max(w.time) AS seen_to,
+                   NULL::date AS d0, NULL::timestamptz AS cut, NULL::timestamptz AS lo
             FROM water_readings w WHERE %(since)s::timestamptz IS NULL OR w.time > %(since)s
-            GROUP BY w.device_id ORDER BY w.device_id""", {"since": since}).fetchall()
-        read_to = max((t["seen_to"] for t in touched), default=None)
+            GROUP BY w.device_id""", {"since": since})
+        read_to = cur.execute("SELECT max(seen_to) AS m FROM water_touched").fetchone()["m"]
+        if not full:
+            p = {"tz": tz.key, "ctx": CONTEXT_S}
+            cur.execute("UPDATE water_touched SET d0 = (t_new AT TIME ZONE %(tz)s)::date", p)
+            cur.execute("UPDATE water_touched SET cut = (d0::timestamp AT TIME ZONE %(tz)s) - %(ctx)s * interval '1 second'",
+                        p)
+            cur.execute("""
+                UPDATE water_touched t SET lo = least(t.cut, coalesce((
+                    SELECT min(a.opened_at) FROM water_alerts a
+                    WHERE a.device_id = t.device_id AND (a.closed_at IS NULL OR a.closed_at >= t.cut)), t.cut))
+                    - %(ctx)s * interval '1 second'""", p)
+        touched = {r["device_id"]: r for r in cur.execute(
+            "SELECT t.device_id, t.d0, t.cut, d.site_id FROM water_touched t LEFT JOIN devices d USING (device_id)")}
+        rows = cur.execute(f"""
+            SELECT {_READING_COLUMNS} FROM water_touched t JOIN water_readings w ON w.device_id = t.device_id
+            WHERE t.lo IS NULL OR w.time >= t.lo - interval '{MEASUREMENT_AHEAD_S} seconds'
+            UNION ALL
+            SELECT p.* FROM water_touched t CROSS JOIN LATERAL (
+                SELECT {_READING_COLUMNS} FROM water_readings w
+                WHERE t.lo IS NOT NULL AND w.device_id = t.device_id AND w.flow_m3 IS NOT NULL
+                  AND w.time < t.lo - interval '{MEASUREMENT_AHEAD_S} seconds' ORDER BY w.time DESC LIMIT 1) p
+            ORDER BY device_id""").fetchall()
+        by_device: dict[str, list[dict]] = {}
+        for r in rows:
+            by_device.setdefault(r["device_id"], []).append(r)
+        daily: list[tuple] = []
+        alerts: list[tuple] = []
         sites: dict[int, date] = {}
-        for t in touched:
-            device = t["device_id"]
-            d0 = None if full else datetime.fromtimestamp(t["t_new"].timestamp(), tz).date()
-            d0_start = None if d0 is None else datetime.combine(d0, time(0), tzinfo=tz)
-            cut = lo = None
-            if d0_start is not None:
-                cut = d0_start - timedelta(seconds=CONTEXT_S)
-                first_open = cur.execute("""SELECT min(opened_at) AS m FROM water_alerts WHERE device_id = %s
-                                            AND (closed_at IS NULL OR closed_at >= %s)""",
-                                         (device, cut)).fetchone()["m"]
-                lo = min(cut, first_open or cut) - timedelta(seconds=CONTEXT_S)
-            rows = cur.execute(f"""
-                (SELECT {_READING_COLUMNS} FROM water_readings w
-                 WHERE w.device_id = %(d)s
-                   AND (%(lo)s::timestamptz IS NULL OR w.time >= %(lo)s - interval '{MEASUREMENT_AHEAD_S} seconds'))
-                UNION ALL
-                (SELECT {_READING_COLUMNS} FROM water_readings w
-                 WHERE %(lo)s::timestamptz IS NOT NULL AND w.device_id = %(d)s AND w.flow_m3 IS NOT NULL
-                   AND w.time < %(lo)s - interval '{MEASUREMENT_AHEAD_S} seconds' ORDER BY w.time DESC LIMIT 1)""",
-                               {"d": device, "lo": lo}).fetchall()
-            readings = _readings(rows)
-            mdays = [m for m in meter_days(readings, tz, night_window) if d0 is None or m.day >= d0]
-            cur.execute("DELETE FROM water_daily WHERE device_id = %s AND (%s::date IS NULL OR day >= %s)",
-                        (device, d0, d0))
-            cur.executemany("""
-                INSERT INTO water_daily (device_id, day, consumption_m3, reverse_m3, readings, first_register_m3,
-                    last_register_m3, first_at, last_at, meter_address, rollovers, new_series, reverse_flows, night_m3h)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s)""",
-                            [(device, m.day, round(m.consumption_m3, 6), round(m.reverse_m3, 6), m.readings,
-                              m.first_register_m3, m.last_register_m3, m.first_at, m.last_at, m.meter_address,
-                              m.rollovers, m.new_series, m.reverse_flows,
-                              None if m.night_m3h is None else [round(x, 9) for x in m.night_m3h])
-                             for m in mdays])
-            days_written += len(mdays)
-            eps = [e for e in alert_episodes(readings, tz)
-                   if cut is None or e.closed_at is None or e.closed_at >= cut.timestamp()]
-            cur.execute("""DELETE FROM water_alerts WHERE device_id = %s
-                           AND (%s::timestamptz IS NULL OR closed_at IS NULL OR closed_at >= %s)""", (device, cut, cut))
-            cur.executemany("""
-                INSERT INTO water_alerts (device_id, kind, opened_at, closed_at, detail)
-                VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s) ON CONFLICT DO NOTHING""",
-                            [(device, e.kind, e.opened_at, e.closed_at, e.detail) for e in eps])
-            alerts_written += len(eps)
-            site = cur.execute("SELECT site_id FROM devices WHERE device_id = %s", (device,)).fetchone()
-            if site is not None and site["site_id"] is not None and mdays:
-                first = d0 or mdays[0].day
-                sites[site["site_id"]] = min(sites.get(site["site_id"], first), first)
+        for device, t in sorted(touched.items()):
+            readings = _readings(by_device.get(device, []))
+            mdays = [m for m in meter_days(readings, tz, night_window) if t["d0"] is None or m.day >= t["d0"]]
+            daily.extend((device, m.day, round(m.consumption_m3, 6), round(m.reverse_m3, 6), m.readings,
+                          m.first_register_m3, m.last_register_m3, m.first_at, m.last_at, m.meter_address,
+                          m.rollovers, m.new_series, m.reverse_flows,
+                          None if m.night_m3h is None else [round(x, 9) for x in m.night_m3h]) for m in mdays)
+            cut = None if t["cut"] is None else t["cut"].timestamp()
+            alerts.extend((device, e.kind, e.opened_at, e.closed_at, e.detail) for e in alert_episodes(readings, tz)
+                          if cut is None or e.closed_at is None or e.closed_at >= cut)
+            if t["site_id"] is not None and mdays:
+                sites[t["site_id"]] = min(sites.get(t["site_id"], mdays[0].day), mdays[0].day)
+        cur.execute("""DELETE FROM water_daily w USING water_touched t
+                       WHERE w.device_id = t.device_id AND (t.d0 IS NULL OR w.day >= t.d0)""")
+        cur.executemany("""
+            INSERT INTO water_daily (device_id, day, consumption_m3, reverse_m3, readings, first_register_m3,
+                last_register_m3, first_at, last_at, meter_address, rollovers, new_series, reverse_flows, night_m3h)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s)""", daily)
+        cur.execute("""DELETE FROM water_alerts a USING water_touched t
+                       WHERE a.device_id = t.device_id AND (t.cut IS NULL OR a.closed_at IS NULL OR a.closed_at >= t.cut)""")
+        cur.executemany("""
+            INSERT INTO water_alerts (device_id, kind, opened_at, closed_at, detail)
+            VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s) ON CONFLICT DO NOTHING""", alerts)
         for site_id, d0 in sorted(sites.items()):
             _site_nights(cur, site_id, None if full else d0)
         if row is not None and read_to is not None:
@@ -391,7 +398,7 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
             cur.execute("""INSERT INTO water_progress (read_to) VALUES (%s)
                            ON CONFLICT (one) DO UPDATE SET read_to = greatest(water_progress.read_to, excluded.read_to),
                                                           updated_at = now()""", (read_to,))
-    return UpdateResult(len(touched), days_written, len(sites), alerts_written,
+    return UpdateResult(len(touched), len(daily), len(sites), len(alerts),
                         read_to if read_to is not None else (row["read_to"] if row else None))
 
 
