@@ -481,6 +481,31 @@ class _audited_write:
 # ----------------------------------------------------------------------------- reports (issue 13, item 8)
 report_app = typer.Typer(help="Reports operators act on, as a table or CSV.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
+def _print_sections(tables: dict[str, tuple[list[str], list[list[object]]]], chosen: list[str],
+                    titles: dict[str, str], csv: bool) -> None:
+    """A report's sections as rich tables, or as CSV: one table per section, each after a "# section" line
+    and a blank line between them when there are several (--section gives one plain table)."""
+    if csv:
+        import csv as csvlib
+
+        out = csvlib.writer(sys.stdout, lineterminator="\n")
+        for k, name in enumerate(chosen):
+            header, rows = tables[name]
+            if len(chosen) > 1:
+                sys.stdout.write(("\n" if k else "") + f"# {name}\n")
+            out.writerow(header)
+            out.writerows(rows)
+        return
+    from rich.table import Table
+
+    for name in chosen:
+        header, rows = tables[name]
+        table = Table(*header, title=f"{titles[name]}: {len(rows)}")
+        for row in rows:
+            table.add_row(*(escape(str(v)) for v in row))
+        console.print(table)
+
+
 FIRE_SECTIONS = ("alarms", "offline", "cities", "sites")
 
 
@@ -518,10 +543,7 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
                     help=f"only one section: {', '.join(FIRE_SECTIONS)} (with --csv: one plain CSV table)")] = None) -> None:
     """Open fire alarms and faults, offline fire devices, acknowledgement latency per city (GB 50440's 10 s
     display budget) and false-alarm share per site.  Brings the alarm lifecycles up to date first."""
-    import csv as csvlib
     from datetime import UTC, timedelta
-
-    from rich.table import Table
 
     from analytics.fire import fire_kpis, offline_devices, open_alarms, update_alarms
     from .db import connect
@@ -540,26 +562,10 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
             console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
             raise typer.Exit(2) from None
     chosen = [section] if section else list(FIRE_SECTIONS)
-    if csv:
-        # One CSV table per section; with several, each is preceded by a "# section" line and a blank line
-        # between them (use --section for a single plain table).
-        out = csvlib.writer(sys.stdout, lineterminator="\n")
-        for k, name in enumerate(chosen):
-            header, rows = tables[name]
-            if len(chosen) > 1:
-                sys.stdout.write(("\n" if k else "") + f"# {name}\n")
-            out.writerow(header)
-            out.writerows(rows)
-        return
     titles = {"alarms": "Open fire alarms and faults", "offline": "Offline fire devices (silent > 2 × interval)",
               "cities": f"Acknowledgement per city, alarms raised in the last {days} days",
               "sites": f"False alarms per site, last {days} days"}
-    for name in chosen:
-        header, rows = tables[name]
-        table = Table(*header, title=f"{titles[name]}: {len(rows)}")
-        for row in rows:
-            table.add_row(*(escape(str(v)) for v in row))
-        console.print(table)
+    _print_sections(tables, chosen, titles, csv)
 
 
 HEALTH_SECTIONS = ("online", "silent", "malformed", "battery", "success")
@@ -602,10 +608,7 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
                   ) -> None:
     """Device health now: online (live) rate per city × pilot × network, silent devices, devices sending only
     malformed frames, battery-low devices, devices that sent fewer uplinks than expected over the last N days."""
-    import csv as csvlib
     from datetime import timedelta
-
-    from rich.table import Table
 
     from analytics.health import health_report, uplink_success
     from .db import connect
@@ -623,30 +626,73 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
             raise typer.Exit(2) from None
     tables = _health_tables(report, success)
     chosen = [section] if section else list(HEALTH_SECTIONS)
-    if csv:
-        # As `report fire`: one CSV table per section, each after a "# section" line when there are several.
-        out = csvlib.writer(sys.stdout, lineterminator="\n")
-        for k, name in enumerate(chosen):
-            header, rows = tables[name]
-            if len(chosen) > 1:
-                sys.stdout.write(("\n" if k else "") + f"# {name}\n")
-            out.writerow(header)
-            out.writerows(rows)
-        return
     titles = {"online": "Online (live) rate per city × pilot × network",
               "silent": f"Silent devices (active, no stored uplink within {settings.live_factor:g} × interval)",
               "malformed": "Devices sending only malformed frames (rejected within their live window)",
               "battery": "Battery low",
               "success": f"Uplink success below 1 over the last {days} days (stored ÷ whole intervals expected)"}
-    for name in chosen:
-        header, rows = tables[name]
-        table = Table(*header, title=f"{titles[name]}: {len(rows)}")
-        for row in rows:
-            table.add_row(*(escape(str(v)) for v in row))
-        console.print(table)
+    _print_sections(tables, chosen, titles, csv)
     if report.suppressed_rejects and (section is None or section in ("silent", "malformed")):
         console.print(f"{report.suppressed_rejects} rejects were only tallied (past a source's rate, no device id): "
                       "a device among them may be listed as silent", highlight=False)
+
+
+WATER_SECTIONS = ("consumption", "sites", "alerts")
+
+
+def _water_tables(days, sites, alerts, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the water report as (header, rows) of plain values (for rich and CSV alike); times
+    in local time `tz`, as the days."""
+    def n(value, digits: int = 3) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    def t(value) -> str:
+        return "" if value is None else value.astimezone(tz).isoformat(timespec="seconds")
+    return {
+        "consumption": (["day", "city_code", "city", "meters", "consumption_m3", "reverse_m3"],
+                        [[d.day.isoformat(), d.city_code, d.city, d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)]
+                         for d in days]),
+        "sites": (["site_id", "site", "city_code", "night", "mnf_m3h", "meters", "leakage_m3h", "nights"],
+                  [[s.site_id, s.site_name, s.city_code, s.day.isoformat(), n(s.mnf_m3h), s.meters, n(s.leakage_m3h),
+                    s.nights or ""] for s in sites]),
+        "alerts": (["alert_id", "kind", "city", "site", "device_id", "opened_at", "detail"],
+                   [[a.alert_id, a.kind, a.city_code or 0, a.site_name or "", a.device_id, t(a.opened_at), a.detail]
+                    for a in alerts]),
+    }
+
+
+@report_app.command("water")
+def report_water(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                 days: Annotated[int, typer.Option(min=1, max=3660, help="consumption over the last N local days")] = 7,
+                 top: Annotated[int, typer.Option(min=1, max=10000, help="sites shown by leakage")] = 20,
+                 csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
+                 section: Annotated[Optional[str], typer.Option(
+                     help=f"only one section: {', '.join(WATER_SECTIONS)} (with --csv: one plain CSV table)")] = None) -> None:
+    """Daily water consumption per city, the top sites by leakage (rolling 7-day P20 of the minimum night
+    flow) and open per-meter alerts.  Brings the water figures up to date first."""
+    from datetime import timedelta
+
+    from analytics.water import consumption_by_city, open_alerts, site_nights, update_water
+    from .db import connect
+    settings = get_settings()
+    _need_database(settings)
+    if section is not None and section not in WATER_SECTIONS:
+        console.print(f"[red]--section must be one of {', '.join(WATER_SECTIONS)}, not {escape(section)!r}[/]")
+        raise typer.Exit(2)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            update_water(conn, tz=settings.tz)
+            today = datetime.now(settings.tz).date()
+            tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
+                                   site_nights(conn, today, city, top), open_alerts(conn, city), settings.tz)
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(2) from None
+    chosen = [section] if section else list(WATER_SECTIONS)
+    titles = {"consumption": f"Water consumption per city and local day, last {days} days",
+              "sites": "Sites by leakage (m³/h: rolling 7-day P20 of the minimum night flow)",
+              "alerts": "Open water meter alerts"}
+    _print_sections(tables, chosen, titles, csv)
 
 
 def _register_simulator_commands() -> None:

@@ -545,6 +545,56 @@ def _m9_fire_alarms(conn: psycopg.Connection, timescale: bool) -> None:
             updated_at timestamptz NOT NULL DEFAULT now())""")
 
 
+def _m10_water(conn: psycopg.Connection, timescale: bool) -> None:
+    """Water analytics (analytics/water.py): consumption per meter and local day from the cumulative
+    register, the night-flow slots of each meter-night, minimum night flow and leakage per site, per-meter
+    alerts with their open and close times, and how far update_water has read water_readings."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS water_daily (
+            device_id text NOT NULL,
+            day date NOT NULL,                   -- local day (Asia/Shanghai) of the later reading of each delta
+            consumption_m3 double precision NOT NULL,   -- sum of the day's deltas (reverse flow counts negative)
+            reverse_m3 double precision NOT NULL DEFAULT 0,   -- the negative part of it (<= 0)
+            readings integer NOT NULL,           -- readings measured that day
+            first_register_m3 double precision,
+            last_register_m3 double precision,
+            first_at timestamptz NOT NULL,       -- measurement time of the day's first and last reading
+            last_at timestamptz NOT NULL,
+            meter_address text,                  -- the meter at the day's last reading
+            rollovers smallint NOT NULL DEFAULT 0,
+            new_series smallint NOT NULL DEFAULT 0,     -- replacements / register resets seen that day
+            reverse_flows smallint NOT NULL DEFAULT 0,
+            night_m3h double precision[],        -- the meter's flow in each hourly slot of the night window
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (device_id, day))""")
+    conn.execute("CREATE INDEX IF NOT EXISTS water_daily_day ON water_daily (day)")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS water_night (
+            site_id bigint NOT NULL,
+            day date NOT NULL,
+            mnf_m3h double precision NOT NULL,   -- minimum over the window's hourly slots of the meters' sum
+            meters integer NOT NULL,             -- meters with every slot of the night covered
+            leakage_m3h double precision,        -- 20th percentile of mnf_m3h over this and the 6 previous days
+            nights smallint,                     -- nights that percentile was taken over
+            PRIMARY KEY (site_id, day))""")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS water_alerts (
+            alert_id bigserial PRIMARY KEY,
+            device_id text NOT NULL,
+            kind text NOT NULL CHECK (kind IN ('continuous_flow', 'reverse_flow', 'stopped', 'battery_low',
+                                               'valve_closed', 'valve_abnormal')),
+            opened_at timestamptz NOT NULL,      -- measurement time of the reading that opened it
+            closed_at timestamptz,               -- …and of the one that closed it (NULL: open)
+            detail text NOT NULL DEFAULT '',
+            UNIQUE (device_id, kind, opened_at))""")
+    conn.execute("CREATE INDEX IF NOT EXISTS water_alerts_open ON water_alerts (opened_at) WHERE closed_at IS NULL")
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS water_progress (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            read_to timestamptz NOT NULL,        -- water_readings.time read so far (before the safety margin)
+            updated_at timestamptz NOT NULL DEFAULT now())""")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -556,6 +606,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "site catalogue, model networks, device status history, progress entries, coverage snapshots",
               _m8_coverage),
     Migration(9, "fire alarm and fault lifecycles per component", _m9_fire_alarms),
+    Migration(10, "water consumption per meter-day, night flow and leakage per site, per-meter alerts", _m10_water),
 )
 
 
