@@ -123,19 +123,25 @@ def db_upgrade() -> None:
 @devices_app.command("import")
 def devices_import(csv_file: Path) -> None:
     """Register devices from a CSV file (device_id,model,network,city,site_kind,site_name,…); audited."""
+    from .devices import parse_csv, register_devices
+    _import_csv_file(csv_file, parse_csv, register_devices, command="devices import", noun="devices")
+
+
+def _import_csv_file(csv_file: Path, parse, apply, *, command: str, noun: str) -> None:
+    """`parse` a CSV file a line at a time (a large file costs its records, a bad one its first errors),
+    `apply` it all or nothing, and audit it; errors by line, exit 1."""
     settings = get_settings()
     _need_database(settings)
     from . import audit
     from .db import connect
-    from .devices import Registry, RegistrationError, parse_csv, register_devices
+    from .devices import RegistrationError, Registry
     try:
         with connect(settings.database_url) as conn:
-            # Read a line at a time: a large file costs its records, a bad one its first errors.
             with csv_file.open(encoding="utf-8", newline="") as lines:
-                records = parse_csv(lines, registry=Registry.load(conn))
-            result = register_devices(conn, records, first_line=2)
-            audit.record(conn, actor=audit.cli_actor(), method="devices import", route="iotjx devices import",
-                         target=str(csv_file), change={**result, "devices": len(records)})
+                records = parse(lines, registry=Registry.load(conn))
+            result = apply(conn, records, first_line=2)
+            audit.record(conn, actor=audit.cli_actor(), method=command, route=f"iotjx {command}",
+                         target=str(csv_file), change={**result, noun: len(records)})
         console.print(result)
     except RegistrationError as exc:
         _print_errors(exc)
@@ -153,23 +159,8 @@ def _print_errors(exc) -> None:
 def sites_import(csv_file: Path) -> None:
     """Import catalogue sites from CSV (site_id,city,kind,name + optional aliases (a|b),grade,model_site,
     model_site_since,status,opened_on,closed_on), all or nothing; audited."""
-    settings = get_settings()
-    _need_database(settings)
-    from . import audit
-    from .db import connect
-    from .devices import RegistrationError, Registry
     from .sites import import_sites, parse_sites_csv
-    try:
-        with connect(settings.database_url) as conn:
-            with csv_file.open(encoding="utf-8", newline="") as lines:
-                records = parse_sites_csv(lines, registry=Registry.load(conn))
-            result = import_sites(conn, records, first_line=2)
-            audit.record(conn, actor=audit.cli_actor(), method="sites import", route="iotjx sites import",
-                         target=str(csv_file), change={**result, "sites": len(records)})
-        console.print(result)
-    except RegistrationError as exc:
-        _print_errors(exc)
-        raise typer.Exit(1) from None
+    _import_csv_file(csv_file, parse_sites_csv, import_sites, command="sites import", noun="sites")
 
 
 @sites_app.command("list")
