@@ -30,8 +30,9 @@ Definitions (the README's "Traffic" section says the same):
 * **Parking**, per site (a lot: kind ``parking_lot``; a scenic spot's sensors the same way) and local
   hour.  A sensor's state is the ``occupied`` of its latest report (info, keep-alive, any frame) ordered
   by stored time, held until its next report or for at most `hold_s` (default 2 × its reporting
-  interval) — a silent sensor's hours count neither way.  The state before `since` is its last report
-  in the `hold_s` before.  Occupancy = occupied sensor-seconds ÷ known sensor-seconds.  An **arrival** is
+  interval) — a silent sensor's hours count neither way.  Reports before `since` are read from the
+  sensor's last free report in the `lookback_s` (24 h) before it, so a stay that began before the range
+  and ends in it has its arrival (a longer stay ending in range is not counted), else its last report.  Occupancy = occupied sensor-seconds ÷ known sensor-seconds.  An **arrival** is
   a report whose state is occupied after one that was free (a lost info frame is seen at the next
   keep-alive, late by ≤ one interval); a **departure** the reverse.  Turnover = arrivals in the hour ÷
   the site's registered active parking sensors (spaces).  A **stay** runs from an arrival to the next
@@ -69,6 +70,7 @@ GRADE_SPEED_BANDS: dict[str, tuple[float, float, float, float]] = {
 DEFAULT_ROAD_CLASS = "arterial"                # the pilots' detectors sit at urban arterial intersections
 OVERSTAY_S = 4 * 3600
 HOLD_FACTOR = 2.0                              # a parking state is held for 2 × the sensor's interval
+STAY_LOOKBACK_S = 86_400                       # a stay ending in range is seen if it began at most this before
 HOUR_S = 3600
 
 
@@ -256,30 +258,33 @@ _PARKING_SQL = """
         SELECT d.device_id, d.site_id,
                %(hold)s * coalesce(d.reporting_interval_s, m.reporting_interval_s) AS hold_s
           FROM devices d JOIN device_models m USING (model) JOIN sites s USING (site_id)
-         WHERE coalesce(m.family, m.pilot) = 'parking' {where})
-    SELECT p.device_id, extract(epoch FROM p.time)::float8, p.occupied, s.hold_s
-      FROM sensors s
-      JOIN LATERAL (
-            (SELECT time, device_id, occupied FROM parking_events e
-              WHERE e.device_id = s.device_id AND e.occupied IS NOT NULL AND e.time < %(since)s
-                AND e.time >= %(since)s - make_interval(secs => s.hold_s)
-              ORDER BY time DESC LIMIT 1)
-            UNION ALL
-            SELECT time, device_id, occupied FROM parking_events e
-             WHERE e.device_id = s.device_id AND e.occupied IS NOT NULL
-               AND e.time >= %(since)s AND e.time < %(until)s) p ON true
-     ORDER BY p.device_id, p.time
+         WHERE coalesce(m.family, m.pilot) = 'parking' {where}),
+    origin AS (     -- where each sensor's reading starts: its last free report before since (within the
+                    -- lookback: a stay ending in range is seen from its arrival), else its last report
+        SELECT s.*, coalesce(
+                 (SELECT max(time) FROM parking_events e WHERE e.device_id = s.device_id AND e.occupied = false
+                     AND e.time < %(since)s AND e.time >= %(since)s - make_interval(secs => %(lookback)s)),
+                 (SELECT max(time) FROM parking_events e WHERE e.device_id = s.device_id
+                     AND e.occupied IS NOT NULL AND e.time < %(since)s
+                     AND e.time >= %(since)s - make_interval(secs => greatest(s.hold_s, %(lookback)s))),
+                 %(since)s) AS from_t
+          FROM sensors s)
+    SELECT e.device_id, extract(epoch FROM e.time)::float8, e.occupied, o.hold_s
+      FROM origin o JOIN parking_events e
+        ON e.device_id = o.device_id AND e.occupied IS NOT NULL AND e.time >= o.from_t AND e.time < %(until)s
+     ORDER BY e.device_id, e.time
 """
 
 
 def parking_hours(conn: psycopg.Connection, since: datetime, until: datetime, *,
                   tz: ZoneInfo = ZoneInfo("Asia/Shanghai"), city: str | int | None = None,
-                  overstay_s: float = OVERSTAY_S, hold_factor: float = HOLD_FACTOR) -> list[ParkingHour]:
+                  overstay_s: float = OVERSTAY_S, hold_factor: float = HOLD_FACTOR,
+                  lookback_s: float = STAY_LOOKBACK_S) -> list[ParkingHour]:
     """Occupancy, arrivals, turnover, mean dwell and overstays per site with parking sensors and per
     local hour over [since, until) (hours overlapping the range; pass hour-aligned bounds)."""
     if since.tzinfo is None or until.tzinfo is None or until <= since:
         raise ValueError("since and until must be timezone-aware with since < until")
-    where, params = "", {"since": since, "until": until, "hold": hold_factor}
+    where, params = "", {"since": since, "until": until, "hold": hold_factor, "lookback": lookback_s}
     code = city_code(conn, city)
     if code is not None:
         where, params["code"] = " AND s.city_code = %(code)s", code
