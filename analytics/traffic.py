@@ -383,7 +383,8 @@ def stays(events: Sequence[tuple[float, bool]], device_id: str = "") -> list[Sta
 # --------------------------------------------------------------------------- smart-parking coverage
 
 def scenic_smart_parking(conn: psycopg.Connection, *, live_factor: float, tz: ZoneInfo,
-                         now: datetime | None = None, target_id: str = "tourism-smart-parking"):
+                         now: datetime | None = None, city: str | int | None = None,
+                         target_id: str = "tourism-smart-parking"):
     """Coverage's Measured figure for the catalogue's smart-parking target restricted to scenic spots:
     value = % of catalogued scenic spots (its grade floor) with at least `min_live` live parking sensors."""
     from analytics.coverage import cells_now, measure
@@ -392,7 +393,9 @@ def scenic_smart_parking(conn: psycopg.Connection, *, live_factor: float, tz: Zo
     target = next((t for t in load_catalogue() if t.target_id == target_id), None)
     if target is None:
         raise ValueError(f"no coverage target {target_id!r} in the catalogue")
-    scenic = replace(target, sites=tuple(c for c in target.sites if c.kind == "scenic_spot"))
+    code = city_code(conn, city)
+    scenic = replace(target, sites=tuple(c for c in target.sites if c.kind == "scenic_spot"),
+                     city=target.city if code is None else code)
     return measure(scenic, cells_now(conn, live_factor=live_factor, tz=tz, now=now), {})
 
 

@@ -284,3 +284,38 @@ def test_a_simulated_corridor_equals_the_recount(db_url):
     assert hours
     for p in hours:
         assert (p.known_s, p.occupied_s) == pytest.approx(recount[(p.site_id, p.hour)])
+
+
+def test_report_traffic_prints_tables_and_csv(flow, parking, monkeypatch):
+    from typer.testing import CliRunner
+
+    from iotjx.cli import app
+    from iotjx.settings import get_settings
+
+    monkeypatch.setenv("IOTJX_DATABASE_URL", flow)
+    get_settings.cache_clear()
+    hours = str(int((datetime.now(TZ) - DAY).total_seconds() // 3600) + 1)
+    try:
+        runner = CliRunner()
+        shown = runner.invoke(app, ["report", "traffic", "--city", "Nanchang", "--hours", hours],
+                              env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        for title in ("Lanes, 15-minute buckets", "Detectors (all lanes", "Parking per site and local hour",
+                      "Scenic spots with live smart parking"):
+            assert title in shown.output
+        lanes = runner.invoke(app, ["report", "traffic", "--csv", "--section", "lanes", "--hours", hours])
+        assert lanes.exit_code == 0, lanes.output
+        rows = lanes.output.strip().splitlines()
+        assert rows[0].startswith("device_id,lane,start,frames") and len(rows) - 1 == 5 * 4   # 5 lanes × 4 quarters
+        parking_rows = runner.invoke(app, ["report", "traffic", "--csv", "--section", "parking", "--hours",
+                                           hours]).output.strip().splitlines()
+        assert parking_rows[0].startswith("city_code,site_id,site,kind,hour") and any(
+            ",万寿宫停车场,parking_lot," in r and ",1,0.333,2," in r for r in parking_rows)
+        every = runner.invoke(app, ["report", "traffic", "--csv", "--hours", hours]).output
+        assert [line for line in every.splitlines() if line.startswith("# ")] == \
+            ["# lanes", "# detectors", "# parking", "# scenic"]
+        bad = runner.invoke(app, ["report", "traffic", "--city", "Atlantis"])
+        assert bad.exit_code == 2 and "unknown city" in bad.output
+        assert runner.invoke(app, ["report", "traffic", "--section", "roads"]).exit_code == 2
+    finally:
+        get_settings.cache_clear()
