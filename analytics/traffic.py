@@ -8,7 +8,8 @@ Definitions (the README's "Traffic" section says the same):
   A range [since, until) selects rows by that time; pass bucket-aligned bounds or the first and last
   buckets are partial.
 * **Volume** per class: the sum of ``count_a`` (≥ 12 m), ``count_b`` (6–12 m), ``count_c`` (< 6 m) over
-  the bucket's frames; total = a + b + c (an FF-filled, NULL class counts nothing).
+  the bucket's frames; total = a + b + c (an FF-filled, NULL class counts nothing), plus, for a frame
+  with no class at all, the total it reports (a Cat-1 JSON counter's ``volume``: *unclassified*).
 * **Occupancy**: the plain mean of ``occupancy_pct`` over the frames that report it (every frame of a
   detector covers the same interval, so the mean is the time-weighted one).
 * **Speeds**: a GB/T 43229 lane record reports *one* speed for the n = a + b + c vehicles of its interval.
@@ -114,7 +115,8 @@ class FlowBucket:
     count_a: int
     count_b: int
     count_c: int
-    volume: int
+    unclassified: int                  # vehicles of frames that give only a total (JSON counters' volume)
+    volume: int                        # a + b + c + unclassified
     occupancy_pct: float | None        # mean over frames (detector: over all lanes' frames)
     time_mean_kmh: float | None        # Σ n·v / Σ n
     space_mean_kmh: float | None       # Σ n / Σ (n / v)
@@ -129,7 +131,10 @@ class FlowBucket:
 _FLOW_SQL = """
     SELECT device_id, coalesce(channel, 0), extract(epoch FROM time)::float8,
            coalesce(count_a, 0), coalesce(count_b, 0), coalesce(count_c, 0),
-           occupancy_pct, speed_kmh
+           occupancy_pct, speed_kmh,
+           -- a JSON counter that reports only its total (name_map "flow.total" -> volume, in extra)
+           CASE WHEN count_a IS NULL AND count_b IS NULL AND count_c IS NULL
+                THEN coalesce(round((extra->>'volume')::numeric)::int, 0) ELSE 0 END
       FROM traffic_flow
      WHERE time >= %(since)s AND time < %(until)s {where}
 """
@@ -163,7 +168,7 @@ def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, 
     device = np.array([r[0] for r in rows], dtype=object)
     channel = np.array([r[1] for r in rows], dtype=np.int64)
     t = np.array([r[2] for r in rows], dtype=np.float64)
-    counts = np.array([r[3:6] for r in rows], dtype=np.int64)
+    counts = np.array([(*r[3:6], r[8]) for r in rows], dtype=np.int64)     # a, b, c, unclassified
     occ = np.array([np.nan if r[6] is None else r[6] for r in rows], dtype=np.float64)
     speed = np.array([np.nan if r[7] is None else r[7] for r in rows], dtype=np.float64)
     return _flow_buckets(device, channel, t, counts, occ, speed, width_s, tz, per, _road_class_of(road_class))
@@ -197,7 +202,7 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
     with np.errstate(divide="ignore", invalid="ignore"):
         timed = (n > 0) & (speed > 0)          # NaN speed: False
     frames = np.bincount(label, minlength=m)
-    sums = [total(counts[:, k].astype(np.float64)) for k in range(3)]
+    sums = [total(counts[:, k].astype(np.float64)) for k in range(4)]
     occ_n, occ_sum = total(has_occ.astype(np.float64)), total(np.where(has_occ, occ, 0.0))
     n_timed = total(np.where(timed, n, 0.0))
     nv = total(np.where(timed, n * np.where(timed, speed, 1.0), 0.0))
@@ -207,7 +212,7 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
     out = []
     for g in range(m):
         dev = str(devices[groups[g, 0]])
-        volume = int(sums[0][g] + sums[1][g] + sums[2][g])
+        volume = int(sums[0][g] + sums[1][g] + sums[2][g] + sums[3][g])
         flow = volume * 3600.0 / width_s
         v_t = nv[g] / n_timed[g] if n_timed[g] > 0 else None
         v_s = n_timed[g] / n_over_v[g] if n_timed[g] > 0 else None
@@ -218,7 +223,7 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
             device_id=dev, channel=int(groups[g, 1]) if per == "lane" else None,
             start=datetime.fromtimestamp(int(groups[g, 2]), tz), width_s=width_s, frames=int(frames[g]),
             lanes=int(lanes[g]), count_a=int(sums[0][g]), count_b=int(sums[1][g]), count_c=int(sums[2][g]),
-            volume=volume, occupancy_pct=occ_sum[g] / occ_n[g] if occ_n[g] else None, time_mean_kmh=v_t,
+            unclassified=int(sums[3][g]), volume=volume, occupancy_pct=occ_sum[g] / occ_n[g] if occ_n[g] else None, time_mean_kmh=v_t,
             space_mean_kmh=v_s, flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
             grade=congestion_grade(v_s, rc), road_class=rc))
     return out

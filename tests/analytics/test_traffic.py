@@ -74,7 +74,9 @@ def _sql_buckets(conn, width_min: int, per: str) -> dict:
                    date_bin('{width_min} minutes', time AT TIME ZONE 'Asia/Shanghai', '2000-01-01')
                        AT TIME ZONE 'Asia/Shanghai' AS start,
                    coalesce(count_a, 0) AS a, coalesce(count_b, 0) AS b, coalesce(count_c, 0) AS c,
-                   coalesce(count_a, 0) + coalesce(count_b, 0) + coalesce(count_c, 0) AS n,
+                   coalesce(count_a, 0) + coalesce(count_b, 0) + coalesce(count_c, 0)
+                       + CASE WHEN num_nulls(count_a, count_b, count_c) = 3
+                              THEN coalesce((extra->>'volume')::float8, 0) ELSE 0 END AS n,
                    occupancy_pct, speed_kmh
               FROM traffic_flow)
         SELECT device_id, lane, start, count(*), count(DISTINCT channel), sum(a), sum(b), sum(c), sum(n),
@@ -118,6 +120,30 @@ def test_buckets_split_at_local_edges(flow):
                                          DAY + timedelta(hours=8, minutes=15, seconds=1), width_s=width, tz=TZ)}
             assert got == {(d, c, 8, m): 1 for d in DETECTORS for c in (1, 2) for m in (before, 15)} | \
                 {(DETECTORS[1], 3, 8, m): 1 for m in (before, 15)}
+
+
+def test_a_json_counter_that_gives_only_its_total(flow):
+    """A Cat-1 JSON counter reporting a lane's total without classes: its vehicles count, unclassified."""
+    import json
+
+    with psycopg.connect(flow) as conn:
+        register_devices(conn, [DeviceRecord(device_id="json-counter-1", model="cat1-json-traffic-counter",
+                                             city="Nanchang", site_kind="intersection", site_name="八一大道/中山路",
+                                             installed_at=DAY - timedelta(days=1))])
+    at = [DAY + timedelta(hours=8, minutes=m) for m in (1, 2, 3)]
+    _store(flow, [Uplink(device_id="json-counter-1", transport="mqtt", received_at=t.timestamp(),
+                         payload=json.dumps({"ts": int(t.timestamp()), "lane": 1, "flow": {"total": v},
+                                             "speed": s, "occupancy": 10.0}).encode())
+                  for t, v, s in zip(at, (10, 20, 30), (30, 40, 60))])
+    with psycopg.connect(flow) as conn:
+        got = flow_buckets(conn, DAY + timedelta(hours=8), DAY + timedelta(hours=8, minutes=5), width_s=300, tz=TZ,
+                           device_ids=["json-counter-1"])
+        expected = _sql_buckets(conn, 5, "lane")
+    assert len(got) == 1
+    b = got[0]
+    assert (b.count_a, b.count_b, b.count_c, b.unclassified, b.volume) == (0, 0, 0, 60, 60)
+    assert b.space_mean_kmh == pytest.approx(60 / (10 / 30 + 20 / 40 + 30 / 60))
+    assert b.space_mean_kmh == pytest.approx(expected[("json-counter-1", 1, b.start)][8])
 
 
 def test_a_city_filter_and_bad_arguments(flow):
