@@ -33,8 +33,8 @@ Definitions (the README's "Traffic" section says the same):
   by stored time, held until its next report or for at most `hold_s` (default 2 × its reporting
   interval) — a silent sensor's hours count neither way.  Reports before `since` are read from the
   sensor's last free report in the `lookback_s` (24 h) before it, so a stay that began before the range
-  and ends in it has its arrival (a longer stay ending in range is not counted), else its last report.  Occupancy = occupied sensor-seconds ÷ known sensor-seconds.  An **arrival** is
-  a report whose state is occupied after one that was free (a lost info frame is seen at the next
+  and ends in it has its arrival (a longer stay ending in range is not counted), else its last report.
+  Occupancy = occupied sensor-seconds ÷ known sensor-seconds.  An **arrival** is a report whose state is occupied after one that was free (a lost info frame is seen at the next
   keep-alive, late by ≤ one interval); a **departure** the reverse.  Turnover = arrivals in the hour ÷
   the site's registered active parking sensors (spaces).  A **stay** runs from an arrival to the next
   departure; mean dwell and overstays (dwell > `overstay_s`, default 4 h) count stays ending in the hour.
@@ -223,8 +223,8 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
             device_id=dev, channel=int(groups[g, 1]) if per == "lane" else None,
             start=datetime.fromtimestamp(int(groups[g, 2]), tz), width_s=width_s, frames=int(frames[g]),
             lanes=int(lanes[g]), count_a=int(sums[0][g]), count_b=int(sums[1][g]), count_c=int(sums[2][g]),
-            unclassified=int(sums[3][g]), volume=volume, occupancy_pct=occ_sum[g] / occ_n[g] if occ_n[g] else None, time_mean_kmh=v_t,
-            space_mean_kmh=v_s, flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
+            unclassified=int(sums[3][g]), volume=volume,
+            occupancy_pct=occ_sum[g] / occ_n[g] if occ_n[g] else None, time_mean_kmh=v_t, space_mean_kmh=v_s, flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
             grade=congestion_grade(v_s, rc), road_class=rc))
     return out
 

@@ -710,8 +710,8 @@ def _traffic_tables(lanes, detectors, parking, scenic, tz) -> dict[str, tuple[li
 
     def flow_rows(buckets) -> list[list[object]]:
         return [[b.device_id, "" if b.channel is None else b.channel, t(b.start), b.frames, b.lanes, b.count_a,
-                 b.count_b, b.count_c, b.unclassified, b.volume, n(b.occupancy_pct), n(b.time_mean_kmh), n(b.space_mean_kmh),
-                 n(b.flow_vph, 0), n(b.density_vpkmpl), b.los or "", b.grade or ""] for b in buckets]
+                 b.count_b, b.count_c, b.unclassified, b.volume, n(b.occupancy_pct), n(b.time_mean_kmh),
+                 n(b.space_mean_kmh), n(b.flow_vph, 0), n(b.density_vpkmpl), b.los or "", b.grade or ""] for b in buckets]
     flow_header = ["device_id", "lane", "start", "frames", "lanes", "count_a", "count_b", "count_c", "unclassified",
                    "volume", "occupancy_pct", "time_mean_kmh", "space_mean_kmh", "flow_vph", "density_vpkmpl", "los", "grade"]
     return {
