@@ -205,8 +205,9 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
     sums = [total(counts[:, k].astype(np.float64)) for k in range(4)]
     occ_n, occ_sum = total(has_occ.astype(np.float64)), total(np.where(has_occ, occ, 0.0))
     n_timed = total(np.where(timed, n, 0.0))
-    nv = total(np.where(timed, n * np.where(timed, speed, 1.0), 0.0))
-    n_over_v = total(np.where(timed, n / np.where(timed, speed, 1.0), 0.0))
+    with np.errstate(over="ignore"):           # a subnormal speed: n / v = inf, v_s = 0, no density
+        nv = total(np.where(timed, n * np.where(timed, speed, 1.0), 0.0))
+        n_over_v = total(np.where(timed, n / np.where(timed, speed, 1.0), 0.0))
     lane_pairs = np.unique(np.stack([label, channel], axis=1), axis=0)
     lanes = np.bincount(lane_pairs[:, 0], minlength=m)
     out = []

@@ -345,3 +345,60 @@ def test_report_traffic_prints_tables_and_csv(flow, parking, monkeypatch):
         assert runner.invoke(app, ["report", "traffic", "--section", "roads"]).exit_code == 2
     finally:
         get_settings.cache_clear()
+
+
+# --------------------------------------------------------------------------- the grouping against a plain reference
+
+def _reference(rows, width_min: int, per: str) -> dict:
+    """Plain Python: dicts keyed by (device, lane, local bucket start), sums in loops."""
+    out: dict = {}
+    for device, channel, t, a, b, c, x, occ, v in rows:
+        local = datetime.fromtimestamp(t, TZ)
+        start = local.replace(minute=local.minute - local.minute % width_min, second=0, microsecond=0)
+        key = (device, channel if per == "lane" else None, start)
+        g = out.setdefault(key, {"frames": 0, "lanes": set(), "abcx": [0, 0, 0, 0], "occ": [], "n": 0.0, "nv": 0.0,
+                                 "n_v": 0.0})
+        g["frames"] += 1
+        g["lanes"].add(channel)
+        for k, value in enumerate((a, b, c, x)):
+            g["abcx"][k] += value
+        if occ is not None:
+            g["occ"].append(occ)
+        n = a + b + c + x
+        if n > 0 and v is not None and v > 0:
+            g["n"] += n
+            g["nv"] += n * v
+            g["n_v"] += n / v
+    return out
+
+
+def test_the_grouping_equals_a_plain_reference():
+    import numpy as np
+    from hypothesis import given, settings, strategies as st
+
+    from analytics.traffic import _flow_buckets
+
+    row = st.tuples(st.sampled_from(["d1", "d2", "d3"]), st.integers(1, 4),
+                    st.integers(int(DAY.timestamp()), int(DAY.timestamp()) + 7200).map(float),
+                    st.integers(0, 5), st.integers(0, 5), st.integers(0, 40), st.integers(0, 3),
+                    st.one_of(st.none(), st.floats(0, 100)), st.one_of(st.none(), st.floats(0, 150)))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(row, min_size=1, max_size=60), st.sampled_from([5, 15]), st.sampled_from(["lane", "detector"]))
+    def check(rows, width_min, per):
+        got = _flow_buckets(np.array([r[0] for r in rows], dtype=object), np.array([r[1] for r in rows]),
+                            np.array([r[2] for r in rows]), np.array([r[3:7] for r in rows], dtype=np.int64),
+                            np.array([np.nan if r[7] is None else r[7] for r in rows]),
+                            np.array([np.nan if r[8] is None else r[8] for r in rows]),
+                            width_min * 60, TZ, per, lambda _d: "arterial")
+        expected = _reference(rows, width_min, per)
+        assert len(got) == len(expected)
+        for b in got:
+            g = expected[(b.device_id, b.channel, b.start)]
+            assert (b.frames, b.lanes) == (g["frames"], len(g["lanes"]))
+            assert [b.count_a, b.count_b, b.count_c, b.unclassified] == g["abcx"] and b.volume == sum(g["abcx"])
+            assert b.occupancy_pct == (pytest.approx(sum(g["occ"]) / len(g["occ"])) if g["occ"] else None)
+            assert b.time_mean_kmh == (pytest.approx(g["nv"] / g["n"]) if g["n"] else None)
+            assert b.space_mean_kmh == (pytest.approx(g["n"] / g["n_v"]) if g["n"] else None)
+
+    check()
