@@ -36,7 +36,7 @@ Definitions (the README's "Traffic" section says the same):
   and ends in it has its arrival (a longer stay ending in range is not counted), else its last report.
   Occupancy = occupied sensor-seconds ÷ known sensor-seconds.  An **arrival** is a report whose state is occupied after one that was free (a lost info frame is seen at the next
   keep-alive, late by ≤ one interval); a **departure** the reverse.  Turnover = arrivals in the hour ÷
-  the site's registered active parking sensors (spaces).  A **stay** runs from an arrival to the next
+  spaces: the site's parking sensors active and installed by `until`, or reporting in the range.  A **stay** runs from an arrival to the next
   departure; mean dwell and overstays (dwell > `overstay_s`, default 4 h) count stays ending in the hour.
 * **Smart-parking coverage** of scenic spots is coverage's figure (`analytics.coverage.measure` on the
   catalogue's ``tourism-smart-parking`` target restricted to its scenic-spot criterion), not redefined."""
@@ -241,7 +241,7 @@ class ParkingHour:
     site_kind: str
     city_code: int
     hour: datetime                     # local hour start
-    spaces: int                        # registered active parking sensors at the site
+    spaces: int                        # the site's active parking sensors installed by `until`, or reporting
     known_s: float                     # sensor-seconds with a known state
     occupied_s: float
     occupancy: float | None            # occupied_s / known_s
@@ -296,16 +296,22 @@ def parking_hours(conn: psycopg.Connection, since: datetime, until: datetime, *,
         where, params["code"] = " AND s.city_code = %(code)s", code
     with conn.transaction():
         sites = conn.execute(f"""
-            SELECT s.site_id, s.name, s.kind, s.city_code,
-                   count(*) FILTER (WHERE d.status = 'active' AND d.installed_at < %(until)s)
+            SELECT DISTINCT s.site_id, s.name, s.kind, s.city_code
               FROM devices d JOIN device_models m USING (model) JOIN sites s USING (site_id)
-             WHERE coalesce(m.family, m.pilot) = 'parking' {where}
-             GROUP BY 1, 2, 3, 4""", params).fetchall()
-        sensor_site = dict(conn.execute(f"""
-            SELECT d.device_id, d.site_id FROM devices d JOIN device_models m USING (model)
-              JOIN sites s USING (site_id) WHERE coalesce(m.family, m.pilot) = 'parking' {where}""",
-                                        params).fetchall())
+             WHERE coalesce(m.family, m.pilot) = 'parking' {where}""", params).fetchall()
+        sensors = conn.execute(f"""
+            SELECT d.device_id, d.site_id, d.status = 'active' AND d.installed_at < %(until)s
+              FROM devices d JOIN device_models m USING (model) JOIN sites s USING (site_id)
+             WHERE coalesce(m.family, m.pilot) = 'parking' {where}""", params).fetchall()
         rows = conn.execute(_PARKING_SQL.format(where=where), params).fetchall()
+    sensor_site = {device_id: site_id for device_id, site_id, _ in sensors}
+    # Spaces: the site's sensors active and installed by `until`, and any that reported in the range (a
+    # sensor registered after a replayed day still had its bay then).
+    reported = {r[0] for r in rows if since.timestamp() <= r[1] < until.timestamp()}
+    spaces_at: dict[int, int] = {}
+    for device_id, site_id, counted in sensors:
+        if counted or device_id in reported:
+            spaces_at[site_id] = spaces_at.get(site_id, 0) + 1
     t0, t1 = since.timestamp(), until.timestamp()
     first_hour = int(bucket_starts(np.array([t0]), HOUR_S, tz)[0])
     n_hours = int(np.ceil((t1 - first_hour) / HOUR_S))
@@ -347,7 +353,8 @@ def parking_hours(conn: psycopg.Connection, since: datetime, until: datetime, *,
                 dwell[row, h] += stay.departed - stay.arrived
                 over[row, h] += int(stay.departed - stay.arrived > overstay_s)
     out = []
-    for (site_id, name, kind, code_, spaces), r in zip(sites, range(len(sites))):
+    for r, (site_id, name, kind, code_) in enumerate(sites):
+        spaces = spaces_at.get(site_id, 0)
         for h in range(n_hours):
             if known[r, h] == 0 and arrivals[r, h] == 0 and ended[r, h] == 0:
                 continue
