@@ -37,7 +37,8 @@ Definitions (the README's "Traffic" section says the same):
   Occupancy = occupied sensor-seconds ÷ known sensor-seconds.  An **arrival** is a report whose state is occupied after one that was free (a lost info frame is seen at the next
   keep-alive, late by ≤ one interval); a **departure** the reverse.  Turnover = arrivals in the hour ÷
   spaces: the site's parking sensors active and installed by `until`, or reporting in the range.  A **stay** runs from an arrival to the next
-  departure; mean dwell and overstays (dwell > `overstay_s`, default 4 h) count stays ending in the hour.
+  departure; mean dwell and overstays (dwell > `overstay_s`, default 4 h) count stays ending in the hour;
+  `open_overstays` lists the stays still on at a moment that have lasted longer.
 * **Smart-parking coverage** of scenic spots is coverage's figure (`analytics.coverage.measure` on the
   catalogue's ``tourism-smart-parking`` target restricted to its scenic-spot criterion), not redefined."""
 
@@ -369,6 +370,54 @@ def parking_hours(conn: psycopg.Connection, since: datetime, until: datetime, *,
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class OpenOverstay:
+    """A bay taken longer than the overstay threshold and still taken at `at`."""
+
+    device_id: str
+    site_id: int
+    site_name: str
+    city_code: int
+    arrived: datetime                  # in the tz asked for
+    parked_s: float                    # at − arrived
+
+
+def open_overstays(conn: psycopg.Connection, at: datetime, *, tz: ZoneInfo = ZoneInfo("Asia/Shanghai"),
+                   city: str | int | None = None, overstay_s: float = OVERSTAY_S, hold_factor: float = HOLD_FACTOR,
+                   lookback_s: float = STAY_LOOKBACK_S) -> list[OpenOverstay]:
+    """Sensors whose current stay (an arrival seen in the `lookback_s` before `at`, no departure since, the
+    last report within `hold_factor` × the interval) has lasted more than `overstay_s`, longest first."""
+    if at.tzinfo is None:
+        raise ValueError("at must be timezone-aware")
+    since = datetime.fromtimestamp(at.timestamp() - lookback_s, at.tzinfo)
+    where, params = "", {"since": since, "until": at, "hold": hold_factor, "lookback": lookback_s}
+    code = city_code(conn, city)
+    if code is not None:
+        where, params["code"] = " AND s.city_code = %(code)s", code
+    with conn.transaction():
+        rows = conn.execute(_PARKING_SQL.format(where=where), params).fetchall()
+        sites = {r[0]: r[1:] for r in conn.execute(f"""
+            SELECT d.device_id, s.site_id, s.name, s.city_code
+              FROM devices d JOIN device_models m USING (model) JOIN sites s USING (site_id)
+             WHERE coalesce(m.family, m.pilot) = 'parking' {where}""", params)}
+    out = []
+    now = at.timestamp()
+    for device_id, events in _by_device(rows):
+        last_t, last_state, hold = events[-1]
+        if not last_state or now - last_t > hold:
+            continue
+        arrived = None
+        for k in range(1, len(events)):
+            if events[k][1] and not events[k - 1][1]:
+                arrived = events[k][0]
+        if arrived is not None and now - arrived > overstay_s:
+            site_id, name, code_ = sites[device_id]
+            out.append(OpenOverstay(device_id, site_id, name, code_, datetime.fromtimestamp(arrived, tz),
+                                    now - arrived))
+    out.sort(key=lambda o: (-o.parked_s, o.device_id))
+    return out
+
+
 def _by_device(rows: list[tuple]) -> list[tuple[str, list[tuple[float, bool, float]]]]:
     out: list[tuple[str, list[tuple[float, bool, float]]]] = []
     for device_id, t, state, hold in rows:
@@ -412,5 +461,6 @@ def scenic_smart_parking(conn: psycopg.Connection, *, live_factor: float, tz: Zo
     return measure(scenic, cells_now(conn, live_factor=live_factor, tz=tz, now=now), {})
 
 
-__all__ = ["FlowBucket", "GRADES", "GRADES_ZH", "GRADE_SPEED_BANDS", "LOS_DENSITY_VPKMPL", "ParkingHour", "Stay",
-           "congestion_grade", "flow_buckets", "los_band", "parking_hours", "scenic_smart_parking", "stays"]
+__all__ = ["FlowBucket", "GRADES", "GRADES_ZH", "GRADE_SPEED_BANDS", "LOS_DENSITY_VPKMPL", "OpenOverstay", "ParkingHour",
+           "Stay", "congestion_grade", "flow_buckets", "los_band", "open_overstays", "parking_hours",
+           "scenic_smart_parking", "stays"]

@@ -696,10 +696,10 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
 
 
 
-TRAFFIC_SECTIONS = ("lanes", "detectors", "parking", "scenic")
+TRAFFIC_SECTIONS = ("lanes", "detectors", "parking", "overstays", "scenic")
 
 
-def _traffic_tables(lanes, detectors, parking, scenic, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
+def _traffic_tables(lanes, detectors, parking, overstays, scenic, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
     """Each section of the traffic report as (header, rows) of plain values (for rich and CSV alike); times
     in local time `tz`."""
     def n(value, digits: int = 1) -> str:
@@ -722,6 +722,9 @@ def _traffic_tables(lanes, detectors, parking, scenic, tz) -> dict[str, tuple[li
                     [[p.city_code, p.site_id, p.site_name, p.site_kind, t(p.hour), p.spaces, n(p.occupancy, 3),
                       p.arrivals, n(p.turnover, 3), p.stays_ended,
                       n(None if p.mean_dwell_s is None else p.mean_dwell_s / 60), p.overstays] for p in parking]),
+        "overstays": (["device_id", "city_code", "site_id", "site", "arrived", "parked_h"],
+                      [[o.device_id, o.city_code, o.site_id, o.site_name, t(o.arrived), n(o.parked_s / 3600)]
+                       for o in overstays]),
         "scenic": (["scenic_spots", "with_live_parking", "share_pct", "parking_sensors_live"],
                    [] if scenic is None else [[scenic.sites, scenic.sites_meeting, n(scenic.value), scenic.live]]),
     }
@@ -736,13 +739,13 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
                    ) -> None:
     """Per lane and per detector 15-minute volume by class, occupancy, time- and space-mean speed, flow,
     density, level of service and congestion grade; parking occupancy, turnover, dwell and overstays per site
-    and local hour; the share of scenic spots with live smart parking (coverage's figure)."""
+    and local hour, and bays taken for more than 4 h now; the share of scenic spots with live smart parking (coverage's figure)."""
     from datetime import timedelta
 
     import numpy as np
 
     from analytics.rollups import bucket_starts
-    from analytics.traffic import flow_buckets, parking_hours, scenic_smart_parking
+    from analytics.traffic import flow_buckets, open_overstays, parking_hours, scenic_smart_parking
     from .db import connect
     settings = get_settings()
     _need_database(settings)
@@ -765,16 +768,18 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
                          if "detectors" in chosen else [])
             parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city)
                        if "parking" in chosen else [])
+            overstays = (open_overstays(conn, now, tz=settings.tz, city=city) if "overstays" in chosen else [])
             scenic = (scenic_smart_parking(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
                       if "scenic" in chosen else None)
         except ValueError as exc:
             console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
             raise typer.Exit(2) from None
-    tables = _traffic_tables(lanes, detectors, parking, scenic, settings.tz)
+    tables = _traffic_tables(lanes, detectors, parking, overstays, scenic, settings.tz)
     span = f"{quarter - timedelta(hours=hours):%m-%d %H:%M}–{quarter:%H:%M}"
     titles = {"lanes": f"Lanes, 15-minute buckets {span} local",
               "detectors": f"Detectors (all lanes; density per lane), 15-minute buckets {span} local",
               "parking": f"Parking per site and local hour, last {hours} complete hours",
+              "overstays": "Bays taken for more than 4 h now (open overstays)",
               "scenic": "Scenic spots with live smart parking (coverage's tourism-smart-parking figure, scenic spots only)"}
     _print_sections(tables, chosen, titles, csv)
 

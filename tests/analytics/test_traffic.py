@@ -28,10 +28,21 @@ DAY = datetime(2026, 9, 14, tzinfo=TZ)                 # a Monday, local midnigh
 DETECTORS = ("det-bayi-01", "det-bayi-02")
 
 
+def _process(db_url: str, uplinks: list[Uplink]) -> dict[str, int]:
+    """Store `uplinks` through the real pipeline; its counters.  Its connections are closed after."""
+    registry, writer = DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))
+    try:
+        pipeline = Pipeline(registry, writer)
+        pipeline.process(uplinks)
+        return dict(pipeline.counters)
+    finally:
+        writer.close()
+        registry.close()
+
+
 def _store(db_url: str, uplinks: list[Uplink]) -> None:
-    pipeline = Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url)))
-    pipeline.process(uplinks)
-    assert pipeline.counters["stored"] == len(uplinks), pipeline.counters
+    counters = _process(db_url, uplinks)
+    assert counters["stored"] == len(uplinks), counters
 
 
 def _lane(rng: random.Random, channel: int) -> dict:
@@ -268,6 +279,19 @@ def test_a_state_before_the_range_is_carried_in(parking):
     assert got[14].stays_ended == 2 and got[14].overstays == 1
 
 
+def test_open_overstays(parking):
+    """park-a, taken at 09:30, is an open overstay from 13:30 until its departure at 14:00; park-s, taken
+    (no arrival seen) and silent since 09:00, is none."""
+    from analytics.traffic import open_overstays
+
+    with psycopg.connect(parking) as conn:
+        assert open_overstays(conn, _at(13, 30), tz=TZ) == []
+        [o] = open_overstays(conn, _at(13, 45), tz=TZ)
+        assert (o.device_id, o.site_name, o.arrived, o.parked_s) == ("park-a", "万寿宫停车场", _at(9, 30), 4.25 * 3600)
+        assert open_overstays(conn, _at(14, 1), tz=TZ) == []
+        assert open_overstays(conn, _at(13, 45), tz=TZ, city="Yingtan") == []
+
+
 def test_stays_need_a_seen_arrival():
     events = [(0.0, True), (10.0, False), (20.0, True), (30.0, True), (50.0, False), (60.0, True)]
     assert [(s.arrived, s.departed) for s in stays(events)] == [(20.0, 50.0)]
@@ -293,8 +317,7 @@ def test_a_simulated_corridor_equals_the_recount(db_url):
     with psycopg.connect(db_url) as conn:
         register_devices(conn, sim.device_records)
     records = list(sim.records())
-    pipeline = Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url)))
-    pipeline.process([Uplink(device_id=r.device_id, payload=r.payload, transport=r.transport, received_at=r.t)
+    _process(db_url, [Uplink(device_id=r.device_id, payload=r.payload, transport=r.transport, received_at=r.t)
                       for r in records])
     start = datetime.fromtimestamp(scenario.start, TZ)
     with psycopg.connect(db_url) as conn:
@@ -345,7 +368,7 @@ def test_report_traffic_prints_tables_and_csv(flow, parking, monkeypatch):
             ",万寿宫停车场,parking_lot," in r and ",1,0.333,2," in r for r in parking_rows)
         every = runner.invoke(app, ["report", "traffic", "--csv", "--hours", hours]).output
         assert [line for line in every.splitlines() if line.startswith("# ")] == \
-            ["# lanes", "# detectors", "# parking", "# scenic"]
+            ["# lanes", "# detectors", "# parking", "# overstays", "# scenic"]
         bad = runner.invoke(app, ["report", "traffic", "--city", "Atlantis"])
         assert bad.exit_code == 2 and "unknown city" in bad.output
         assert runner.invoke(app, ["report", "traffic", "--section", "roads"]).exit_code == 2
