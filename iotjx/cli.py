@@ -686,6 +686,94 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
     _print_sections(tables, chosen, titles, csv)
 
 
+
+TRAFFIC_SECTIONS = ("lanes", "detectors", "parking", "overstays", "scenic")
+
+
+def _traffic_tables(lanes, detectors, parking, overstays, scenic, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the traffic report as (header, rows) of plain values (for rich and CSV alike); times
+    in local time `tz`."""
+    def n(value, digits: int = 1) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    def t(value) -> str:
+        return value.astimezone(tz).isoformat(timespec="minutes")
+
+    def flow_rows(buckets) -> list[list[object]]:
+        return [[b.device_id, "" if b.channel is None else b.channel, t(b.start), b.frames, b.lanes, b.count_a,
+                 b.count_b, b.count_c, b.unclassified, b.volume, n(b.occupancy_pct), n(b.time_mean_kmh),
+                 n(b.space_mean_kmh), n(b.flow_vph, 0), n(b.density_vpkmpl), b.los or "", b.grade or ""] for b in buckets]
+    flow_header = ["device_id", "lane", "start", "frames", "lanes", "count_a", "count_b", "count_c", "unclassified",
+                   "volume", "occupancy_pct", "time_mean_kmh", "space_mean_kmh", "flow_vph", "density_vpkmpl", "los", "grade"]
+    return {
+        "lanes": (flow_header, flow_rows(lanes)),
+        "detectors": (flow_header, flow_rows(detectors)),
+        "parking": (["city_code", "site_id", "site", "kind", "hour", "spaces", "occupancy", "arrivals", "turnover",
+                     "stays_ended", "mean_dwell_min", "overstays"],
+                    [[p.city_code, p.site_id, p.site_name, p.site_kind, t(p.hour), p.spaces, n(p.occupancy, 3),
+                      p.arrivals, n(p.turnover, 3), p.stays_ended,
+                      n(None if p.mean_dwell_s is None else p.mean_dwell_s / 60), p.overstays] for p in parking]),
+        "overstays": (["device_id", "city_code", "site_id", "site", "arrived", "parked_h"],
+                      [[o.device_id, o.city_code, o.site_id, o.site_name, t(o.arrived), n(o.parked_s / 3600)]
+                       for o in overstays]),
+        "scenic": (["scenic_spots", "with_live_parking", "share_pct", "parking_sensors_live"],
+                   [] if scenic is None else [[scenic.sites, scenic.sites_meeting, n(scenic.value), scenic.live]]),
+    }
+
+
+@report_app.command("traffic")
+def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                   hours: Annotated[int, typer.Option(min=1, max=24 * 366, help="the last N hours (complete buckets)")] = 1,
+                   csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
+                   section: Annotated[Optional[str], typer.Option(
+                       help=f"only one section: {', '.join(TRAFFIC_SECTIONS)} (with --csv: one plain CSV table)")] = None
+                   ) -> None:
+    """Per lane and per detector 15-minute volume by class, occupancy, time- and space-mean speed, flow,
+    density, level of service and congestion grade; parking occupancy, turnover, dwell and overstays per site
+    and local hour, and bays taken for more than 4 h now; the share of scenic spots with live smart parking (coverage's figure)."""
+    from datetime import timedelta
+
+    import numpy as np
+
+    from analytics.rollups import bucket_starts
+    from analytics.traffic import flow_buckets, open_overstays, parking_hours, scenic_smart_parking
+    from .db import connect
+    settings = get_settings()
+    _need_database(settings)
+    if section is not None and section not in TRAFFIC_SECTIONS:
+        console.print(f"[red]--section must be one of {', '.join(TRAFFIC_SECTIONS)}, not {escape(section)!r}[/]")
+        raise typer.Exit(2)
+    chosen = [section] if section else list(TRAFFIC_SECTIONS)
+    now = datetime.now(settings.tz)
+
+    def floor(width_s: int) -> datetime:
+        return datetime.fromtimestamp(int(bucket_starts(np.array([now.timestamp()]), width_s, settings.tz)[0]),
+                                      settings.tz)
+    quarter, hour = floor(900), floor(3600)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            since = quarter - timedelta(hours=hours)
+            lanes = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city)
+                     if "lanes" in chosen else [])
+            detectors = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city)
+                         if "detectors" in chosen else [])
+            parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city)
+                       if "parking" in chosen else [])
+            overstays = (open_overstays(conn, now, tz=settings.tz, city=city) if "overstays" in chosen else [])
+            scenic = (scenic_smart_parking(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
+                      if "scenic" in chosen else None)
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(2) from None
+    tables = _traffic_tables(lanes, detectors, parking, overstays, scenic, settings.tz)
+    span = f"{quarter - timedelta(hours=hours):%m-%d %H:%M}–{quarter:%H:%M}"
+    titles = {"lanes": f"Lanes, 15-minute buckets {span} local",
+              "detectors": f"Detectors (all lanes; density per lane), 15-minute buckets {span} local",
+              "parking": f"Parking per site and local hour, last {hours} complete hours",
+              "overstays": "Bays taken for more than 4 h now (open overstays)",
+              "scenic": "Scenic spots with live smart parking (coverage's tourism-smart-parking figure, scenic spots only)"}
+    _print_sections(tables, chosen, titles, csv)
+
 def _register_simulator_commands() -> None:
     from simulators.cli import register
     register(app, console)
