@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -497,6 +498,24 @@ def _print_sections(tables: dict[str, tuple[list[str], list[list[object]]]], cho
         console.print(table)
 
 
+@contextmanager
+def _report_connection(section: str | None, sections: tuple[str, ...]):
+    """A report command's settings, database connection and chosen sections: an unknown --section, city
+    or other value (ValueError from the analytics) ends the command with its reason and exit status 2."""
+    settings = get_settings()
+    _need_database(settings)
+    if section is not None and section not in sections:
+        console.print(f"[red]--section must be one of {', '.join(sections)}, not {escape(section)!r}[/]")
+        raise typer.Exit(2)
+    from .db import connect
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            yield settings, conn, [section] if section else list(sections)
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(2) from None
+
+
 FIRE_SECTIONS = ("alarms", "offline", "cities", "sites")
 
 
@@ -537,22 +556,11 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
     from datetime import UTC, timedelta
 
     from analytics.fire import fire_kpis, offline_devices, open_alarms, update_alarms
-    from .db import connect
-    settings = get_settings()
-    _need_database(settings)
-    if section is not None and section not in FIRE_SECTIONS:
-        console.print(f"[red]--section must be one of {', '.join(FIRE_SECTIONS)}, not {escape(section)!r}[/]")
-        raise typer.Exit(2)
-    with connect(settings.database_url, autocommit=True) as conn:
-        try:
-            update_alarms(conn)
-            now = datetime.now(UTC)
-            tables = _fire_tables(open_alarms(conn, city), offline_devices(conn, now, city),
-                                  fire_kpis(conn, now - timedelta(days=days), now, city))
-        except ValueError as exc:
-            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
-            raise typer.Exit(2) from None
-    chosen = [section] if section else list(FIRE_SECTIONS)
+    with _report_connection(section, FIRE_SECTIONS) as (settings, conn, chosen):
+        update_alarms(conn)
+        now = datetime.now(UTC)
+        tables = _fire_tables(open_alarms(conn, city), offline_devices(conn, now, city),
+                              fire_kpis(conn, now - timedelta(days=days), now, city))
     titles = {"alarms": "Open fire alarms and faults", "offline": "Offline fire devices (silent > 2 × interval)",
               "cities": f"Acknowledgement per city, alarms raised in the last {days} days",
               "sites": f"False alarms per site, last {days} days"}
@@ -602,21 +610,10 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
     from datetime import timedelta
 
     from analytics.health import health_report, uplink_success
-    from .db import connect
-    settings = get_settings()
-    _need_database(settings)
-    if section is not None and section not in HEALTH_SECTIONS:
-        console.print(f"[red]--section must be one of {', '.join(HEALTH_SECTIONS)}, not {escape(section)!r}[/]")
-        raise typer.Exit(2)
-    with connect(settings.database_url, autocommit=True) as conn:
-        try:
-            report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
-            success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
-        except ValueError as exc:
-            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
-            raise typer.Exit(2) from None
+    with _report_connection(section, HEALTH_SECTIONS) as (settings, conn, chosen):
+        report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
+        success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
     tables = _health_tables(report, success)
-    chosen = [section] if section else list(HEALTH_SECTIONS)
     titles = {"online": "Online (live) rate per city × pilot × network",
               "silent": f"Silent devices (active, no stored uplink within {settings.live_factor:g} × interval)",
               "malformed": "Devices sending only malformed frames (rejected within their live window)",
@@ -664,22 +661,11 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
     from datetime import timedelta
 
     from analytics.water import consumption_by_city, open_alerts, site_nights, update_water
-    from .db import connect
-    settings = get_settings()
-    _need_database(settings)
-    if section is not None and section not in WATER_SECTIONS:
-        console.print(f"[red]--section must be one of {', '.join(WATER_SECTIONS)}, not {escape(section)!r}[/]")
-        raise typer.Exit(2)
-    with connect(settings.database_url, autocommit=True) as conn:
-        try:
-            update_water(conn, tz=settings.tz)
-            today = datetime.now(settings.tz).date()
-            tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
-                                   site_nights(conn, today, city, top), open_alerts(conn, city), settings.tz)
-        except ValueError as exc:
-            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
-            raise typer.Exit(2) from None
-    chosen = [section] if section else list(WATER_SECTIONS)
+    with _report_connection(section, WATER_SECTIONS) as (settings, conn, chosen):
+        update_water(conn, tz=settings.tz)
+        today = datetime.now(settings.tz).date()
+        tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
+                               site_nights(conn, today, city, top), open_alerts(conn, city), settings.tz)
     titles = {"consumption": f"Water consumption per city and local day, last {days} days",
               "sites": "Sites by leakage (m³/h: rolling 7-day P20 of the minimum night flow)",
               "alerts": "Open water meter alerts"}
@@ -737,34 +723,23 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
 
     from analytics.rollups import bucket_starts
     from analytics.traffic import flow_buckets, open_overstays, parking_hours, scenic_smart_parking
-    from .db import connect
-    settings = get_settings()
-    _need_database(settings)
-    if section is not None and section not in TRAFFIC_SECTIONS:
-        console.print(f"[red]--section must be one of {', '.join(TRAFFIC_SECTIONS)}, not {escape(section)!r}[/]")
-        raise typer.Exit(2)
-    chosen = [section] if section else list(TRAFFIC_SECTIONS)
-    now = datetime.now(settings.tz)
+    with _report_connection(section, TRAFFIC_SECTIONS) as (settings, conn, chosen):
+        now = datetime.now(settings.tz)
 
-    def floor(width_s: int) -> datetime:
-        return datetime.fromtimestamp(int(bucket_starts(np.array([now.timestamp()]), width_s, settings.tz)[0]),
-                                      settings.tz)
-    quarter, hour = floor(900), floor(3600)
-    with connect(settings.database_url, autocommit=True) as conn:
-        try:
-            since = quarter - timedelta(hours=hours)
-            lanes = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city)
-                     if "lanes" in chosen else [])
-            detectors = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city)
-                         if "detectors" in chosen else [])
-            parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city)
-                       if "parking" in chosen else [])
-            overstays = (open_overstays(conn, now, tz=settings.tz, city=city) if "overstays" in chosen else [])
-            scenic = (scenic_smart_parking(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
-                      if "scenic" in chosen else None)
-        except ValueError as exc:
-            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
-            raise typer.Exit(2) from None
+        def floor(width_s: int) -> datetime:
+            return datetime.fromtimestamp(int(bucket_starts(np.array([now.timestamp()]), width_s, settings.tz)[0]),
+                                          settings.tz)
+        quarter, hour = floor(900), floor(3600)
+        since = quarter - timedelta(hours=hours)
+        lanes = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city)
+                 if "lanes" in chosen else [])
+        detectors = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city)
+                     if "detectors" in chosen else [])
+        parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city)
+                   if "parking" in chosen else [])
+        overstays = (open_overstays(conn, now, tz=settings.tz, city=city) if "overstays" in chosen else [])
+        scenic = (scenic_smart_parking(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
+                  if "scenic" in chosen else None)
     tables = _traffic_tables(lanes, detectors, parking, overstays, scenic, settings.tz)
     span = f"{quarter - timedelta(hours=hours):%m-%d %H:%M}–{quarter:%H:%M}"
     titles = {"lanes": f"Lanes, 15-minute buckets {span} local",
@@ -773,6 +748,7 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
               "overstays": "Bays taken for more than 4 h now (open overstays)",
               "scenic": "Scenic spots with live smart parking (coverage's tourism-smart-parking figure, scenic spots only)"}
     _print_sections(tables, chosen, titles, csv)
+
 
 def _register_simulator_commands() -> None:
     from simulators.cli import register
