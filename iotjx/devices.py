@@ -7,7 +7,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -368,29 +368,37 @@ def _without_bom(lines: Iterable[str]) -> Iterator[str]:
     yield from it
 
 
-def _parse_csv(reader: csv.DictReader, errors: _Errors, registry: Registry | None) -> list[DeviceRecord]:
+def csv_rows(reader: csv.DictReader, errors: _Errors, required: tuple[str, ...], optional: tuple[str, ...],
+             offset: Callable[[], int] = lambda: 0) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, stripped fields) of each data row of a CSV with a header; a header without a
+    `required` column, or a line that is not CSV (after which the reader cannot go on), is an error and
+    ends the rows.  `offset()`: lines before what the reader saw (comments), so that lines are the file's."""
     try:
         header = [h.strip() for h in (reader.fieldnames or [])]
     except csv.Error as exc:
         errors.add(1, f"not CSV: {exc}")
-        return []
-    missing = [c for c in CSV_COLUMNS if c not in header]
+        return
+    missing = [c for c in required if c not in header]
     if missing:
-        errors.add(1, f"header lacks column(s) {', '.join(missing)}; "
-                      f"expected {', '.join(CSV_COLUMNS)} (+ optional {', '.join(CSV_OPTIONAL)})")
-        return []
-    records: list[DeviceRecord] = []
-    seen: set[str] = set()
+        errors.add(offset() + 1, f"header lacks column(s) {', '.join(missing)}; "
+                                 f"expected {', '.join(required)} (+ optional {', '.join(optional)})")
+        return
     while True:
         try:
             row = next(reader)
         except StopIteration:
-            return records
+            return
         except csv.Error as exc:          # the reader cannot go on after this (e.g. an overlong field)
-            errors.add(reader.line_num, f"not CSV: {exc}")
-            return []
-        line = reader.line_num
-        fields = {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
+            errors.add(offset() + reader.line_num, f"not CSV: {exc}")
+            return
+        yield offset() + reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items()
+                                           if isinstance(k, str) and isinstance(v, str)}
+
+
+def _parse_csv(reader: csv.DictReader, errors: _Errors, registry: Registry | None) -> list[DeviceRecord]:
+    records: list[DeviceRecord] = []
+    seen: set[str] = set()
+    for line, fields in csv_rows(reader, errors, CSV_COLUMNS, CSV_OPTIONAL):
         try:
             record = _record(fields)
         except ValueError as exc:
@@ -407,6 +415,7 @@ def _parse_csv(reader: csv.DictReader, errors: _Errors, registry: Registry | Non
             continue
         seen.add(record.device_id)
         records.append(record)
+    return [] if errors.total else records
 
 
 def _record(row: dict[str, str]) -> DeviceRecord:

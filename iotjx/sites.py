@@ -24,7 +24,7 @@ from importlib import resources
 import psycopg
 
 from .devices import (MAX_ERRORS, SITE_KINDS, NotUtf8, OutOfScope, RegistrationError, Registry, _Errors, _is_text,
-                      _shown, _without_bom)
+                      _shown, _without_bom, csv_rows)
 
 SITE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 SITE_STATUSES = ("active", "closed")
@@ -164,28 +164,9 @@ def _without_comments(lines: Iterable[str], comments: list[int]) -> Iterable[str
 
 def _parse(reader: csv.DictReader, errors: _Errors, registry: Registry | None,
            comments: list[int]) -> list[SiteRecord]:
-    try:
-        header = [h.strip() for h in (reader.fieldnames or [])]
-    except csv.Error as exc:
-        errors.add(1, f"not CSV: {exc}")
-        return []
-    missing = [c for c in CSV_COLUMNS if c not in header]
-    if missing:
-        errors.add(comments[0] + 1, f"header lacks column(s) {', '.join(missing)}; "
-                                         f"expected {', '.join(CSV_COLUMNS)} (+ optional {', '.join(CSV_OPTIONAL)})")
-        return []
     records: list[SiteRecord] = []
     seen: dict[str, int] = {}
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return records
-        except csv.Error as exc:
-            errors.add(comments[0] + reader.line_num, f"not CSV: {exc}")
-            return []
-        line = comments[0] + reader.line_num
-        fields = {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
+    for line, fields in csv_rows(reader, errors, CSV_COLUMNS, CSV_OPTIONAL, lambda: comments[0]):
         try:
             record = _record(fields)
         except ValueError as exc:
@@ -201,6 +182,7 @@ def _parse(reader: csv.DictReader, errors: _Errors, registry: Registry | None,
             records.clear()
             continue
         records.append(record)
+    return [] if errors.total else records
 
 
 def _date(row: dict[str, str], column: str) -> date | None:
