@@ -242,10 +242,10 @@ def _candidate_sites(t: CoverageTarget, sites: Sites) -> np.ndarray:
     return match
 
 
-def measure(t: CoverageTarget, cells: Cells, progress: dict[str, float]) -> Measured:
-    """One target's value from the cells (operator targets: from `progress`, the entered figures)."""
+def measure(t: CoverageTarget, cells: Cells, entries: Entries) -> Measured:
+    """One target's value from the cells (operator targets: the entered figure of the cells' day)."""
     if t.measure == "operator":
-        return Measured(progress.get(t.target_id))
+        return Measured(figure_on(entries[t.target_id], cells.day))
     mask = _device_mask(t, cells)
     if t.measure == "live_devices":
         return Measured(float(cells.live[mask].sum()), registered=int(cells.registered[mask].sum()),
@@ -290,13 +290,6 @@ def unverified(cells: Cells) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- operator figures
-
-def progress_at(conn: psycopg.Connection, day: date) -> dict[str, float]:
-    """Each operator target's figure on `day`: its latest entry describing that day or earlier."""
-    return dict(conn.execute("""
-        SELECT DISTINCT ON (target_id) target_id, value FROM target_progress_log
-        WHERE as_of <= %s ORDER BY target_id, as_of DESC, entered_at DESC, entry_id DESC""", (day,)).fetchall())
-
 
 Entries = dict[str, list[tuple[date, float]]]
 
@@ -480,12 +473,7 @@ def compute_now(conn: psycopg.Connection, catalogue: list[CoverageTarget], *, li
     cells = cells_now(conn, live_factor=live_factor, tz=tz, now=now)
     day = cells.day
 
-    def measured(t: CoverageTarget, entries: Entries) -> Measured:
-        if t.measure == "operator":
-            return Measured(figure_on(entries[t.target_id], day))
-        return measure(t, cells, {})
-
-    rows = _standings(conn, catalogue, day, history_days, measured)
+    rows = _standings(conn, catalogue, day, history_days, lambda t, entries: measure(t, cells, entries))
     return Report(generated_at=datetime.now(UTC), state_at=cells.state_at, day=day, source="live", targets=rows,
                   breakdown=_breakdown_dicts(conn, breakdown_rows(cells)), unverified=unverified(cells),
                   compute_s=time.perf_counter() - started)
@@ -547,10 +535,10 @@ def take_snapshot(conn: psycopg.Connection, day: date, catalogue: list[CoverageT
         if claimed is None:
             return False
         cells = cells_at(conn, day, live_factor=settings.live_factor, tz=tz)
-        progress = progress_at(conn, day)
+        entries = operator_entries(conn, _operator_ids(catalogue), day)
         rows = []
         for t in catalogue:
-            m = measure(t, cells, progress)
+            m = measure(t, cells, entries)
             rows.append((day, t.target_id, m.value, t.value, m.registered, m.active, m.live, m.sites, m.sites_meeting))
         with conn.cursor() as cur:
             cur.executemany("""INSERT INTO coverage_snapshots (day, target_id, value, target_value, registered, active,
