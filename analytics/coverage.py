@@ -405,6 +405,14 @@ def _history(conn: psycopg.Connection, targets: list[CoverageTarget], first: dat
     return out
 
 
+def daily_values(conn: psycopg.Connection, targets: list[CoverageTarget], day: date,
+                 days: int) -> dict[str, list[dict[str, Any]]]:
+    """Each target's daily values over the `days` days before `day`, as a report row's `history`."""
+    entries = operator_entries(conn, _operator_ids(targets), day)
+    history = _history(conn, targets, day - timedelta(days=days), day - timedelta(days=1), entries)
+    return {tid: [{"day": d, "value": v} for d, v in sorted(h.items())] for tid, h in history.items()}
+
+
 def _deadline_values(conn: psycopg.Connection, targets: list[CoverageTarget], day: date,
                      entries: Entries) -> dict[str, dict[date, float]]:
     """Each passed deadline's value (its day's snapshot, or the operator figure for that day)."""

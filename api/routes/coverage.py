@@ -14,7 +14,8 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from analytics.coverage import NoSnapshot, local_day, report_as_of, snapshot_range, take_snapshot
+from analytics.coverage import (PACE_WINDOW_DAYS, NoSnapshot, daily_values, local_day, report_as_of,
+                                snapshot_range, take_snapshot)
 from api.deps import AppSettings, Conn, Operator, TargetId, Viewer, WholeProvinceAdmin, audit_write
 from api.problems import PROBLEM
 from api.schemas import CityCode, Note
@@ -135,6 +136,10 @@ def coverage(key: Viewer, request: Request, conn: Conn, settings: AppSettings,
     else:
         report = request.app.state.coverage.report()
     first = report.day - timedelta(days=history_days)
+    longer = None
+    if as_of is None and history_days > PACE_WINDOW_DAYS:     # the kept report holds the pace window's days
+        longer = daily_values(conn, [t for t in request.app.state.catalogue if t.target_id in visible],
+                              report.day, history_days)
     targets = []
     for row in report.targets:
         if row["target_id"] not in visible:
@@ -142,7 +147,8 @@ def coverage(key: Viewer, request: Request, conn: Conn, settings: AppSettings,
         if (city is not None and row["city"] not in (None, city)) or (pilot is not None and row["pilot"] not in (None, pilot)) \
                 or (network is not None and row["network"] not in (None, network)):
             continue
-        targets.append({**row, "history": [h for h in row["history"] if h["day"] >= first]})
+        history = longer[row["target_id"]] if longer is not None else row["history"]
+        targets.append({**row, "history": [h for h in history if h["day"] >= first]})
     table = [r for r in report.breakdown if key.sees_city(r["city"]) and (city is None or r["city"] == city)
              and (pilot is None or r["pilot"] == pilot) and (network is None or r["network"] == network)]
     return CoverageOut(source=report.source, day=report.day, state_at=report.state_at,

@@ -205,3 +205,26 @@ def test_two_cli_processes_taking_the_same_day_write_it_once(history):
     with psycopg.connect(history.database_url) as conn:
         assert conn.execute("SELECT count(*) FROM coverage_snapshots WHERE day = %s", (day,)).fetchone()[0] \
             == len(load_catalogue())
+
+
+def test_a_live_report_gives_as_many_days_of_history_as_asked(history):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.helpers import bearer, insert_key
+
+    catalogue = load_catalogue()
+    today = datetime.now(history.tz).date()
+    old, recent = today - timedelta(days=40), today - timedelta(days=2)
+    with psycopg.connect(history.database_url, autocommit=True) as conn:
+        for day in (old, recent):
+            take_snapshot(conn, day, catalogue, history)
+    # (the API does not fill the days between by itself here: its snapshot delay is longer than the test)
+    settings = history.model_copy(update={"coverage_snapshot_delay_s": 100 * 86400})
+    with TestClient(create_app(settings), headers=bearer(insert_key(history.database_url, "viewer"))) as client:
+        def days(**params) -> list[str]:
+            body = client.get("/coverage", params=params).json()
+            return [h["day"] for h in {t["target_id"]: t for t in body["targets"]}["yingtan-water-nbiot"]["history"]]
+
+        assert days() == [str(recent)]                          # the default 30 days
+        assert days(history_days=60) == [str(old), str(recent)]
