@@ -92,9 +92,6 @@ def device_city(conn: psycopg.Connection, key: ApiKey, device_id: str, *, lock: 
     return row[0]
 
 
-_QUERY_NAMES: dict[int, frozenset[str]] = {}
-
-
 def _query_names(dependant) -> set[str]:
     """The query parameters a route's dependency tree declares (FastAPI's public Dependant fields)."""
     names = {p.alias for p in dependant.query_params}
@@ -109,9 +106,10 @@ def refuse_unknown_query(request: Request) -> None:
     route = request.scope.get("route")
     if route is None or not request.url.query:
         return
-    names = _QUERY_NAMES.get(id(route))
+    # Kept on the route itself: a cache keyed by id() would outlive an app and meet another's route.
+    names = getattr(route, "iotjx_query_names", None)
     if names is None:
-        names = _QUERY_NAMES[id(route)] = frozenset(_query_names(route.dependant))
+        names = route.iotjx_query_names = frozenset(_query_names(route.dependant))
     unknown = sorted({k for k in request.query_params.keys() if k not in names})
     if unknown:
         takes = ", ".join(sorted(names)) or "none"
