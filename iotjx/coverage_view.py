@@ -18,11 +18,11 @@ def _num(value: float | None, unit: str = "") -> str:
     return f"{text} %" if unit == "percent" else text
 
 
-def _status(row: dict[str, Any]) -> str:
+def _status(row: dict[str, Any], day) -> str:
     status = row["status"]
     style = STATUS_STYLE.get(status, "")
     text = status.replace("_", " ")
-    if row["met_at_deadline"] is None and status == "unknown" and row["deadline"] < row.get("_day", row["deadline"]):
+    if row["met_at_deadline"] is None and status == "unknown" and row["deadline"] < day:
         text = "unknown: no figure on the deadline day"
     return f"[{style}]{text}[/]" if style else text
 
@@ -39,7 +39,7 @@ def plan_table(report) -> Table:
         if r["measure"] in ("site_share", "sites_meeting"):
             counts = (f"{r['sites_meeting']}/{r['sites_in_scope']} sites "
                       f"({', '.join(s['kind'] + (' ' + s['min_grade'] + '+' if s['min_grade'] else '') for s in r['sites'])})")
-        verdict = _status({**r, "_day": report.day})
+        verdict = _status(r, report.day)
         if r["met_at_deadline"] is not None:
             verdict += f" (at deadline: {_num(r['value_at_deadline'], r['unit'])})"
         t.add_row(r["target_id"], r["clause_zh"], counts, _num(r["value"], r["unit"]),
@@ -62,7 +62,7 @@ def programme_table(report) -> Table:
                   "—" if r["percent"] is None else f"{r['percent']:.1f}", str(r["deadline"]),
                   _num(None if r["pace_needed"] is None else round(r["pace_needed"], 1)),
                   _num(None if r["pace_observed"] is None else round(r["pace_observed"], 1)),
-                  str(r["projected_date"] or "—"), _status(r))
+                  str(r["projected_date"] or "—"), _status(r, report.day))
     return t
 
 
