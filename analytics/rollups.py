@@ -451,29 +451,57 @@ def reduce_groups_numpy(keys, buckets, times, values) -> Partials:
 # --- rollup tables --------------------------------------------------------------------------------
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
+_OPTIONAL = ("min", "max", "last")
 
 
-def rollup_columns(value_columns: Sequence[str]) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A value column of a rollup table and the aggregates kept of it: `n` and `sum` always, then any
+    of `min`, `max`, `last` (`last` brings `last_t`).  A plain string in a list of value columns means
+    every aggregate."""
+
+    name: str
+    keep: tuple[str, ...] = _OPTIONAL
+
+    def __post_init__(self) -> None:
+        unknown = set(self.keep) - set(_OPTIONAL)
+        if unknown:
+            raise ValueError(f"{self.name}: {sorted(unknown)} are not aggregates a rollup can keep "
+                             f"(n and sum always; then any of {', '.join(_OPTIONAL)})")
+
+    @property
+    def aggregates(self) -> tuple[str, ...]:
+        return tuple(a for a in AGGREGATES if a in ("n", "sum") or a in self.keep or (a == "last_t" and "last" in self.keep))
+
+
+def _values(value_columns: Sequence[str | Value]) -> list[Value]:
+    return [v if isinstance(v, Value) else Value(v) for v in value_columns]
+
+
+def rollup_columns(value_columns: Sequence[str | Value]) -> list[str]:
     """The non-key columns of a rollup table, in row order: `count`, then per value column `{col}_n`,
-    `{col}_sum`, `{col}_min`, `{col}_max`, `{col}_last`, `{col}_last_t`."""
-    return ["count"] + [f"{col}_{agg}" for col in value_columns for agg in AGGREGATES]
+    `{col}_sum`, and of `{col}_min`, `{col}_max`, `{col}_last`, `{col}_last_t` those it keeps."""
+    return ["count"] + [f"{v.name}_{agg}" for v in _values(value_columns) for agg in v.aggregates]
 
 
-def rollup_table_sql(table: str, key_columns: Sequence[tuple[str, str]], value_columns: Sequence[str]) -> str:
+def rollup_table_sql(table: str, key_columns: Sequence[tuple[str, str]], value_columns: Sequence[str | Value],
+                     *, partition_by: str | None = None) -> str:
     """`CREATE TABLE IF NOT EXISTS` for a rollup table of the convention; `key_columns` are (name, SQL
     type) pairs, the bucket among them (e.g. `("device_key", "bigint"), ("bucket", "timestamptz")`).
-    count and n are bigint, sum/min/max/last double precision, last_t timestamptz."""
+    count and n are bigint, sum/min/max/last double precision, last_t timestamptz.  `partition_by`:
+    the column of a `PARTITION BY RANGE` (plain PostgreSQL's daily partitions)."""
     types = {"n": "bigint NOT NULL", "sum": "double precision NOT NULL", "min": "double precision",
              "max": "double precision", "last": "double precision", "last_t": "timestamptz"}
     names = [_ident(name) for name, _ in key_columns]
     cols = [f"{name} {sqltype} NOT NULL" for name, (_, sqltype) in zip(names, key_columns, strict=True)]
     cols.append('"count" bigint NOT NULL')
-    cols += [f'{_ident(f"{col}_{agg}")} {types[agg]}' for col in value_columns for agg in AGGREGATES]
+    cols += [f'{_ident(f"{v.name}_{agg}")} {types[agg]}' for v in _values(value_columns) for agg in v.aggregates]
+    partition = f" PARTITION BY RANGE ({_ident(partition_by)})" if partition_by else ""
     return (f"CREATE TABLE IF NOT EXISTS {_table(table)} (\n    " + ",\n    ".join(cols)
-            + f",\n    PRIMARY KEY ({', '.join(names)}))")
+            + f",\n    PRIMARY KEY ({', '.join(names)})){partition}")
 
 
-def merge_sql(table: str, key_columns: Sequence[str], value_columns: Sequence[str], *,
+def merge_sql(table: str, key_columns: Sequence[str], value_columns: Sequence[str | Value], *,
               source: str | None = None) -> str:
     """The statement that merges partial rows into a rollup table with `merge`'s semantics:
     `INSERT … ON CONFLICT (keys) DO UPDATE`, count/n/sum added, min/max by LEAST/GREATEST (which skip
@@ -484,36 +512,49 @@ def merge_sql(table: str, key_columns: Sequence[str], value_columns: Sequence[st
     rows must be unique per key (a Partials is) and, to keep concurrent writers from deadlocking,
     arrive in key order (a Partials is ordered by (key, bucket))."""
     keys = [_ident(k) for k in key_columns]
-    cols = keys + [_ident(c) for c in rollup_columns(value_columns)]
+    values = _values(value_columns)
+    cols = keys + [_ident(c) for c in rollup_columns(values)]
     target = _table(table)
     if source is None:
         rows = f"VALUES ({', '.join(['%s'] * len(cols))})"
     else:
         rows = f"SELECT {', '.join(cols)} FROM {_table(source)} ORDER BY {', '.join(keys)}"
     sets = ['"count" = r."count" + excluded."count"']
-    for col in value_columns:
-        n, s, lo, hi, last, last_t = (_ident(f"{col}_{agg}") for agg in AGGREGATES)
-        newer = f"(excluded.{last_t} >= r.{last_t} OR r.{last_t} IS NULL)"
-        sets += [f"{n} = r.{n} + excluded.{n}",
-                 f"{s} = r.{s} + excluded.{s}",
-                 f"{lo} = LEAST(r.{lo}, excluded.{lo})",
-                 f"{hi} = GREATEST(r.{hi}, excluded.{hi})",
-                 f"{last} = CASE WHEN {newer} THEN excluded.{last} ELSE r.{last} END",
-                 f"{last_t} = CASE WHEN {newer} THEN excluded.{last_t} ELSE r.{last_t} END"]
+    for v in values:
+        kept = v.aggregates
+        n, s = _ident(f"{v.name}_n"), _ident(f"{v.name}_sum")
+        sets += [f"{n} = r.{n} + excluded.{n}", f"{s} = r.{s} + excluded.{s}"]
+        if "min" in kept:
+            lo = _ident(f"{v.name}_min")
+            sets.append(f"{lo} = LEAST(r.{lo}, excluded.{lo})")
+        if "max" in kept:
+            hi = _ident(f"{v.name}_max")
+            sets.append(f"{hi} = GREATEST(r.{hi}, excluded.{hi})")
+        if "last" in kept:
+            last, last_t = _ident(f"{v.name}_last"), _ident(f"{v.name}_last_t")
+            newer = f"(excluded.{last_t} >= r.{last_t} OR r.{last_t} IS NULL)"
+            sets += [f"{last} = CASE WHEN {newer} THEN excluded.{last} ELSE r.{last} END",
+                     f"{last_t} = CASE WHEN {newer} THEN excluded.{last_t} ELSE r.{last_t} END"]
     return (f"INSERT INTO {target} AS r ({', '.join(cols)})\n{rows}\n"
             f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET\n    " + ",\n    ".join(sets))
 
 
-def partial_rows(p: Partials) -> Iterator[tuple]:
+def partial_rows(p: Partials, value_columns: Sequence[str | Value] | None = None) -> Iterator[tuple]:
     """The rows of `p` in `merge_sql`'s column order, as Python values: key (int), bucket (an aware UTC
     datetime, for a timestamptz column), count, then per value column n, sum, min, max, last, last_t
-    (datetime) — None where the partial holds NaN (a column with n = 0)."""
+    (datetime) — those the column keeps (every one without `value_columns`) — None where the partial
+    holds NaN (a column with n = 0)."""
     k = p.columns
+    kept = [v.aggregates for v in _values(value_columns)] if value_columns is not None else [AGGREGATES] * k
+    if len(kept) != k:
+        raise ValueError(f"{len(kept)} value columns for partials of {k} columns")
     for i in range(len(p)):
         row: list = [int(p.keys[i]), _timestamp(float(p.buckets[i])), int(p.count[i])]
         for j in range(k):
-            row += [int(p.n[i, j]), float(p.sum[i, j]), _nullable(p.min[i, j]), _nullable(p.max[i, j]),
-                    _nullable(p.last[i, j]), _timestamp(float(p.last_t[i, j]))]
+            for agg in kept[j]:
+                x = getattr(p, agg)[i, j]
+                row.append(int(x) if agg == "n" else float(x) if agg == "sum"
+                           else _timestamp(float(x)) if agg == "last_t" else _nullable(x))
         yield tuple(row)
 
 
@@ -530,16 +571,17 @@ def _timestamp(t: float) -> datetime | None:
     return _PG_EPOCH + timedelta(microseconds=int(np.round((t - 946_684_800.0) * 1e6)))
 
 
-def partial_columns(p: Partials, value_columns: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+def partial_columns(p: Partials, value_columns: Sequence[str | Value]) -> list[tuple[str, np.ndarray]]:
     """(name, array) per column of `p` in `merge_sql`'s order after the key columns (which come first,
     named "key" and "bucket"), for a columnar binary COPY: key and bucket int64 (bucket in epoch
-    seconds), count, then per value column `{col}_n`, `_sum`, `_min`, `_max`, `_last`, `_last_t`
-    (float64, last_t in epoch seconds); NaN is to be written as NULL."""
-    if len(value_columns) != p.columns:
-        raise ValueError(f"{len(value_columns)} value column names for partials of {p.columns} columns")
+    seconds), count, then per value column `{col}_n`, `_sum` and the aggregates it keeps of `_min`,
+    `_max`, `_last`, `_last_t` (float64, last_t in epoch seconds); NaN is to be written as NULL."""
+    values = _values(value_columns)
+    if len(values) != p.columns:
+        raise ValueError(f"{len(values)} value column names for partials of {p.columns} columns")
     out = [("key", p.keys), ("bucket", p.buckets), ("count", p.count)]
-    for j, col in enumerate(value_columns):
-        out += [(f"{col}_{agg}", np.ascontiguousarray(getattr(p, agg)[:, j])) for agg in AGGREGATES]
+    for j, v in enumerate(values):
+        out += [(f"{v.name}_{agg}", np.ascontiguousarray(getattr(p, agg)[:, j])) for agg in v.aggregates]
     return out
 
 
@@ -556,3 +598,73 @@ def _ident(name: str) -> str:
 
 def _table(name: str) -> str:
     return ".".join(_ident(part) for part in name.split(".", 1))
+
+
+# --- the rollup levels the writer keeps -----------------------------------------------------------
+
+KEY_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "device": (("device_key", "bigint"),),                         # devices.device_key
+    "site": (("site_id", "bigint"),),                              # the device's site (district metered area, lot…)
+    "lane": (("device_key", "bigint"), ("lane", "integer")),       # a detector's channel
+    "cell": (("cell_id", "bigint"),),                              # the serving cell (E-UTRAN cell identity)
+}
+LANE_BITS = 16          # a lane level's kernel key: device_key << LANE_BITS | lane
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One rollup table: the readings of `source` (a family table) per `key` × local bucket of `width_s`."""
+
+    table: str
+    source: str
+    key: str                      # device | site | lane | cell (KEY_COLUMNS)
+    width_s: int
+    values: tuple[Value, ...]
+
+    @property
+    def key_columns(self) -> tuple[tuple[str, str], ...]:
+        return KEY_COLUMNS[self.key] + (("bucket", "timestamptz"),)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column in `merge_sql`'s order: keys, bucket, then `rollup_columns`."""
+        return [name for name, _ in self.key_columns] + rollup_columns(self.values)
+
+    def create_sql(self, partitioned: bool) -> str:
+        return rollup_table_sql(self.table, self.key_columns, self.values,
+                                partition_by="bucket" if partitioned else None)
+
+    def merge_sql(self, source: str) -> str:
+        return merge_sql(self.table, [name for name, _ in self.key_columns], self.values, source=source)
+
+
+_SUMS: tuple[str, ...] = ()             # n and sum only
+_RANGE = ("min", "max")
+_ALL = ("min", "max", "last")
+# README "Rollups" documents every table; a change here is a new migration (iotjx/db/migrations.py).
+LEVELS: tuple[Level, ...] = (
+    Level("rollup_water_day", "water_readings", "device", DAY_S, (
+        Value("flow_m3", _ALL), Value("settlement_flow_m3", _ALL), Value("battery_low", ("last",)),
+        Value("valve_closed", ("last",)))),
+    Level("rollup_water_site_15m", "water_readings", "site", 900, (
+        Value("battery_low", _SUMS), Value("valve_closed", _SUMS))),
+    Level("rollup_fire_day", "fire_events", "device", DAY_S, (
+        Value("fire_alarm", _SUMS), Value("fault", _SUMS))),
+    Level("rollup_fire_site_15m", "fire_events", "site", 900, (
+        Value("fire_alarm", _SUMS), Value("fault", _SUMS))),
+    Level("rollup_traffic_day", "traffic_flow", "device", DAY_S, (
+        Value("count_a", _SUMS), Value("count_b", _SUMS), Value("count_c", _SUMS), Value("unclassified", _SUMS))),
+    Level("rollup_traffic_lane_5m", "traffic_flow", "lane", 300, (
+        Value("count_a", _SUMS), Value("count_b", _SUMS), Value("count_c", _SUMS), Value("unclassified", _SUMS),
+        Value("occupancy_pct", ("max",)), Value("timed_n", _SUMS), Value("speed_n", _SUMS),
+        Value("n_per_speed", _SUMS))),
+    Level("rollup_parking_day", "parking_events", "device", DAY_S, (
+        Value("occupied", ("last",)), Value("occupancy_changed", _SUMS), Value("battery_mv", ("min", "last")))),
+    Level("rollup_parking_site_15m", "parking_events", "site", 900, (
+        Value("occupied", _SUMS), Value("occupancy_changed", _SUMS))),
+    Level("rollup_radio_day", "radio_readings", "device", DAY_S, (
+        Value("rsrp_dbm", _ALL), Value("sinr_db", _ALL), Value("ecl", ("max", "last")))),
+    Level("rollup_radio_cell_day", "radio_readings", "cell", DAY_S, (
+        Value("rsrp_dbm", _RANGE), Value("sinr_db", _RANGE), Value("ecl_0", _SUMS), Value("ecl_1", _SUMS),
+        Value("ecl_2", _SUMS))),
+)

@@ -86,6 +86,7 @@ class BatchBuilder:
             missing = {u.device_id for u in batch} - devices.keys()
             if missing:
                 devices = {**devices, **self._lookup(missing)}
+        ws.devices = {**ws.devices, **devices} if ws.devices else devices
         groups: dict[tuple[str, str, str], list[Uplink]] = defaultdict(list)
         settings_of: dict[tuple[str, str, str], dict[str, Any]] = {}
         limit_of: dict[tuple[str, str, str], int | None] = {}

@@ -24,6 +24,7 @@ from iotjx.db import connect
 from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings
 
+from .aggregates import Aggregator
 from .downlink import DownlinkService
 from .mqtt import MqttIngest
 from .pipeline import Pipeline
@@ -51,8 +52,10 @@ class Gateway:
         self.schema = schema
         connector = self._connector
         self.registry = DeviceRegistry(connector("iotjx-registry"), cache_max=settings.registry_cache_max)
-        self.writer = Writer(connector("iotjx-writer"))
-        self.more_writers = [Writer(connector(f"iotjx-writer{k}")) for k in range(1, settings.database_writers)]
+        aggregator = Aggregator(settings.tz) if settings.rollups else None
+        self.writer = Writer(connector("iotjx-writer"), aggregator=aggregator)
+        self.more_writers = [Writer(connector(f"iotjx-writer{k}"), aggregator=aggregator)
+                             for k in range(1, settings.database_writers)]
         self.pipeline = Pipeline(self.registry, self.writer, batch_size=settings.batch_size,
                                  batch_age_s=settings.batch_age_ms / 1000,
                                  batch_idle_s=settings.batch_idle_ms / 1000, queue_max=settings.queue_max,

@@ -21,7 +21,7 @@ _LOOKUP = """
     SELECT d.device_id, d.model, m.codec, d.pilot, d.network, d.site_id,
            coalesce(d.reporting_interval_s, m.reporting_interval_s), d.status, m.settings::text,
            coalesce(m.family, m.pilot), m.inner_codec, m.inner_settings::text, m.dedup_window_s,
-           m.max_payload_bytes
+           m.max_payload_bytes, d.device_key
     FROM devices d JOIN device_models m USING (model)
     WHERE d.device_id = ANY(%s)"""
 
@@ -111,7 +111,7 @@ class DeviceRegistry:
         except psycopg.OperationalError:
             self._conn.close()
             raise
-        return [Device(row[0], *self._profile(row)) for row in rows]
+        return [Device(row[0], *self._profile(row[:-1]), key=row[-1]) for row in rows]
 
     def _profile(self, row: tuple) -> tuple:
         """Every field of a row's Device but its id, as objects shared by all devices alike."""

@@ -10,15 +10,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
 from iotjx.db.migrations import ensure_partitions
-from iotjx.model import Outcome, Uplink
+from iotjx.model import Device, Outcome, Uplink
 
 from . import pgbinary
+from .aggregates import Aggregator, batch_rows, bucket_days, device_keys, stage_tables_sql
 from .pgbinary import Column
 from .rejects import reject_source, tally_rejects
 from .sinks import RADIO
@@ -52,6 +54,7 @@ class WriteSet:
     seen_ids: list[str] = field(default_factory=list)
     seen_at: list[float] = field(default_factory=list)
     days: set[date] = field(default_factory=set)
+    devices: dict[str, Device] = field(default_factory=dict)           # the batch's registry lookup (rollup keys)
     outcomes: dict[int, Outcome] = field(default_factory=dict)          # id(uplink) -> outcome
     codecs: dict[int, str] = field(default_factory=dict)                # id(uplink) -> codec (metrics)
     origin: dict[int, int] = field(default_factory=dict)                # id(opened envelope) -> id(as received)
@@ -177,13 +180,22 @@ _SEEN_UPSERT = """
         uplinks = s.uplinks + excluded.uplinks"""
 
 
-class Writer:
-    """Owns one connection; `write` commits a WriteSet or raises, leaving nothing half-written."""
+_SHANGHAI = ZoneInfo("Asia/Shanghai")
 
-    def __init__(self, connect: Callable[[], psycopg.Connection]) -> None:
+
+class Writer:
+    """Owns one connection; `write` commits a WriteSet or raises, leaving nothing half-written.
+
+    With an `aggregator` (the default: rollups in Asia/Shanghai days; the gateway passes IOTJX_TIMEZONE,
+    or None with IOTJX_ROLLUPS=false) every write also merges the rows' rollups in the same
+    transaction (`ingest.aggregates`)."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], *,
+                 aggregator: Aggregator | None | bool = True) -> None:
         self._connect = connect
         self._conn: psycopg.Connection | None = None
         self._partition_days: set[date] = set()
+        self.aggregator = Aggregator(_SHANGHAI) if aggregator is True else aggregator or None
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -191,6 +203,9 @@ class Writer:
             conn = self._connect()
             with conn.transaction():           # outside any batch: a rolled-back batch cannot undo it
                 conn.execute(_CLAIM_TABLE)
+                if self.aggregator is not None:
+                    for sql in stage_tables_sql(self.aggregator.levels):
+                        conn.execute(sql)
             self._conn = conn
         return self._conn
 
@@ -219,7 +234,12 @@ class Writer:
             return cur.rowcount
 
     def _write_in(self, conn: psycopg.Connection, ws: WriteSet) -> None:
-        self._ensure_days(conn, ws.days)
+        partials = []
+        if self.aggregator is not None and (ws.readings or ws.blocks):
+            rows = batch_rows(ws.readings, ws.blocks)
+            if rows:
+                partials = self.aggregator.partials(rows, device_keys(conn, rows, ws.devices))
+        self._ensure_days(conn, ws.days | bucket_days(partials) if partials else ws.days)
         with conn.cursor() as cur:
             for table, (columns, rows) in ws.readings.items():
                 if rows:
@@ -236,6 +256,8 @@ class Writer:
                 _copy(cur, "raw_uplinks", RAW_COLUMNS, raw)
             if ws.seen_ids:
                 cur.execute(_SEEN_UPSERT, ws.liveness())   # sorted: no deadlock between replicas
+            if partials:                                   # last, in one order of levels and keys
+                self.aggregator.write(cur, partials, _copy_block)
 
     def _ensure_days(self, conn: psycopg.Connection, days: set[date]) -> None:
         new = days - self._partition_days

@@ -58,3 +58,4 @@ class Device:
     inner_settings: dict[str, Any] = field(default_factory=dict)
     dedup_window_s: float | None = None    # None: the gateway's IOTJX_DEDUP_WINDOW_S
     max_payload_bytes: int | None = None   # the model's largest frame; None: only IOTJX_UPLINK_MAX_BYTES
+    key: int | None = None                 # devices.device_key: the rollups' integer key

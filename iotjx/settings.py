@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     targets_file: Path | None = Field(None, description="Targets catalogue (TOML); unset: the bundled one")
     timezone: str = Field(
         "Asia/Shanghai", description="Local time of days, snapshots and rollups (a Jiangxi day); an IANA zone name")
+    rollups: bool = Field(
+        True, description="Keep the rollup tables (README \"Rollups\") in each batch's transaction; false only to "
+                          "measure what they cost (benchmarks/ingest_e2e.py --no-rollups): the figures that read "
+                          "them then miss what was written meanwhile")
     # Coverage (analytics/coverage.py, README "Coverage")
     coverage_refresh_s: float = Field(
         30, ge=0, description="`/coverage` answers from a report recomputed in one pass this often (its `generated_at` "

@@ -19,7 +19,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from iotjx.db import migrations
-from iotjx.db.migrations import MIGRATIONS, TIME_TABLES
+from iotjx.db.migrations import MIGRATIONS, ROLLUP_TABLES, TIME_TABLES
 
 from . import SCHEMA_SNAPSHOT_SQL
 from .pglite.engine import Engine, EngineConnection, node_ready
@@ -128,7 +128,7 @@ def test_compression_segments_by_device_and_orders_by_time_descending(ts):
     assert sorted(enabled) == sorted((t, True) for t in TIME_TABLES)
     settings = engine.run("SELECT hypertable_name, attname, segmentby_column_index, orderby_column_index, "
                           "orderby_asc FROM timescaledb_information.compression_settings").rows
-    expected = [(t, "device_id", 1, None, None) for t in TIME_TABLES] + \
+    expected = [(t, ROLLUP_TABLES.get(t, "device_id"), 1, None, None) for t in TIME_TABLES] + \
                [(t, col, None, 1, False) for t, col in TIME_TABLES.items()]
     assert sorted(settings, key=str) == sorted(expected, key=str)
 

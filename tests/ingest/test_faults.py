@@ -35,6 +35,7 @@ from ingest.mqtt import MqttIngest
 from ingest.pipeline import Pipeline
 from ingest.registry import DeviceRegistry
 from ingest.spool import Spool
+from tests.ingest.test_rollups_written import assert_rollups_equal_recount
 from ingest.writer import Writer
 from simulators.publish import MqttPublisher
 from simulators.water import make_meters
@@ -131,6 +132,11 @@ def _assert_exactly_once(db_url: str, published: list[tuple[str, bytes]]) -> Non
     assert not missing and not twice and stored == want, \
         f"{sum(missing.values())} missing, {len(twice)} stored more than once, {len(stored - want)} unexpected"
     assert readings == len(published) and rejects == 0
+    # The rollups kept in the batches' transactions count every stored reading once, spool replays
+    # and redeliveries included: equal to the plain-SQL recount over the readings.
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT sum(count) FROM rollup_water_day").fetchone()[0] == len(published)
+        assert_rollups_equal_recount(conn, expect_rows=False)
 
 
 # ------------------------------------------------------------------------------------- gateways
