@@ -146,24 +146,12 @@ def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, 
                  device_ids: Sequence[str] | None = None,
                  road_class: Callable[[str], str] | Mapping[str, str] | None = None) -> list[FlowBucket]:
     """Each lane's (`per="lane"`) or detector's (`per="detector"`) figures per local bucket of `width_s`
-    (300 or 900) over [since, until), ordered by device, channel, start.  `road_class` gives a device's
+    (300 or 900) over [since, until), ordered by device, channel, start, from the readings
+    (`flow_buckets_from_rollups`: the same from the writer's rollup).  `road_class` gives a device's
     road class (a mapping or a function; default `DEFAULT_ROAD_CLASS`)."""
-    if width_s not in WIDTHS_S:
-        raise ValueError(f"width_s must be one of {WIDTHS_S}, got {width_s!r}")
-    if per not in ("lane", "detector"):
-        raise ValueError(f"per must be 'lane' or 'detector', got {per!r}")
-    if since.tzinfo is None or until.tzinfo is None:
-        raise ValueError("since and until must be timezone-aware")
-    where, params = "", {"since": since, "until": until}
-    code = city_code(conn, city)
-    if code is not None:
-        where += (" AND device_id IN (SELECT d.device_id FROM devices d LEFT JOIN sites s USING (site_id)"
-                  " WHERE coalesce(s.city_code, 0) = %(code)s)")
-        params["code"] = code
-    if device_ids is not None:
-        where += " AND device_id = ANY(%(ids)s)"
-        params["ids"] = list(device_ids)
-    rows = conn.execute(_FLOW_SQL.format(where=where), params).fetchall()
+    _check_flow_args(since, until, width_s, per)
+    where, params = _flow_filter(conn, city, device_ids, "device_id")
+    rows = conn.execute(_FLOW_SQL.format(where=where), {"since": since, "until": until, **params}).fetchall()
     if not rows:
         return []
     device = np.array([r[0] for r in rows], dtype=object)
@@ -173,6 +161,29 @@ def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, 
     occ = np.array([np.nan if r[6] is None else r[6] for r in rows], dtype=np.float64)
     speed = np.array([np.nan if r[7] is None else r[7] for r in rows], dtype=np.float64)
     return _flow_buckets(device, channel, t, counts, occ, speed, width_s, tz, per, _road_class_of(road_class))
+
+
+def _check_flow_args(since: datetime, until: datetime, width_s: int, per: str) -> None:
+    if width_s not in WIDTHS_S:
+        raise ValueError(f"width_s must be one of {WIDTHS_S}, got {width_s!r}")
+    if per not in ("lane", "detector"):
+        raise ValueError(f"per must be 'lane' or 'detector', got {per!r}")
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ValueError("since and until must be timezone-aware")
+
+
+def _flow_filter(conn: psycopg.Connection, city: str | int | None, device_ids: Sequence[str] | None,
+                 column: str) -> tuple[str, dict]:
+    where, params = "", {}
+    code = city_code(conn, city)
+    if code is not None:
+        where += (f" AND {column} IN (SELECT d.device_id FROM devices d LEFT JOIN sites s USING (site_id)"
+                  " WHERE coalesce(s.city_code, 0) = %(code)s)")
+        params["code"] = code
+    if device_ids is not None:
+        where += f" AND {column} = ANY(%(ids)s)"
+        params["ids"] = list(device_ids)
+    return where, params
 
 
 def _road_class_of(road_class: Callable[[str], str] | Mapping[str, str] | None) -> Callable[[str], str]:
@@ -202,33 +213,98 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
     has_occ = ~np.isnan(occ)
     with np.errstate(divide="ignore", invalid="ignore"):
         timed = (n > 0) & (speed > 0)          # NaN speed: False
-    frames = np.bincount(label, minlength=m)
     sums = [total(counts[:, k].astype(np.float64)) for k in range(4)]
-    occ_n, occ_sum = total(has_occ.astype(np.float64)), total(np.where(has_occ, occ, 0.0))
-    n_timed = total(np.where(timed, n, 0.0))
     with np.errstate(over="ignore"):           # a subnormal speed: n / v = inf, v_s = 0, no density
         nv = total(np.where(timed, n * np.where(timed, speed, 1.0), 0.0))
         n_over_v = total(np.where(timed, n / np.where(timed, speed, 1.0), 0.0))
     lane_pairs = np.unique(np.stack([label, channel], axis=1), axis=0)
-    lanes = np.bincount(lane_pairs[:, 0], minlength=m)
+    sums_of = _GroupSums(frames=np.bincount(label, minlength=m), lanes=np.bincount(lane_pairs[:, 0], minlength=m),
+                         classes=sums, occ_n=total(has_occ.astype(np.float64)),
+                         occ_sum=total(np.where(has_occ, occ, 0.0)), n_timed=total(np.where(timed, n, 0.0)),
+                         nv=nv, n_over_v=n_over_v)
+    return _figures([str(devices[g]) for g in groups[:, 0]], groups[:, 1] if per == "lane" else None, groups[:, 2],
+                    sums_of, width_s, tz, road_class)
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupSums:
+    """The sums a bucket's figures are made of (arrays over the buckets), from the readings or the rollups."""
+
+    frames: np.ndarray
+    lanes: np.ndarray
+    classes: list[np.ndarray]        # a, b, c, unclassified
+    occ_n: np.ndarray
+    occ_sum: np.ndarray
+    n_timed: np.ndarray
+    nv: np.ndarray
+    n_over_v: np.ndarray
+
+
+def _figures(devices: Sequence[str], channels: np.ndarray | None, starts: np.ndarray, s: _GroupSums, width_s: int,
+             tz: ZoneInfo, road_class: Callable[[str], str]) -> list[FlowBucket]:
+    """The one definition of a bucket's figures from its sums (module docstring)."""
     out = []
-    for g in range(m):
-        dev = str(devices[groups[g, 0]])
-        volume = int(sums[0][g] + sums[1][g] + sums[2][g] + sums[3][g])
+    for g, dev in enumerate(devices):
+        a, b, c, u = (int(x[g]) for x in s.classes)
+        volume = a + b + c + u
         flow = volume * 3600.0 / width_s
-        v_t = nv[g] / n_timed[g] if n_timed[g] > 0 else None
-        v_s = n_timed[g] / n_over_v[g] if n_timed[g] > 0 else None
+        v_t = s.nv[g] / s.n_timed[g] if s.n_timed[g] > 0 else None
+        v_s = s.n_timed[g] / s.n_over_v[g] if s.n_timed[g] > 0 else None
         k = 0.0 if volume == 0 else (flow / v_s if v_s else None)
-        k_lane = None if k is None else k / int(lanes[g])
+        k_lane = None if k is None else k / int(s.lanes[g])
         rc = road_class(dev)
         out.append(FlowBucket(
-            device_id=dev, channel=int(groups[g, 1]) if per == "lane" else None,
-            start=datetime.fromtimestamp(int(groups[g, 2]), tz), width_s=width_s, frames=int(frames[g]),
-            lanes=int(lanes[g]), count_a=int(sums[0][g]), count_b=int(sums[1][g]), count_c=int(sums[2][g]),
-            unclassified=int(sums[3][g]), volume=volume,
-            occupancy_pct=occ_sum[g] / occ_n[g] if occ_n[g] else None, time_mean_kmh=v_t, space_mean_kmh=v_s, flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
+            device_id=dev, channel=None if channels is None else int(channels[g]),
+            start=datetime.fromtimestamp(int(starts[g]), tz), width_s=width_s, frames=int(s.frames[g]),
+            lanes=int(s.lanes[g]), count_a=a, count_b=b, count_c=c, unclassified=u, volume=volume,
+            occupancy_pct=s.occ_sum[g] / s.occ_n[g] if s.occ_n[g] else None, time_mean_kmh=v_t, space_mean_kmh=v_s,
+            flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
             grade=congestion_grade(v_s, rc), road_class=rc))
     return out
+
+
+_LANE_ROLLUP_SQL = """
+    SELECT d.device_id, r.lane, extract(epoch FROM r.bucket)::bigint, r.count,
+           r.count_a_sum, r.count_b_sum, r.count_c_sum, r.unclassified_sum, r.occupancy_pct_n, r.occupancy_pct_sum,
+           r.timed_n_sum, r.speed_n_sum, r.n_per_speed_sum
+      FROM rollup_traffic_lane_5m r JOIN devices d USING (device_key)
+     WHERE r.bucket >= %(since)s AND r.bucket < %(until)s {where}
+"""
+
+
+def flow_buckets_from_rollups(conn: psycopg.Connection, since: datetime, until: datetime, *, width_s: int = 900,
+                              tz: ZoneInfo = ZoneInfo("Asia/Shanghai"), per: str = "lane",
+                              city: str | int | None = None, device_ids: Sequence[str] | None = None,
+                              road_class: Callable[[str], str] | Mapping[str, str] | None = None) -> list[FlowBucket]:
+    """`flow_buckets` read from the writer's lane × 5-minute rollup (README "Rollups") instead of the
+    readings: the same figures, each 5- or 15-minute bucket made of the 5-minute buckets that start in
+    it.  `tz` must be the writer's IOTJX_TIMEZONE (the rollup's buckets are aligned on it); a range
+    selects whole 5-minute buckets by their start (bounds on 5-minute edges give what `flow_buckets`
+    gives)."""
+    _check_flow_args(since, until, width_s, per)
+    where, params = _flow_filter(conn, city, device_ids, "d.device_id")
+    rows = conn.execute(_LANE_ROLLUP_SQL.format(where=where), {"since": since, "until": until, **params}).fetchall()
+    if not rows:
+        return []
+    r = np.array([row[1:] for row in rows], dtype=np.float64)
+    device = np.array([row[0] for row in rows], dtype=object)
+    lane = r[:, 0].astype(np.int64)
+    start = r[:, 1].astype(np.int64)
+    start = bucket_starts(start.astype(np.float64), width_s, tz) if width_s != 300 else start
+    devices, device_label = np.unique(device.astype(str), return_inverse=True)
+    keys = np.stack([device_label, lane if per == "lane" else np.zeros_like(lane), start], axis=1)
+    groups, label = np.unique(keys, axis=0, return_inverse=True)
+    label = label.ravel()
+    m = len(groups)
+
+    def total(col: int) -> np.ndarray:
+        return np.bincount(label, weights=r[:, col], minlength=m)
+    lane_pairs = np.unique(np.stack([label, lane], axis=1), axis=0)
+    sums_of = _GroupSums(frames=total(2).astype(np.int64), lanes=np.bincount(lane_pairs[:, 0], minlength=m),
+                         classes=[total(k) for k in (3, 4, 5, 6)], occ_n=total(7), occ_sum=total(8),
+                         n_timed=total(9), nv=total(10), n_over_v=total(11))
+    return _figures([str(devices[g]) for g in groups[:, 0]], groups[:, 1] if per == "lane" else None, groups[:, 2],
+                    sums_of, width_s, tz, _road_class_of(road_class))
 
 
 # --------------------------------------------------------------------------- parking
@@ -462,5 +538,5 @@ def scenic_smart_parking(conn: psycopg.Connection, *, live_factor: float, tz: Zo
 
 
 __all__ = ["FlowBucket", "GRADES", "GRADES_ZH", "GRADE_SPEED_BANDS", "LOS_DENSITY_VPKMPL", "OpenOverstay", "ParkingHour",
-           "Stay", "congestion_grade", "flow_buckets", "los_band", "open_overstays", "parking_hours",
+           "Stay", "congestion_grade", "flow_buckets", "flow_buckets_from_rollups", "los_band", "open_overstays", "parking_hours",
            "scenic_smart_parking", "stays"]

@@ -46,6 +46,8 @@ from _observe import BenchDatabase, CommitListener  # noqa: E402
 
 TARGETS = (  # ratio name, numerator, denominator, at least (None: reported, no target)
     ("e2e / bare subscriber", "e2e_1", "bare", 0.85),
+    ("e2e without rollups / bare subscriber", "e2e_plain", "bare", None),
+    ("e2e with rollups / without", "e2e_1", "e2e_plain", None),
     ("2 gateways / 1", "e2e_2", "e2e_1", 1.15),
     ("2 bare subscribers / 1 (ceiling)", "bare_2", "bare", None),
     ("e2e / naive", "e2e_1", "naive", 20.0),
@@ -53,6 +55,7 @@ TARGETS = (  # ratio name, numerator, denominator, at least (None: reported, no 
 )
 LABELS = {"bare": "bare paho subscriber (broker ceiling)", "bare_2": "2 bare subscribers (shared sub)",
           "e2e_1": "gateway e2e, 1 process",
+          "e2e_plain": "gateway e2e, 1 process, IOTJX_ROLLUPS=false",
           "e2e_2": "gateway e2e, 2 processes (shared sub)", "naive": "naive pipeline (INSERT per message)",
           "copy": "PostgreSQL COPY alone (rows/s)", "pipeline": "gateway writer alone (no transport)",
           "coap_bare": "bare aiocoap server", "coap_gateway": "gateway CoAP ingest"}
@@ -87,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory runs publish at this multiple of the measured e2e rate (> 1: the gateway is saturated)")
     p.add_argument("--registry", type=int, default=1_000_000, help="registry size of the memory run; 0: skip")
     p.add_argument("--registry-touched", type=int, help="devices of that registry that send (300k; --quick 100k)")
-    p.add_argument("--skip", default="", help="comma-separated: bare,e2e_2,naive,copy,pipeline,coap,latency,"
+    p.add_argument("--skip", default="", help="comma-separated: bare,plain,e2e_2,naive,copy,pipeline,coap,latency,"
                                                "memory,outage,registry")
     p.add_argument("--profile", type=Path, help="run the 1-process gateway under py-spy; raw profiles here")
     p.add_argument("--pg-admin-url", default=os.environ.get("IOTJX_BENCH_PG_URL",
@@ -225,7 +228,9 @@ class Report:
             cells = [f"{g} {statistics.median(r['cores'].get(g, 0) for r in rows):.2f}" for g in groups]
             machine_cores = statistics.median(r["machine_cores"] for r in rows)
             others = statistics.median(max(0.0, r["machine_cores"] - sum(r["cores"].values())) for r in rows)
-            out.append(f"  {label:40s} " + ", ".join(cells) + f" | machine {machine_cores:.2f}, others' {others:.2f}")
+            per_uplink = statistics.median(r["machine_cores"] * 1e6 / r["rate"] for r in rows if r.get("rate"))
+            out.append(f"  {label:40s} " + ", ".join(cells) + f" | machine {machine_cores:.2f}, others' {others:.2f}"
+                       f" | machine µs per uplink {per_uplink:.0f}")
         return out
 
 
@@ -275,6 +280,8 @@ def main(argv=None) -> int:
             if "bare" not in args.skip:
                 report.phase(rep, "bare", lambda: run_bare_subscriber(bench, rounds))
             report.phase(rep, "e2e_1", lambda: run_gateway(bench, rounds))
+            if "plain" not in args.skip:     # the same without the rollups (what the aggregators cost)
+                report.phase(rep, "e2e_plain", lambda: run_gateway(bench, rounds, extra_env={"IOTJX_ROLLUPS": "false"}))
             if "copy" not in args.skip and len(report.runs) >= rep and "e2e_1" in report.runs[rep - 1]:
                 report.phase(rep, "copy", lambda: run_copy(bench))
             if "e2e_2" not in args.skip:

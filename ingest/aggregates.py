@@ -229,7 +229,8 @@ def _extra_volume(extra: Any) -> float:
         v = float((obj or {}).get("volume"))
     except (TypeError, ValueError, AttributeError):
         return 0.0
-    return float(round(v)) if np.isfinite(v) else 0.0
+    # PostgreSQL's round(numeric): half away from zero (Python's round() is half to even)
+    return float(np.sign(v) * np.floor(abs(v) + 0.5)) if np.isfinite(v) else 0.0
 
 
 def _traffic(col, n: int) -> FamilyRows:

@@ -722,18 +722,20 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
     import numpy as np
 
     from analytics.rollups import bucket_starts
-    from analytics.traffic import flow_buckets, open_overstays, parking_hours, scenic_smart_parking
+    from analytics.traffic import (flow_buckets, flow_buckets_from_rollups, open_overstays, parking_hours,
+                                   scenic_smart_parking)
     with _report_connection(section, TRAFFIC_SECTIONS) as (settings, conn, chosen):
         now = datetime.now(settings.tz)
+        flow = flow_buckets_from_rollups if settings.rollups else flow_buckets    # the writer's lane rollup
 
         def floor(width_s: int) -> datetime:
             return datetime.fromtimestamp(int(bucket_starts(np.array([now.timestamp()]), width_s, settings.tz)[0]),
                                           settings.tz)
         quarter, hour = floor(900), floor(3600)
         since = quarter - timedelta(hours=hours)
-        lanes = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city)
+        lanes = (flow(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city)
                  if "lanes" in chosen else [])
-        detectors = (flow_buckets(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city)
+        detectors = (flow(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city)
                      if "detectors" in chosen else [])
         parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city)
                    if "parking" in chosen else [])
