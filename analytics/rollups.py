@@ -668,3 +668,79 @@ LEVELS: tuple[Level, ...] = (
         Value("rsrp_dbm", _RANGE), Value("sinr_db", _RANGE), Value("ecl_0", _SUMS), Value("ecl_1", _SUMS),
         Value("ecl_2", _SUMS))),
 )
+
+
+# --- reading a rollup ---------------------------------------------------------------------------------
+
+LEVEL_BY_TABLE = {level.table: level for level in LEVELS}
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One bucket of a rollup series: `count` rows, and per value column its aggregates (`values[name]`:
+    n, sum, mean = sum / n (None when n = 0), and min, max, last, last_t where the level keeps them)."""
+
+    start: datetime
+    count: int
+    values: dict[str, dict[str, object]]
+
+
+def rollup_series(conn, table: str, key: dict[str, int], since: datetime, until: datetime, *,
+                  width_s: int | None = None, tz: ZoneInfo = ZoneInfo("Asia/Shanghai")) -> list[Bucket]:
+    """The buckets of one key of a rollup table (`LEVELS`) starting in [since, until), oldest first.
+
+    `key` names every key column of the level (e.g. `{"site_id": 7}`, `{"device_key": 3, "lane": 1}`).
+    `width_s` coarser than the level's bucket (a multiple of it that divides a day, or a day) merges
+    the level's buckets by their local start (`tz` must be the writer's IOTJX_TIMEZONE): counts, n and
+    sums add, min/max of the parts, `last` the newest by `last_t` — never an average of averages."""
+    level = LEVEL_BY_TABLE.get(table)
+    if level is None:
+        raise ValueError(f"{table!r} is not a rollup table ({', '.join(LEVEL_BY_TABLE)})")
+    names = [name for name, _ in KEY_COLUMNS[level.key]]
+    if sorted(key) != sorted(names):
+        raise ValueError(f"{table} is keyed by {', '.join(names)}; got {', '.join(sorted(key)) or 'nothing'}")
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ValueError("since and until must be timezone-aware")
+    width = level.width_s if width_s is None else int(width_s)
+    if width < level.width_s or width % level.width_s or DAY_S % width:
+        raise ValueError(f"width_s must be a multiple of {table}'s {level.width_s} s that divides a day, got {width_s!r}")
+    where = " AND ".join(f"{_ident(k)} = %({k})s" for k in names)
+    cur = conn.execute(f"SELECT * FROM {_table(table)} WHERE {where} AND bucket >= %(since)s AND bucket < %(until)s "
+                       "ORDER BY bucket", {**key, "since": since, "until": until})
+    cols = [d.name for d in cur.description]
+    rows = cur.fetchall()
+    at = {c: i for i, c in enumerate(cols)}
+    merged: dict[int, dict[str, object]] = {}
+    starts = np.array([r[at["bucket"]].timestamp() for r in rows], dtype=np.float64)
+    target = bucket_starts(starts, width, tz) if width != level.width_s and len(rows) else starts.astype(np.int64)
+    for r, start in zip(rows, target.tolist(), strict=True):
+        m = merged.get(start)
+        if m is None:
+            merged[start] = {c: r[at[c]] for c in cols}
+            continue
+        m["count"] += r[at["count"]]
+        for v in level.values:
+            _merge_value(m, v, {a: r[at[f"{v.name}_{a}"]] for a in v.aggregates})
+    out = []
+    for start, m in merged.items():
+        values = {}
+        for v in level.values:
+            agg = {a: m[f"{v.name}_{a}"] for a in v.aggregates}
+            agg["mean"] = agg["sum"] / agg["n"] if agg["n"] else None
+            values[v.name] = agg
+        out.append(Bucket(datetime.fromtimestamp(start, tz), int(m["count"]), values))
+    return out
+
+
+def _merge_value(m: dict, v: Value, part: dict) -> None:
+    name = v.name
+    m[f"{name}_n"] += part["n"]
+    m[f"{name}_sum"] += part["sum"]
+    for agg, pick in (("min", min), ("max", max)):
+        if agg in part and part[agg] is not None:
+            cur = m[f"{name}_{agg}"]
+            m[f"{name}_{agg}"] = part[agg] if cur is None else pick(cur, part[agg])
+    if "last" in part and part["last_t"] is not None:
+        cur_t = m[f"{name}_last_t"]
+        if cur_t is None or part["last_t"] >= cur_t:
+            m[f"{name}_last"], m[f"{name}_last_t"] = part["last"], part["last_t"]

@@ -501,3 +501,29 @@ def open_alerts(conn: psycopg.Connection, city: str | int | None = None) -> list
             WHERE a.closed_at IS NULL AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
             ORDER BY a.opened_at, a.alert_id""", {"c": code}).fetchall()
     return [WaterAlert(**r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumptionDay:
+    """One meter's consumption on one local day (a `water_daily` row)."""
+
+    day: date
+    consumption_m3: float
+    reverse_m3: float
+    readings: int
+    first_register_m3: float | None
+    last_register_m3: float | None
+    rollovers: int
+    new_series: int
+    reverse_flows: int
+
+
+def daily_consumption(conn: psycopg.Connection, device_id: str, since: date, until: date) -> list[ConsumptionDay]:
+    """A meter's consumption per local day in [since, until), oldest first (days without a delta absent)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute("""
+            SELECT day, consumption_m3, reverse_m3, readings, first_register_m3, last_register_m3, rollovers,
+                   new_series, reverse_flows
+            FROM water_daily WHERE device_id = %s AND day >= %s AND day < %s ORDER BY day""",
+                           (device_id, since, until)).fetchall()
+    return [ConsumptionDay(**r) for r in rows]

@@ -120,6 +120,12 @@ def test_rollover_replacement_and_reverse_flow(meters):
         assert reverse == [("reverse_flow", _local(1, 13), _local(1, 15))]
         assert conn.execute("SELECT reverse_m3 FROM water_daily WHERE device_id = %s AND day = %s",
                             (METER, d1)).fetchone()[0] == pytest.approx(-0.15)
+        # the API's reading of it: a meter's days in [since, until)
+        from analytics.water import daily_consumption
+        got = daily_consumption(conn, METER, d2, d1 + timedelta(days=1))
+        assert [(c.day, round(c.consumption_m3, 6), c.readings, c.rollovers, c.new_series, c.reverse_flows)
+                for c in got] == [(d2, 0.6, 2, 1, 0, 0), (d1, 0.35, 4, 0, 1, 1)]
+        assert got[1].reverse_m3 == pytest.approx(-0.15) and daily_consumption(conn, OTHER, d3, d1) == []
 
 
 def test_days_split_at_local_midnight(meters):

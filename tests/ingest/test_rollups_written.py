@@ -179,6 +179,43 @@ def test_province_mix_rollups_equal_the_sql_recount_through_duplicates_and_late_
         assert conn.execute("SELECT sum(count) FROM rollup_radio_cell_day").fetchone()[0] > 0
 
 
+def test_rollup_series_merges_buckets_as_the_readings_sum(db_url):
+    """`rollup_series` of a site's 15-minute parking buckets merged to local hours and days equals the
+    readings counted per local hour and day in SQL; a lane's 5-minute buckets merged to 15 minutes too."""
+    from analytics.rollups import rollup_series
+
+    uplinks = _province_mix(db_url, days=1.0, scale=0.003)
+    Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))).process(uplinks)
+    tz = ZoneInfo(TZ)
+    since, until = datetime.now(tz) - timedelta(days=3), datetime.now(tz) + timedelta(hours=1)
+    with psycopg.connect(db_url) as conn:
+        site = conn.execute("SELECT site_id FROM rollup_parking_site_15m GROUP BY 1 ORDER BY sum(count) DESC LIMIT 1"
+                            ).fetchone()[0]
+        for width, unit in ((3600, "hour"), (86400, "day")):
+            want = conn.execute(f"""
+                SELECT date_trunc('{unit}', r.time AT TIME ZONE '{TZ}') AT TIME ZONE '{TZ}' AS b, count(*),
+                       count(occupied), coalesce(sum(occupied::int), 0)
+                  FROM parking_events r JOIN devices d USING (device_id) WHERE d.site_id = %s
+                 GROUP BY 1 ORDER BY 1""", (site,)).fetchall()
+            got = [(b.start, b.count, b.values["occupied"]["n"], b.values["occupied"]["sum"])
+                   for b in rollup_series(conn, "rollup_parking_site_15m", {"site_id": site}, since, until,
+                                          width_s=width)]
+            assert got == want and len(got) > 1
+        key, lane = conn.execute("SELECT device_key, lane FROM rollup_traffic_lane_5m GROUP BY 1, 2 "
+                                 "ORDER BY count(*) DESC LIMIT 1").fetchone()
+        quarter = rollup_series(conn, "rollup_traffic_lane_5m", {"device_key": key, "lane": lane}, since, until,
+                                width_s=900)
+        want = conn.execute(f"""
+            SELECT {BUCKET['15m'].replace('mt', 'r.time')}, count(*), max(occupancy_pct)
+              FROM traffic_flow r JOIN devices d USING (device_id)
+             WHERE d.device_key = %s AND coalesce(channel, 0) = %s GROUP BY 1 ORDER BY 1""", (key, lane)).fetchall()
+        assert [(b.start, b.count, b.values["occupancy_pct"]["max"]) for b in quarter] == want
+        with pytest.raises(ValueError, match="keyed by device_key, lane"):
+            rollup_series(conn, "rollup_traffic_lane_5m", {"device_key": key}, since, until)
+        with pytest.raises(ValueError, match="multiple of"):
+            rollup_series(conn, "rollup_water_site_15m", {"site_id": site}, since, until, width_s=600)
+
+
 def _meter(conn, device_id: str = "rollup-meter") -> None:
     register_devices(conn, [DeviceRecord(device_id=device_id, model="cjt188-nb-water-std", network="nbiot",
                                          city="Yingtan", site_kind="residential", site_name="龙岗小区",
