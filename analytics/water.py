@@ -64,6 +64,9 @@ LEAKAGE_PERCENTILE = 0.2             # … 20th percentile of the nightly minimu
 
 CONTINUOUS_FLOW_S = 24 * 3600.0      # a positive delta in every interval for this long opens it
 CONTINUOUS_MAX_GAP_S = 5400.0        # intervals longer than this break the chain (daily meters never open)
+# A zero delta over a shorter interval says nothing about a leak at the register's 0.01 m³ resolution (a
+# reading minutes after a freeze record): it neither extends nor breaks the chain.
+CONTINUOUS_MIN_ZERO_GAP_S = 1800.0
 STOPPED_DAYS = 7                     # no consumption this long with the valve open: stopped meter
 CONTEXT_S = (STOPPED_DAYS + 1) * 86400.0    # history re-read before the first recomputed day
 
@@ -225,8 +228,10 @@ def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI) -> list
     and closed at a reading's measurement time:
 
     * continuous_flow: opens when every delta over the last 24 h was positive, each over an interval of
-      at most 90 min (so only meters reporting at least hourly can open it); closes at the first delta
-      that is not positive, spans a longer interval, or starts a new series.
+      at most 90 min (so only meters reporting at least hourly, or sending hourly freeze records, can
+      open it); closes at the first delta that is not positive, spans a longer interval, or starts a new
+      series — except that a zero delta over less than 30 min (below the register's 0.01 m³ resolution
+      for a leak) neither extends nor closes it.
     * reverse_flow: opens at a reverse-flow delta; closes at the next positive delta.
     * stopped: opens at the first reading 7 days or more after the register last rose (or the series
       began, or the valve was last seen not open) with the valve open at every reading since; closes at
@@ -271,6 +276,8 @@ def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI) -> list
             chain_from = prev.t if chain_from is None else chain_from
             if r.t - chain_from >= CONTINUOUS_FLOW_S:
                 start("continuous_flow", r.t, f"positive deltas since {_iso(chain_from, tz)}")
+        elif kind != NEW_SERIES and m3 == 0 and gap < CONTINUOUS_MIN_ZERO_GAP_S:
+            pass
         else:
             chain_from = None
             stop("continuous_flow", r.t)

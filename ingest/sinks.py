@@ -79,7 +79,12 @@ def _water(record: dict[str, Any]) -> list[dict[str, Any]]:
     known = set(WATER.columns)
     extra = {k: v for k, v in record.items() if k not in known and k not in ("control", "di", "serial",
                                                                               "flow_unit", "settlement_unit")}
-    return [{**{k: record.get(k) for k in WATER.columns}, "extra": _json(extra)}]
+    row = {k: record.get(k) for k in WATER.columns}
+    if row["meter_time"] is None and record.get("freeze_time") is not None:
+        # A freeze record (CJ/T 188-2018 D3xx/D4xx) is the register at its freeze time: that is when it
+        # was measured (the meter's interval data); record_kind and periods_ago stay in `extra`.
+        row["meter_time"] = record["freeze_time"]
+    return [{**row, "extra": _json(extra)}]
 
 
 def _fire(record: dict[str, Any]) -> list[dict[str, Any]]:

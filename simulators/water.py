@@ -117,6 +117,10 @@ WATER_OPTIONS = {
     "battery_low": 0.0,                   # share of meters whose battery crosses the low threshold
     "replacement": 0.0,                   # share of meters replaced during the run
     "valve_closed": 0.0,                  # share of meters with the valve shut (arrears)
+    # Hourly interval data: with each report, a timed-freeze record (CJ/T 188-2018 DI D3xx) of the register
+    # at each top of the hour of the last N hours since the previous report — how a meter that wakes once a
+    # day delivers its hourly values (0: none).
+    "freeze_hours": 0,
 }
 BATTERY_FULL_MV, BATTERY_LOW_MV = 3650.0, 3300.0      # ER26500 lithium cell, meter's low threshold
 BATTERY_DECLINE_MV_PER_DAY = 0.15                      # about 6 years from full to low
@@ -182,7 +186,16 @@ class WaterMeterSim(DeviceSim):
             self._run_until(self._replaced_at)
             self._replace(self._replaced_at)
             labels.append("replacement")
-        if self._run_until(t):
+        freezes = []
+        hours = int(self.ctx.params.get("freeze_hours", 0))
+        if hours > 0:
+            top = max(self._last, t - hours * 3600.0) // 3600 * 3600 + 3600
+            while top <= t:
+                if self._run_until(top):
+                    labels.append("rollover")
+                freezes.append((top, math.floor(self.meter.register_m3 * 100) / 100))
+                top += 3600
+        if self._run_until(t) and "rollover" not in labels:
             labels.append("rollover")
         if self.meter.leak_m3h > 0:
             labels.append("leak")
@@ -194,7 +207,15 @@ class WaterMeterSim(DeviceSim):
         valve = 0b01 if self.meter.valve_closed else 0b00
         self.meter.status = (valve << self._valve_shift) | (int(battery_low) << self._battery_bit)
         payload = self.meter.frame(self.ctx.device_datetime(t))
-        return [Frame(payload, tuple(labels), radio=self.fix())]
+        fix = self.fix()
+        frames = [Frame(payload, tuple(labels), radio=fix)]
+        for back, (top, register) in enumerate(reversed(freezes), start=1):      # one wake: the same radio fix
+            frame = decoders.encode("cjt188", {
+                "meter_address": self.meter.meter_address, "record_kind": "freeze", "periods_ago": back,
+                "freeze_time": self.ctx.device_datetime(top).replace(microsecond=0), "flow_m3": register,
+                "serial": (self.meter.serial + back) & 0xFF}, self.meter.settings)
+            frames.append(Frame(frame, tuple(labels) + ("freeze",), radio=fix))
+        return frames
 
     def _replace(self, t: float) -> None:
         """A new meter on the same service point: new address, register from zero, fresh battery, a

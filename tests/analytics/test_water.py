@@ -181,14 +181,14 @@ _RECOUNT = """
     FROM l GROUP BY 1, 2 ORDER BY 1, 2"""
 
 
-def _simulate(db_url, *, leak: float, days: int = 3, hourly: bool = True):
+def _simulate(db_url, *, leak: float, days: int = 3, hourly: bool = True, freeze_hours: int = 0):
     from simulators.engine import Simulation
     from simulators.scenario import load_scenario
 
     now = wallclock.time()
     base = load_scenario("province-mix").scaled(0.01)
     options = {"leak": leak, "rollover": 0.1 if leak else 0.0, "replacement": 0.1 if leak else 0.0,
-               "battery_low": 0.05, "valve_closed": 0.02}
+               "battery_low": 0.05, "valve_closed": 0.02, "freeze_hours": freeze_hours}
     fleets = tuple(replace(f, interval_s=3600 if hourly else f.interval_s, options={**f.options, **options},
                            behaviour=replace(f.behaviour, corrupt=0.0,
                                              midnight_share=0.0 if hourly else f.behaviour.midnight_share))
@@ -282,6 +282,33 @@ def test_daily_meters_sum_like_the_recount_and_give_no_night_figure(db_url):
         assert conn.execute("SELECT count(*) FROM water_daily WHERE night_m3h IS NOT NULL").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM water_night").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM water_alerts WHERE kind = 'continuous_flow'").fetchone()[0] == 0
+
+
+def test_daily_meters_with_hourly_freeze_records_give_night_flow_and_find_the_leaks(db_url):
+    """Meters that wake once a day and send their last 24 hourly freeze records (CJ/T 188-2018 D3xx) with
+    the current reading: each freeze record is a reading at its freeze time, so the meters' nights are
+    covered (night flow, MNF and leakage per site) and every planted leak opens a continuous-flow alert;
+    daily sums still equal the recount."""
+    records, uplinks, pipeline = _simulate(db_url, leak=0.15, days=4, hourly=False, freeze_hours=24)
+    assert sum("freeze" in r.labels for r in records) > 15 * sum("freeze" not in r.labels for r in records)
+    pipeline.process(uplinks)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # a freeze record is stored at its freeze time: on the hour, by the meter's (drifting) clock
+        off = conn.execute("""SELECT count(*), count(meter_time),
+                                     min(abs(extract(epoch FROM meter_time)::bigint % 3600 - 1800))
+                                FROM water_readings WHERE extra->>'record_kind' = 'freeze'""").fetchone()
+        assert off[0] > 1000 and off[1] == off[0] and off[2] >= 1800 - 300, off
+        update_water(conn)
+        stored = {(d, day): (n, m3) for d, day, n, m3 in conn.execute(
+            "SELECT device_id, day, readings, consumption_m3 FROM water_daily")}
+        recount = {(d, day): (n, m3) for d, day, n, m3 in conn.execute(_RECOUNT)}
+        assert stored.keys() == recount.keys() and len(stored) > 100
+        for k in stored:
+            assert stored[k][0] == recount[k][0] and stored[k][1] == pytest.approx(recount[k][1], abs=1e-6), k
+        assert conn.execute("SELECT count(*) FROM water_night").fetchone()[0] > 0
+        flagged = {d for d, in conn.execute("SELECT device_id FROM water_alerts WHERE kind = 'continuous_flow'")}
+    leaking = {r.device_id for r in records if "leak" in r.labels}
+    assert leaking and flagged == leaking
 
 
 def test_a_clean_fleet_has_no_leak(db_url):
