@@ -250,3 +250,43 @@ def test_pure_grouping_without_devices():
     groups = coverage_groups([], {}, rsrp_min_dbm=-105.0, sinr_min_db=-3.0)
     assert len(groups) == 1 and groups[0].coverage_rate is None and groups[0].rsrp_p50 is None
     assert weak_devices([], [], rsrp_min_dbm=-105.0, sinr_min_db=-3.0) == []
+
+
+def test_report_radio_prints_tables_and_csv(fleet, monkeypatch):
+    from typer.testing import CliRunner
+
+    from iotjx.cli import app
+    from iotjx.settings import get_settings
+
+    monkeypatch.setenv("IOTJX_DATABASE_URL", fleet.info.dsn)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        since = SINCE.strftime("%Y-%m-%dT%H:%M:%S")          # naive: UTC
+        shown = runner.invoke(app, ["report", "radio", "--since", since], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert "Radio per city" in shown.output and "Weak-coverage devices" in shown.output
+        report = radio_report(fleet, SINCE, UNTIL, rsrp_min_dbm=-105.0, sinr_min_db=-3.0)
+        weak = runner.invoke(app, ["report", "radio", "--csv", "--section", "weak", "--since", since])
+        lines = weak.output.splitlines()
+        assert lines[0].startswith("device_id,model,city,site,cell_id,rsrp_dbm,sinr_db,ecl,reason")
+        assert [line.split(",")[0] for line in lines[1:]] == [w.device_id for w in report.weak]
+        cities = runner.invoke(app, ["report", "radio", "--csv", "--section", "cities", "--since", since]).output
+        rows = {r.split(",")[1]: r.split(",") for r in cities.splitlines()[1:]}
+        header = cities.splitlines()[0].split(",")
+        for g in report.level("province") + report.level("city"):
+            assert rows[g.city][header.index("coverage_rate")] == ("" if g.coverage_rate is None
+                                                                  else f"{g.coverage_rate:.3f}")
+        # thresholds are settings
+        monkeypatch.setenv("IOTJX_RADIO_RSRP_MIN_DBM", "-140")
+        monkeypatch.setenv("IOTJX_RADIO_SINR_MIN_DB", "-30")
+        get_settings.cache_clear()
+        none_weak = runner.invoke(app, ["report", "radio", "--csv", "--section", "weak", "--since", since])
+        assert none_weak.output.splitlines()[1:] == []
+        every = runner.invoke(app, ["report", "radio", "--csv", "--city", "Yingtan"]).output
+        assert [line for line in every.splitlines() if line.startswith("# ")] == \
+            ["# cities", "# sites", "# cells", "# weak", "# success"]
+        assert runner.invoke(app, ["report", "radio", "--city", "Atlantis"]).exit_code == 2
+        assert runner.invoke(app, ["report", "radio", "--section", "water"]).exit_code == 2
+    finally:
+        get_settings.cache_clear()
