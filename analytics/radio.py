@@ -148,7 +148,8 @@ _DEVICES = """
 
 def device_radio(conn: psycopg.Connection, since: datetime, until: datetime,
                  city: str | int | None = None) -> list[DeviceRadio]:
-    """Every active device installed before `until` with its latest radio figures in [since, until)."""
+    """Every active device installed by `until` (in the city, if given) with its latest radio figures in
+    [since, until); ValueError for an unknown city or an empty window."""
     _check_window(since, until)
     code = city_code(conn, city)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:

@@ -796,7 +796,9 @@ def _radio_tables(report) -> dict[str, tuple[list[str], list[list[object]]]]:
 def report_radio(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
                  days: Annotated[int, typer.Option(min=1, max=3660, help="the window: the last N days")] = 7,
                  since: Annotated[Optional[datetime], typer.Option(
-                     help="the window from this time (UTC unless it names a zone) instead of --days")] = None,
+                     formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"],
+                     help="the window from this time (UTC unless it ends with an offset such as +08:00) "
+                          "instead of --days")] = None,
                  csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
                  section: Annotated[Optional[str], typer.Option(
                      help=f"only one section: {', '.join(RADIO_SECTIONS)} (with --csv: one plain CSV table)")] = None

@@ -286,6 +286,10 @@ def test_report_radio_prints_tables_and_csv(fleet, monkeypatch):
         every = runner.invoke(app, ["report", "radio", "--csv", "--city", "Yingtan"]).output
         assert [line for line in every.splitlines() if line.startswith("# ")] == \
             ["# cities", "# sites", "# cells", "# weak", "# success"]
+        zoned = runner.invoke(app, ["report", "radio", "--csv", "--section", "weak", "--since",
+                                    (SINCE + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%S+08:00")])
+        assert zoned.exit_code == 0 and zoned.output == none_weak.output
+        assert runner.invoke(app, ["report", "radio", "--since", "last week"]).exit_code == 2
         assert runner.invoke(app, ["report", "radio", "--city", "Atlantis"]).exit_code == 2
         assert runner.invoke(app, ["report", "radio", "--section", "water"]).exit_code == 2
     finally:
