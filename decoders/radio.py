@@ -84,7 +84,13 @@ def normalised(values: Mapping[str, Any]) -> dict[str, Any]:
     """Every figure (None where absent, not a number or out of range); ECL, PCI and cell id as int."""
     out: dict[str, Any] = dict.fromkeys(FIGURES)
     for figure in FIGURES:
-        number = _number(values.get(figure))
+        value = values.get(figure)
+        if figure == "cell_id" and isinstance(value, str) and not value.strip().isdigit():
+            try:
+                value = int(value.strip(), 16)       # cell ids are sometimes printed in hex (as decoders.carrier)
+            except ValueError:
+                value = None
+        number = _number(value)
         if number is None:
             continue
         low, high = RANGES[figure]
@@ -123,9 +129,13 @@ def declared(codec: str, record: Mapping[str, Any], spec: Mapping[str, Mapping[s
             if figure is not None and obj.get("value") is not None:
                 found[figure] = obj["value"]
     for figure, value in found.items():
+        transform = spec[figure].get("transform", "none")
+        if figure == "cell_id" and isinstance(value, str) and transform == "none":
+            out[figure] = value                      # decimal or hex text: `normalised` reads it
+            continue
         number = _number(value)
         if number is not None:
-            out[figure] = TRANSFORMS[spec[figure].get("transform", "none")](number)
+            out[figure] = TRANSFORMS[transform](number)
     return out
 
 

@@ -191,3 +191,10 @@ def _toml(table: dict) -> str:
 def test_transforms_then_ranges(transform, raw, figure, want):
     spec = {figure: {"field": "x", "transform": transform}}
     assert normalised(declared("json", {"fields": {"x": raw}}, spec))[figure] == want
+
+
+@pytest.mark.parametrize("raw, want", [("38848339", 38848339), ("1A2B3C4", 0x1A2B3C4), (12345.0, 12345),
+                                       ("zz", None), (1 << 28, None), (12.5, None)])
+def test_cell_ids_as_numbers_or_decimal_or_hex_text(raw, want):
+    spec = {"cell_id": {"field": "Cell_ID"}}
+    assert normalised(declared("fields", {"fields": {"Cell_ID": raw}}, spec))["cell_id"] == want
