@@ -63,16 +63,17 @@ def _fleet() -> tuple[list[DeviceRecord], list[Uplink]]:
         uplinks.append(Uplink(device_id=device_id, payload=payload, transport="coap", received_at=at.timestamp()))
 
     for s, (city, site, coverage) in enumerate(SITES):
-        site_rng = random.Random(f"site{s}")
+        def cell(k: int) -> random.Random:          # two cells serve each site (as the engine draws a site's cell)
+            return random.Random(f"site{s}:cell{k % 2}")
         for k in range(6):
             meter = device(LWM2M, city, site)
-            place = RadioSite.place(coverage, site_rng, rng)
+            place = RadioSite.place(coverage, cell(k), rng)
             for day in range(3):                # a reading a day in the window, the last one latest
                 at = NOW - timedelta(days=day, minutes=rng.randrange(10, 600))
                 up(meter, _senml(place.fix(rng), 10 + day, at), at)
         for k in range(2):
             smoke = device(SMOKE, city, site)
-            place = RadioSite.place(coverage, site_rng, rng)
+            place = RadioSite.place(coverage, cell(k), rng)
             for day in range(2):
                 at = NOW - timedelta(days=day, minutes=rng.randrange(10, 600))
                 up(smoke, _smoke(place.fix(rng).rsrp_dbm, 2 * day, at), at)
