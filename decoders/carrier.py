@@ -64,11 +64,17 @@ _RADIO_SPELLINGS = {
 _SPELLING_TO_KEY = {s: key for key, spellings in _RADIO_SPELLINGS.items() for s in spellings}
 
 
+# OneNET ds_id of LwM2M object 4 (Connectivity Monitoring) resources that carry radio values (OMA
+# registry 4.xml v1.3: 2 radio signal strength = NB-IoT NRSRP, 3 link quality = NRSRQ, 8 cell id,
+# 11 SignalSNR, 13 coverage enhancement level 0 none / 1..4 CE level 0..3).
+_OBJECT4_RESOURCES = {"4_0_2": "rsrp_dbm", "4_0_3": "rsrq_db", "4_0_8": "cell_id", "4_0_11": "sinr_db",
+                      "4_0_13": "ecl"}
+
+
 def is_radio_field(name: str) -> bool:
-    """Whether a property name is one of the radio figures' spellings (a signal report carries only these)."""
-    return str(name).lower().replace("_", "").replace("-", "") in _SPELLING_TO_KEY
-# OneNET ds_id of LwM2M object 4 (Connectivity Monitoring) resources that carry radio values.
-_OBJECT4_RESOURCES = {"4_0_2": "rsrp_dbm", "4_0_3": "rsrq_db", "4_0_8": "cell_id", "4_0_11": "sinr_db"}
+    """Whether a property name is one of the radio figures' spellings or an object 4 radio ds_id (a
+    signal report carries only these)."""
+    return name in _OBJECT4_RESOURCES or str(name).lower().replace("_", "").replace("-", "") in _SPELLING_TO_KEY
 _MS_RANGE = (0, 253402300799999)       # up to 9999-12-31
 
 
@@ -367,7 +373,11 @@ def decode_onenet(payload: bytes, settings: Mapping[str, Any]) -> dict[str, Any]
     if service_data is not None:
         sources.append(service_data)
         if ds_id in _OBJECT4_RESOURCES:
-            sources.append({_RADIO_SPELLINGS[_OBJECT4_RESOURCES[ds_id]][0]: value})
+            figure = _OBJECT4_RESOURCES[ds_id]
+            number = _number(value)
+            if figure == "ecl" and number is not None:
+                value = 0 if number == 0 else number - 1      # OMA CE level 0..4 -> ECL
+            sources.insert(0, {_RADIO_SPELLINGS[figure][0]: value})
     return _envelope("onenet", kind="data", service_id=ds_id, inner_payload=inner,
                      service_data=service_data, radio=radio_fields(sources, settings), **common)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .radio import spec_problem
 from .registry import codec_names
 
 MODELS_DIR = Path(__file__).with_name("models")
@@ -22,7 +23,7 @@ FAMILIES = ("water", "fire", "traffic", "parking")
 NETWORKS = ("nbiot", "cat1")
 ENVELOPE_CODECS = ("ctwing", "onenet")
 _KEYS = {"vendor", "family", "codec", "settings", "inner_codec", "inner_settings", "name_map",
-         "report_interval_s", "network", "description", "dedup_window_s", "max_payload_bytes"}
+         "report_interval_s", "network", "description", "dedup_window_s", "max_payload_bytes", "radio"}
 # A model's largest frame when its table does not say: CoAP's documented single-request limit
 # (IOTJX_COAP_MAX_PAYLOAD).  Models whose protocol bounds the frame say so (CJ/T 188, GB/T 26875.3,
 # the parking sensor); the gateway rejects a larger uplink as `too_large`.
@@ -51,12 +52,24 @@ class DeviceModel:
     # The largest uplink (for an envelope model: the device's frame inside the envelope) in bytes;
     # larger is kept as a `too_large` reject without its full bytes.
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    # Where the model's radio figures are in its decoded records (`decoders.radio`): figure -> locator.
+    radio: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def codec_settings(self) -> dict[str, Any]:
-        """The settings for ``decode(self.codec, …)``: vendor settings plus the name map."""
+        """The settings for ``decode(self.codec, …)``: vendor settings plus the name map and the radio
+        spec (the gateway reads ``radio`` beside the record; decoders ignore it)."""
         merged = dict(self.settings)
         if self.name_map:
             merged["name_map"] = dict(self.name_map)
+        if self.radio:
+            merged["radio"] = {k: dict(v) for k, v in self.radio.items()}
+        return merged
+
+    def inner_codec_settings(self) -> dict[str, Any]:
+        """The settings for the inner codec of an envelope model: its inner settings plus the radio spec."""
+        merged = dict(self.inner_settings)
+        if self.radio:
+            merged["radio"] = {k: dict(v) for k, v in self.radio.items()}
         return merged
 
 
@@ -98,6 +111,10 @@ def _model(path: Path, name: str, table: Any, known: set[str]) -> DeviceModel:
     for key in ("settings", "inner_settings", "name_map"):
         if not isinstance(table.get(key, {}), dict):
             raise _fail(path, name, f"{key} must be a table")
+    radio = table.get("radio", {})
+    problem = spec_problem(radio)
+    if problem is not None:
+        raise _fail(path, name, problem)
     name_map = table.get("name_map", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in name_map.items()):
         raise _fail(path, name, "name_map maps strings to strings")
@@ -108,6 +125,7 @@ def _model(path: Path, name: str, table: Any, known: set[str]) -> DeviceModel:
         inner_settings=MappingProxyType(dict(table.get("inner_settings", {}))),
         name_map=MappingProxyType(dict(name_map)), description=str(table.get("description", "")),
         dedup_window_s=None if window is None else float(window), max_payload_bytes=limit,
+        radio=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in radio.items()}),
     )
 
 

@@ -189,6 +189,12 @@ def _match(name: str, name_map: Mapping[str, str]) -> str | None:
     return None
 
 
+def values_named(records: list[dict[str, Any]], name_map: Mapping[str, str]) -> dict[str, Any]:
+    """Values of the resolved records named in `name_map` (SenML name -> key), matched and chosen as the
+    device model's name_map is (exact, without a leading ``/``, path tail; the latest time wins)."""
+    return _mapped_fields(records, name_map)
+
+
 def _mapped_fields(records: list[dict[str, Any]], name_map: Mapping[str, str]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     latest: dict[str, datetime] = {}
@@ -271,4 +277,4 @@ CODECS = [
           default_settings=DEFAULT_SETTINGS),
 ]
 
-__all__ = ["CODECS", "decode_cbor", "decode_json", "encode_cbor", "encode_json", "resolve"]
+__all__ = ["CODECS", "decode_cbor", "decode_json", "encode_cbor", "encode_json", "resolve", "values_named"]

@@ -16,6 +16,7 @@ from decoders import DecodeError
 from decoders.carrier import is_radio_field, push_identity, unwrap
 from iotjx.model import Device, Uplink
 
+from .radio import radio_row_of
 from .registry import DeviceRegistry
 from .rejects import KEPT_BYTES, TOO_LARGE, UNKNOWN_DEVICE, cut_mark, digest, too_large_detail
 from .sinks import RADIO, WATER, radio_row, rows_for, water_columns, water_fast_mask
@@ -165,7 +166,7 @@ class BatchBuilder:
             name_map = settings.get("name_map") or {}
             for u in uplinks:
                 fields = {name_map.get(k, k): v for k, v in u.meta["service_data"].items()}
-                self._store_record(ws, u, codec, family, {"fields": fields})
+                self._store_record(ws, u, codec, family, {"fields": fields}, settings)
             return
         if not codec:
             for u in uplinks:
@@ -193,16 +194,19 @@ class BatchBuilder:
                     _add_radio(ws, u)
             ws.add_stored_block(chosen, received_at[fast], codec)
         for i in np.flatnonzero(ok & ~fast):
-            self._store_record(ws, uplinks[i], codec, family, result.record(i))
+            self._store_record(ws, uplinks[i], codec, family, result.record(i), settings)
 
-    def _store_record(self, ws: WriteSet, u: Uplink, codec: str, family: str, record: dict[str, Any]) -> None:
+    def _store_record(self, ws: WriteSet, u: Uplink, codec: str, family: str, record: dict[str, Any],
+                      settings: dict[str, Any]) -> None:
         try:
             table, rows = rows_for(codec, family, record)
         except ValueError as exc:
             ws.add_reject(u, codec, "unsupported", str(exc))
             return
         ws.add_rows(table.table, table.all_columns, [table.row(u, r) for r in rows])
-        _add_radio(ws, u)
+        radio = radio_row_of(u, codec, record, settings)
+        if radio is not None:
+            ws.add_rows(RADIO.table, RADIO.all_columns, [radio])
         ws.add_stored(u, codec)
 
 

@@ -752,6 +752,82 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
     _print_sections(tables, chosen, titles, csv)
 
 
+RADIO_SECTIONS = ("cities", "sites", "cells", "weak", "success")
+
+
+def _radio_tables(report) -> dict[str, tuple[list[str], list[list[object]]]]:
+    """Each section of the radio report as (header, rows) of plain values (for rich and CSV alike)."""
+    def t(value) -> str:
+        return "" if value is None else value.isoformat(timespec="seconds")
+
+    def n(value, digits: int = 1) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    def group_row(g) -> list[object]:
+        return [g.with_radio, "" if g.without_radio is None else g.without_radio,
+                n(g.rsrp_p10), n(g.rsrp_p50), n(g.rsrp_p90), n(g.sinr_p10), n(g.sinr_p50), n(g.sinr_p90),
+                *(n(s, 3) for s in g.ecl_share), g.covered, g.weak, n(g.coverage_rate, 3)]
+    figures = ["with_radio", "without_radio", "rsrp_p10", "rsrp_p50", "rsrp_p90", "sinr_p10", "sinr_p50", "sinr_p90",
+               "ecl0_share", "ecl1_share", "ecl2_share", "covered", "weak", "coverage_rate"]
+    radio = {d.device_id: d for d in report.devices}
+    return {
+        "cities": (["city_code", "city", *figures],
+                   [[g.city_code if g.city_code is not None else "", g.city, *group_row(g)]
+                    for g in report.groups if g.level in ("province", "city")]),
+        "sites": (["city_code", "site_id", "site", *figures],
+                  [[g.city_code, g.site_id or "", g.site_name or "", *group_row(g)] for g in report.level("site")]),
+        "cells": (["city_code", "cell_id", *figures],
+                  [[g.city_code, g.cell_id, *group_row(g)] for g in report.level("cell")]),
+        "weak": (["device_id", "model", "city", "site", "cell_id", "rsrp_dbm", "sinr_db", "ecl", "reason", "last_at",
+                  "uplink_success"],
+                 [[w.device_id, w.model, w.city_code, w.site_name or "", "" if w.cell_id is None else w.cell_id,
+                   n(w.rsrp_dbm), n(w.sinr_db), "" if w.ecl is None else w.ecl, w.reason, t(w.last_at),
+                   n(w.success, 3)] for w in report.weak]),
+        "success": (["device_id", "model", "city", "interval_s", "received", "expected", "success", "rsrp_dbm",
+                     "sinr_db", "ecl"],
+                    [[u.device_id, u.model, u.city_code or 0, u.interval_s, u.received, u.expected, n(u.success, 3),
+                      n(radio[u.device_id].rsrp_dbm) if u.device_id in radio else "",
+                      n(radio[u.device_id].sinr_db) if u.device_id in radio else "",
+                      "" if u.device_id not in radio or radio[u.device_id].ecl is None else radio[u.device_id].ecl]
+                     for u in sorted(report.success, key=lambda u: (u.success, u.device_id))
+                     if u.success is not None and u.success < 1]),
+    }
+
+
+@report_app.command("radio")
+def report_radio(city: Annotated[Optional[str], typer.Option(help="a city: division code, English or Chinese name")] = None,
+                 days: Annotated[int, typer.Option(min=1, max=3660, help="the window: the last N days")] = 7,
+                 since: Annotated[Optional[datetime], typer.Option(
+                     formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"],
+                     help="the window from this time (UTC unless it ends with an offset such as +08:00) "
+                          "instead of --days")] = None,
+                 csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
+                 section: Annotated[Optional[str], typer.Option(
+                     help=f"only one section: {', '.join(RADIO_SECTIONS)} (with --csv: one plain CSV table)")] = None
+                 ) -> None:
+    """Radio coverage over a window ending now: per city, site and cell the RSRP and SINR p10/p50/p90 of the
+    devices' latest figures, the share in each ECL, the coverage rate (RSRP and SINR at or above
+    IOTJX_RADIO_RSRP_MIN_DBM / IOTJX_RADIO_SINR_MIN_DB), the weak-coverage devices, and devices whose uplink
+    success is below 1 with their radio (docs/radio.md)."""
+    from datetime import UTC, timedelta
+
+    from analytics.radio import radio_report
+    with _report_connection(section, RADIO_SECTIONS) as (settings, conn, chosen):
+        until = datetime.now(UTC)
+        start = until - timedelta(days=days) if since is None else (
+            since if since.tzinfo is not None else since.replace(tzinfo=UTC))
+        report = radio_report(conn, start, until, rsrp_min_dbm=settings.radio_rsrp_min_dbm,
+                              sinr_min_db=settings.radio_sinr_min_db, city=city)
+    tables = _radio_tables(report)
+    span = f"{report.since.isoformat(timespec='minutes')} – {report.until.isoformat(timespec='minutes')}"
+    rule = f"RSRP ≥ {report.rsrp_min_dbm:g} dBm and SINR ≥ {report.sinr_min_db:g} dB"
+    titles = {"cities": f"Radio per city (latest figures per device, {span}; covered: {rule})",
+              "sites": f"Radio per site ({span})", "cells": f"Radio per cell ({span}; devices reporting a cell id)",
+              "weak": f"Weak-coverage devices (below {rule})",
+              "success": f"Uplink success below 1 ({span}; stored ÷ whole intervals expected) with latest radio"}
+    _print_sections(tables, chosen, titles, csv)
+
+
 def _register_simulator_commands() -> None:
     from simulators.cli import register
     register(app, console)

@@ -194,7 +194,7 @@ def bundled_models() -> list[dict[str, Any]]:
             "model": name, "codec": m.codec, "family": m.family,
             "pilot": "traffic" if m.family in ("parking", "traffic") else m.family,
             "vendor": m.vendor, "settings": m.codec_settings(), "inner_codec": m.inner_codec,
-            "inner_settings": dict(m.inner_settings), "reporting_interval_s": m.report_interval_s,
+            "inner_settings": m.inner_codec_settings(), "reporting_interval_s": m.report_interval_s,
             "dedup_window_s": m.dedup_window_s, "max_payload_bytes": m.max_payload_bytes, "network": m.network,
         })
     return out

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     coverage_snapshot_delay_s: float = Field(
         3600, ge=0, description="A day's coverage snapshot is taken this long after the day ends (uplinks spooled "
                                 "across midnight arrive first); missed days are filled from the stored uplinks")
+    # Radio coverage (analytics/radio.py, docs/radio.md)
+    radio_rsrp_min_dbm: float = Field(
+        -105.0, ge=-156, le=-44, description="Radio coverage: a device is covered when its latest RSRP is at least this "
+                                             "(dBm) and its SINR at least `IOTJX_RADIO_SINR_MIN_DB`; below either it is weak")
+    radio_sinr_min_db: float = Field(
+        -3.0, ge=-30, le=40, description="Radio coverage: the SINR (dB) a covered device has at least")
     log_level: str = Field("INFO", description="Python log level")
     # CoAP ingest (ingest/coap.py, docs/transports.md)
     coap_enabled: bool = Field(False, description="Serve `POST coap://HOST/up/{device_id}` in the gateway")

@@ -352,5 +352,6 @@ def _check_family(family: str, model: DeviceModel, options: dict[str, Any], wher
         raise ScenarioError(f"{where}: traffic fleets simulate GB/T 43229 detectors, not {model.codec}")
     if family == "parking" and (model.inner_codec or model.codec) != "parking":
         raise ScenarioError(f"{where}: parking fleets simulate the parking codec's sensors, not {model.codec}")
-    if family == "water" and (model.inner_codec or model.codec) != "cjt188":
-        raise ScenarioError(f"{where}: water fleets simulate CJ/T 188 meters, not {model.inner_codec or model.codec}")
+    if family == "water" and (model.inner_codec or model.codec) not in ("cjt188", "senml-json", "senml-cbor"):
+        raise ScenarioError(f"{where}: water fleets simulate CJ/T 188 and LwM2M (SenML) meters, not "
+                            f"{model.inner_codec or model.codec}")

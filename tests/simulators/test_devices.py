@@ -239,6 +239,33 @@ def test_midnight_burst_jitter_clock_drift_and_radio():
     assert means == sorted(means, reverse=True) and means[0] - means[-1] > 25
 
 
+def test_lwm2m_meters_report_object_4_as_the_radio_spec_reads_it():
+    """An LwM2M meter's SenML carries its register (3424/0/1) and connectivity monitoring (object 4):
+    through its model's radio declaration the figures are the module's fix (RSRP and SINR to the dB,
+    the OMA CE level back to the ECL)."""
+    from decoders.models import get_model
+    from decoders.radio import declared, normalised
+
+    sim, records = _run([{"model": "lwm2m-3424-water-senml-json", "count": 20, "interval_s": 3600,
+                          "coverage": {"good": 1, "deep": 1}},
+                         {"model": "lwm2m-3424-water-senml-cbor", "count": 20, "interval_s": 3600}])
+    assert records
+    registers = defaultdict(list)
+    for r in records:
+        if "corrupt" in r.labels:
+            continue
+        d = decode(r)
+        assert d.reason is None
+        model = get_model(r.model)
+        radio = normalised(declared(model.codec, d.fields, model.radio))
+        assert radio["rsrp_dbm"] == round(r.radio["rsrp_dbm"]) and radio["sinr_db"] == round(r.radio["sinr_db"])
+        assert (radio["ecl"], radio["cell_id"]) == (r.radio["ecl"], r.radio["cell_id"])
+        registers[r.device_id].append((r.sent_t, d.fields["fields"]["flow_m3"]))
+    for values in registers.values():                  # the register never runs backwards
+        flows = [f for _, f in sorted(values)]
+        assert flows == sorted(flows)
+
+
 def test_network_behaviours_as_seen_in_the_capture():
     _, records = _run([{"model": "nb-parking-sensor", "count": 40},
                        {"model": "gbt43229-detector", "count": 4, "interval_s": 300},

@@ -1,0 +1,263 @@
+"""Radio coverage: per province, city, site and cell the distribution of RSRP and SINR, the share of
+devices in each ECL, the coverage rate, the weak-coverage devices, and uplink success beside them.
+
+Definitions (docs/radio.md says the same; the README's "Radio coverage" section points there):
+
+* **A device's radio** over the window [since, until) is, per figure, its **latest** value in
+  ``radio_readings`` in the window (by reading time): latest RSRP, latest SINR, latest ECL, latest
+  cell id — a figure a reading lacks does not hide an earlier one.  Each device counts once, however
+  often it reports (a chatty device does not weigh more).  Only active devices count (``devices.status``).
+* **With radio**: a device with an RSRP or a SINR in the window.  A device without one (a CJ/T 188
+  meter on a transparent product, a device silent in the window) is in no figure: it is neither covered
+  nor weak; `RadioGroup.without_radio` counts the active devices of a city or site that have none.
+* **Distribution**: p10 / p50 / p90 of the devices' RSRP and of their SINR, linear interpolation between
+  the closest ranks (PostgreSQL's ``percentile_cont``); None without a value.
+* **ECL share**: devices whose latest ECL is 0, 1, 2 ÷ devices with an ECL in the window.
+* **Covered**: a device with radio whose every reported figure passes: RSRP ≥ `rsrp_min_dbm` (when it
+  reported one) and SINR ≥ `sinr_min_db` (when it reported one).  A device that reports only RSRP (the
+  NB smoke detector's vendor analog 0x80) is judged on RSRP alone.  **Weak** = with radio and not
+  covered.  **Coverage rate** = covered ÷ with radio (None with no device with radio).  The thresholds
+  are the settings ``IOTJX_RADIO_RSRP_MIN_DBM`` (−105) and ``IOTJX_RADIO_SINR_MIN_DB`` (−3)
+  (ANALYTICS.md "Radio": the China Mobile test criterion RSRP ≥ −105 dBm and SINR ≥ −3 dB).
+* **Groups**: the province (every device); the city and site of the device's site (no site: city 0,
+  "(no site)"); the cell = (city, the device's latest cell id) — devices without a cell id are in no cell.
+* **Uplink success** is `analytics.health.uplink_success` (stored uplinks ÷ whole reporting intervals in
+  the window), not a second definition: the report carries it per device and beside each weak device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.rows import dict_row
+
+from analytics.fire import city_code
+from analytics.health import UplinkSuccess, uplink_success
+
+LEVELS = ("province", "city", "site", "cell")
+NO_SITE = "(no site)"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRadio:
+    """One active device's latest radio figures in the window (None: not reported in it)."""
+
+    device_id: str
+    model: str
+    city_code: int                   # 0: a device without a site
+    site_id: int | None
+    site_name: str | None
+    rsrp_dbm: float | None
+    sinr_db: float | None
+    ecl: int | None
+    cell_id: int | None
+    pci: int | None
+    last_at: datetime | None         # its latest radio reading in the window
+
+    @property
+    def with_radio(self) -> bool:
+        return self.rsrp_dbm is not None or self.sinr_db is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RadioGroup:
+    """The figures of one province / city / site / cell."""
+
+    level: str                       # province, city, site, cell
+    city_code: int | None            # None for the province
+    city: str
+    site_id: int | None              # site level only
+    site_name: str | None
+    cell_id: int | None              # cell level only
+    with_radio: int                  # devices with an RSRP or SINR in the window
+    without_radio: int | None        # active devices of the group without one (None at cell level: unknown cell)
+    rsrp_p10: float | None
+    rsrp_p50: float | None
+    rsrp_p90: float | None
+    sinr_p10: float | None
+    sinr_p50: float | None
+    sinr_p90: float | None
+    with_ecl: int
+    ecl_share: tuple[float | None, float | None, float | None]    # ECL 0, 1, 2 ÷ with_ecl
+    covered: int
+    weak: int
+    coverage_rate: float | None      # covered ÷ with_radio
+
+
+@dataclass(frozen=True, slots=True)
+class WeakDevice:
+    """A device with radio that fails a threshold, with its uplink success over the window."""
+
+    device_id: str
+    model: str
+    city_code: int
+    site_name: str | None
+    cell_id: int | None
+    rsrp_dbm: float | None
+    sinr_db: float | None
+    ecl: int | None
+    last_at: datetime | None
+    reason: str                      # rsrp, sinr or rsrp+sinr
+    success: float | None            # analytics.health uplink success; None: nothing expected yet
+
+
+@dataclass(frozen=True, slots=True)
+class RadioReport:
+    since: datetime
+    until: datetime
+    rsrp_min_dbm: float
+    sinr_min_db: float
+    groups: tuple[RadioGroup, ...]           # province first, then cities, sites, cells
+    weak: tuple[WeakDevice, ...]             # weakest RSRP first
+    success: tuple[UplinkSuccess, ...]       # every active device (analytics.health)
+    devices: tuple[DeviceRadio, ...]
+
+    def level(self, level: str) -> list[RadioGroup]:
+        """The groups of one level (province, city, site, cell)."""
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+        return [g for g in self.groups if g.level == level]
+
+
+# Per active device, each figure's latest value in the window: one scan of the window's readings.
+_DEVICES = """
+    WITH r AS (
+        SELECT device_id,
+               (array_agg(rsrp_dbm ORDER BY time DESC) FILTER (WHERE rsrp_dbm IS NOT NULL))[1] AS rsrp_dbm,
+               (array_agg(sinr_db ORDER BY time DESC) FILTER (WHERE sinr_db IS NOT NULL))[1] AS sinr_db,
+               (array_agg(ecl ORDER BY time DESC) FILTER (WHERE ecl IS NOT NULL))[1] AS ecl,
+               (array_agg(cell_id ORDER BY time DESC) FILTER (WHERE cell_id IS NOT NULL))[1] AS cell_id,
+               (array_agg(pci ORDER BY time DESC) FILTER (WHERE pci IS NOT NULL))[1] AS pci,
+               max(time) AS last_at
+        FROM radio_readings
+        WHERE time >= %(since)s AND time < %(until)s
+        GROUP BY device_id)
+    SELECT d.device_id, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id, s.name AS site_name,
+           r.rsrp_dbm, r.sinr_db, r.ecl, r.cell_id, r.pci, r.last_at
+    FROM devices d
+    LEFT JOIN sites s ON s.site_id = d.site_id
+    LEFT JOIN r ON r.device_id = d.device_id
+    WHERE d.status = 'active' AND d.installed_at <= %(until)s
+      AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
+    ORDER BY d.device_id"""
+
+
+def device_radio(conn: psycopg.Connection, since: datetime, until: datetime,
+                 city: str | int | None = None) -> list[DeviceRadio]:
+    """Every active device installed by `until` (in the city, if given) with its latest radio figures in
+    [since, until); ValueError for an unknown city or an empty window."""
+    _check_window(since, until)
+    code = city_code(conn, city)
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SET LOCAL jit = off")
+        rows = cur.execute(_DEVICES, {"since": since, "until": until, "c": code}).fetchall()
+    return [DeviceRadio(**r) for r in rows]
+
+
+def _check_window(since: datetime, until: datetime) -> None:
+    if until <= since:
+        raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+
+
+def _covered(d: DeviceRadio, rsrp_min_dbm: float, sinr_min_db: float) -> bool:
+    return ((d.rsrp_dbm is None or d.rsrp_dbm >= rsrp_min_dbm)
+            and (d.sinr_db is None or d.sinr_db >= sinr_min_db))
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    if not values:
+        return None, None, None
+    p10, p50, p90 = np.percentile(np.asarray(values, dtype=np.float64), [10, 50, 90])   # linear: percentile_cont
+    return float(p10), float(p50), float(p90)
+
+
+def _group(level: str, key: dict[str, Any], members: list[DeviceRadio], rsrp_min_dbm: float,
+           sinr_min_db: float, without_radio: int | None) -> RadioGroup:
+    radio = [d for d in members if d.with_radio]
+    ecls = [d.ecl for d in members if d.ecl is not None]
+    covered = sum(_covered(d, rsrp_min_dbm, sinr_min_db) for d in radio)
+    share = tuple((ecls.count(e) / len(ecls)) if ecls else None for e in (0, 1, 2))
+    rsrp = _percentiles([d.rsrp_dbm for d in radio if d.rsrp_dbm is not None])
+    sinr = _percentiles([d.sinr_db for d in radio if d.sinr_db is not None])
+    return RadioGroup(level=level, **key, with_radio=len(radio), without_radio=without_radio,
+                      rsrp_p10=rsrp[0], rsrp_p50=rsrp[1], rsrp_p90=rsrp[2],
+                      sinr_p10=sinr[0], sinr_p50=sinr[1], sinr_p90=sinr[2], with_ecl=len(ecls),
+                      ecl_share=share, covered=covered, weak=len(radio) - covered,
+                      coverage_rate=covered / len(radio) if radio else None)
+
+
+def coverage_groups(devices: list[DeviceRadio], names: dict[int, str], *, rsrp_min_dbm: float,
+                    sinr_min_db: float) -> list[RadioGroup]:
+    """The province, city, site and cell groups of these devices (pure: no database)."""
+    def without(members: list[DeviceRadio]) -> int:
+        return sum(not d.with_radio for d in members)
+
+    out = [_group("province", {"city_code": None, "city": "Jiangxi", "site_id": None, "site_name": None,
+                               "cell_id": None}, devices, rsrp_min_dbm, sinr_min_db, without(devices))]
+    cities: dict[int, list[DeviceRadio]] = {}
+    sites: dict[tuple[int, int | None], list[DeviceRadio]] = {}
+    cells: dict[tuple[int, int], list[DeviceRadio]] = {}
+    for d in devices:
+        cities.setdefault(d.city_code, []).append(d)
+        sites.setdefault((d.city_code, d.site_id), []).append(d)
+        if d.cell_id is not None:
+            cells.setdefault((d.city_code, d.cell_id), []).append(d)
+    for code in sorted(cities):
+        members = cities[code]
+        out.append(_group("city", {"city_code": code, "city": names.get(code, NO_SITE), "site_id": None,
+                                   "site_name": None, "cell_id": None}, members, rsrp_min_dbm, sinr_min_db,
+                          without(members)))
+    for (code, site_id) in sorted(sites, key=lambda k: (k[0], k[1] if k[1] is not None else -1)):
+        members = sites[(code, site_id)]
+        out.append(_group("site", {"city_code": code, "city": names.get(code, NO_SITE), "site_id": site_id,
+                                   "site_name": members[0].site_name if site_id is not None else NO_SITE,
+                                   "cell_id": None}, members, rsrp_min_dbm, sinr_min_db, without(members)))
+    for (code, cell) in sorted(cells):
+        out.append(_group("cell", {"city_code": code, "city": names.get(code, NO_SITE), "site_id": None,
+                                   "site_name": None, "cell_id": cell}, cells[(code, cell)], rsrp_min_dbm,
+                          sinr_min_db, None))
+    return out
+
+
+def weak_devices(devices: list[DeviceRadio], success: list[UplinkSuccess], *, rsrp_min_dbm: float,
+                 sinr_min_db: float) -> list[WeakDevice]:
+    """Devices with radio failing a threshold, weakest RSRP first (SINR-only devices last), with their
+    uplink success (pure: no database)."""
+    by_device = {s.device_id: s.success for s in success}
+    out = []
+    for d in devices:
+        if not d.with_radio or _covered(d, rsrp_min_dbm, sinr_min_db):
+            continue
+        reasons = [name for name, value, floor in (("rsrp", d.rsrp_dbm, rsrp_min_dbm), ("sinr", d.sinr_db, sinr_min_db))
+                   if value is not None and value < floor]
+        out.append(WeakDevice(d.device_id, d.model, d.city_code, d.site_name, d.cell_id, d.rsrp_dbm, d.sinr_db,
+                              d.ecl, d.last_at, "+".join(reasons), by_device.get(d.device_id)))
+    out.sort(key=lambda w: (w.rsrp_dbm is None, w.rsrp_dbm if w.rsrp_dbm is not None else 0.0,
+                            w.sinr_db if w.sinr_db is not None else 0.0, w.device_id))
+    return out
+
+
+def radio_report(conn: psycopg.Connection, since: datetime, until: datetime, *, rsrp_min_dbm: float,
+                 sinr_min_db: float, city: str | int | None = None) -> RadioReport:
+    """Radio coverage over [since, until): groups, weak devices and uplink success, from one snapshot
+    (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db)."""
+    _check_window(since, until)
+    outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        if outer:           # one snapshot: a device's radio and its uplink success from the same data
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        devices = device_radio(conn, since, until, city)
+        success = uplink_success(conn, since, until, city)
+        names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
+    groups = coverage_groups(devices, names, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
+    weak = weak_devices(devices, success, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
+    return RadioReport(since, until, rsrp_min_dbm, sinr_min_db, tuple(groups), tuple(weak), tuple(success),
+                       tuple(devices))
+
+
+__all__ = ["LEVELS", "DeviceRadio", "RadioGroup", "RadioReport", "WeakDevice", "coverage_groups", "device_radio",
+           "radio_report", "weak_devices"]
