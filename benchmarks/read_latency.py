@@ -189,10 +189,10 @@ def city_radio(conn: psycopg.Connection, rng: random.Random, ctx: dict) -> int:
 
 def _radio_summary(conn: psycopg.Connection, city: int) -> int:
     """analytics/radio.py's per-city summary over the last 7 days (rows returned)."""
-    from analytics import radio
+    from analytics.radio import radio_report
     now = datetime.now(UTC)
-    got = radio.city_summary(conn, city=city, since=now - timedelta(days=7), until=now)
-    return len(got) if hasattr(got, "__len__") else 1
+    got = radio_report(conn, now - timedelta(days=7), now, rsrp_min_dbm=-105.0, sinr_min_db=-3.0, city=city)
+    return len(got.groups)
 
 
 RADIO_SUMMARY: Callable[[psycopg.Connection, int], int] = _radio_summary
