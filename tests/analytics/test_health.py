@@ -24,6 +24,15 @@ from iotjx.model import Uplink
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 INSTALLED = NOW - timedelta(days=3)
+
+
+@pytest.fixture(autouse=True)
+def _now():
+    """NOW is each test's own start: the story is told relative to it, and the CLI (which reads the real
+    clock) must see it fresh, not as it was when a long run imported this module."""
+    global NOW, INSTALLED
+    NOW = datetime.now(UTC).replace(microsecond=0)
+    INSTALLED = NOW - timedelta(days=3)
 FACTOR = 1.5
 TZ = ZoneInfo("Asia/Shanghai")
 H = timedelta(hours=1)
