@@ -439,9 +439,12 @@ def city_code(conn: psycopg.Connection, city: str | int | None) -> int | None:
 
 # --------------------------------------------------------------------------- offline devices
 
-def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | None = None) -> list[OfflineDevice]:
-    """Active fire devices silent for more than 2 × their reporting interval at `now`, longest silent
-    first (installed after `now`: not yet expected)."""
+def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | None = None, *,
+                    offline_factor: float = OFFLINE_FACTOR) -> list[OfflineDevice]:
+    """Active fire devices silent for more than `offline_factor` (2) × their reporting interval at `now`,
+    longest silent first (installed after `now`: not yet expected)."""
+    if not offline_factor > 0:
+        raise ValueError(f"offline_factor must be > 0, not {offline_factor}")
     code = city_code(conn, city)
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute("""
@@ -455,7 +458,7 @@ def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | N
               AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
               AND coalesce(st.last_seen, d.installed_at)
                   < %(now)s - %(k)s * coalesce(d.reporting_interval_s, m.reporting_interval_s) * interval '1 second'
-            ORDER BY silent_s DESC, d.device_id""", {"now": now, "c": code, "k": OFFLINE_FACTOR}).fetchall()
+            ORDER BY silent_s DESC, d.device_id""", {"now": now, "c": code, "k": offline_factor}).fetchall()
     return [OfflineDevice(**r) for r in rows]
 
 

@@ -144,10 +144,12 @@ _FLOW_SQL = """
 def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, width_s: int = 900,
                  tz: ZoneInfo = ZoneInfo("Asia/Shanghai"), per: str = "lane", city: str | int | None = None,
                  device_ids: Sequence[str] | None = None,
-                 road_class: Callable[[str], str] | Mapping[str, str] | None = None) -> list[FlowBucket]:
+                 road_class: Callable[[str], str] | Mapping[str, str] | None = None,
+                 bands: Mapping[str, Sequence[float]] = GRADE_SPEED_BANDS) -> list[FlowBucket]:
     """Each lane's (`per="lane"`) or detector's (`per="detector"`) figures per local bucket of `width_s`
     (300 or 900) over [since, until), ordered by device, channel, start.  `road_class` gives a device's
-    road class (a mapping or a function; default `DEFAULT_ROAD_CLASS`)."""
+    road class (a mapping or a function; default `DEFAULT_ROAD_CLASS`); `bands` the congestion grade's
+    speed bands per road class."""
     if width_s not in WIDTHS_S:
         raise ValueError(f"width_s must be one of {WIDTHS_S}, got {width_s!r}")
     if per not in ("lane", "detector"):
@@ -172,7 +174,7 @@ def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, 
     counts = np.array([(*r[3:6], r[8]) for r in rows], dtype=np.int64)     # a, b, c, unclassified
     occ = np.array([np.nan if r[6] is None else r[6] for r in rows], dtype=np.float64)
     speed = np.array([np.nan if r[7] is None else r[7] for r in rows], dtype=np.float64)
-    return _flow_buckets(device, channel, t, counts, occ, speed, width_s, tz, per, _road_class_of(road_class))
+    return _flow_buckets(device, channel, t, counts, occ, speed, width_s, tz, per, _road_class_of(road_class), bands)
 
 
 def _road_class_of(road_class: Callable[[str], str] | Mapping[str, str] | None) -> Callable[[str], str]:
@@ -185,7 +187,8 @@ def _road_class_of(road_class: Callable[[str], str] | Mapping[str, str] | None) 
 
 def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts: np.ndarray, occ: np.ndarray,
                   speed: np.ndarray, width_s: int, tz: ZoneInfo, per: str,
-                  road_class: Callable[[str], str]) -> list[FlowBucket]:
+                  road_class: Callable[[str], str],
+                  bands: Mapping[str, Sequence[float]] = GRADE_SPEED_BANDS) -> list[FlowBucket]:
     """Group rows by (device, [channel,] bucket) into dense labels once, then one bincount per sum."""
     start = bucket_starts(t, width_s, tz)
     devices, device_label = np.unique(device.astype(str), return_inverse=True)
@@ -227,7 +230,7 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
             lanes=int(lanes[g]), count_a=int(sums[0][g]), count_b=int(sums[1][g]), count_c=int(sums[2][g]),
             unclassified=int(sums[3][g]), volume=volume,
             occupancy_pct=occ_sum[g] / occ_n[g] if occ_n[g] else None, time_mean_kmh=v_t, space_mean_kmh=v_s, flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
-            grade=congestion_grade(v_s, rc), road_class=rc))
+            grade=congestion_grade(v_s, rc, bands), road_class=rc))
     return out
 
 
