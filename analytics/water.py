@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, time
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -44,6 +44,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from analytics.fire import city_code
+from analytics.incremental import advance, begin
 from analytics.rollups import MEASUREMENT_AHEAD_S, MEASUREMENT_BEHIND_S, local_day, measurement_times
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -362,22 +363,18 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
     """Bring water_daily, water_night and water_alerts up to date with water_readings (module
     docstring); safe to run twice and from several processes at once.  Rows are computed with `rules`
     and `night_window`: after changing either, run once with ``full=True``."""
-    if margin_s < 0:
-        raise ValueError(f"margin_s must be >= 0, not {margin_s}")
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
-        row = cur.execute("SELECT read_to FROM water_progress").fetchone()
-        since = None if full or row is None else row["read_to"] - timedelta(seconds=margin_s)
+        run = begin(cur, lock_id=LOCK_ID, progress_table="water_progress", touched_table="water_touched",
+                    margin_s=margin_s, full=full)
         # The devices with readings received since the watermark, the local day of their earliest new
         # measurement (d0: recomputed from there), the cut below which alerts stay as stored, and lo: from
         # where readings are re-read (CONTEXT_S before the cut and before any alert still open at it).
-        cur.execute("DROP TABLE IF EXISTS water_touched")      # a caller's transaction that ran us before
         cur.execute(f"""
             CREATE TEMP TABLE water_touched ON COMMIT DROP AS
             SELECT w.device_id, min({_measured_sql()}) AS t_new, max(w.time) AS seen_to,
                    NULL::date AS d0, NULL::timestamptz AS cut, NULL::timestamptz AS lo
             FROM water_readings w WHERE %(since)s::timestamptz IS NULL OR w.time > %(since)s
-            GROUP BY w.device_id""", {"since": since})
+            GROUP BY w.device_id""", {"since": run.since})
         read_to = cur.execute("SELECT max(seen_to) AS m FROM water_touched").fetchone()["m"]
         if not full:
             p = {"tz": tz.key, "ctx": rules.context_s}
@@ -431,14 +428,8 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
             VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s) ON CONFLICT DO NOTHING""", alerts)
         for site_id, d0 in sorted(sites.items()):
             _site_nights(cur, site_id, None if full else d0, rules)
-        if row is not None and read_to is not None:
-            read_to = max(read_to, row["read_to"])
-        if read_to is not None:
-            cur.execute("""INSERT INTO water_progress (read_to) VALUES (%s)
-                           ON CONFLICT (one) DO UPDATE SET read_to = greatest(water_progress.read_to, excluded.read_to),
-                                                          updated_at = now()""", (read_to,))
-    return UpdateResult(len(touched), len(daily), len(sites), len(alerts),
-                        read_to if read_to is not None else (row["read_to"] if row else None))
+        read_to = advance(cur, run, read_to)
+    return UpdateResult(len(touched), len(daily), len(sites), len(alerts), read_to)
 
 
 def _site_nights(cur: psycopg.Cursor, site_id: int, d0: date | None, rules: WaterRules = RULES) -> None:

@@ -325,3 +325,25 @@ def test_the_cli_refuses_bad_options(db_url):
     assert _cli("--full", IOTJX_DATABASE_URL=db_url).returncode == 2
     zero = _cli(IOTJX_DATABASE_URL=db_url, IOTJX_ANALYTICS_INTERVAL_S="0")
     assert zero.returncode == 2 and "give --every SECONDS, or --once" in zero.stdout
+
+
+# --------------------------------------------------------------------------- the shared incremental frame
+
+def test_the_watermark_never_moves_back_and_the_margin_is_behind_it(db_url):
+    from datetime import UTC, datetime
+
+    from psycopg.rows import dict_row
+
+    from analytics.incremental import advance, begin
+    t = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for seen, want_since, want in ((None, None, None), (t, None, t), (t - timedelta(hours=5), t - timedelta(hours=1), t),
+                                       (t + timedelta(minutes=1), t - timedelta(hours=1), t + timedelta(minutes=1))):
+            with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                run = begin(cur, lock_id=1, progress_table="water_progress", touched_table="water_touched",
+                            margin_s=3600, full=False)
+                assert run.since == want_since
+                assert advance(cur, run, seen) == want
+            assert conn.execute("SELECT max(read_to) FROM water_progress").fetchone()[0] == want
+        with pytest.raises(ValueError, match="margin_s must be >= 0"), conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            begin(cur, lock_id=1, progress_table="water_progress", touched_table="water_touched", margin_s=-1, full=False)
