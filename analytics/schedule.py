@@ -192,8 +192,13 @@ class AnalyticsLoop:
                             _describe(exc), self.interval_s)
             self._unreachable = True
             return None
+        except Exception:                 # a bug outside the steps: said once, with its traceback; the loop goes on
+            if not self._unreachable:
+                log.exception("scheduled analytics: the round failed; retrying every %g s", self.interval_s)
+            self._unreachable = True
+            return None
         if self._unreachable:
-            log.info("scheduled analytics: the database answers again")
+            log.info("scheduled analytics: rounds run again")
         self._unreachable = False
         self.last, self.rounds = result, self.rounds + 1
         for step in result.steps:
