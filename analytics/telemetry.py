@@ -100,15 +100,20 @@ def plan(*, target: str, key: int, families: Sequence[str], fields: Sequence[str
     if unknown:
         raise TelemetryError(f"unknown field(s) {', '.join(map(repr, unknown))}: this {target} has "
                              f"{', '.join(known) or 'none'}")
-    by_table: dict[str, list[str]] = {}
-    for f in fields:
-        by_table.setdefault(_table_of(families, f), []).append(f)
     use_rollups = source == "auto" and rollup_tz is not None and tz.key == rollup_tz.key
+    # Each field from the rollup that serves it (else its readings); fields of one source in one statement.
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    levels: dict[str, Level] = {}
+    for f in fields:
+        table = _table_of(families, f)
+        level = _level_for(target, table, [f], interval, agg) if use_rollups else None
+        if level is not None:
+            levels[level.table] = level
+        groups.setdefault((table, level.table if level else None), []).append(f)
     queries, sources = [], {}
-    for table, fs in by_table.items():
-        level = _level_for(target, table, fs, interval, agg) if use_rollups else None
-        q = _rollup_query(level, target, key, fs, interval, agg) if level else _readings_query(
-            table, target, key, fs, interval, agg)
+    for (table, level_table), fs in groups.items():
+        q = (_rollup_query(levels[level_table], target, key, fs, interval, agg) if level_table
+             else _readings_query(table, target, key, fs, interval, agg))
         queries.append(q)
         sources.update(dict.fromkeys(fs, q.source))
     return Series(fields, sources, tuple(queries))
