@@ -34,7 +34,7 @@ ROLLUP_TABLES = {
     "rollup_water_day": "device_key", "rollup_water_site_15m": "site_id", "rollup_fire_day": "device_key",
     "rollup_fire_site_15m": "site_id", "rollup_traffic_day": "device_key", "rollup_traffic_lane_5m": "device_key",
     "rollup_parking_day": "device_key", "rollup_parking_site_15m": "site_id", "rollup_radio_day": "device_key",
-    "rollup_radio_cell_day": "cell_id"}
+    "rollup_radio_cell_day": "cell_id", "rollup_uplinks_day": "device_key"}
 TIME_TABLES.update(dict.fromkeys(ROLLUP_TABLES, "bucket"))
 
 
