@@ -212,10 +212,12 @@ class Writer:
             tx.write(ws)
 
     def purge_dedup(self, window_s: float) -> int:
-        """Forget dedup keys older than the window (they can no longer make a duplicate)."""
+        """Forget dedup keys older than the window (they can no longer make a duplicate), by their
+        uplink's time and by the time they were claimed: a replay's keys (original, older times) stay
+        a window of the gateway's clock, as long as a replay at real speed or faster may send a copy."""
         with self.conn.transaction():
-            cur = self.conn.execute("DELETE FROM uplink_dedup WHERE received_at < now() - make_interval(secs => %s)",
-                                    (window_s,))
+            cur = self.conn.execute("DELETE FROM uplink_dedup WHERE received_at < now() - make_interval(secs => %s) "
+                                    "AND claimed_at < now() - make_interval(secs => %s)", (window_s, window_s))
             return cur.rowcount
 
     def _write_in(self, conn: psycopg.Connection, ws: WriteSet) -> None:
@@ -262,7 +264,8 @@ _CLAIM = """
     WITH claimed AS (
         INSERT INTO uplink_dedup AS d (device_id, key, received_at, window_s)
         SELECT device_id, key, received_at, window_s FROM iotjx_claim ORDER BY device_id, key
-        ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s
+        ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s,
+            claimed_at = now()
             WHERE d.received_at < excluded.received_at - make_interval(secs => excluded.window_s)
         RETURNING device_id, key)
     SELECT c.i FROM iotjx_claim c

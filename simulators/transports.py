@@ -82,9 +82,14 @@ class Targets:
 
 
 class MqttChannel:
-    """One MQTT connection for all devices (as a device gateway or a carrier bridge publishes)."""
+    """One MQTT connection for all devices (as a device gateway or a carrier bridge publishes).  With
+    `original_times`, every record — whatever its transport — goes to ``{prefix}/replay/{device}``
+    with its original receive time (`record.t`) and transport in front (`ingest.replay`): the
+    gateway (IOTJX_REPLAY_ENABLED) stores it as it arrived then.  Only a tester account may write
+    there; the broker drops anyone else's."""
 
-    def __init__(self, targets: Targets, client_id: str) -> None:
+    def __init__(self, targets: Targets, client_id: str, *, original_times: bool = False) -> None:
+        self._original_times = original_times
         if targets.mqtt_host is None:
             raise ValueError("no broker to send MQTT records to (IOTJX_MQTT_URL)")
         self._publisher = MqttPublisher(targets.mqtt_host, targets.mqtt_port, prefix=targets.mqtt_prefix,
@@ -98,7 +103,13 @@ class MqttChannel:
         def acked(ok: bool, detail: str) -> None:
             loop.call_soon_threadsafe(_settle, answer, ACK if ok else Answer("refused", detail))
 
-        self._publisher.publish(record.device_id, record.payload, on_ack=acked)
+        if self._original_times:
+            from ingest import replay
+
+            frame = replay.pack(record.t, record.payload, replay.origin_code(record.transport, record.route))
+            self._publisher.publish(record.device_id or "push", frame, on_ack=acked, kind="replay")
+        else:
+            self._publisher.publish(record.device_id, record.payload, on_ack=acked)
         return await answer
 
     async def close(self) -> None:
