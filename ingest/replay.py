@@ -21,7 +21,13 @@ readings' time where the frame has no clock of its own, its raw-log day; so a ca
 speed, on any day, is stored as the live run stored it.  A time before 2000 or more than
 ``IOTJX_REPLAY_MAX_AHEAD_S`` ahead of the gateway's clock, or a frame too short or of another
 version, is not honoured: the uplink is kept as a reject (reason `bad_original_time`, stamped with
-the gateway's clock) and acknowledged."""
+the gateway's clock) and acknowledged.
+
+Carrier pushes may instead go to the push endpoint itself, with the time in the header `TIME_HEADER`
+and a tester account's login (HTTP Basic, the MQTT account's name and password): the push is then
+checked as a live one is (token, signature, and a OneNET push's freshness against its original
+time), and stored at that time.  The header without a tester's login is refused (401), with replays
+off 403; a time out of bounds from a tester is kept as a `bad_original_time` reject (422)."""
 
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ ORIGINS: dict[int, tuple[str, str | None]] = {0: ("mqtt", None), 1: ("coap", Non
 _CODES = {v: k for k, v in ORIGINS.items()}
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC).timestamp()     # no capture holds an older uplink
 BAD_ORIGINAL_TIME = "bad_original_time"
+# A carrier push replayed to the push endpoint: its original receive time, honoured only with a
+# tester account's login (HTTP Basic) and `IOTJX_REPLAY_ENABLED` (ingest/http.py).
+TIME_HEADER = "X-Iotjx-Received-At"
 
 
 class ReplayFrameError(ValueError):
@@ -72,6 +81,12 @@ def unpack(frame: bytes, now: float, max_ahead_s: float) -> tuple[float, int, by
         raise ReplayFrameError(f"replay header version {version} (this gateway reads {VERSION})")
     if origin not in ORIGINS:
         raise ReplayFrameError(f"replay origin {origin} is none of {sorted(ORIGINS)}")
+    return check_time(t, now, max_ahead_s), origin, frame[HEAD.size:]
+
+
+def check_time(t: float, now: float, max_ahead_s: float) -> float:
+    """`t` when it can be an original receive time: a finite number of epoch seconds from 2000-01-01
+    to `now` + `max_ahead_s`; else `ReplayFrameError` saying which bound it breaks."""
     if not math.isfinite(t):
         raise ReplayFrameError("the original receive time is not a number")
     if t < EARLIEST:
@@ -79,7 +94,17 @@ def unpack(frame: bytes, now: float, max_ahead_s: float) -> tuple[float, int, by
     if t > now + max_ahead_s:
         raise ReplayFrameError(f"the original receive time {_iso(t)} is {t - now:,.0f} s ahead of the gateway's "
                                f"clock (at most {max_ahead_s:g} s: IOTJX_REPLAY_MAX_AHEAD_S)")
-    return t, origin, frame[HEAD.size:]
+    return t
+
+
+def parse_time(text: str, now: float, max_ahead_s: float) -> float:
+    """An original receive time given as text (the HTTP header `TIME_HEADER`: epoch seconds, a
+    decimal number), checked as `check_time` does; `ReplayFrameError` for anything else."""
+    try:
+        t = float(text.strip())
+    except ValueError:
+        raise ReplayFrameError(f"{TIME_HEADER} must be epoch seconds (a decimal number), not {text[:40]!r}") from None
+    return check_time(t, now, max_ahead_s)
 
 
 def _iso(t: float) -> str:

@@ -247,12 +247,13 @@ def replay(
     push_url: Annotated[Optional[str], typer.Option(help="carrier push URL with {carrier}")] = None,
     push_header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' header on pushes")] = None,
     original_times: Annotated[bool, typer.Option(
-        "--original-times", help="send every uplink with its original receive time (the capture's `t`) and "
-                                 "transport to {prefix}/replay/{device} over MQTT, as a tester account "
-                                 "(IOTJX_MQTT_USERNAME); the gateway (IOTJX_REPLAY_ENABLED) stores it as it did live")] = False,
+        "--original-times", help="send every uplink with its original receive time (the capture's `t`): MQTT and "
+                                 "CoAP uplinks to {prefix}/replay/{device} over MQTT, pushes to the push URL with "
+                                 "a header, as a tester account (IOTJX_MQTT_USERNAME/PASSWORD); the gateway "
+                                 "(IOTJX_REPLAY_ENABLED) stores them as it did live")] = False,
 ) -> None:
-    """Send a capture's uplinks again, each over its own transport (or, with --original-times, all over
-    MQTT with their original receive times), with a progress bar and a summary."""
+    """Send a capture's uplinks again, each over its own transport (with --original-times: MQTT and CoAP
+    uplinks over MQTT, each with its original receive time), with a progress bar and a summary."""
     from simulators.capture import read_capture
     from simulators.replay import send_records
 

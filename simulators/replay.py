@@ -64,10 +64,11 @@ def send_records(records: Iterable[UplinkRecord], targets: Targets, *, speed: fl
                  original_times: bool = False) -> SendSummary:
     """Send every record over its transport and wait for every answer.
 
-    `original_times`: every record goes over MQTT to the replay topic with its original receive time
-    (`record.t`) and transport (`ingest.replay`; the broker login must be a tester account and the
-    gateway must have IOTJX_REPLAY_ENABLED), so the gateway stores it as the live run did — its
-    dedup window, its readings' time — whatever the speed or the day of the replay.
+    `original_times`: each record carries its original receive time (`record.t`) — MQTT and CoAP
+    records over MQTT to the replay topic (with their transport), carrier pushes to the push URL
+    with the time in a header (`ingest.replay`); the login (`targets.mqtt_username`) must be a
+    tester account and the gateway must have IOTJX_REPLAY_ENABLED.  The gateway then stores each as
+    the live run did — its dedup window, its readings' time — whatever the speed or the day.
 
     `speed`: simulated (recorded) seconds per real second — 1 is real time, 3600 an hour a second;
     None sends as fast as the server acknowledges, `max_inflight` at a time.  A progress bar is drawn on
@@ -93,10 +94,14 @@ async def _send_all(records: Iterable[UplinkRecord], targets: Targets, speed: fl
     first_t = last_t = None
 
     async def channel(transport: str):
-        if original_times:
+        if original_times and transport in ("mqtt", "coap"):
             if "replay" not in channels:
                 channels["replay"] = await asyncio.to_thread(MqttChannel, targets, client_id, original_times=True)
             return channels["replay"]
+        if original_times and transport == "http":
+            if transport not in channels:
+                channels[transport] = HttpChannel(targets, original_times=True)
+            return channels[transport]
         if transport not in channels:
             if transport == "mqtt":
                 channels[transport] = await asyncio.to_thread(MqttChannel, targets, client_id)
