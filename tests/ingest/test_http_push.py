@@ -498,9 +498,14 @@ def test_a_testers_push_keeps_its_original_receive_time_and_nobody_elses_does(pu
         body["payload"]["APPdata"] = base64.b64encode(frame).decode()
         return json.dumps(body).encode()
 
-    inner = _frames(db, 4)
-    frames = [water(f) for f in inner]
+    inner = _frames(db, 6)
+    frames = [water(f) for f in inner[:4]]
     t0 = time.time() - 5 * 86400 + 0.5
+
+    def onenet(frame: bytes, nonce: str) -> bytes:      # signed, its platform time `at` the original time
+        msg = {**json.loads(_case("onenet", "akr_meter_hex"))["msg"], "at": int(t0 * 1000)}
+        msg["value"] = frame.hex().upper()
+        return _sign(json.dumps(msg, separators=(",", ":")), nonce)
     hdr = {"X-Push-Token": CTWING_TOKEN, "X-Iotjx-Received-At": repr(t0)}
     tester = {**hdr, "Authorization": basic("tester-h", tester_pw)}
     # Replays off (the default): the header is refused even from the tester.
@@ -522,12 +527,18 @@ def test_a_testers_push_keeps_its_original_receive_time_and_nobody_elses_does(pu
                 "not_a_time": c.post("/push/ctwing", content=frames[1],
                                      headers={**tester, "X-Iotjx-Received-At": "yesterday"}),
                 "plain": c.post("/push/ctwing", content=frames[3], headers={"X-Push-Token": CTWING_TOKEN}),
+                # OneNET's freshness is judged against the original time: 5 days old, yet fresh…
+                "onenet_replayed": c.post("/push/onenet", content=onenet(inner[4], "n-old-1"),
+                                          headers={"X-Iotjx-Received-At": repr(t0),
+                                                   "Authorization": basic("tester-h", tester_pw)}),
+                # …and stale without it.
+                "onenet_stale": c.post("/push/onenet", content=onenet(inner[5], "n-old-2")),
             }
     finally:
         gateway.stop()
     status = {k: r.status_code for k, r in answers.items()}
     assert status == {"tester": 202, "gateway_login": 401, "wrong_password": 401, "no_login": 401, "ahead": 422,
-                      "not_a_time": 422, "plain": 202}
+                      "not_a_time": 422, "plain": 202, "onenet_replayed": 200, "onenet_stale": 401}
     assert answers["ahead"].json()["reason"] == "bad_original_time"
     assert "ahead of the gateway's clock" in answers["ahead"].json()["detail"]
     with psycopg.connect(db) as conn:
@@ -537,6 +548,7 @@ def test_a_testers_push_keeps_its_original_receive_time_and_nobody_elses_does(pu
         rejects = conn.execute("SELECT device_id, reason, transport FROM rejected_uplinks").fetchall()
     # Stored: the frames the envelopes carry; rejected: the bodies; nothing of the refused logins.
     assert raw == Counter({(inner[0], "stored"): 1, (frames[1], "rejected:bad_original_time"): 1,
-                           (frames[2], "rejected:bad_original_time"): 1, (inner[3], "stored"): 1})
-    assert abs(at[inner[0]] - t0) < 1e-6 and at[inner[3]] > t0 + 4 * 86400      # timestamptz: microseconds
+                           (frames[2], "rejected:bad_original_time"): 1, (inner[3], "stored"): 1,
+                           (inner[4], "stored"): 1})
+    assert abs(at[inner[0]] - t0) < 1e-6 and abs(at[inner[4]] - t0) < 1e-6 and at[inner[3]] > t0 + 4 * 86400      # timestamptz: microseconds
     assert rejects == [("?push/ctwing", "bad_original_time", "http")] * 2
