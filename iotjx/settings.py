@@ -155,6 +155,13 @@ class Settings(BaseSettings):
     onenet_push_max_age_s: float = Field(
         900, ge=0, description="OneNET pushes whose `msg.at` is further than this from now are refused (401); a nonce seen "
                                "within it is answered at the door (a duplicate once taken); 0: no freshness check (replaying captures in a test system)")
+    replay_enabled: bool = Field(
+        False, description="Also take `{prefix}/replay/{device_id}`: a tester's replays carrying each uplink's original "
+                           "receive time (ingest/replay.py). Only on a broker whose ACL lets only tester accounts write there "
+                           "(the files of `iotjx broker sync` do)")
+    replay_max_ahead_s: float = Field(
+        300, ge=0, le=86400, description="A replayed uplink's original receive time may be at most this far ahead of "
+                                         "the gateway's clock (and not before 2000); else it is kept as a reject")
     http_push_answer_s: float = Field(
         20, gt=0, description="A push not committed (or spooled) within this long is answered 503 + Retry-After; "
                               "the platform's retry is a duplicate if it was stored meanwhile")
@@ -297,6 +304,12 @@ class Settings(BaseSettings):
     @property
     def uplink_topic_filter(self) -> str:
         topic = f"{self.mqtt_topic_prefix}/up/+"
+        return f"$share/{self.mqtt_share_group}/{topic}" if self.mqtt_shared_group else topic
+
+    @property
+    def replay_topic_filter(self) -> str:
+        """The replay topic's filter (`replay_enabled`), shared like the uplinks' when they are."""
+        topic = f"{self.mqtt_topic_prefix}/replay/+"
         return f"$share/{self.mqtt_share_group}/{topic}" if self.mqtt_shared_group else topic
 
     def _secret_name(self, kind: str, name: str) -> str:
