@@ -117,12 +117,14 @@ def _state(db_url: str, since: datetime, until: datetime) -> dict[str, object]:
         # every rollup the writer kept, named by device id / site name (keys are each database's own)
         for level in LEVELS:
             name = {"device": "d.device_id", "lane": "d.device_id", "site": "s.city_code || '/' || s.name",
-                    "cell": "t.cell_id::text"}[level.key]
+                    "cell": "''"}[level.key]
             join = ("JOIN devices d USING (device_key)" if level.key in ("device", "lane")
                     else "JOIN sites s USING (site_id)" if level.key == "site" else "")
-            out[level.table] = Counter(r[0] for r in conn.execute(
-                f"SELECT (to_jsonb(t) - 'device_key' - 'site_id' || jsonb_build_object('who', {name}))::text "
-                f"FROM {level.table} t {join}"))
+            # sums are float: batches merged in another order round the last bit differently
+            out[level.table] = Counter(tuple(round(v, 6) if isinstance(v, float) else v for v in r)
+                                       for r in conn.execute(
+                                           f"SELECT {name}, {', '.join('t.' + c for c in level.columns if c not in ('device_key', 'site_id'))} "
+                                           f"FROM {level.table} t {join}"))
         assert_rollups_equal_recount(conn, expect_rows=False)
         conn.row_factory = dict_row
         out["traffic_times"] = Counter((r["device_id"], round(r["t"], 3)) for r in conn.execute(
