@@ -47,6 +47,7 @@ from psycopg.rows import dict_row
 
 from analytics.coverage import breakdown_rows, cells_now
 from analytics.fire import city_code
+from analytics.rollups import whole_days
 
 SMOKE_BATTERY_ANALOG = 0x88          # F9164-TD-NB vendor analog type: battery, mV
 # Models whose vendor type 0x88 is that battery (vendor types mean what each vendor says: a panel's 0x88
@@ -266,25 +267,44 @@ def batteries(conn: psycopg.Connection, now: datetime, city: str | int | None = 
 
 # --------------------------------------------------------------------------- uplink success
 
+# Stored uplinks of each device in [counted_from, until): the whole local days from `dff` (the first local
+# midnight at or after counted_from, not before the window's first whole day %(ff)s) to %(ft)s from the
+# writer's rollup_uplinks_day, the rest from the raw log's `stored` rows.
 _SUCCESS = f"""
     WITH d AS ({_ACTIVE}),
-    c AS (SELECT d.*, greatest(%(since)s::timestamptz, d.installed_at) AS counted_from FROM d)
-    SELECT c.device_id, c.model, c.city_code, c.interval_s, c.counted_from,
-           floor(extract(epoch FROM %(until)s - c.counted_from) / c.interval_s)::bigint AS expected,
+    c AS (SELECT d.*, greatest(%(since)s::timestamptz, d.installed_at) AS counted_from FROM d),
+    k AS (SELECT c.*, dk.device_key,
+                 greatest(%(ff)s::timestamptz,
+                          CASE WHEN date_trunc('day', c.counted_from AT TIME ZONE %(tz)s) AT TIME ZONE %(tz)s
+                                    = c.counted_from THEN c.counted_from
+                               ELSE (date_trunc('day', c.counted_from AT TIME ZONE %(tz)s) + interval '1 day')
+                                    AT TIME ZONE %(tz)s END) AS dff
+          FROM c JOIN devices dk USING (device_id))
+    SELECT k.device_id, k.model, k.city_code, k.interval_s, k.counted_from,
+           floor(extract(epoch FROM %(until)s - k.counted_from) / k.interval_s)::bigint AS expected,
            (SELECT count(*) FROM raw_uplinks r
-            WHERE r.device_id = c.device_id AND r.outcome = 'stored'
-              AND r.received_at >= c.counted_from AND r.received_at < %(until)s) AS received
-    FROM c ORDER BY c.device_id"""
+            WHERE r.device_id = k.device_id AND r.outcome = 'stored'
+              AND ((r.received_at >= k.counted_from AND r.received_at < least(k.dff, %(until)s))
+                   OR (r.received_at >= greatest(%(ft)s, k.dff) AND r.received_at < %(until)s)))
+           + coalesce((SELECT sum(u.count) FROM rollup_uplinks_day u
+                       WHERE u.device_key = k.device_key AND u.bucket >= k.dff AND u.bucket < %(ft)s), 0)::bigint
+             AS received
+    FROM k ORDER BY k.device_id"""
 
 
 def uplink_success(conn: psycopg.Connection, since: datetime, until: datetime,
-                   city: str | int | None = None) -> list[UplinkSuccess]:
+                   city: str | int | None = None, *, tz: ZoneInfo = ZoneInfo("Asia/Shanghai"),
+                   rollups: bool = True) -> list[UplinkSuccess]:
     """Per active device installed before `until`: stored uplinks in [since, until) ÷ whole reporting
-    intervals expected in it (from installed_at when later than since), capped at 1."""
+    intervals expected in it (from installed_at when later than since), capped at 1.  The whole local
+    days (`tz`: the writer's IOTJX_TIMEZONE) are counted from the writer's rollup_uplinks_day, the rest
+    from the raw log (`rollups=False`: all from the raw log)."""
     if until <= since:
         raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     code = city_code(conn, city)
-    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "since": since, "until": until})
+    ff, ft = whole_days(since, until, tz) if rollups else (until, until)
+    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "since": since, "until": until,
+                                   "ff": ff, "ft": ft, "tz": tz.key})
     return [UplinkSuccess(**r, success=min(1.0, r["received"] / r["expected"]) if r["expected"] > 0 else None)
             for r in rows]
 

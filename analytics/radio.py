@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import psycopg
@@ -37,6 +38,9 @@ from psycopg.rows import dict_row
 
 from analytics.fire import city_code
 from analytics.health import UplinkSuccess, uplink_success
+from analytics.rollups import whole_days
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 LEVELS = ("province", "city", "site", "cell")
 NO_SITE = "(no site)"
@@ -124,37 +128,73 @@ class RadioReport:
 
 
 # Per active device, each figure's latest value in the window: one scan of the window's readings.
+# Each active device's latest radio figures in [since, until): the whole local days of the window from the
+# writer's device-day rollup (each value's `last` and its time), the edges before the first and after the
+# last local midnight from radio_readings; per figure the newer of the two.  (%(ff)s, %(ft)s) are the whole
+# days (analytics.rollups.whole_days; empty: (until, until), all from the readings.)
 _DEVICES = """
-    WITH r AS (
-        SELECT device_id,
+    WITH dev AS (
+        SELECT d.device_id, d.device_key, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id,
+               s.name AS site_name
+        FROM devices d LEFT JOIN sites s ON s.site_id = d.site_id
+        WHERE d.status = 'active' AND d.installed_at <= %(until)s
+          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)),
+    e AS (
+        SELECT r.device_id,
                (array_agg(rsrp_dbm ORDER BY time DESC) FILTER (WHERE rsrp_dbm IS NOT NULL))[1] AS rsrp_dbm,
+               max(time) FILTER (WHERE rsrp_dbm IS NOT NULL) AS rsrp_dbm_t,
                (array_agg(sinr_db ORDER BY time DESC) FILTER (WHERE sinr_db IS NOT NULL))[1] AS sinr_db,
+               max(time) FILTER (WHERE sinr_db IS NOT NULL) AS sinr_db_t,
                (array_agg(ecl ORDER BY time DESC) FILTER (WHERE ecl IS NOT NULL))[1] AS ecl,
+               max(time) FILTER (WHERE ecl IS NOT NULL) AS ecl_t,
                (array_agg(cell_id ORDER BY time DESC) FILTER (WHERE cell_id IS NOT NULL))[1] AS cell_id,
+               max(time) FILTER (WHERE cell_id IS NOT NULL) AS cell_id_t,
                (array_agg(pci ORDER BY time DESC) FILTER (WHERE pci IS NOT NULL))[1] AS pci,
+               max(time) FILTER (WHERE pci IS NOT NULL) AS pci_t,
                max(time) AS last_at
-        FROM radio_readings
-        WHERE time >= %(since)s AND time < %(until)s
-        GROUP BY device_id)
-    SELECT d.device_id, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id, s.name AS site_name,
-           r.rsrp_dbm, r.sinr_db, r.ecl, r.cell_id, r.pci, r.last_at
-    FROM devices d
-    LEFT JOIN sites s ON s.site_id = d.site_id
-    LEFT JOIN r ON r.device_id = d.device_id
-    WHERE d.status = 'active' AND d.installed_at <= %(until)s
-      AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
-    ORDER BY d.device_id"""
+        FROM radio_readings r JOIN dev USING (device_id)
+        WHERE (r.time >= %(since)s AND r.time < %(ff)s) OR (r.time >= %(ft)s AND r.time < %(until)s)
+        GROUP BY r.device_id),
+    o AS (
+        SELECT dev.device_id,
+               (array_agg(rsrp_dbm_last ORDER BY rsrp_dbm_last_t DESC) FILTER (WHERE rsrp_dbm_last_t IS NOT NULL))[1] AS rsrp_dbm,
+               max(rsrp_dbm_last_t) AS rsrp_dbm_t,
+               (array_agg(sinr_db_last ORDER BY sinr_db_last_t DESC) FILTER (WHERE sinr_db_last_t IS NOT NULL))[1] AS sinr_db,
+               max(sinr_db_last_t) AS sinr_db_t,
+               (array_agg(ecl_last ORDER BY ecl_last_t DESC) FILTER (WHERE ecl_last_t IS NOT NULL))[1] AS ecl,
+               max(ecl_last_t) AS ecl_t,
+               (array_agg(cell_id_last ORDER BY cell_id_last_t DESC) FILTER (WHERE cell_id_last_t IS NOT NULL))[1] AS cell_id,
+               max(cell_id_last_t) AS cell_id_t,
+               (array_agg(pci_last ORDER BY pci_last_t DESC) FILTER (WHERE pci_last_t IS NOT NULL))[1] AS pci,
+               max(pci_last_t) AS pci_t,
+               greatest(max(rsrp_dbm_last_t), max(sinr_db_last_t), max(rsrq_db_last_t), max(ecl_last_t),
+                        max(cell_id_last_t), max(pci_last_t)) AS last_at
+        FROM rollup_radio_day r JOIN dev USING (device_key)
+        WHERE r.bucket >= %(ff)s AND r.bucket < %(ft)s
+        GROUP BY dev.device_id)
+    SELECT dev.device_id, dev.model, dev.city_code, dev.site_id, dev.site_name,
+           (CASE WHEN e.rsrp_dbm_t IS NOT NULL AND (o.rsrp_dbm_t IS NULL OR e.rsrp_dbm_t >= o.rsrp_dbm_t) THEN e.rsrp_dbm ELSE o.rsrp_dbm END) AS rsrp_dbm,
+           (CASE WHEN e.sinr_db_t IS NOT NULL AND (o.sinr_db_t IS NULL OR e.sinr_db_t >= o.sinr_db_t) THEN e.sinr_db ELSE o.sinr_db END) AS sinr_db,
+           (CASE WHEN e.ecl_t IS NOT NULL AND (o.ecl_t IS NULL OR e.ecl_t >= o.ecl_t) THEN e.ecl ELSE o.ecl END)::smallint AS ecl,
+           (CASE WHEN e.cell_id_t IS NOT NULL AND (o.cell_id_t IS NULL OR e.cell_id_t >= o.cell_id_t) THEN e.cell_id ELSE o.cell_id END)::bigint AS cell_id,
+           (CASE WHEN e.pci_t IS NOT NULL AND (o.pci_t IS NULL OR e.pci_t >= o.pci_t) THEN e.pci ELSE o.pci END)::integer AS pci,
+           greatest(e.last_at, o.last_at) AS last_at
+    FROM dev LEFT JOIN e USING (device_id) LEFT JOIN o USING (device_id)
+    ORDER BY dev.device_id"""
 
 
 def device_radio(conn: psycopg.Connection, since: datetime, until: datetime,
-                 city: str | int | None = None) -> list[DeviceRadio]:
+                 city: str | int | None = None, *, tz: ZoneInfo = SHANGHAI, rollups: bool = True) -> list[DeviceRadio]:
     """Every active device installed by `until` (in the city, if given) with its latest radio figures in
-    [since, until); ValueError for an unknown city or an empty window."""
+    [since, until); ValueError for an unknown city or an empty window.  The whole local days (`tz`: the
+    writer's IOTJX_TIMEZONE) are read from the device-day rollup, the rest from the readings
+    (`rollups=False`: all from the readings, for a system whose writer keeps none)."""
     _check_window(since, until)
     code = city_code(conn, city)
+    ff, ft = whole_days(since, until, tz) if rollups else (until, until)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET LOCAL jit = off")
-        rows = cur.execute(_DEVICES, {"since": since, "until": until, "c": code}).fetchall()
+        rows = cur.execute(_DEVICES, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()
     return [DeviceRadio(**r) for r in rows]
 
 
@@ -242,16 +282,18 @@ def weak_devices(devices: list[DeviceRadio], success: list[UplinkSuccess], *, rs
 
 
 def radio_report(conn: psycopg.Connection, since: datetime, until: datetime, *, rsrp_min_dbm: float,
-                 sinr_min_db: float, city: str | int | None = None) -> RadioReport:
+                 sinr_min_db: float, city: str | int | None = None, tz: ZoneInfo = SHANGHAI,
+                 rollups: bool = True) -> RadioReport:
     """Radio coverage over [since, until): groups, weak devices and uplink success, from one snapshot
-    (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db)."""
+    (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db; `tz`
+    and `rollups` from IOTJX_TIMEZONE and IOTJX_ROLLUPS: see `device_radio`)."""
     _check_window(since, until)
     outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
         if outer:           # one snapshot: a device's radio and its uplink success from the same data
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        devices = device_radio(conn, since, until, city)
-        success = uplink_success(conn, since, until, city)
+        devices = device_radio(conn, since, until, city, tz=tz, rollups=rollups)
+        success = uplink_success(conn, since, until, city, tz=tz, rollups=rollups)
         names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
     groups = coverage_groups(devices, names, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
     weak = weak_devices(devices, success, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)

@@ -747,3 +747,18 @@ def _merge_value(m: dict, v: Value, part: dict) -> None:
         cur_t = m[f"{name}_last_t"]
         if cur_t is None or part["last_t"] >= cur_t:
             m[f"{name}_last"], m[f"{name}_last_t"] = part["last"], part["last_t"]
+
+
+def whole_days(since: datetime, until: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """The whole local days inside [since, until), as [first local midnight ≥ since, last local midnight
+    ≤ until): the part of a window a day rollup answers exactly (the edges come from the readings).
+    (until, until) when the window holds no whole day."""
+    def midnight(t: datetime, after: bool) -> datetime:
+        local = t.astimezone(tz)
+        day = local.date()
+        m = datetime.fromtimestamp(_local_midnight((day - datetime(1970, 1, 1).date()).days, tz), tz)
+        if after and m < t:
+            m = datetime.fromtimestamp(_local_midnight((day - datetime(1970, 1, 1).date()).days + 1, tz), tz)
+        return m
+    first, last = midnight(since, True), midnight(until, False)
+    return (first, last) if first < last else (until, until)
