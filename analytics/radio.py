@@ -28,7 +28,7 @@ Definitions (docs/radio.md says the same; the README's "Radio coverage" section 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -183,15 +183,17 @@ _DEVICES = """
     ORDER BY dev.device_id"""
 
 
-def device_radio(conn: psycopg.Connection, since: datetime, until: datetime,
+def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | None,
                  city: str | int | None = None, *, tz: ZoneInfo = SHANGHAI, rollups: bool = True) -> list[DeviceRadio]:
     """Every active device installed by `until` (in the city, if given) with its latest radio figures in
     [since, until); ValueError for an unknown city or an empty window.  The whole local days (`tz`: the
     writer's IOTJX_TIMEZONE) are read from the device-day rollup, the rest from the readings
-    (`rollups=False`: all from the readings, for a system whose writer keeps none)."""
+    (`rollups=False`: all from the readings, for a system whose writer keeps none).  `until` None: now,
+    and the day in progress is read from the rollup too (nothing has been received after now)."""
+    open_end, until = until is None, until or datetime.now(UTC)
     _check_window(since, until)
     code = city_code(conn, city)
-    ff, ft = whole_days(since, until, tz) if rollups else (until, until)
+    ff, ft = whole_days(since, until, tz, open_end=open_end) if rollups else (until, until)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET LOCAL jit = off")
         rows = cur.execute(_DEVICES, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()
@@ -281,19 +283,21 @@ def weak_devices(devices: list[DeviceRadio], success: list[UplinkSuccess], *, rs
     return out
 
 
-def radio_report(conn: psycopg.Connection, since: datetime, until: datetime, *, rsrp_min_dbm: float,
+def radio_report(conn: psycopg.Connection, since: datetime, until: datetime | None, *, rsrp_min_dbm: float,
                  sinr_min_db: float, city: str | int | None = None, tz: ZoneInfo = SHANGHAI,
                  rollups: bool = True) -> RadioReport:
     """Radio coverage over [since, until): groups, weak devices and uplink success, from one snapshot
     (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db; `tz`
-    and `rollups` from IOTJX_TIMEZONE and IOTJX_ROLLUPS: see `device_radio`)."""
+    and `rollups` from IOTJX_TIMEZONE and IOTJX_ROLLUPS; `until` None: now — see `device_radio`)."""
+    open_end = until is None
+    until = until or datetime.now(UTC)
     _check_window(since, until)
     outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
         if outer:           # one snapshot: a device's radio and its uplink success from the same data
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        devices = device_radio(conn, since, until, city, tz=tz, rollups=rollups)
-        success = uplink_success(conn, since, until, city, tz=tz, rollups=rollups)
+        devices = device_radio(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
+        success = uplink_success(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
         names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
     groups = coverage_groups(devices, names, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
     weak = weak_devices(devices, success, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
