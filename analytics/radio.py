@@ -183,6 +183,31 @@ _DEVICES = """
     ORDER BY dev.device_id"""
 
 
+# A window open to now: each device's latest figures are the writer's all-time rollup_radio_latest, those
+# measured at or after `since` (nothing has been received after now).
+_LATEST = """
+    WITH dev AS (
+        SELECT d.device_id, d.device_key, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id,
+               s.name AS site_name
+        FROM devices d LEFT JOIN sites s ON s.site_id = d.site_id
+        WHERE d.status = 'active' AND d.installed_at <= %(until)s
+          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s))
+    SELECT dev.device_id, dev.model, dev.city_code, dev.site_id, dev.site_name,
+           CASE WHEN l.rsrp_dbm_last_t >= %(since)s THEN l.rsrp_dbm_last END AS rsrp_dbm,
+           CASE WHEN l.sinr_db_last_t >= %(since)s THEN l.sinr_db_last END AS sinr_db,
+           (CASE WHEN l.ecl_last_t >= %(since)s THEN l.ecl_last END)::smallint AS ecl,
+           (CASE WHEN l.cell_id_last_t >= %(since)s THEN l.cell_id_last END)::bigint AS cell_id,
+           (CASE WHEN l.pci_last_t >= %(since)s THEN l.pci_last END)::integer AS pci,
+           greatest(CASE WHEN l.rsrp_dbm_last_t >= %(since)s THEN l.rsrp_dbm_last_t END,
+                    CASE WHEN l.sinr_db_last_t >= %(since)s THEN l.sinr_db_last_t END,
+                    CASE WHEN l.rsrq_db_last_t >= %(since)s THEN l.rsrq_db_last_t END,
+                    CASE WHEN l.ecl_last_t >= %(since)s THEN l.ecl_last_t END,
+                    CASE WHEN l.cell_id_last_t >= %(since)s THEN l.cell_id_last_t END,
+                    CASE WHEN l.pci_last_t >= %(since)s THEN l.pci_last_t END) AS last_at
+    FROM dev LEFT JOIN rollup_radio_latest l ON l.device_key = dev.device_key
+    ORDER BY dev.device_id"""
+
+
 def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | None,
                  city: str | int | None = None, *, tz: ZoneInfo = SHANGHAI, rollups: bool = True) -> list[DeviceRadio]:
     """Every active device installed by `until` (in the city, if given) with its latest radio figures in
@@ -194,9 +219,10 @@ def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | No
     _check_window(since, until)
     code = city_code(conn, city)
     ff, ft = whole_days(since, until, tz, open_end=open_end) if rollups else (until, until)
+    sql = _LATEST if open_end and rollups else _DEVICES
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET LOCAL jit = off")
-        rows = cur.execute(_DEVICES, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()
+        rows = cur.execute(sql, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()
     return [DeviceRadio(**r) for r in rows]
 
 
@@ -305,5 +331,64 @@ def radio_report(conn: psycopg.Connection, since: datetime, until: datetime | No
                        tuple(devices))
 
 
+_SUMMARY = """
+    WITH x AS ({devices}),
+    y AS (SELECT x.*, (rsrp_dbm IS NOT NULL OR sinr_db IS NOT NULL) AS radio,
+                 (rsrp_dbm IS NOT NULL OR sinr_db IS NOT NULL)
+                 AND (rsrp_dbm IS NULL OR rsrp_dbm >= %(rsrp_min)s) AND (sinr_db IS NULL OR sinr_db >= %(sinr_min)s)
+                 AS covered
+          FROM x)
+    SELECT CASE WHEN grouping(city_code) = 1 THEN 'province' WHEN grouping(site_id) = 0 THEN 'site'
+                WHEN grouping(cell_id) = 0 THEN 'cell' ELSE 'city' END AS level,
+           city_code, site_id, min(site_name) AS site_name, cell_id,
+           count(*) FILTER (WHERE radio) AS with_radio, count(*) FILTER (WHERE NOT radio) AS without_radio,
+           percentile_cont(0.1) WITHIN GROUP (ORDER BY rsrp_dbm) AS rsrp_p10,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY rsrp_dbm) AS rsrp_p50,
+           percentile_cont(0.9) WITHIN GROUP (ORDER BY rsrp_dbm) AS rsrp_p90,
+           percentile_cont(0.1) WITHIN GROUP (ORDER BY sinr_db) AS sinr_p10,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY sinr_db) AS sinr_p50,
+           percentile_cont(0.9) WITHIN GROUP (ORDER BY sinr_db) AS sinr_p90,
+           count(ecl) AS with_ecl, count(*) FILTER (WHERE ecl = 0) AS ecl0, count(*) FILTER (WHERE ecl = 1) AS ecl1,
+           count(*) FILTER (WHERE ecl = 2) AS ecl2, count(*) FILTER (WHERE covered) AS covered
+    FROM y
+    GROUP BY GROUPING SETS ((), (city_code), (city_code, site_id), (city_code, cell_id))
+    HAVING grouping(cell_id) = 1 OR cell_id IS NOT NULL"""
+_LEVEL_ORDER = {"province": 0, "city": 1, "site": 2, "cell": 3}
+
+
+def radio_summary(conn: psycopg.Connection, since: datetime, *, rsrp_min_dbm: float, sinr_min_db: float,
+                  city: str | int | None = None) -> list[RadioGroup]:
+    """The groups of `radio_report` (province unless a city is asked, cities, sites, cells) over the window
+    from `since` to now, computed in one SQL statement over each device's latest figures (the writer's
+    rollup_radio_latest): the figure a board or a summary call reads, without the per-device lists."""
+    until = datetime.now(UTC)
+    _check_window(since, until)
+    code = city_code(conn, city)
+    names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
+    params = {"since": since, "until": until, "c": code, "rsrp_min": rsrp_min_dbm, "sinr_min": sinr_min_db}
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SET LOCAL jit = off")
+        rows = cur.execute(_SUMMARY.format(devices=_LATEST.replace("ORDER BY dev.device_id", "")), params).fetchall()
+    out = []
+    for r in rows:
+        level = r["level"]
+        with_radio, with_ecl = r["with_radio"], r["with_ecl"]
+        out.append(RadioGroup(
+            level=level, city_code=r["city_code"],
+            city="Jiangxi" if level == "province" else names.get(r["city_code"], NO_SITE),
+            site_id=r["site_id"] if level == "site" else None,
+            site_name=(r["site_name"] if r["site_id"] is not None else NO_SITE) if level == "site" else None,
+            cell_id=r["cell_id"] if level == "cell" else None, with_radio=with_radio,
+            without_radio=None if level == "cell" else r["without_radio"],
+            rsrp_p10=r["rsrp_p10"], rsrp_p50=r["rsrp_p50"], rsrp_p90=r["rsrp_p90"], sinr_p10=r["sinr_p10"],
+            sinr_p50=r["sinr_p50"], sinr_p90=r["sinr_p90"], with_ecl=with_ecl,
+            ecl_share=tuple((r[f"ecl{e}"] / with_ecl) if with_ecl else None for e in (0, 1, 2)),
+            covered=r["covered"], weak=with_radio - r["covered"],
+            coverage_rate=r["covered"] / with_radio if with_radio else None))
+    out.sort(key=lambda g: (_LEVEL_ORDER[g.level], g.city_code if g.city_code is not None else -1,
+                            g.site_id if g.site_id is not None else -1, g.cell_id if g.cell_id is not None else -1))
+    return out
+
+
 __all__ = ["LEVELS", "DeviceRadio", "RadioGroup", "RadioReport", "WeakDevice", "coverage_groups", "device_radio",
-           "radio_report", "weak_devices"]
+           "radio_report", "radio_summary", "weak_devices"]

@@ -613,7 +613,9 @@ LANE_BITS = 16          # a lane level's kernel key: device_key << LANE_BITS | l
 
 @dataclass(frozen=True, slots=True)
 class Level:
-    """One rollup table: the readings of `source` (a family table) per `key` × local bucket of `width_s`."""
+    """One rollup table: the readings of `source` (a family table) per `key` × local bucket of `width_s`
+    (0: one bucket for all time, `bucket` = 1970-01-01: the key's running totals and latest values — a
+    state table, not partitioned)."""
 
     table: str
     source: str
@@ -630,9 +632,13 @@ class Level:
         """Every column in `merge_sql`'s order: keys, bucket, then `rollup_columns`."""
         return [name for name, _ in self.key_columns] + rollup_columns(self.values)
 
+    @property
+    def all_time(self) -> bool:
+        return self.width_s == 0
+
     def create_sql(self, partitioned: bool) -> str:
         return rollup_table_sql(self.table, self.key_columns, self.values,
-                                partition_by="bucket" if partitioned else None)
+                                partition_by="bucket" if partitioned and not self.all_time else None)
 
     def merge_sql(self, source: str) -> str:
         return merge_sql(self.table, [name for name, _ in self.key_columns], self.values, source=source)
@@ -670,6 +676,10 @@ LEVELS: tuple[Level, ...] = (
         Value("ecl_2", _SUMS))),
     # Stored uplinks per device and local day of their receive time (uplink success, device health).
     Level("rollup_uplinks_day", "uplinks", "device", DAY_S, ()),
+    # Each device's latest radio figures (all time): a window open to now reads them in one probe per device.
+    Level("rollup_radio_latest", "radio_readings", "device", 0, (
+        Value("rsrp_dbm", ("last",)), Value("sinr_db", ("last",)), Value("rsrq_db", ("last",)),
+        Value("ecl", ("last",)), Value("cell_id", ("last",)), Value("pci", ("last",)))),
 )
 
 
@@ -697,8 +707,9 @@ def rollup_series(conn, table: str, key: dict[str, int], since: datetime, until:
     the level's buckets by their local start (`tz` must be the writer's IOTJX_TIMEZONE): counts, n and
     sums add, min/max of the parts, `last` the newest by `last_t` — never an average of averages."""
     level = LEVEL_BY_TABLE.get(table)
-    if level is None:
-        raise ValueError(f"{table!r} is not a rollup table ({', '.join(LEVEL_BY_TABLE)})")
+    if level is None or level.all_time:
+        raise ValueError(f"{table!r} is not a bucketed rollup table "
+                         f"({', '.join(t for t, lv in LEVEL_BY_TABLE.items() if not lv.all_time)})")
     names = [name for name, _ in KEY_COLUMNS[level.key]]
     if sorted(key) != sorted(names):
         raise ValueError(f"{table} is keyed by {', '.join(names)}; got {', '.join(sorted(key)) or 'nothing'}")

@@ -87,7 +87,8 @@ class Aggregator:
                 if not ok.any():
                     continue
                 if level.width_s not in buckets:
-                    buckets[level.width_s] = bucket_starts(times, level.width_s, self.tz)
+                    buckets[level.width_s] = (np.zeros(len(times), dtype=np.int64) if level.all_time
+                                              else bucket_starts(times, level.width_s, self.tz))
                 values = (np.column_stack([fam.values[v.name] for v in level.values]) if level.values
                           else np.empty((len(fam), 0)))
                 out.append((level, reduce_groups(key[ok], buckets[level.width_s][ok], times[ok], values[ok])))
@@ -104,8 +105,8 @@ class Aggregator:
 def bucket_days(partials) -> set[date]:
     """The UTC days the partials' buckets fall on (the rollup tables' daily partitions)."""
     days: set[date] = set()
-    for _, p in partials:
-        if len(p):
+    for level, p in partials:
+        if len(p) and not level.all_time:
             for d in np.unique(p.buckets // DAY_S).tolist():
                 days.add(datetime.fromtimestamp(d * DAY_S, UTC).date())
     return days

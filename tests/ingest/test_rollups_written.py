@@ -29,7 +29,8 @@ TZ = "Asia/Shanghai"
 PLAUSIBLE = "BETWEEN r.time - interval '7 days' AND r.time + interval '300 seconds'"
 BUCKET = {"day": f"(date_trunc('day', mt AT TIME ZONE '{TZ}') AT TIME ZONE '{TZ}')",
           "15m": f"(date_bin('15 minutes', mt AT TIME ZONE '{TZ}', timestamp '2000-01-01') AT TIME ZONE '{TZ}')",
-          "5m": f"(date_bin('5 minutes', mt AT TIME ZONE '{TZ}', timestamp '2000-01-01') AT TIME ZONE '{TZ}')"}
+          "5m": f"(date_bin('5 minutes', mt AT TIME ZONE '{TZ}', timestamp '2000-01-01') AT TIME ZONE '{TZ}')",
+          "all": "timestamptz '1970-01-01 00:00:00+00'"}
 _VOLUME = ("(coalesce(count_a, 0) + coalesce(count_b, 0) + coalesce(count_c, 0) + "
            "CASE WHEN count_a IS NULL AND count_b IS NULL AND count_c IS NULL "
            "THEN coalesce(round((extra->>'volume')::numeric), 0) ELSE 0 END)")
@@ -69,6 +70,7 @@ TABLES = {
     "rollup_radio_day": ("radio_readings", [("device_key", "d.device_key")], "day"),
     "rollup_radio_cell_day": ("radio_readings", [("cell_id", "r.cell_id")], "day"),
     "rollup_uplinks_day": ("raw_uplinks", [("device_key", "d.device_key")], "day"),
+    "rollup_radio_latest": ("radio_readings", [("device_key", "d.device_key")], "all"),
 }
 
 
