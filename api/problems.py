@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.downlink import DownlinkError
@@ -120,6 +121,23 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path (Starlette's 405 names only the first route's)."""
+    try:
+        from fastapi.routing import iter_route_contexts          # FastAPI ≥ 0.16x: included routers are lazy
+        routes = [c.route for c in iter_route_contexts(request.app.routes)]
+    except ImportError:                                         # pragma: no cover - older FastAPI
+        routes = list(request.app.routes)
+    probe = {"type": "http", "path": request.scope["path"], "root_path": request.scope.get("root_path", ""),
+             "method": request.method}
+    methods: set[str] = set()
+    for route in routes:
+        if getattr(route, "methods", None) and route.matches(probe)[0] is not Match.NONE:
+            methods |= set(route.methods)
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    return ", ".join(sorted(methods, key=lambda m: order.index(m) if m in order else len(order)))
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into a problem document."""
 
@@ -140,7 +158,8 @@ def install(app: FastAPI) -> None:
         if status == 404 and request.scope.get("route") is None:        # no route matched the path
             kind, detail = NO_ROUTE, f"no route {request.url.path[:200]}; the routes are listed in /openapi.json"
         elif status == 405 and detail == _phrase(405):
-            allowed = (exc.headers or {}).get("Allow", "")
+            allowed = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+            exc.headers = {**(exc.headers or {}), "Allow": allowed}
             detail = f"{request.url.path[:200]} does not take {request.method[:20]}; it takes {allowed}"
         return problem(status, _phrase(status), detail, headers=exc.headers, kind=kind)
 
@@ -191,6 +210,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 continue
             responses = operation["responses"]
             extra = _EVERY_OPERATION if path != "/health" else {s: _EVERY_OPERATION[s] for s in _OPEN_OPERATION}
+            if "text/csv" in operation.get("requestBody", {}).get("content", {}):
+                extra = {**extra, 415: "the body is not declared text/csv (UTF-8)"}
             for status, description in extra.items():
                 responses.setdefault(str(status), {"description": description})
             for status, response in responses.items():
