@@ -71,7 +71,10 @@ class Health(BaseModel):
 
 
 def _without_metrics(counters: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (counters or {}).items() if k != "metrics"}
+    # The counters are numbers (and last_error, text): anything nested is not one, and is left out
+    # rather than break the typed answer of a probe.
+    return {k: v for k, v in (counters or {}).items()
+            if k != "metrics" and (v is None or isinstance(v, (int, float, str)))}
 
 
 def _health(pool) -> dict[str, Any]:
