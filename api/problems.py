@@ -138,6 +138,31 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods, key=lambda m: order.index(m) if m in order else len(order)))
 
 
+def _role_checks(dependant) -> list:
+    found = [d.call for d in dependant.dependencies if hasattr(d.call, "required_role")]
+    for sub in dependant.dependencies:
+        found += _role_checks(sub)
+    return found
+
+
+def _may_refuse(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of the operations a key may be refused (403) for its role or its city scope:
+    those needing more than a viewer, or a key without a city scope (api/deps.py's require_role)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+        routes = [c.route for c in iter_route_contexts(app.routes)]
+    except ImportError:                                         # pragma: no cover - older FastAPI
+        routes = list(app.routes)
+    out = set()
+    for route in routes:
+        dependant = getattr(route, "dependant", None)
+        if dependant is None:
+            continue
+        if any(c.required_role != "viewer" or getattr(c, "whole_province", False) for c in _role_checks(dependant)):
+            out |= {(m, route.path) for m in route.methods}
+    return out
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into a problem document."""
 
@@ -200,6 +225,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
     spec = FastAPI.openapi(app)             # FastAPI's own document (kept in app.openapi_schema), amended here
+    refusing = _may_refuse(app)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(problem_schema.pop("$defs", {}))
@@ -212,6 +238,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             extra = _EVERY_OPERATION if path != "/health" else {s: _EVERY_OPERATION[s] for s in _OPEN_OPERATION}
             if "text/csv" in operation.get("requestBody", {}).get("content", {}):
                 extra = {**extra, 415: "the body is not declared text/csv (UTF-8)"}
+            if (method.upper(), path) in refusing or any(p.get("name") == "city" for p in operation.get("parameters", [])):
+                extra = {**extra, 403: "this key's role is too low, or what the request names is outside its cities"}
             for status, description in extra.items():
                 responses.setdefault(str(status), {"description": description})
             for status, response in responses.items():

@@ -129,6 +129,25 @@ def test_every_route_answers_its_errors_as_problems(spec, keys, admin_client, an
             assert set(r.headers["allow"].replace(" ", "").split(",")) >= methods - {"HEAD"}, (path, r.headers["allow"])
 
 
+def test_every_status_a_route_answers_is_in_its_operation(spec, keys, anonymous):
+    """Every operation called bare (no body, a device id for every path parameter) by each kind of caller —
+    none, a viewer, a viewer scoped to Nanchang, an admin — answers a status its operation documents."""
+    callers = {"none": {}, "viewer": bearer(keys.viewer), "scoped": bearer(keys.nanchang_viewer),
+               "admin": bearer(keys.admin)}
+    seen = set()
+    for method, path, operation in operations(spec):
+        concrete = re.sub(r"\{[^}]+\}", "869975030000018", path)
+        for who, headers in callers.items():
+            if method != "GET" and who == "admin":
+                continue                    # a bare write by an admin is only a 422: the viewer's 403 is the point
+            r = anonymous.request(method, concrete, headers=headers)
+            assert str(r.status_code) in operation["responses"], (method, path, who, r.status_code, r.text[:200])
+            if r.status_code >= 400:
+                assert r.headers["content-type"] == PROBLEM_MEDIA, (method, path, who)
+            seen.add(r.status_code)
+    assert {401, 403, 404} <= seen and any(200 <= s < 300 for s in seen)
+
+
 # ------------------------------------------------------------------ the OpenAPI document
 
 def _free_form(node: Any, where: str, out: list[str]) -> None:
