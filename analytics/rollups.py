@@ -663,10 +663,13 @@ LEVELS: tuple[Level, ...] = (
     Level("rollup_parking_site_15m", "parking_events", "site", 900, (
         Value("occupied", _SUMS), Value("occupancy_changed", _SUMS))),
     Level("rollup_radio_day", "radio_readings", "device", DAY_S, (
-        Value("rsrp_dbm", _ALL), Value("sinr_db", _ALL), Value("ecl", ("max", "last")))),
+        Value("rsrp_dbm", _ALL), Value("sinr_db", _ALL), Value("rsrq_db", _ALL), Value("ecl", ("max", "last")),
+        Value("cell_id", ("last",)), Value("pci", ("last",)))),
     Level("rollup_radio_cell_day", "radio_readings", "cell", DAY_S, (
         Value("rsrp_dbm", _RANGE), Value("sinr_db", _RANGE), Value("ecl_0", _SUMS), Value("ecl_1", _SUMS),
         Value("ecl_2", _SUMS))),
+    # Stored uplinks per device and local day of their receive time (uplink success, device health).
+    Level("rollup_uplinks_day", "uplinks", "device", DAY_S, ()),
 )
 
 

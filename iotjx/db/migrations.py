@@ -34,7 +34,7 @@ ROLLUP_TABLES = {
     "rollup_water_day": "device_key", "rollup_water_site_15m": "site_id", "rollup_fire_day": "device_key",
     "rollup_fire_site_15m": "site_id", "rollup_traffic_day": "device_key", "rollup_traffic_lane_5m": "device_key",
     "rollup_parking_day": "device_key", "rollup_parking_site_15m": "site_id", "rollup_radio_day": "device_key",
-    "rollup_radio_cell_day": "cell_id"}
+    "rollup_radio_cell_day": "cell_id", "rollup_uplinks_day": "device_key"}
 TIME_TABLES.update(dict.fromkeys(ROLLUP_TABLES, "bucket"))
 
 
@@ -624,6 +624,13 @@ def _m11_rollups(conn: psycopg.Connection, timescale: bool) -> None:
             _hypertable(conn, level.table, "bucket", ROLLUP_TABLES[level.table])
 
 
+def _m12_dedup_claimed_at(conn: psycopg.Connection, timescale: bool) -> None:
+    """When each dedup key was claimed (the gateway's clock), beside the uplink's `received_at`: a
+    tester's replay claims keys at their original receive times, which may be days old, and the
+    purge must keep those while the replay can still send a copy (ingest.writer.Writer.purge_dedup)."""
+    conn.execute("ALTER TABLE uplink_dedup ADD COLUMN IF NOT EXISTS claimed_at timestamptz NOT NULL DEFAULT now()")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -638,6 +645,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "water consumption per meter-day, night flow and leakage per site, per-meter alerts", _m10_water),
     Migration(11, "rollups per device-day, site-quarter-hour, lane-5-minutes, cell-day; integer device keys",
               _m11_rollups),
+    Migration(12, "when each dedup key was claimed (replays keep their original receive times)", _m12_dedup_claimed_at),
 )
 
 
