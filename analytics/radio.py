@@ -128,17 +128,20 @@ class RadioReport:
 
 
 # Per active device, each figure's latest value in the window: one scan of the window's readings.
-# Each active device's latest radio figures in [since, until): the whole local days of the window from the
-# writer's device-day rollup (each value's `last` and its time), the edges before the first and after the
-# last local midnight from radio_readings; per figure the newer of the two.  (%(ff)s, %(ft)s) are the whole
-# days (analytics.rollups.whole_days; empty: (until, until), all from the readings.)
-_DEVICES = """
-    WITH dev AS (
+# The active devices installed by `until` (of one city, %(c)s, or all).
+_DEV = """dev AS (
         SELECT d.device_id, d.device_key, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id,
                s.name AS site_name
         FROM devices d LEFT JOIN sites s ON s.site_id = d.site_id
         WHERE d.status = 'active' AND d.installed_at <= %(until)s
-          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)),
+          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s))"""
+
+# Each active device's latest radio figures in [since, until): the whole local days of the window from the
+# writer's device-day rollup (each value's `last` and its time), the edges before the first and after the
+# last local midnight from radio_readings; per figure the newer of the two.  (%(ff)s, %(ft)s) are the whole
+# days (analytics.rollups.whole_days; empty: (until, until), all from the readings.)
+_DEVICES = f"""
+    WITH {_DEV},
     e AS (
         SELECT r.device_id,
                (array_agg(rsrp_dbm ORDER BY time DESC) FILTER (WHERE rsrp_dbm IS NOT NULL))[1] AS rsrp_dbm,
@@ -185,13 +188,8 @@ _DEVICES = """
 
 # A window open to now: each device's latest figures are the writer's all-time rollup_radio_latest, those
 # measured at or after `since` (nothing has been received after now).
-_LATEST = """
-    WITH dev AS (
-        SELECT d.device_id, d.device_key, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id,
-               s.name AS site_name
-        FROM devices d LEFT JOIN sites s ON s.site_id = d.site_id
-        WHERE d.status = 'active' AND d.installed_at <= %(until)s
-          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s))
+_LATEST = f"""
+    WITH {_DEV}
     SELECT dev.device_id, dev.model, dev.city_code, dev.site_id, dev.site_name,
            CASE WHEN l.rsrp_dbm_last_t >= %(since)s THEN l.rsrp_dbm_last END AS rsrp_dbm,
            CASE WHEN l.sinr_db_last_t >= %(since)s THEN l.sinr_db_last END AS sinr_db,

@@ -540,27 +540,14 @@ def open_alerts(conn: psycopg.Connection, city: str | int | None = None) -> list
     return [WaterAlert(**r) for r in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class ConsumptionDay:
-    """One meter's consumption on one local day (a `water_daily` row)."""
-
-    day: date
-    consumption_m3: float
-    reverse_m3: float
-    readings: int
-    first_register_m3: float | None
-    last_register_m3: float | None
-    rollovers: int
-    new_series: int
-    reverse_flows: int
-
-
-def daily_consumption(conn: psycopg.Connection, device_id: str, since: date, until: date) -> list[ConsumptionDay]:
-    """A meter's consumption per local day in [since, until), oldest first (days without a delta absent)."""
+def daily_consumption(conn: psycopg.Connection, device_id: str, since: date, until: date) -> list[MeterDay]:
+    """A meter's days in [since, until) as `water_daily` keeps them (MeterDay: times as epoch seconds),
+    oldest first; days without a reading absent."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute("""
-            SELECT day, consumption_m3, reverse_m3, readings, first_register_m3, last_register_m3, rollovers,
-                   new_series, reverse_flows
+            SELECT day, consumption_m3, reverse_m3, readings, first_register_m3, last_register_m3,
+                   extract(epoch FROM first_at)::float8 AS first_at, extract(epoch FROM last_at)::float8 AS last_at,
+                   meter_address, rollovers, new_series, reverse_flows, night_m3h
             FROM water_daily WHERE device_id = %s AND day >= %s AND day < %s ORDER BY day""",
                            (device_id, since, until)).fetchall()
-    return [ConsumptionDay(**r) for r in rows]
+    return [MeterDay(**{**r, "night_m3h": None if r["night_m3h"] is None else tuple(r["night_m3h"])}) for r in rows]
