@@ -56,3 +56,21 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def store_uplinks(db_url: str, uplinks) -> dict[str, int]:
+    """Store uplinks through the real write path (registry, pipeline, writer); the pipeline's counters.
+    Its connections are closed after."""
+    from ingest.pipeline import Pipeline
+    from ingest.registry import DeviceRegistry
+    from ingest.writer import Writer
+    from iotjx.db import connect
+
+    registry, writer = DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))
+    try:
+        pipeline = Pipeline(registry, writer)
+        pipeline.process(uplinks)
+        return dict(pipeline.counters)
+    finally:
+        writer.close()
+        registry.close()

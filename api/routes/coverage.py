@@ -58,46 +58,36 @@ class CityNames(BaseModel):
     city_name_en: str | None
 
 
-class TargetOut(CityNames):
+class TargetDefinition(CityNames):
+    """What a target of the catalogue counts (its value to reach and deadline are named by the subclass)."""
+
+    target_id: str
+    source: Literal["plan", "programme"]
+    clause_zh: str
+    clause_en: str
+    target_zh: str
+    target_en: str
+    unit: str
+    deadline: date
+    measure: str
+    pilot: str | None = Field(description="the pilot of the devices counted, when they all belong to one")
+    network: str | None
+    sites: list[SiteCriteriaOut] = Field(description="site measures: which catalogue sites count (any criterion)")
+    devices: DeviceCriteriaOut | None = Field(description="which devices count: families and/or models, network")
+    min_live: int | None = Field(description="site measures: live devices a site needs")
+    min_live_share: float | None = Field(description="site measures: percent of a site's active devices live")
+
+
+class TargetOut(TargetDefinition):
     """A target of the catalogue: what it counts, against which value, by when."""
 
-    target_id: str
-    source: Literal["plan", "programme"]
-    clause_zh: str
-    clause_en: str
-    target_zh: str
-    target_en: str
     value: float = Field(description="the value to reach")
-    unit: str
-    deadline: date
-    measure: str
-    pilot: str | None = Field(description="the pilot of the devices counted, when they all belong to one")
-    network: str | None
-    sites: list[SiteCriteriaOut] = Field(description="site measures: which catalogue sites count (any criterion)")
-    devices: DeviceCriteriaOut | None = Field(description="which devices count: families and/or models, network")
-    min_live: int | None = Field(description="site measures: live devices a site needs")
-    min_live_share: float | None = Field(description="site measures: percent of a site's active devices live")
 
 
-class TargetStanding(CityNames):
+class TargetStanding(TargetDefinition):
     """One target: its definition, its value on the day described, its verdict and pace."""
 
-    target_id: str
-    source: Literal["plan", "programme"]
-    clause_zh: str
-    clause_en: str
-    target_zh: str
-    target_en: str
-    measure: str
-    unit: str
     target: float = Field(description="the value to reach")
-    deadline: date
-    pilot: str | None = Field(description="the pilot of the devices counted, when they all belong to one")
-    network: str | None
-    sites: list[SiteCriteriaOut] = Field(description="site measures: which catalogue sites count (any criterion)")
-    devices: DeviceCriteriaOut | None = Field(description="which devices count: families and/or models, network")
-    min_live: int | None = Field(description="site measures: live devices a site needs")
-    min_live_share: float | None = Field(description="site measures: percent of a site's active devices live")
     value: float | None = Field(description="the figure: live devices, sites meeting the minimum, a percent of "
                                             "sites, or the operators' entry; null when nothing was measured")
     percent: float | None = Field(description="value / target × 100")

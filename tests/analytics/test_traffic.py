@@ -18,12 +18,9 @@ from analytics.traffic import (
     FlowBucket,
     GRADE_SPEED_BANDS, LOS_DENSITY_VPKMPL, congestion_grade, flow_buckets, los_band, parking_hours, stays,
 )
-from ingest.pipeline import Pipeline
-from ingest.registry import DeviceRegistry
-from ingest.writer import Writer
-from iotjx.db import connect
 from iotjx.devices import DeviceRecord, register_devices
 from iotjx.model import Uplink
+from tests.helpers import store_uplinks
 
 TZ = ZoneInfo("Asia/Shanghai")
 DAY = datetime(2026, 9, 14, tzinfo=TZ)                 # a Monday, local midnight
@@ -31,15 +28,7 @@ DETECTORS = ("det-bayi-01", "det-bayi-02")
 
 
 def _process(db_url: str, uplinks: list[Uplink]) -> dict[str, int]:
-    """Store `uplinks` through the real pipeline; its counters.  Its connections are closed after."""
-    registry, writer = DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))
-    try:
-        pipeline = Pipeline(registry, writer)
-        pipeline.process(uplinks)
-        return dict(pipeline.counters)
-    finally:
-        writer.close()
-        registry.close()
+    return store_uplinks(db_url, uplinks)
 
 
 def _store(db_url: str, uplinks: list[Uplink]) -> None:

@@ -14,12 +14,9 @@ import decoders
 from decoders.gb26875_layout import ANALOG_VALUE
 from decoders.models import load_models
 from decoders.radio import declared, normalised, spec_problem
-from ingest.pipeline import Pipeline
-from ingest.registry import DeviceRegistry
-from ingest.writer import Writer
-from iotjx.db import connect
 from iotjx.devices import DeviceRecord, register_devices
 from iotjx.model import Uplink
+from tests.helpers import store_uplinks
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 SMOKE, PANEL = "869100000000001", "869100000000002"
@@ -29,14 +26,7 @@ CJT188 = "869100000000009"
 
 
 def _process(db_url: str, uplinks: list[Uplink]) -> dict[str, int]:
-    registry, writer = DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))
-    try:
-        pipeline = Pipeline(registry, writer)
-        pipeline.process(uplinks)
-        return dict(pipeline.counters)
-    finally:
-        writer.close()
-        registry.close()
+    return store_uplinks(db_url, uplinks)
 
 
 def _up(device: str, payload: bytes, minutes_ago: int, transport: str = "coap", **meta) -> Uplink:
