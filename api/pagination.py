@@ -92,9 +92,16 @@ class PageParams:
     cursor: str | None
     limit: int
 
-    def after(self, n: int) -> tuple | None:
-        """The sort key (`n` values) the page starts after; None for the first page."""
-        return None if self.cursor is None else decode_cursor(self.cursor, n)
+    def after(self, n: int, types: tuple[type, ...] | None = None) -> tuple | None:
+        """The sort key (`n` values; of `types` when given, None allowed) the page starts after; None for
+        the first page."""
+        if self.cursor is None:
+            return None
+        key = decode_cursor(self.cursor, n)
+        if types is not None and not all(v is None or (isinstance(v, t) and not isinstance(v, bool))
+                                         for v, t in zip(key, types, strict=True)):
+            raise HTTPException(422, "cursor: not a cursor of this list (pass next_cursor of the previous page as is)")
+        return key
 
     def of(self, rows: list[T], key: Callable[[T], Sequence[Any]]) -> Page[T]:
         """The page of `rows` fetched with LIMIT limit + 1 (the extra row says a next page exists)."""

@@ -133,9 +133,11 @@ def get_downlink(conn: psycopg.Connection, downlink_id: int) -> dict[str, Any] |
 
 
 def list_downlinks(conn: psycopg.Connection, device_id: str, status: str | None = None,
-                   limit: int = 100) -> list[dict[str, Any]]:
+                   limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
+    """A device's commands, newest first; `before_id`: only those older than that one (a page's cursor)."""
     rows = conn.execute(f"{_SELECT} WHERE device_id = %s AND (%s::text IS NULL OR status = %s) "
-                        "ORDER BY id DESC LIMIT %s", (device_id, status, status, limit)).fetchall()
+                        "AND (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+                        (device_id, status, status, before_id, before_id, limit)).fetchall()
     return [_row(r) for r in rows]
 
 

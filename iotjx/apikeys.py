@@ -151,10 +151,22 @@ def authenticate(conn: psycopg.Connection, presented: str) -> ApiKey | None:
     return _key(row)
 
 
-def list_keys(conn: psycopg.Connection, within: ApiKey | None = None) -> list[ApiKey]:
-    """Every key (revoked ones too, with their date), or those `within` a scoped key's cities."""
-    keys = [_key(r) for r in conn.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id")]
-    return [k for k in keys if within is None or within.covers(k.cities)]
+def list_keys(conn: psycopg.Connection, within: ApiKey | None = None, *, after: tuple | None = None,
+              limit: int | None = None) -> list[ApiKey]:
+    """Every key (revoked ones too, with their date), or those `within` a scoped key's cities, by
+    (created_at, key_id); `after` such a pair and `limit`: one page of them."""
+    out: list[ApiKey] = []
+    rows = conn.execute(f"""SELECT {_COLUMNS} FROM api_keys
+                            WHERE %(t)s::timestamptz IS NULL OR (created_at, key_id) > (%(t)s, %(k)s)
+                            ORDER BY created_at, key_id""",
+                        {"t": after[0] if after else None, "k": after[1] if after else None})
+    for r in rows:
+        k = _key(r)
+        if within is None or within.covers(k.cities):
+            out.append(k)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
 
 
 def revoke_key(conn: psycopg.Connection, key_id: str, within: ApiKey | None = None) -> ApiKey | None:

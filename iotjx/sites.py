@@ -357,19 +357,26 @@ _WHERE = """
       AND (%(status)s::text IS NULL OR s.status = %(status)s)"""
 
 
+_ORDER = "(s.code IS NULL)::int, coalesce(s.code, ''), s.city_code, s.kind, s.name, s.site_id"
+
+
 def list_sites(conn: psycopg.Connection, *, city: int | None = None, cities: Collection[int] | None = None,
                kind: str | None = None, verified: bool | None = None, status: str | None = None,
-               limit: int = 100, offset: int = 0) -> tuple[int, list[dict]]:
+               limit: int = 100, after: tuple | None = None) -> tuple[int, list[dict]]:
     """(how many sites match, one page of them): catalogue sites by code, then unverified ones; each
     with its aliases and its active and inactive devices (retired ones are not counted).  `cities`
-    is a caller's scope."""
+    is a caller's scope.  Each row's `sort_key` is its place in that order: `after` one, the page
+    starts behind it (keyset pagination)."""
     params = {"city": city, "cities": list(cities) if cities is not None else None, "kind": kind,
-              "verified": verified, "status": status, "limit": limit, "offset": offset}
+              "verified": verified, "status": status, "limit": limit, "after": list(after) if after else None}
     total = conn.execute(f"SELECT count(*) FROM sites s {_WHERE}", params).fetchone()[0]
-    rows = conn.execute(f"""{_SELECT} {_WHERE}
-                            ORDER BY s.code IS NULL, s.code, s.city_code, s.kind, s.name, s.site_id
-                            LIMIT %(limit)s OFFSET %(offset)s""", params).fetchall()
-    return total, [dict(zip(_COLUMNS, r, strict=True)) for r in rows]
+    page = "" if after is None else (f" AND ({_ORDER}) > (%(a0)s::int, %(a1)s::text, %(a2)s::int, %(a3)s::text, "
+                                     "%(a4)s::text, %(a5)s::bigint)")
+    params.update({f"a{k}": v for k, v in enumerate(after or ())})
+    rows = conn.execute(f"""{_SELECT.replace("FROM sites s", f", {_ORDER} FROM sites s")} {_WHERE} {page}
+                            ORDER BY {_ORDER} LIMIT %(limit)s""", params).fetchall()
+    return total, [{**dict(zip(_COLUMNS, r[:len(_COLUMNS)], strict=True)), "sort_key": tuple(r[len(_COLUMNS):])}
+                   for r in rows]
 
 
 def get_site(conn: psycopg.Connection, code: str) -> dict | None:

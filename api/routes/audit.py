@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from api.deps import Conn, require_role
+from api.pagination import Page, PageQuery
 from iotjx.apikeys import KEY_ID, ApiKey
 
 router = APIRouter(tags=["audit"])
@@ -28,11 +29,14 @@ class AuditOut(BaseModel):
     status: int | None
 
 
-@router.get("/audit", response_model=list[AuditOut], summary="Who changed what, newest first")
-def get_audit(key: WholeProvinceAdmin, conn: Conn,
-              key_id: Annotated[str | None, Query(pattern=KEY_ID.pattern)] = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
+@router.get("/audit", response_model=Page[AuditOut], summary="Who changed what, newest first (cursor pages)")
+def get_audit(key: WholeProvinceAdmin, conn: Conn, page: PageQuery,
+              key_id: Annotated[str | None, Query(pattern=KEY_ID.pattern)] = None) -> Page[AuditOut]:
+    after = page.after(1, (int,))
     rows = conn.execute("""SELECT audit_id, at, actor, key_id, method, route, target, change, status FROM audit_log
-                           WHERE %(key)s::text IS NULL OR key_id = %(key)s ORDER BY audit_id DESC LIMIT %(limit)s""",
-                        {"key": key_id, "limit": limit}).fetchall()
-    return [AuditOut(**dict(zip(AuditOut.model_fields, r, strict=True))) for r in rows]
+                           WHERE (%(key)s::text IS NULL OR key_id = %(key)s)
+                             AND (%(after)s::bigint IS NULL OR audit_id < %(after)s)
+                           ORDER BY audit_id DESC LIMIT %(limit)s""",
+                        {"key": key_id, "limit": page.limit + 1, "after": after and after[0]}).fetchall()
+    return page.of([AuditOut(**dict(zip(AuditOut.model_fields, r, strict=True))) for r in rows],
+                   key=lambda a: (a.audit_id,))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from api.deps import AppSettings, Conn, DeviceId, Operator, RowId, Viewer, audit_write, device_city
+from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 from api.schemas import JsonParams
 from ingest.downlink import KINDS, MAX_PAYLOAD, DownlinkError, get_downlink, list_downlinks, queue_downlink
@@ -85,12 +86,14 @@ def post_downlink(key: Operator, device_id: DeviceId, body: DownlinkIn, request:
     return _out(row)
 
 
-@router.get("/devices/{device_id}/downlinks", response_model=list[DownlinkOut], responses={404: PROBLEM},
-            summary="A device's commands, newest first")
-def get_device_downlinks(key: Viewer, device_id: DeviceId, conn: Conn, status: Status | None = None,
-                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[DownlinkOut]:
+@router.get("/devices/{device_id}/downlinks", response_model=Page[DownlinkOut], responses={404: PROBLEM},
+            summary="A device's commands, newest first (cursor pages)")
+def get_device_downlinks(key: Viewer, device_id: DeviceId, conn: Conn, page: PageQuery,
+                         status: Status | None = None) -> Page[DownlinkOut]:
     device_city(conn, key, device_id)
-    return [_out(r) for r in list_downlinks(conn, device_id, status, limit)]
+    after = page.after(1, (int,))
+    rows = list_downlinks(conn, device_id, status, page.limit + 1, before_id=after and after[0])
+    return page.of([_out(r) for r in rows], key=lambda d: (d.id,))
 
 
 @router.get("/downlinks/{downlink_id}", response_model=DownlinkOut, summary="One command and its status",

@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from api.deps import Admin, Conn, KeyId, audit_write
+from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 from api.schemas import CityCode, CityName, Text
 from iotjx.apikeys import ROLES, create_key, list_keys, revoke_key
@@ -40,9 +41,11 @@ class NewKeyOut(KeyOut):
     key: str = Field(description="the whole key, shown this once: send it as `Authorization: Bearer KEY`")
 
 
-@router.get("/keys", response_model=list[KeyOut], summary="Every key (without secrets), revoked ones too")
-def get_keys(key: Admin, conn: Conn) -> list[KeyOut]:
-    return [KeyOut(**k.as_dict()) for k in list_keys(conn, within=key if key.cities is not None else None)]
+@router.get("/keys", response_model=Page[KeyOut], summary="Every key (without secrets), revoked ones too (cursor pages)")
+def get_keys(key: Admin, conn: Conn, page: PageQuery) -> Page[KeyOut]:
+    after = page.after(2, (datetime, str))
+    keys = list_keys(conn, within=key if key.cities is not None else None, after=after, limit=page.limit + 1)
+    return page.of([KeyOut(**k.as_dict()) for k in keys], key=lambda k: (k.created_at, k.key_id))
 
 
 @router.post("/keys", status_code=201, response_model=NewKeyOut, responses={403: PROBLEM, 422: PROBLEM},

@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from api.deps import Admin, Conn, Pool, Viewer, audit_write
+from api.pagination import PageQuery
 from api.problems import PROBLEM
 from api.csv_import import import_csv
 from api.schemas import CityCode, CityName, Text
@@ -82,8 +83,11 @@ class SiteOut(BaseModel):
 
 
 class SiteList(BaseModel):
+    """One page of sites (cursor pagination), and how many match in all."""
+
     total: int
     items: list[SiteOut]
+    next_cursor: str | None
 
 
 @router.post("/sites", status_code=201, response_model=SiteImportResult, summary="Create or update one catalogue site",
@@ -111,23 +115,23 @@ async def import_bulk(key: Admin, request: Request, pool: Pool) -> SiteImportRes
 
 
 def _site(row: dict) -> SiteOut:
-    return SiteOut(**row, devices=DeviceCounts(active=row["active"], inactive=row["inactive"]))
+    return SiteOut(**{k: v for k, v in row.items() if k != "sort_key"},
+                   devices=DeviceCounts(active=row["active"], inactive=row["inactive"]))
 
 
 @router.get("/sites", response_model=SiteList, summary="Catalogue and unverified sites, with their device counts",
             responses={403: PROBLEM})
-def read_sites(key: Viewer, conn: Conn,
+def read_sites(key: Viewer, conn: Conn, page: PageQuery,
                city: Annotated[CityCode | None, Query(description="division code, e.g. 360600")] = None,
                kind: Annotated[Literal[SITE_KINDS] | None, Query()] = None,  # type: ignore[valid-type]
                verified: Annotated[bool | None, Query(description="true: catalogue sites; false: unverified")] = None,
-               status: Annotated[Literal["active", "closed"] | None, Query()] = None,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> SiteList:
+               status: Annotated[Literal["active", "closed"] | None, Query()] = None) -> SiteList:
     if city is not None and not key.sees_city(city):
         raise HTTPException(403, f"city {city} is outside this key's cities")
     total, rows = list_sites(conn, city=city, cities=key.cities, kind=kind, verified=verified, status=status,
-                             limit=limit, offset=offset)
-    return SiteList(total=total, items=[_site(r) for r in rows])
+                             limit=page.limit + 1, after=page.after(6, (int, str, int, str, str, int)))
+    got = page.of(rows, key=lambda r: r["sort_key"])
+    return SiteList(total=total, items=[_site(r) for r in got.items], next_cursor=got.next_cursor)
 
 
 @router.get("/sites/{site_id}", response_model=SiteOut, summary="One catalogue site", responses={404: PROBLEM})

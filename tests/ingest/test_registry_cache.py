@@ -33,10 +33,10 @@ def _expected(db_url: str, ids: list[str]) -> dict[str, Device]:
         models = {r[0]: r for r in conn.execute(
             "SELECT model, codec, pilot, family, settings::text, inner_codec, inner_settings::text, "
             "reporting_interval_s, dedup_window_s, max_payload_bytes FROM device_models")}
-        rows = conn.execute("SELECT device_id, model, pilot, network, site_id, reporting_interval_s, status "
-                            "FROM devices WHERE device_id = ANY(%s)", (ids,)).fetchall()
+        rows = conn.execute("SELECT device_id, model, pilot, network, site_id, reporting_interval_s, status, "
+                            "device_key FROM devices WHERE device_id = ANY(%s)", (ids,)).fetchall()
     out = {}
-    for device_id, model, pilot, network, site_id, interval, status in rows:
+    for device_id, model, pilot, network, site_id, interval, status, device_key in rows:
         _, codec, model_pilot, family, settings, inner, inner_settings, model_interval, dedup, largest = models[model]
         if status == "retired":
             continue
@@ -44,7 +44,7 @@ def _expected(db_url: str, ids: list[str]) -> dict[str, Device]:
                                 site_id=site_id, reporting_interval_s=interval or model_interval, status=status,
                                 codec_settings=json.loads(settings), family=family or model_pilot,
                                 inner_codec=inner, inner_settings=json.loads(inner_settings), dedup_window_s=dedup,
-                                max_payload_bytes=largest)
+                                max_payload_bytes=largest, key=device_key)
     return out
 
 
