@@ -93,7 +93,7 @@ def test_a_revoked_key_is_refused_on_its_next_request(settings, keys):
         assert client.delete(f"/keys/{new['key_id']}", headers=bearer(keys.admin)).status_code == 404
         listed = client.get("/keys", headers=bearer(keys.admin))
         assert new["key"].split(".")[2] not in listed.text                     # the secret is never listed
-        row = next(k for k in listed.json() if k["key_id"] == new["key_id"])
+        row = next(k for k in listed.json()["items"] if k["key_id"] == new["key_id"])
         assert row["revoked_at"] is not None and row["last_used_at"] is not None and "key" not in row
     with psycopg.connect(settings.database_url) as conn:
         stored = conn.execute("SELECT secret_hash FROM api_keys WHERE key_id = %s", (new["key_id"],)).fetchone()[0]
@@ -151,7 +151,7 @@ def test_a_scoped_key_sees_and_touches_only_its_cities(settings, keys):
         assert narrow.status_code == 201 and narrow.json()["cities"] == [NANCHANG]
         assert client.post("/keys", json={"role": "admin", "cities": [YINGTAN]},
                            headers=bearer(keys.nanchang_operator)).status_code == 403
-        listed = {k["key_id"] for k in client.get("/keys", headers=scoped).json()}
+        listed = {k["key_id"] for k in client.get("/keys", headers=scoped).json()["items"]}
         assert key_id(keys.admin) not in listed and narrow.json()["key_id"] in listed
         assert client.delete(f"/keys/{key_id(keys.viewer)}", headers=scoped).status_code == 404
     with psycopg.connect(settings.database_url) as conn:
