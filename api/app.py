@@ -19,13 +19,13 @@ from analytics.coverage import CoverageService
 from api.auth import Authenticate
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl
-from api.routes import audit, coverage, credentials, devices, downlinks, keys, sites, system
+from api.routes import alarms, audit, coverage, credentials, devices, downlinks, keys, rejects, sites, system
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
-           keys.router, audit.router)
+           keys.router, audit.router, alarms.router, rejects.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

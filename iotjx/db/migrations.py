@@ -624,6 +624,15 @@ def _m11_rollups(conn: psycopg.Connection, timescale: bool) -> None:
             _hypertable(conn, level.table, "bucket", ROLLUP_TABLES[level.table])
 
 
+def _m15_redecode(conn: psycopg.Connection, timescale: bool) -> None:
+    """Re-decoding rejects (ingest/redecode.py, `POST /rejects/redecode`): a reject that a later run
+    stored is marked, in the transaction that wrote its readings, so that it is stored exactly once;
+    the row itself (bytes, reason, detail) stays as received."""
+    conn.execute("ALTER TABLE rejected_uplinks ADD COLUMN IF NOT EXISTS redecoded_at timestamptz")  # NULL: still a reject
+    conn.execute("ALTER TABLE rejected_uplinks ADD COLUMN IF NOT EXISTS redecoded_by text")
+    conn.execute("CREATE INDEX IF NOT EXISTS rejected_uplinks_device ON rejected_uplinks (device_id, received_at DESC)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -638,6 +647,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "water consumption per meter-day, night flow and leakage per site, per-meter alerts", _m10_water),
     Migration(11, "rollups per device-day, site-quarter-hour, lane-5-minutes, cell-day; integer device keys",
               _m11_rollups),
+    Migration(15, "re-decoded rejects marked (stored exactly once)", _m15_redecode),
 )
 
 
