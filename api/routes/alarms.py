@@ -81,7 +81,7 @@ def _alarm(row: tuple) -> AlarmOut:
 
 
 def _aware(t: datetime | None) -> datetime | None:
-    return None if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:

@@ -78,7 +78,7 @@ Until = Annotated[datetime | None, Query(description="received before")]
 
 
 def _aware(t: datetime | None) -> datetime | None:
-    return None if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 @router.get("/rejects", response_model=Page[RejectOut], responses={403: PROBLEM, 422: PROBLEM},
