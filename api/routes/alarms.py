@@ -170,6 +170,56 @@ def _visible(conn: psycopg.Connection, key, alarm_id: int, *, lock: bool = False
     return _alarm(row)
 
 
+class CityAckKpiOut(BaseModel):
+    city: int = Field(description="division code; 0: devices without a site")
+    city_name: str
+    alarms: int = Field(description="alarms raised in the period")
+    acked: int
+    ack_p50_s: float | None = Field(description="acknowledgement latency (acked_at − received_at), median, s")
+    ack_p90_s: float | None
+    within_budget: int = Field(description=f"acknowledged within GB 50440's {fire.DISPLAY_BUDGET_S:g} s")
+    share_within_budget: float | None
+
+
+class SiteFalseAlarmsOut(BaseModel):
+    city: int
+    site_name: str | None
+    alarms: int
+    with_verdict: int
+    false_alarms: int
+    false_share: float | None = Field(description="false alarms / alarms with a verdict")
+
+
+class FireKpisOut(BaseModel):
+    since: datetime
+    until: datetime
+    cities: list[CityAckKpiOut]
+    sites: list[SiteFalseAlarmsOut]
+
+
+@router.get("/alarms/kpis", response_model=FireKpisOut, responses={403: PROBLEM, 422: PROBLEM},
+            summary="The monitoring centre's KPIs over alarms raised in [since, until)",
+            description="Acknowledgement latency per city (p50/p90, share within the 10 s display budget) and the "
+                        "false-alarm share per site (analytics/fire.py). A city-scoped key sees its cities' rows.")
+def alarm_kpis(key: Viewer, conn: Conn, request: Request,
+               since: Annotated[datetime, Query(description="raised at or after (without a zone: UTC)")],
+               until: Annotated[datetime, Query(description="raised before")],
+               city: CityFilter = None) -> FireKpisOut:
+    since, until = _window(since, until)
+    _city_in_scope(key, city)
+    refresh_alarms(request, conn)
+    k = fire.fire_kpis(conn, since, until, city)
+    return FireKpisOut(
+        since=k.since, until=k.until,
+        cities=[CityAckKpiOut(city=c.city_code, city_name=c.city, alarms=c.alarms, acked=c.acked, ack_p50_s=c.ack_p50_s,
+                              ack_p90_s=c.ack_p90_s, within_budget=c.within_budget,
+                              share_within_budget=c.share_within_budget)
+                for c in k.cities if key.sees_city(c.city_code or None)],
+        sites=[SiteFalseAlarmsOut(city=x.city_code, site_name=x.site_name, alarms=x.alarms, with_verdict=x.with_verdict,
+                                  false_alarms=x.false_alarms, false_share=x.false_share)
+               for x in k.sites if key.sees_city(x.city_code or None)])
+
+
 @router.get("/alarms/{alarm_id}", response_model=AlarmOut, responses={404: PROBLEM}, summary="One alarm or fault")
 def get_alarm(key: Viewer, alarm_id: RowId, conn: Conn) -> AlarmOut:
     return _visible(conn, key, alarm_id)

@@ -217,3 +217,37 @@ def test_water_alerts_newest_first_filtered_and_scoped(db_url, client, keys):
     assert got(keys.viewer, {"city": 360600}) == sql("device_id = %s", (meters[1][0],))
     assert got(keys.nanchang_viewer) == sql("device_id = %s", (meters[0][0],))
     assert client.get("/water/alerts", params={"city": 360600}, headers=bearer(keys.nanchang_viewer)).status_code == 403
+
+
+def test_kpis_equal_a_plain_sql_recount_within_the_keys_cities(fire_db, client, keys):
+    alarms = {(a["component_address"], a["kind"]): a["alarm_id"] for a in _walk(client, keys.viewer, "/alarms")}
+    operator = bearer(keys.operator)
+    assert client.post(f"/alarms/{alarms[(5, 'alarm')]}/ack", headers=operator).status_code == 200
+    assert client.post(f"/alarms/{alarms[(17, 'alarm')]}/clear", json={"false_alarm": True},
+                       headers=operator).status_code == 200
+    window = {"since": T0.isoformat(), "until": NOW.isoformat()}
+    with psycopg.connect(fire_db) as conn:
+        expected = conn.execute("""
+            SELECT s.city_code, count(*), count(a.acked_at),
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM a.acked_at - a.received_at)),
+                   count(*) FILTER (WHERE a.acked_at - a.received_at <= interval '10 seconds')
+            FROM fire_alarms a JOIN devices d USING (device_id) JOIN sites s ON s.site_id = d.site_id
+            WHERE a.kind = 'alarm' AND a.raised_at >= %s AND a.raised_at < %s
+            GROUP BY 1 ORDER BY 1""", (T0, NOW)).fetchall()
+        false = conn.execute("""SELECT s.city_code, s.name, count(*), count(a.false_alarm),
+                                       count(*) FILTER (WHERE a.false_alarm)
+                                FROM fire_alarms a JOIN devices d USING (device_id) JOIN sites s ON s.site_id = d.site_id
+                                WHERE a.kind = 'alarm' GROUP BY 1, 2 ORDER BY 1""").fetchall()
+    answer = client.get("/alarms/kpis", params=window, headers=bearer(keys.viewer))
+    assert answer.status_code == 200, answer.text
+    got = [(c["city"], c["alarms"], c["acked"], c["ack_p50_s"], c["within_budget"]) for c in answer.json()["cities"]]
+    assert got == [(c, n, a, pytest.approx(p) if p is not None else None, w) for c, n, a, p, w in expected]
+    assert [(x["city"], x["site_name"], x["alarms"], x["with_verdict"], x["false_alarms"])
+            for x in answer.json()["sites"]] == false
+    scoped = client.get("/alarms/kpis", params=window, headers=bearer(keys.nanchang_viewer)).json()
+    assert [c["city"] for c in scoped["cities"]] == [NANCHANG] and {x["city"] for x in scoped["sites"]} == {NANCHANG}
+    assert client.get("/alarms/kpis", params={**window, "city": JIUJIANG},
+                      headers=bearer(keys.nanchang_viewer)).status_code == 403
+    assert client.get("/alarms/kpis", params={"since": NOW.isoformat(), "until": T0.isoformat()},
+                      headers=bearer(keys.viewer)).status_code == 422
+    assert client.get("/alarms/kpis", headers=bearer(keys.viewer)).status_code == 422
