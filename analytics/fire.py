@@ -49,13 +49,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
+from analytics.incremental import advance, begin
 from analytics.rollups import MEASUREMENT_AHEAD_S, MEASUREMENT_BEHIND_S
 
 log = logging.getLogger(__name__)
@@ -217,20 +218,16 @@ def episodes(frames: Iterable[tuple[datetime, datetime, bool, str | None]]) -> l
 def update_alarms(conn: psycopg.Connection, *, margin_s: float = MARGIN_S, full: bool = False) -> UpdateResult:
     """Bring fire_alarms up to date with fire_events (see the module docstring); safe to run twice and
     from several processes at once."""
-    if margin_s < 0:
-        raise ValueError(f"margin_s must be >= 0, not {margin_s}")
     inserted = updated = merged = 0
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
-        row = cur.execute("SELECT read_to FROM fire_alarm_progress").fetchone()
-        since = None if full or row is None else row["read_to"] - timedelta(seconds=margin_s)
+        run = begin(cur, lock_id=LOCK_ID, progress_table="fire_alarm_progress", touched_table="fire_touched",
+                    margin_s=margin_s, full=full)
         # Each (component, kind) with rows received since the watermark, and the earliest new label.
-        cur.execute("DROP TABLE IF EXISTS fire_touched")    # a caller's transaction that ran us before
         cur.execute(f"""
             CREATE TEMP TABLE fire_touched ON COMMIT DROP AS
             SELECT {_KEYS}, f.kind, min({_label_sql()}) AS t_new, max(e.time) AS seen_to
             {_STATE_ROWS} AND (%(since)s::timestamptz IS NULL OR e.time > %(since)s)
-            GROUP BY {_KEYS}, f.kind""", {"since": since})
+            GROUP BY {_KEYS}, f.kind""", {"since": run.since})
         read_to = cur.execute("SELECT max(seen_to) AS m FROM fire_touched").fetchone()["m"]
         # Re-read from the start of the episode open at t_new (or ending after it): the state before
         # that point is "clear" by construction.
@@ -265,11 +262,7 @@ def update_alarms(conn: psycopg.Connection, *, margin_s: float = MARGIN_S, full:
             i, u, m = _reconcile(cur, key, episodes(rows), stored.pop(key, []))
             inserted, updated, merged = inserted + i, updated + u, merged + m
         components = len(frames)
-        read_to = read_to if row is None else max(read_to or row["read_to"], row["read_to"])
-        if read_to is not None:
-            cur.execute("""INSERT INTO fire_alarm_progress (read_to) VALUES (%s)
-                           ON CONFLICT (one) DO UPDATE SET read_to = greatest(fire_alarm_progress.read_to, excluded.read_to),
-                                                          updated_at = now()""", (read_to,))
+        read_to = advance(cur, run, read_to)
         left = sum(len(v) for v in stored.values())
         if left:
             log.warning("fire_alarms: %d stored episode(s) have no frames left in fire_events; kept", left)
@@ -439,9 +432,12 @@ def city_code(conn: psycopg.Connection, city: str | int | None) -> int | None:
 
 # --------------------------------------------------------------------------- offline devices
 
-def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | None = None) -> list[OfflineDevice]:
-    """Active fire devices silent for more than 2 × their reporting interval at `now`, longest silent
-    first (installed after `now`: not yet expected)."""
+def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | None = None, *,
+                    offline_factor: float = OFFLINE_FACTOR) -> list[OfflineDevice]:
+    """Active fire devices silent for more than `offline_factor` (2) × their reporting interval at `now`,
+    longest silent first (installed after `now`: not yet expected)."""
+    if not offline_factor > 0:
+        raise ValueError(f"offline_factor must be > 0, not {offline_factor}")
     code = city_code(conn, city)
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute("""
@@ -455,7 +451,7 @@ def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | N
               AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
               AND coalesce(st.last_seen, d.installed_at)
                   < %(now)s - %(k)s * coalesce(d.reporting_interval_s, m.reporting_interval_s) * interval '1 second'
-            ORDER BY silent_s DESC, d.device_id""", {"now": now, "c": code, "k": OFFLINE_FACTOR}).fetchall()
+            ORDER BY silent_s DESC, d.device_id""", {"now": now, "c": code, "k": offline_factor}).fetchall()
     return [OfflineDevice(**r) for r in rows]
 
 

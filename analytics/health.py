@@ -247,12 +247,15 @@ _BATTERY = f"""
     ORDER BY d.device_id"""
 
 
-def batteries(conn: psycopg.Connection, now: datetime, city: str | int | None = None) -> list[Battery]:
-    """Every active device's battery state (ok / low / unknown) from its latest reading at or before `now`."""
+def batteries(conn: psycopg.Connection, now: datetime, city: str | int | None = None, *,
+              smoke_low_mv: float = SMOKE_LOW_MV, parking_low_mv: float = PARKING_LOW_MV,
+              low_pct: float = LOW_PCT) -> list[Battery]:
+    """Every active device's battery state (ok / low / unknown) from its latest reading at or before `now`
+    (low: below the thresholds given, by default the module's)."""
     code = city_code(conn, city)
-    params: dict[str, Any] = {"t": now, "f": 1.0, "c": code, "park_mv": PARKING_LOW_MV, "smoke_mv": SMOKE_LOW_MV,
+    params: dict[str, Any] = {"t": now, "f": 1.0, "c": code, "park_mv": parking_low_mv, "smoke_mv": smoke_low_mv,
                               "smoke_type": SMOKE_BATTERY_ANALOG, "smoke_models": list(SMOKE_BATTERY_MODELS),
-                              "pct": LOW_PCT}
+                              "pct": low_pct}
     rows = _fetch(conn, _BATTERY, params)
     out = []
     for r in rows:
@@ -289,8 +292,9 @@ def uplink_success(conn: psycopg.Connection, since: datetime, until: datetime,
 # --------------------------------------------------------------------------- the report
 
 def health_report(conn: psycopg.Connection, *, live_factor: float, tz: ZoneInfo, now: datetime | None = None,
-                  city: str | int | None = None) -> HealthReport:
-    """Online rates, silent and malformed-only devices and batteries at `now` (default: the database's clock)."""
+                  city: str | int | None = None, battery_thresholds: dict[str, float] | None = None) -> HealthReport:
+    """Online rates, silent and malformed-only devices and batteries at `now` (default: the database's clock);
+    `battery_thresholds` are `batteries`' keyword thresholds (default: the module's)."""
     outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
         if outer:           # one snapshot: a device cannot be online in one list and silent in another
@@ -303,4 +307,4 @@ def health_report(conn: psycopg.Connection, *, live_factor: float, tz: ZoneInfo,
                                   WHERE d.status = 'active'""").fetchone()[0]
         suppressed = suppressed_rejects(conn, now - timedelta(seconds=live_factor * longest), now)
         return HealthReport(now=now, online=tuple(online), silent=tuple(silent), malformed=tuple(malformed),
-                            batteries=tuple(batteries(conn, now, city)), suppressed_rejects=suppressed)
+                            batteries=tuple(batteries(conn, now, city, **(battery_thresholds or {}))), suppressed_rejects=suppressed)

@@ -144,11 +144,13 @@ _FLOW_SQL = """
 def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, width_s: int = 900,
                  tz: ZoneInfo = ZoneInfo("Asia/Shanghai"), per: str = "lane", city: str | int | None = None,
                  device_ids: Sequence[str] | None = None,
-                 road_class: Callable[[str], str] | Mapping[str, str] | None = None) -> list[FlowBucket]:
+                 road_class: Callable[[str], str] | Mapping[str, str] | None = None,
+                 bands: Mapping[str, Sequence[float]] = GRADE_SPEED_BANDS) -> list[FlowBucket]:
     """Each lane's (`per="lane"`) or detector's (`per="detector"`) figures per local bucket of `width_s`
     (300 or 900) over [since, until), ordered by device, channel, start, from the readings
     (`flow_buckets_from_rollups`: the same from the writer's rollup).  `road_class` gives a device's
-    road class (a mapping or a function; default `DEFAULT_ROAD_CLASS`)."""
+    road class (a mapping or a function; default `DEFAULT_ROAD_CLASS`); `bands` the congestion grade's
+    speed bands per road class."""
     _check_flow_args(since, until, width_s, per)
     where, params = _flow_filter(conn, city, device_ids, "device_id")
     rows = conn.execute(_FLOW_SQL.format(where=where), {"since": since, "until": until, **params}).fetchall()
@@ -160,7 +162,7 @@ def flow_buckets(conn: psycopg.Connection, since: datetime, until: datetime, *, 
     counts = np.array([(*r[3:6], r[8]) for r in rows], dtype=np.int64)     # a, b, c, unclassified
     occ = np.array([np.nan if r[6] is None else r[6] for r in rows], dtype=np.float64)
     speed = np.array([np.nan if r[7] is None else r[7] for r in rows], dtype=np.float64)
-    return _flow_buckets(device, channel, t, counts, occ, speed, width_s, tz, per, _road_class_of(road_class))
+    return _flow_buckets(device, channel, t, counts, occ, speed, width_s, tz, per, _road_class_of(road_class), bands)
 
 
 def _check_flow_args(since: datetime, until: datetime, width_s: int, per: str) -> None:
@@ -196,7 +198,8 @@ def _road_class_of(road_class: Callable[[str], str] | Mapping[str, str] | None) 
 
 def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts: np.ndarray, occ: np.ndarray,
                   speed: np.ndarray, width_s: int, tz: ZoneInfo, per: str,
-                  road_class: Callable[[str], str]) -> list[FlowBucket]:
+                  road_class: Callable[[str], str],
+                  bands: Mapping[str, Sequence[float]] = GRADE_SPEED_BANDS) -> list[FlowBucket]:
     """Group rows by (device, [channel,] bucket) into dense labels once, then one bincount per sum."""
     start = bucket_starts(t, width_s, tz)
     devices, device_label = np.unique(device.astype(str), return_inverse=True)
@@ -223,7 +226,7 @@ def _flow_buckets(device: np.ndarray, channel: np.ndarray, t: np.ndarray, counts
                          occ_sum=total(np.where(has_occ, occ, 0.0)), n_timed=total(np.where(timed, n, 0.0)),
                          nv=nv, n_over_v=n_over_v)
     return _figures([str(devices[g]) for g in groups[:, 0]], groups[:, 1] if per == "lane" else None, groups[:, 2],
-                    sums_of, width_s, tz, road_class)
+                    sums_of, width_s, tz, road_class, bands)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +244,8 @@ class _GroupSums:
 
 
 def _figures(devices: Sequence[str], channels: np.ndarray | None, starts: np.ndarray, s: _GroupSums, width_s: int,
-             tz: ZoneInfo, road_class: Callable[[str], str]) -> list[FlowBucket]:
+             tz: ZoneInfo, road_class: Callable[[str], str],
+             bands: Mapping[str, Sequence[float]] = GRADE_SPEED_BANDS) -> list[FlowBucket]:
     """The one definition of a bucket's figures from its sums (module docstring)."""
     out = []
     for g, dev in enumerate(devices):
@@ -259,7 +263,7 @@ def _figures(devices: Sequence[str], channels: np.ndarray | None, starts: np.nda
             lanes=int(s.lanes[g]), count_a=a, count_b=b, count_c=c, unclassified=u, volume=volume,
             occupancy_pct=s.occ_sum[g] / s.occ_n[g] if s.occ_n[g] else None, time_mean_kmh=v_t, space_mean_kmh=v_s,
             flow_vph=flow, density_vpkm=k, density_vpkmpl=k_lane, los=los_band(k_lane),
-            grade=congestion_grade(v_s, rc), road_class=rc))
+            grade=congestion_grade(v_s, rc, bands), road_class=rc))
     return out
 
 
@@ -275,7 +279,8 @@ _LANE_ROLLUP_SQL = """
 def flow_buckets_from_rollups(conn: psycopg.Connection, since: datetime, until: datetime, *, width_s: int = 900,
                               tz: ZoneInfo = ZoneInfo("Asia/Shanghai"), per: str = "lane",
                               city: str | int | None = None, device_ids: Sequence[str] | None = None,
-                              road_class: Callable[[str], str] | Mapping[str, str] | None = None) -> list[FlowBucket]:
+                              road_class: Callable[[str], str] | Mapping[str, str] | None = None,
+                              bands: Mapping[str, Sequence[float]] = GRADE_SPEED_BANDS) -> list[FlowBucket]:
     """`flow_buckets` read from the writer's lane × 5-minute rollup (README "Rollups") instead of the
     readings: the same figures, each 5- or 15-minute bucket made of the 5-minute buckets that start in
     it.  `tz` must be the writer's IOTJX_TIMEZONE (the rollup's buckets are aligned on it); a range
@@ -304,7 +309,7 @@ def flow_buckets_from_rollups(conn: psycopg.Connection, since: datetime, until: 
                          classes=[total(k) for k in (3, 4, 5, 6)], occ_n=total(7), occ_sum=total(8),
                          n_timed=total(9), nv=total(10), n_over_v=total(11))
     return _figures([str(devices[g]) for g in groups[:, 0]], groups[:, 1] if per == "lane" else None, groups[:, 2],
-                    sums_of, width_s, tz, _road_class_of(road_class))
+                    sums_of, width_s, tz, _road_class_of(road_class), bands)
 
 
 # --------------------------------------------------------------------------- parking

@@ -26,7 +26,7 @@ Definitions (the README's "Water" section says the same, with the thresholds):
 `update_water` computes all of it idempotently (a transaction-scoped advisory lock serialises runs from
 any number of processes) and incrementally: its watermark is the latest receive time read; a run reads
 the devices with readings received after the watermark minus ``margin_s`` and recomputes their days from
-the local day of their earliest new measurement, reading ``CONTEXT_S`` of history before it (and the
+the local day of their earliest new measurement, reading ``WaterRules.context_s`` (8 days) of history before it (and the
 reading before that) so a delta, a 24 h chain or a 7-day stop is seen whole; ``full=True`` recomputes
 everything and gives the same rows.
 """
@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, time
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -44,6 +44,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from analytics.fire import city_code
+from analytics.incremental import advance, begin
 from analytics.rollups import MEASUREMENT_AHEAD_S, MEASUREMENT_BEHIND_S, local_day, measurement_times
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -68,10 +69,45 @@ CONTINUOUS_MAX_GAP_S = 5400.0        # intervals longer than this break the chai
 # reading minutes after a freeze record): it neither extends nor breaks the chain.
 CONTINUOUS_MIN_ZERO_GAP_S = 1800.0
 STOPPED_DAYS = 7                     # no consumption this long with the valve open: stopped meter
-CONTEXT_S = (STOPPED_DAYS + 1) * 86400.0    # history re-read before the first recomputed day
+CONTEXT_S = (STOPPED_DAYS + 1) * 86400.0    # history re-read before the first recomputed day (default rules)
 
 ALERT_KINDS = ("continuous_flow", "reverse_flow", "stopped", "battery_low", "valve_closed", "valve_abnormal")
 FLOW, ROLLOVER, REVERSE, NEW_SERIES = "flow", "rollover", "reverse", "new_series"
+
+
+@dataclass(frozen=True, slots=True)
+class WaterRules:
+    """The thresholds of the deltas, alerts and leakage (IOTJX_WATER_* settings); the defaults are the
+    module's constants.  Rows stored under other rules are recomputed by ``update_water(full=True)``."""
+
+    reverse_max_m3: float = REVERSE_MAX_M3
+    new_meter_max_m3: float = NEW_METER_MAX_M3
+    stopped_days: int = STOPPED_DAYS
+    continuous_flow_s: float = CONTINUOUS_FLOW_S
+    leakage_days: int = LEAKAGE_DAYS
+    leakage_percentile: float = LEAKAGE_PERCENTILE
+
+    def __post_init__(self) -> None:
+        if not self.reverse_max_m3 > 0:
+            raise ValueError(f"reverse_max_m3 must be > 0, not {self.reverse_max_m3}")
+        if not self.new_meter_max_m3 >= 0:
+            raise ValueError(f"new_meter_max_m3 must be >= 0, not {self.new_meter_max_m3}")
+        if not (isinstance(self.stopped_days, int) and self.stopped_days >= 1):
+            raise ValueError(f"stopped_days must be a whole number >= 1, not {self.stopped_days!r}")
+        if not self.continuous_flow_s > 0:
+            raise ValueError(f"continuous_flow_s must be > 0, not {self.continuous_flow_s}")
+        if not (isinstance(self.leakage_days, int) and self.leakage_days >= 1):
+            raise ValueError(f"leakage_days must be a whole number >= 1, not {self.leakage_days!r}")
+        if not 0 < self.leakage_percentile < 1:
+            raise ValueError(f"leakage_percentile must be in (0, 1), not {self.leakage_percentile}")
+
+    @property
+    def context_s(self) -> float:
+        """History re-read before the first recomputed day: a 7-day stop or a 24 h chain seen whole."""
+        return max(self.stopped_days * 86400.0, self.continuous_flow_s) + 86400.0
+
+
+RULES = WaterRules()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,21 +170,22 @@ class UpdateResult:
 
 # --------------------------------------------------------------------------- pure functions
 
-def classify(prev_address: str | None, prev_m3: float, address: str | None, m3: float) -> tuple[float, str]:
+def classify(prev_address: str | None, prev_m3: float, address: str | None, m3: float, *,
+             rules: WaterRules = RULES) -> tuple[float, str]:
     """(consumption m³, kind) between two consecutive register readings (module docstring)."""
     if prev_address is not None and address is not None and prev_address != address:
-        return (m3 if 0 <= m3 <= NEW_METER_MAX_M3 else 0.0), NEW_SERIES
+        return (m3 if 0 <= m3 <= rules.new_meter_max_m3 else 0.0), NEW_SERIES
     d = m3 - prev_m3
     if d >= 0:
         return d, FLOW
     if prev_m3 >= REGISTER_MAX_M3 - ROLLOVER_BAND_M3 and m3 <= ROLLOVER_BAND_M3:
         return REGISTER_MAX_M3 + UNIT_M3 - prev_m3 + m3, ROLLOVER
-    if -d <= REVERSE_MAX_M3:
+    if -d <= rules.reverse_max_m3:
         return d, REVERSE
-    return (m3 if 0 <= m3 <= NEW_METER_MAX_M3 else 0.0), NEW_SERIES
+    return (m3 if 0 <= m3 <= rules.new_meter_max_m3 else 0.0), NEW_SERIES
 
 
-def deltas(readings: Sequence[Reading]) -> list[Delta]:
+def deltas(readings: Sequence[Reading], *, rules: WaterRules = RULES) -> list[Delta]:
     """The deltas between consecutive readings with a register (sorted by measurement time)."""
     out: list[Delta] = []
     prev: Reading | None = None
@@ -156,7 +193,7 @@ def deltas(readings: Sequence[Reading]) -> list[Delta]:
         if r.register_m3 is None:
             continue
         if prev is not None:
-            m3, kind = classify(prev.meter_address, prev.register_m3, r.meter_address, r.register_m3)
+            m3, kind = classify(prev.meter_address, prev.register_m3, r.meter_address, r.register_m3, rules=rules)
             out.append(Delta(prev.t, r.t, m3, kind))
         prev = r
     return out
@@ -197,13 +234,13 @@ def night_slots(ds: Sequence[Delta], tz: ZoneInfo = SHANGHAI,
 
 
 def meter_days(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI,
-               window: tuple[int, int] = NIGHT_WINDOW) -> list[MeterDay]:
+               window: tuple[int, int] = NIGHT_WINDOW, *, rules: WaterRules = RULES) -> list[MeterDay]:
     """One row per local day with a register reading: the day's deltas (each on its later reading's day)."""
     regs = [r for r in readings if r.register_m3 is not None]
     if not regs:
         return []
     days = local_day(np.array([r.t for r in regs]), tz)
-    ds = deltas(regs)
+    ds = deltas(regs, rules=rules)
     nights = night_slots(ds, tz, window)
     rows: list[MeterDay] = []
     i = 0
@@ -223,9 +260,10 @@ def meter_days(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI,
     return rows
 
 
-def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI) -> list[AlertEpisode]:
+def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI, *,
+                   rules: WaterRules = RULES) -> list[AlertEpisode]:
     """The meter's alert episodes from its readings (sorted by measurement time).  Rules, each opened
-    and closed at a reading's measurement time:
+    and closed at a reading's measurement time (24 h, 7 days: `rules`' defaults):
 
     * continuous_flow: opens when every delta over the last 24 h was positive, each over an interval of
       at most 90 min (so only meters reporting at least hourly, or sending hourly freeze records, can
@@ -269,12 +307,12 @@ def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI) -> list
             rose_at = r.t if r.valve == "open" else None
             prev = r
             continue
-        m3, kind = classify(prev.meter_address, prev.register_m3, r.meter_address, r.register_m3)
+        m3, kind = classify(prev.meter_address, prev.register_m3, r.meter_address, r.register_m3, rules=rules)
         gap = r.t - prev.t
         # continuous flow
         if kind != NEW_SERIES and m3 > 0 and gap <= CONTINUOUS_MAX_GAP_S:
             chain_from = prev.t if chain_from is None else chain_from
-            if r.t - chain_from >= CONTINUOUS_FLOW_S:
+            if r.t - chain_from >= rules.continuous_flow_s:
                 start("continuous_flow", r.t, f"positive deltas since {_iso(chain_from, tz)}")
         elif kind != NEW_SERIES and m3 == 0 and gap < CONTINUOUS_MIN_ZERO_GAP_S:
             pass
@@ -293,7 +331,7 @@ def alert_episodes(readings: Sequence[Reading], tz: ZoneInfo = SHANGHAI) -> list
         elif m3 > 0 or kind == NEW_SERIES or rose_at is None:
             rose_at = r.t
             stop("stopped", r.t)
-        elif r.t - rose_at >= STOPPED_DAYS * 86400.0:
+        elif r.t - rose_at >= rules.stopped_days * 86400.0:
             start("stopped", r.t, f"no consumption since {_iso(rose_at, tz)}")
         prev = r
     out.extend(open_.values())
@@ -327,28 +365,26 @@ def _readings(rows: list[dict]) -> list[Reading]:
 
 
 def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s: float = MARGIN_S,
-                 full: bool = False, night_window: tuple[int, int] = NIGHT_WINDOW) -> UpdateResult:
+                 full: bool = False, night_window: tuple[int, int] = NIGHT_WINDOW,
+                 rules: WaterRules = RULES) -> UpdateResult:
     """Bring water_daily, water_night and water_alerts up to date with water_readings (module
-    docstring); safe to run twice and from several processes at once."""
-    if margin_s < 0:
-        raise ValueError(f"margin_s must be >= 0, not {margin_s}")
+    docstring); safe to run twice and from several processes at once.  Rows are computed with `rules`
+    and `night_window`: after changing either, run once with ``full=True``."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
-        row = cur.execute("SELECT read_to FROM water_progress").fetchone()
-        since = None if full or row is None else row["read_to"] - timedelta(seconds=margin_s)
+        run = begin(cur, lock_id=LOCK_ID, progress_table="water_progress", touched_table="water_touched",
+                    margin_s=margin_s, full=full)
         # The devices with readings received since the watermark, the local day of their earliest new
         # measurement (d0: recomputed from there), the cut below which alerts stay as stored, and lo: from
         # where readings are re-read (CONTEXT_S before the cut and before any alert still open at it).
-        cur.execute("DROP TABLE IF EXISTS water_touched")      # a caller's transaction that ran us before
         cur.execute(f"""
             CREATE TEMP TABLE water_touched ON COMMIT DROP AS
             SELECT w.device_id, min({_measured_sql()}) AS t_new, max(w.time) AS seen_to,
                    NULL::date AS d0, NULL::timestamptz AS cut, NULL::timestamptz AS lo
             FROM water_readings w WHERE %(since)s::timestamptz IS NULL OR w.time > %(since)s
-            GROUP BY w.device_id""", {"since": since})
+            GROUP BY w.device_id""", {"since": run.since})
         read_to = cur.execute("SELECT max(seen_to) AS m FROM water_touched").fetchone()["m"]
         if not full:
-            p = {"tz": tz.key, "ctx": CONTEXT_S}
+            p = {"tz": tz.key, "ctx": rules.context_s}
             cur.execute("UPDATE water_touched SET d0 = (t_new AT TIME ZONE %(tz)s)::date", p)
             cur.execute("UPDATE water_touched SET cut = (d0::timestamp AT TIME ZONE %(tz)s) - %(ctx)s * interval '1 second'",
                         p)
@@ -376,13 +412,13 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
         sites: dict[int, date] = {}
         for device, t in sorted(touched.items()):
             readings = _readings(by_device.get(device, []))
-            mdays = [m for m in meter_days(readings, tz, night_window) if t["d0"] is None or m.day >= t["d0"]]
+            mdays = [m for m in meter_days(readings, tz, night_window, rules=rules) if t["d0"] is None or m.day >= t["d0"]]
             daily.extend((device, m.day, round(m.consumption_m3, 6), round(m.reverse_m3, 6), m.readings,
                           m.first_register_m3, m.last_register_m3, m.first_at, m.last_at, m.meter_address,
                           m.rollovers, m.new_series, m.reverse_flows,
                           None if m.night_m3h is None else [round(x, 9) for x in m.night_m3h]) for m in mdays)
             cut = None if t["cut"] is None else t["cut"].timestamp()
-            alerts.extend((device, e.kind, e.opened_at, e.closed_at, e.detail) for e in alert_episodes(readings, tz)
+            alerts.extend((device, e.kind, e.opened_at, e.closed_at, e.detail) for e in alert_episodes(readings, tz, rules=rules)
                           if cut is None or e.closed_at is None or e.closed_at >= cut)
             if t["site_id"] is not None and mdays:
                 sites[t["site_id"]] = min(sites.get(t["site_id"], mdays[0].day), mdays[0].day)
@@ -398,20 +434,14 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
             INSERT INTO water_alerts (device_id, kind, opened_at, closed_at, detail)
             VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s) ON CONFLICT DO NOTHING""", alerts)
         for site_id, d0 in sorted(sites.items()):
-            _site_nights(cur, site_id, None if full else d0)
-        if row is not None and read_to is not None:
-            read_to = max(read_to, row["read_to"])
-        if read_to is not None:
-            cur.execute("""INSERT INTO water_progress (read_to) VALUES (%s)
-                           ON CONFLICT (one) DO UPDATE SET read_to = greatest(water_progress.read_to, excluded.read_to),
-                                                          updated_at = now()""", (read_to,))
-    return UpdateResult(len(touched), len(daily), len(sites), len(alerts),
-                        read_to if read_to is not None else (row["read_to"] if row else None))
+            _site_nights(cur, site_id, None if full else d0, rules)
+        read_to = advance(cur, run, read_to)
+    return UpdateResult(len(touched), len(daily), len(sites), len(alerts), read_to)
 
 
-def _site_nights(cur: psycopg.Cursor, site_id: int, d0: date | None) -> None:
+def _site_nights(cur: psycopg.Cursor, site_id: int, d0: date | None, rules: WaterRules = RULES) -> None:
     """Recompute a site's nights from day d0 (None: all): MNF from its meters' slots, then leakage."""
-    p = {"s": site_id, "d0": d0, "k": LEAKAGE_DAYS - 1, "q": LEAKAGE_PERCENTILE}
+    p = {"s": site_id, "d0": d0, "k": rules.leakage_days - 1, "q": rules.leakage_percentile}
     cur.execute("DELETE FROM water_night WHERE site_id = %(s)s AND (%(d0)s::date IS NULL OR day >= %(d0)s)", p)
     cur.execute("""
         INSERT INTO water_night (site_id, day, mnf_m3h, meters)
@@ -483,7 +513,7 @@ def consumption_by_city(conn: psycopg.Connection, since: date, until: date,
 
 
 def site_nights(conn: psycopg.Connection, day: date, city: str | int | None = None,
-                limit: int = 20) -> list[SiteNight]:
+                limit: int = 20, *, leakage_days: int = LEAKAGE_DAYS) -> list[SiteNight]:
     """Each site's latest night up to `day` (within the leakage window), highest leakage first (then MNF)."""
     code = city_code(conn, city)
     with conn.cursor(row_factory=dict_row) as cur:
@@ -492,7 +522,7 @@ def site_nights(conn: psycopg.Connection, day: date, city: str | int | None = No
                    n.leakage_m3h, n.nights
             FROM water_night n JOIN sites s USING (site_id)
             WHERE n.day BETWEEN %(d)s::date - %(k)s AND %(d)s AND (%(c)s::int IS NULL OR s.city_code = %(c)s)
-            ORDER BY n.site_id, n.day DESC""", {"d": day, "k": LEAKAGE_DAYS - 1, "c": code}).fetchall()
+            ORDER BY n.site_id, n.day DESC""", {"d": day, "k": leakage_days - 1, "c": code}).fetchall()
     out = [SiteNight(**r) for r in rows]
     out.sort(key=lambda s: (-(s.leakage_m3h if s.leakage_m3h is not None else -math.inf), -s.mnf_m3h, s.site_id))
     return out[:limit]

@@ -16,16 +16,17 @@ from psycopg_pool import ConnectionPool
 
 from api import problems
 from analytics.coverage import CoverageService
+from analytics.schedule import AnalyticsLoop
 from api.auth import Authenticate
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl
-from api.routes import alarms, audit, coverage, credentials, devices, downlinks, keys, rejects, sites, system
+from api.routes import alarms, audit, coverage, credentials, devices, downlinks, keys, rejects, sites, system, telemetry
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
-           keys.router, audit.router, alarms.router, rejects.router)
+           keys.router, audit.router, telemetry.router, alarms.router, rejects.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -37,12 +38,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     catalogue = load_catalogue(settings.targets_file)      # a bad catalogue stops the start, naming the entry
     service = CoverageService(pool.connection, catalogue, settings)
+    # Fire lifecycles, water figures, coverage snapshots every IOTJX_ANALYTICS_INTERVAL_S (0: off); a
+    # replica finding another one's round running skips it (analytics/schedule.py).
+    analytics = AnalyticsLoop(pool.connection, settings, catalogue=catalogue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.open(wait=False)
         service.start()
+        analytics.start()
         yield
+        analytics.stop()
         service.stop()
         pool.close()
 
@@ -54,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.catalogue = catalogue
     app.state.coverage = service
+    app.state.analytics = analytics
     for router in ROUTERS:
         app.include_router(router)
     # add_middleware puts each new one outside the previous: listed innermost first.

@@ -228,9 +228,12 @@ class Report:
             cells = [f"{g} {statistics.median(r['cores'].get(g, 0) for r in rows):.2f}" for g in groups]
             machine_cores = statistics.median(r["machine_cores"] for r in rows)
             others = statistics.median(max(0.0, r["machine_cores"] - sum(r["cores"].values())) for r in rows)
-            per_uplink = statistics.median(r["machine_cores"] * 1e6 / r["rate"] for r in rows if r.get("rate"))
+            # CPU per uplink: of our processes, and of the gateway + PostgreSQL alone (what the write path costs)
+            ours = statistics.median(sum(r["cores"].values()) * 1e6 / r["rate"] for r in rows if r.get("rate"))
+            path = statistics.median((r["cores"].get("gateway", 0) + r["cores"].get("postgres", 0)) * 1e6 / r["rate"]
+                                     for r in rows if r.get("rate"))
             out.append(f"  {label:40s} " + ", ".join(cells) + f" | machine {machine_cores:.2f}, others' {others:.2f}"
-                       f" | machine µs per uplink {per_uplink:.0f}")
+                       f" | CPU µs per uplink: ours {ours:.0f}, gateway+postgres {path:.0f}")
         return out
 
 

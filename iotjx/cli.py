@@ -46,6 +46,19 @@ def _need_database(settings) -> None:
         raise typer.Exit(2)
 
 
+def _settings():
+    """The process's settings; a bad IOTJX_ value ends the command with pydantic's reasons (exit 2), not a
+    traceback."""
+    from pydantic import ValidationError
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        lines = [f"  IOTJX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else f"  {e['msg']}"
+                 for e in exc.errors()]
+        console.print("[red]invalid settings:[/]\n" + escape("\n".join(lines)), highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _wait_for_signal() -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,7 +113,7 @@ def api() -> None:
     from api.app import create_app
     from .runtime import prepare_database
 
-    settings = get_settings()
+    settings = _settings()
     _logging(settings.log_level)
     _need_database(settings)
     _catalogue(settings)                 # a bad targets catalogue stops here, naming the entry
@@ -559,9 +572,10 @@ def report_fire(city: Annotated[Optional[str], typer.Option(help="a city: divisi
     with _report_connection(section, FIRE_SECTIONS) as (settings, conn, chosen):
         update_alarms(conn)
         now = datetime.now(UTC)
-        tables = _fire_tables(open_alarms(conn, city), offline_devices(conn, now, city),
+        tables = _fire_tables(open_alarms(conn, city),
+                              offline_devices(conn, now, city, offline_factor=settings.fire_offline_factor),
                               fire_kpis(conn, now - timedelta(days=days), now, city))
-    titles = {"alarms": "Open fire alarms and faults", "offline": "Offline fire devices (silent > 2 × interval)",
+    titles = {"alarms": "Open fire alarms and faults", "offline": f"Offline fire devices (silent > {settings.fire_offline_factor:g} × interval)",
               "cities": f"Acknowledgement per city, alarms raised in the last {days} days",
               "sites": f"False alarms per site, last {days} days"}
     _print_sections(tables, chosen, titles, csv)
@@ -611,7 +625,8 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
 
     from analytics.health import health_report, uplink_success
     with _report_connection(section, HEALTH_SECTIONS) as (settings, conn, chosen):
-        report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
+        report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city,
+                               battery_thresholds=settings.battery_thresholds)
         success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
     tables = _health_tables(report, success)
     titles = {"online": "Online (live) rate per city × pilot × network",
@@ -662,12 +677,14 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
 
     from analytics.water import consumption_by_city, open_alerts, site_nights, update_water
     with _report_connection(section, WATER_SECTIONS) as (settings, conn, chosen):
-        update_water(conn, tz=settings.tz)
+        update_water(conn, tz=settings.tz, night_window=settings.water_night_window, rules=settings.water_rules)
         today = datetime.now(settings.tz).date()
         tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
-                               site_nights(conn, today, city, top), open_alerts(conn, city), settings.tz)
+                               site_nights(conn, today, city, top, leakage_days=settings.water_leakage_days),
+                               open_alerts(conn, city), settings.tz)
     titles = {"consumption": f"Water consumption per city and local day, last {days} days",
-              "sites": "Sites by leakage (m³/h: rolling 7-day P20 of the minimum night flow)",
+              "sites": f"Sites by leakage (m³/h: rolling {settings.water_leakage_days}-day "
+                       f"P{settings.water_leakage_percentile * 100:g} of the minimum night flow)",
               "alerts": "Open water meter alerts"}
     _print_sections(tables, chosen, titles, csv)
 
@@ -733,13 +750,17 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
                                           settings.tz)
         quarter, hour = floor(900), floor(3600)
         since = quarter - timedelta(hours=hours)
-        lanes = (flow(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city)
+        lanes = (flow(conn, since, quarter, width_s=900, tz=settings.tz, per="lane", city=city,
+                      bands=settings.speed_bands)
                  if "lanes" in chosen else [])
-        detectors = (flow(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city)
+        detectors = (flow(conn, since, quarter, width_s=900, tz=settings.tz, per="detector", city=city,
+                          bands=settings.speed_bands)
                      if "detectors" in chosen else [])
-        parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city)
+        parking = (parking_hours(conn, hour - timedelta(hours=hours), hour, tz=settings.tz, city=city,
+                                 overstay_s=settings.traffic_overstay_s, hold_factor=settings.traffic_hold_factor)
                    if "parking" in chosen else [])
-        overstays = (open_overstays(conn, now, tz=settings.tz, city=city) if "overstays" in chosen else [])
+        overstays = (open_overstays(conn, now, tz=settings.tz, city=city, overstay_s=settings.traffic_overstay_s,
+                                    hold_factor=settings.traffic_hold_factor) if "overstays" in chosen else [])
         scenic = (scenic_smart_parking(conn, live_factor=settings.live_factor, tz=settings.tz, city=city)
                   if "scenic" in chosen else None)
     tables = _traffic_tables(lanes, detectors, parking, overstays, scenic, settings.tz)
@@ -747,7 +768,7 @@ def report_traffic(city: Annotated[Optional[str], typer.Option(help="a city: div
     titles = {"lanes": f"Lanes, 15-minute buckets {span} local",
               "detectors": f"Detectors (all lanes; density per lane), 15-minute buckets {span} local",
               "parking": f"Parking per site and local hour, last {hours} complete hours",
-              "overstays": "Bays taken for more than 4 h now (open overstays)",
+              "overstays": f"Bays taken for more than {settings.traffic_overstay_s / 3600:g} h now (open overstays)",
               "scenic": "Scenic spots with live smart parking (coverage's tourism-smart-parking figure, scenic spots only)"}
     _print_sections(tables, chosen, titles, csv)
 
@@ -826,6 +847,76 @@ def report_radio(city: Annotated[Optional[str], typer.Option(help="a city: divis
               "weak": f"Weak-coverage devices (below {rule})",
               "success": f"Uplink success below 1 ({span}; stored ÷ whole intervals expected) with latest radio"}
     _print_sections(tables, chosen, titles, csv)
+
+
+# ----------------------------------------------------------------------------- scheduled analytics (issue 13)
+analytics_app = typer.Typer(help="Scheduled analytics: fire alarm lifecycles, water figures, coverage snapshots.",
+                            no_args_is_help=True)
+app.add_typer(analytics_app, name="analytics")
+
+
+@analytics_app.command("run")
+def analytics_run(
+        once: Annotated[bool, typer.Option("--once", help="one round, then exit (non-zero when a step failed)")] = False,
+        every: Annotated[Optional[float], typer.Option(
+            "--every", min=1, help="seconds between rounds; default IOTJX_ANALYTICS_INTERVAL_S")] = None,
+        only: Annotated[Optional[str], typer.Option(
+            "--only", help="comma-separated steps among fire, water, coverage; default all")] = None,
+        full: Annotated[bool, typer.Option(
+            "--full", help="with --once: recompute fire and water from every stored row (after a long outage or a "
+                           "threshold changed)")] = False) -> None:
+    """Bring the stored analytics up to date: the steps the API runs every IOTJX_ANALYTICS_INTERVAL_S.
+    Idempotent; with --once it waits for a round another process is running, in a loop it skips it."""
+    from rich.table import Table
+
+    import psycopg
+
+    from analytics.schedule import AnalyticsLoop, parse_steps, run_round
+    from .db import connect as db_connect
+
+    settings = _settings()
+    _need_database(settings)
+    try:
+        steps = parse_steps(only)
+    except ValueError as exc:
+        console.print(f"[red]--only: {escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if full and not once:
+        console.print("[red]--full needs --once[/] (a full recompute is a one-off, not a schedule)")
+        raise typer.Exit(2)
+    interval = every if every is not None else settings.analytics_interval_s
+    if not once and interval <= 0:
+        console.print("[red]IOTJX_ANALYTICS_INTERVAL_S is 0 (off):[/] give --every SECONDS, or --once")
+        raise typer.Exit(2)
+    catalogue = _catalogue(settings) if "coverage" in steps else None
+
+    def connect():
+        return db_connect(settings.database_url, autocommit=True, application_name="iotjx-analytics")
+
+    if not once:
+        _logging(settings.log_level)
+        loop = AnalyticsLoop(connect, settings, catalogue=catalogue, steps=steps, interval_s=interval)
+        loop.start()
+        logging.getLogger("iotjx").info("scheduled analytics (%s) every %g s; SIGTERM to stop", ", ".join(steps), interval)
+        _wait_for_signal()
+        loop.stop()
+        return
+    try:
+        result = run_round(connect, settings, steps=steps, catalogue=catalogue, wait=True, full=full)
+    except (psycopg.Error, OSError) as exc:
+        console.print(f"[red]analytics not run:[/] {escape(str(exc).strip())}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table("step", "rows", "seconds", "what it did", title="Scheduled analytics" + (" (full)" if full else ""))
+    for step in result.steps:
+        table.add_row(step.name, str(step.rows), f"{step.seconds:.2f}",
+                      escape(step.detail) if step.ok else f"[red]failed: {escape(step.error or '')}[/]")
+    for name in result.not_run:
+        table.add_row(name, "", "", "[red]not run: the connection was lost[/]")
+    console.print(table)
+    if not result.ok:
+        failed = [s.name for s in result.steps if not s.ok] + list(result.not_run)
+        console.print(f"[red]{len(failed)} step(s) failed: {', '.join(failed)}[/]")
+        raise typer.Exit(1)
 
 
 def _register_simulator_commands() -> None:

@@ -88,6 +88,48 @@ class Settings(BaseSettings):
                                              "(dBm) and its SINR at least `IOTJX_RADIO_SINR_MIN_DB`; below either it is weak")
     radio_sinr_min_db: float = Field(
         -3.0, ge=-30, le=40, description="Radio coverage: the SINR (dB) a covered device has at least")
+    # Scheduled analytics (analytics/schedule.py, README "Scheduled analytics")
+    analytics_interval_s: float = Field(
+        60, ge=0, description="The API runs the scheduled analytics (fire alarm lifecycles, water figures, coverage "
+                              "snapshots) this often; with several replicas one runs a round and the others skip it; "
+                              "0: off (run `iotjx analytics run` instead)")
+    # Analytics thresholds.  A water threshold changed applies to what is computed from then on: run
+    # `iotjx analytics run --once --full` to recompute the stored days and alerts with it.
+    water_night_start_h: int = Field(
+        2, ge=0, le=23, description="Minimum-night-flow window: first local hour (hourly slots from it)")
+    water_night_end_h: int = Field(
+        4, ge=1, le=24, description="Minimum-night-flow window: local hour it ends (exclusive); after the start")
+    water_leakage_days: int = Field(
+        7, ge=1, le=366, description="Leakage: the percentile of the nightly minimum over this many nights (UKWIR: 7)")
+    water_leakage_percentile: float = Field(
+        0.2, gt=0, lt=1, description="Leakage: which percentile of the nightly minimum, as a fraction (UKWIR: 0.2)")
+    water_stopped_days: int = Field(
+        7, ge=1, le=90, description="A meter with its valve open and no consumption this many days is stopped (alert)")
+    water_continuous_flow_h: float = Field(
+        24, gt=0, le=24 * 7, description="Positive deltas (readings at most 90 min apart) this long open a "
+                                         "continuous-flow alert (a leak behind the meter)")
+    water_reverse_max_m3: float = Field(
+        1.0, gt=0, description="A register decrease up to this on the same meter is reverse flow (alert); a larger "
+                               "drop starts a new series (a reset or replacement)")
+    water_new_meter_max_m3: float = Field(
+        10.0, ge=0, description="A new series' first register counts as consumption up to this (a new meter counts "
+                                "from zero); above it the series starts with no consumption")
+    fire_offline_factor: float = Field(
+        2.0, gt=0, description="A fire device is offline after this × its reporting (heartbeat) interval without an uplink")
+    traffic_overstay_s: float = Field(
+        4 * 3600, gt=0, description="A parking stay longer than this is an overstay")
+    traffic_hold_factor: float = Field(
+        2.0, gt=0, description="A parking sensor's last state holds for this × its reporting interval")
+    traffic_speed_bands: dict[str, tuple[float, float, float, float]] | None = Field(
+        None, description="Congestion grade speed bands as JSON `{\"arterial\": [40, 30, 20, 15], …}`: per road class "
+                          "the falling lower edges (km/h) of smooth, basically smooth, light, moderate; unset: "
+                          "GB/T 33171-2016's (analytics/traffic.py)")
+    battery_smoke_low_mv: float = Field(
+        2800, gt=0, description="A GB/T 26875 smoke detector's battery is low below this (mV)")
+    battery_parking_low_mv: float = Field(
+        3300, gt=0, description="A parking sensor's battery is low below this (mV), besides its own low bit")
+    battery_low_pct: float = Field(
+        20.0, gt=0, le=100, description="A carrier object model's `battery_pct` is low below this")
     log_level: str = Field("INFO", description="Python log level")
     # CoAP ingest (ingest/coap.py, docs/transports.md)
     coap_enabled: bool = Field(False, description="Serve `POST coap://HOST/up/{device_id}` in the gateway")
@@ -176,6 +218,23 @@ class Settings(BaseSettings):
             raise ValueError("mqtt_identity_property needs mqtt_protocol 5 (user properties are MQTT 5)")
         return self
 
+    @model_validator(mode="after")
+    def _night_window(self) -> Settings:
+        if self.water_night_end_h <= self.water_night_start_h:
+            raise ValueError(f"water_night_end_h ({self.water_night_end_h}) must be after water_night_start_h "
+                             f"({self.water_night_start_h}): the window is within one local night, e.g. 2 to 4")
+        return self
+
+    @field_validator("traffic_speed_bands")
+    @classmethod
+    def _speed_bands(cls, value: dict[str, tuple[float, float, float, float]] | None):
+        if value is not None:
+            for road_class, edges in value.items():
+                if any(a <= b for a, b in zip(edges, edges[1:])) or edges[-1] <= 0:
+                    raise ValueError(f"speed bands of {road_class!r} must be 4 falling positive lower edges (km/h), "
+                                     f"not {list(edges)}")
+        return value
+
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, value: str | None) -> str | None:
@@ -191,6 +250,33 @@ class Settings(BaseSettings):
         from zoneinfo import ZoneInfo
 
         return ZoneInfo(self.timezone)
+
+    @property
+    def speed_bands(self) -> dict[str, tuple[float, ...]]:
+        """The congestion grade's speed bands: the defaults with `traffic_speed_bands` over them."""
+        from analytics.traffic import GRADE_SPEED_BANDS
+
+        return {**GRADE_SPEED_BANDS, **(self.traffic_speed_bands or {})}
+
+    @property
+    def battery_thresholds(self) -> dict[str, float]:
+        """The battery-low thresholds as `analytics.health.batteries` takes them."""
+        return {"smoke_low_mv": self.battery_smoke_low_mv, "parking_low_mv": self.battery_parking_low_mv,
+                "low_pct": self.battery_low_pct}
+
+    @property
+    def water_night_window(self) -> tuple[int, int]:
+        """The minimum-night-flow window as local hours [start, end)."""
+        return self.water_night_start_h, self.water_night_end_h
+
+    @property
+    def water_rules(self):
+        """The water thresholds as `analytics.water.WaterRules`."""
+        from analytics.water import WaterRules
+
+        return WaterRules(reverse_max_m3=self.water_reverse_max_m3, new_meter_max_m3=self.water_new_meter_max_m3,
+                          stopped_days=self.water_stopped_days, continuous_flow_s=self.water_continuous_flow_h * 3600,
+                          leakage_days=self.water_leakage_days, leakage_percentile=self.water_leakage_percentile)
 
     @property
     def mqtt_host_port(self) -> tuple[str, int]:

@@ -154,7 +154,10 @@ def settings(db_url, broker) -> Settings:
                     mqtt_topic_prefix=f"t{uuid.uuid4().hex[:6]}", batch_age_ms=50,
                     # /coverage recomputed per request: a test sees what it just wrote (the refreshed
                     # report has its own test in tests/analytics/test_coverage.py)
-                    coverage_refresh_s=0)
+                    coverage_refresh_s=0,
+                    # no scheduled analytics in the background of the API's tests (tests/analytics/test_schedule.py
+                    # runs the loop itself)
+                    analytics_interval_s=0)
 
 
 @pytest.fixture

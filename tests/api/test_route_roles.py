@@ -113,6 +113,7 @@ class Call:
     whole_province: bool = False
 
 
+TELEMETRY_RANGE = {"from": "2026-01-01T00:00:00+08:00", "to": "2026-01-02T00:00:00+08:00"}
 CSV_YINGTAN = ("device_id,model,network,city,site_kind,site_name\n"
                "869975030000026,cjt188-nb-water-std,nbiot,Yingtan,residential,龙岗小区\n").encode()
 SITES_CSV_YINGTAN = ("site_id,city,kind,name,aliases,model_site,model_site_since\n"
@@ -139,6 +140,9 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/sites/bulk"): Call("admin", content=SITES_CSV_YINGTAN, scoped=403),
     ("GET", "/sites"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
     ("GET", "/sites/{site_id}"): Call("viewer", {"site_id": YINGTAN_SITE}, scoped=404),
+    ("GET", "/devices/{device_id}/telemetry"): Call("viewer", {"device_id": YINGTAN_DEVICE}, query=TELEMETRY_RANGE,
+                                                   scoped=404),
+    ("GET", "/sites/{site_id}/telemetry"): Call("viewer", {"site_id": YINGTAN_SITE}, query=TELEMETRY_RANGE, scoped=404),
     ("GET", "/coverage"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
     ("GET", "/targets"): Call("viewer"),
     ("PUT", "/targets/{target_id}/progress"): Call("operator", {"target_id": "5g-base-stations"},
