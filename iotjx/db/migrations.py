@@ -631,6 +631,10 @@ def _m15_redecode(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("ALTER TABLE rejected_uplinks ADD COLUMN IF NOT EXISTS redecoded_at timestamptz")  # NULL: still a reject
     conn.execute("ALTER TABLE rejected_uplinks ADD COLUMN IF NOT EXISTS redecoded_by text")
     conn.execute("CREATE INDEX IF NOT EXISTS rejected_uplinks_device ON rejected_uplinks (device_id, received_at DESC)")
+    # The API's lists page by (time, id), newest first: one index range scan per page however deep.
+    conn.execute("CREATE INDEX IF NOT EXISTS rejected_uplinks_page ON rejected_uplinks (received_at, reject_id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS fire_alarms_page ON fire_alarms (raised_at, alarm_id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS water_alerts_page ON water_alerts (opened_at, alert_id)")
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -647,7 +651,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "water consumption per meter-day, night flow and leakage per site, per-meter alerts", _m10_water),
     Migration(11, "rollups per device-day, site-quarter-hour, lane-5-minutes, cell-day; integer device keys",
               _m11_rollups),
-    Migration(15, "re-decoded rejects marked (stored exactly once)", _m15_redecode),
+    Migration(15, "re-decoded rejects marked (stored exactly once); keyset indexes of the alarm, alert and reject lists",
+              _m15_redecode),
 )
 
 
