@@ -28,8 +28,9 @@ Definitions (docs/radio.md says the same; the README's "Radio coverage" section 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import psycopg
@@ -37,6 +38,9 @@ from psycopg.rows import dict_row
 
 from analytics.fire import city_code
 from analytics.health import UplinkSuccess, uplink_success
+from analytics.rollups import whole_days
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 LEVELS = ("province", "city", "site", "cell")
 NO_SITE = "(no site)"
@@ -124,37 +128,101 @@ class RadioReport:
 
 
 # Per active device, each figure's latest value in the window: one scan of the window's readings.
+# Each active device's latest radio figures in [since, until): the whole local days of the window from the
+# writer's device-day rollup (each value's `last` and its time), the edges before the first and after the
+# last local midnight from radio_readings; per figure the newer of the two.  (%(ff)s, %(ft)s) are the whole
+# days (analytics.rollups.whole_days; empty: (until, until), all from the readings.)
 _DEVICES = """
-    WITH r AS (
-        SELECT device_id,
+    WITH dev AS (
+        SELECT d.device_id, d.device_key, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id,
+               s.name AS site_name
+        FROM devices d LEFT JOIN sites s ON s.site_id = d.site_id
+        WHERE d.status = 'active' AND d.installed_at <= %(until)s
+          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)),
+    e AS (
+        SELECT r.device_id,
                (array_agg(rsrp_dbm ORDER BY time DESC) FILTER (WHERE rsrp_dbm IS NOT NULL))[1] AS rsrp_dbm,
+               max(time) FILTER (WHERE rsrp_dbm IS NOT NULL) AS rsrp_dbm_t,
                (array_agg(sinr_db ORDER BY time DESC) FILTER (WHERE sinr_db IS NOT NULL))[1] AS sinr_db,
+               max(time) FILTER (WHERE sinr_db IS NOT NULL) AS sinr_db_t,
                (array_agg(ecl ORDER BY time DESC) FILTER (WHERE ecl IS NOT NULL))[1] AS ecl,
+               max(time) FILTER (WHERE ecl IS NOT NULL) AS ecl_t,
                (array_agg(cell_id ORDER BY time DESC) FILTER (WHERE cell_id IS NOT NULL))[1] AS cell_id,
+               max(time) FILTER (WHERE cell_id IS NOT NULL) AS cell_id_t,
                (array_agg(pci ORDER BY time DESC) FILTER (WHERE pci IS NOT NULL))[1] AS pci,
+               max(time) FILTER (WHERE pci IS NOT NULL) AS pci_t,
                max(time) AS last_at
-        FROM radio_readings
-        WHERE time >= %(since)s AND time < %(until)s
-        GROUP BY device_id)
-    SELECT d.device_id, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id, s.name AS site_name,
-           r.rsrp_dbm, r.sinr_db, r.ecl, r.cell_id, r.pci, r.last_at
-    FROM devices d
-    LEFT JOIN sites s ON s.site_id = d.site_id
-    LEFT JOIN r ON r.device_id = d.device_id
-    WHERE d.status = 'active' AND d.installed_at <= %(until)s
-      AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
-    ORDER BY d.device_id"""
+        FROM radio_readings r JOIN dev USING (device_id)
+        WHERE (r.time >= %(since)s AND r.time < %(ff)s) OR (r.time >= %(ft)s AND r.time < %(until)s)
+        GROUP BY r.device_id),
+    o AS (
+        SELECT dev.device_id,
+               (array_agg(rsrp_dbm_last ORDER BY rsrp_dbm_last_t DESC) FILTER (WHERE rsrp_dbm_last_t IS NOT NULL))[1] AS rsrp_dbm,
+               max(rsrp_dbm_last_t) AS rsrp_dbm_t,
+               (array_agg(sinr_db_last ORDER BY sinr_db_last_t DESC) FILTER (WHERE sinr_db_last_t IS NOT NULL))[1] AS sinr_db,
+               max(sinr_db_last_t) AS sinr_db_t,
+               (array_agg(ecl_last ORDER BY ecl_last_t DESC) FILTER (WHERE ecl_last_t IS NOT NULL))[1] AS ecl,
+               max(ecl_last_t) AS ecl_t,
+               (array_agg(cell_id_last ORDER BY cell_id_last_t DESC) FILTER (WHERE cell_id_last_t IS NOT NULL))[1] AS cell_id,
+               max(cell_id_last_t) AS cell_id_t,
+               (array_agg(pci_last ORDER BY pci_last_t DESC) FILTER (WHERE pci_last_t IS NOT NULL))[1] AS pci,
+               max(pci_last_t) AS pci_t,
+               greatest(max(rsrp_dbm_last_t), max(sinr_db_last_t), max(rsrq_db_last_t), max(ecl_last_t),
+                        max(cell_id_last_t), max(pci_last_t)) AS last_at
+        FROM rollup_radio_day r JOIN dev USING (device_key)
+        WHERE r.bucket >= %(ff)s AND r.bucket < %(ft)s
+        GROUP BY dev.device_id)
+    SELECT dev.device_id, dev.model, dev.city_code, dev.site_id, dev.site_name,
+           (CASE WHEN e.rsrp_dbm_t IS NOT NULL AND (o.rsrp_dbm_t IS NULL OR e.rsrp_dbm_t >= o.rsrp_dbm_t) THEN e.rsrp_dbm ELSE o.rsrp_dbm END) AS rsrp_dbm,
+           (CASE WHEN e.sinr_db_t IS NOT NULL AND (o.sinr_db_t IS NULL OR e.sinr_db_t >= o.sinr_db_t) THEN e.sinr_db ELSE o.sinr_db END) AS sinr_db,
+           (CASE WHEN e.ecl_t IS NOT NULL AND (o.ecl_t IS NULL OR e.ecl_t >= o.ecl_t) THEN e.ecl ELSE o.ecl END)::smallint AS ecl,
+           (CASE WHEN e.cell_id_t IS NOT NULL AND (o.cell_id_t IS NULL OR e.cell_id_t >= o.cell_id_t) THEN e.cell_id ELSE o.cell_id END)::bigint AS cell_id,
+           (CASE WHEN e.pci_t IS NOT NULL AND (o.pci_t IS NULL OR e.pci_t >= o.pci_t) THEN e.pci ELSE o.pci END)::integer AS pci,
+           greatest(e.last_at, o.last_at) AS last_at
+    FROM dev LEFT JOIN e USING (device_id) LEFT JOIN o USING (device_id)
+    ORDER BY dev.device_id"""
 
 
-def device_radio(conn: psycopg.Connection, since: datetime, until: datetime,
-                 city: str | int | None = None) -> list[DeviceRadio]:
+# A window open to now: each device's latest figures are the writer's all-time rollup_radio_latest, those
+# measured at or after `since` (nothing has been received after now).
+_LATEST = """
+    WITH dev AS (
+        SELECT d.device_id, d.device_key, d.model, coalesce(s.city_code, 0) AS city_code, s.site_id,
+               s.name AS site_name
+        FROM devices d LEFT JOIN sites s ON s.site_id = d.site_id
+        WHERE d.status = 'active' AND d.installed_at <= %(until)s
+          AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s))
+    SELECT dev.device_id, dev.model, dev.city_code, dev.site_id, dev.site_name,
+           CASE WHEN l.rsrp_dbm_last_t >= %(since)s THEN l.rsrp_dbm_last END AS rsrp_dbm,
+           CASE WHEN l.sinr_db_last_t >= %(since)s THEN l.sinr_db_last END AS sinr_db,
+           (CASE WHEN l.ecl_last_t >= %(since)s THEN l.ecl_last END)::smallint AS ecl,
+           (CASE WHEN l.cell_id_last_t >= %(since)s THEN l.cell_id_last END)::bigint AS cell_id,
+           (CASE WHEN l.pci_last_t >= %(since)s THEN l.pci_last END)::integer AS pci,
+           greatest(CASE WHEN l.rsrp_dbm_last_t >= %(since)s THEN l.rsrp_dbm_last_t END,
+                    CASE WHEN l.sinr_db_last_t >= %(since)s THEN l.sinr_db_last_t END,
+                    CASE WHEN l.rsrq_db_last_t >= %(since)s THEN l.rsrq_db_last_t END,
+                    CASE WHEN l.ecl_last_t >= %(since)s THEN l.ecl_last_t END,
+                    CASE WHEN l.cell_id_last_t >= %(since)s THEN l.cell_id_last_t END,
+                    CASE WHEN l.pci_last_t >= %(since)s THEN l.pci_last_t END) AS last_at
+    FROM dev LEFT JOIN rollup_radio_latest l ON l.device_key = dev.device_key
+    ORDER BY dev.device_id"""
+
+
+def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | None,
+                 city: str | int | None = None, *, tz: ZoneInfo = SHANGHAI, rollups: bool = True) -> list[DeviceRadio]:
     """Every active device installed by `until` (in the city, if given) with its latest radio figures in
-    [since, until); ValueError for an unknown city or an empty window."""
+    [since, until); ValueError for an unknown city or an empty window.  The whole local days (`tz`: the
+    writer's IOTJX_TIMEZONE) are read from the device-day rollup, the rest from the readings
+    (`rollups=False`: all from the readings, for a system whose writer keeps none).  `until` None: now,
+    and the day in progress is read from the rollup too (nothing has been received after now)."""
+    open_end, until = until is None, until or datetime.now(UTC)
     _check_window(since, until)
     code = city_code(conn, city)
+    ff, ft = whole_days(since, until, tz, open_end=open_end) if rollups else (until, until)
+    sql = _LATEST if open_end and rollups else _DEVICES
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET LOCAL jit = off")
-        rows = cur.execute(_DEVICES, {"since": since, "until": until, "c": code}).fetchall()
+        rows = cur.execute(sql, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()
     return [DeviceRadio(**r) for r in rows]
 
 
@@ -241,17 +309,21 @@ def weak_devices(devices: list[DeviceRadio], success: list[UplinkSuccess], *, rs
     return out
 
 
-def radio_report(conn: psycopg.Connection, since: datetime, until: datetime, *, rsrp_min_dbm: float,
-                 sinr_min_db: float, city: str | int | None = None) -> RadioReport:
+def radio_report(conn: psycopg.Connection, since: datetime, until: datetime | None, *, rsrp_min_dbm: float,
+                 sinr_min_db: float, city: str | int | None = None, tz: ZoneInfo = SHANGHAI,
+                 rollups: bool = True) -> RadioReport:
     """Radio coverage over [since, until): groups, weak devices and uplink success, from one snapshot
-    (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db)."""
+    (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db; `tz`
+    and `rollups` from IOTJX_TIMEZONE and IOTJX_ROLLUPS; `until` None: now — see `device_radio`)."""
+    open_end = until is None
+    until = until or datetime.now(UTC)
     _check_window(since, until)
     outer = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
         if outer:           # one snapshot: a device's radio and its uplink success from the same data
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        devices = device_radio(conn, since, until, city)
-        success = uplink_success(conn, since, until, city)
+        devices = device_radio(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
+        success = uplink_success(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
         names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
     groups = coverage_groups(devices, names, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
     weak = weak_devices(devices, success, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
@@ -259,5 +331,64 @@ def radio_report(conn: psycopg.Connection, since: datetime, until: datetime, *, 
                        tuple(devices))
 
 
+_SUMMARY = """
+    WITH x AS ({devices}),
+    y AS (SELECT x.*, (rsrp_dbm IS NOT NULL OR sinr_db IS NOT NULL) AS radio,
+                 (rsrp_dbm IS NOT NULL OR sinr_db IS NOT NULL)
+                 AND (rsrp_dbm IS NULL OR rsrp_dbm >= %(rsrp_min)s) AND (sinr_db IS NULL OR sinr_db >= %(sinr_min)s)
+                 AS covered
+          FROM x)
+    SELECT CASE WHEN grouping(city_code) = 1 THEN 'province' WHEN grouping(site_id) = 0 THEN 'site'
+                WHEN grouping(cell_id) = 0 THEN 'cell' ELSE 'city' END AS level,
+           city_code, site_id, min(site_name) AS site_name, cell_id,
+           count(*) FILTER (WHERE radio) AS with_radio, count(*) FILTER (WHERE NOT radio) AS without_radio,
+           percentile_cont(0.1) WITHIN GROUP (ORDER BY rsrp_dbm) AS rsrp_p10,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY rsrp_dbm) AS rsrp_p50,
+           percentile_cont(0.9) WITHIN GROUP (ORDER BY rsrp_dbm) AS rsrp_p90,
+           percentile_cont(0.1) WITHIN GROUP (ORDER BY sinr_db) AS sinr_p10,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY sinr_db) AS sinr_p50,
+           percentile_cont(0.9) WITHIN GROUP (ORDER BY sinr_db) AS sinr_p90,
+           count(ecl) AS with_ecl, count(*) FILTER (WHERE ecl = 0) AS ecl0, count(*) FILTER (WHERE ecl = 1) AS ecl1,
+           count(*) FILTER (WHERE ecl = 2) AS ecl2, count(*) FILTER (WHERE covered) AS covered
+    FROM y
+    GROUP BY GROUPING SETS ((), (city_code), (city_code, site_id), (city_code, cell_id))
+    HAVING grouping(cell_id) = 1 OR cell_id IS NOT NULL"""
+_LEVEL_ORDER = {"province": 0, "city": 1, "site": 2, "cell": 3}
+
+
+def radio_summary(conn: psycopg.Connection, since: datetime, *, rsrp_min_dbm: float, sinr_min_db: float,
+                  city: str | int | None = None) -> list[RadioGroup]:
+    """The groups of `radio_report` (province unless a city is asked, cities, sites, cells) over the window
+    from `since` to now, computed in one SQL statement over each device's latest figures (the writer's
+    rollup_radio_latest): the figure a board or a summary call reads, without the per-device lists."""
+    until = datetime.now(UTC)
+    _check_window(since, until)
+    code = city_code(conn, city)
+    names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
+    params = {"since": since, "until": until, "c": code, "rsrp_min": rsrp_min_dbm, "sinr_min": sinr_min_db}
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SET LOCAL jit = off")
+        rows = cur.execute(_SUMMARY.format(devices=_LATEST.replace("ORDER BY dev.device_id", "")), params).fetchall()
+    out = []
+    for r in rows:
+        level = r["level"]
+        with_radio, with_ecl = r["with_radio"], r["with_ecl"]
+        out.append(RadioGroup(
+            level=level, city_code=r["city_code"],
+            city="Jiangxi" if level == "province" else names.get(r["city_code"], NO_SITE),
+            site_id=r["site_id"] if level == "site" else None,
+            site_name=(r["site_name"] if r["site_id"] is not None else NO_SITE) if level == "site" else None,
+            cell_id=r["cell_id"] if level == "cell" else None, with_radio=with_radio,
+            without_radio=None if level == "cell" else r["without_radio"],
+            rsrp_p10=r["rsrp_p10"], rsrp_p50=r["rsrp_p50"], rsrp_p90=r["rsrp_p90"], sinr_p10=r["sinr_p10"],
+            sinr_p50=r["sinr_p50"], sinr_p90=r["sinr_p90"], with_ecl=with_ecl,
+            ecl_share=tuple((r[f"ecl{e}"] / with_ecl) if with_ecl else None for e in (0, 1, 2)),
+            covered=r["covered"], weak=with_radio - r["covered"],
+            coverage_rate=r["covered"] / with_radio if with_radio else None))
+    out.sort(key=lambda g: (_LEVEL_ORDER[g.level], g.city_code if g.city_code is not None else -1,
+                            g.site_id if g.site_id is not None else -1, g.cell_id if g.cell_id is not None else -1))
+    return out
+
+
 __all__ = ["LEVELS", "DeviceRadio", "RadioGroup", "RadioReport", "WeakDevice", "coverage_groups", "device_radio",
-           "radio_report", "weak_devices"]
+           "radio_report", "radio_summary", "weak_devices"]

@@ -613,7 +613,9 @@ LANE_BITS = 16          # a lane level's kernel key: device_key << LANE_BITS | l
 
 @dataclass(frozen=True, slots=True)
 class Level:
-    """One rollup table: the readings of `source` (a family table) per `key` × local bucket of `width_s`."""
+    """One rollup table: the readings of `source` (a family table) per `key` × local bucket of `width_s`
+    (0: one bucket for all time, `bucket` = 1970-01-01: the key's running totals and latest values — a
+    state table, not partitioned)."""
 
     table: str
     source: str
@@ -630,9 +632,13 @@ class Level:
         """Every column in `merge_sql`'s order: keys, bucket, then `rollup_columns`."""
         return [name for name, _ in self.key_columns] + rollup_columns(self.values)
 
+    @property
+    def all_time(self) -> bool:
+        return self.width_s == 0
+
     def create_sql(self, partitioned: bool) -> str:
         return rollup_table_sql(self.table, self.key_columns, self.values,
-                                partition_by="bucket" if partitioned else None)
+                                partition_by="bucket" if partitioned and not self.all_time else None)
 
     def merge_sql(self, source: str) -> str:
         return merge_sql(self.table, [name for name, _ in self.key_columns], self.values, source=source)
@@ -663,10 +669,17 @@ LEVELS: tuple[Level, ...] = (
     Level("rollup_parking_site_15m", "parking_events", "site", 900, (
         Value("occupied", _SUMS), Value("occupancy_changed", _SUMS))),
     Level("rollup_radio_day", "radio_readings", "device", DAY_S, (
-        Value("rsrp_dbm", _ALL), Value("sinr_db", _ALL), Value("ecl", ("max", "last")))),
+        Value("rsrp_dbm", _ALL), Value("sinr_db", _ALL), Value("rsrq_db", _ALL), Value("ecl", ("max", "last")),
+        Value("cell_id", ("last",)), Value("pci", ("last",)))),
     Level("rollup_radio_cell_day", "radio_readings", "cell", DAY_S, (
         Value("rsrp_dbm", _RANGE), Value("sinr_db", _RANGE), Value("ecl_0", _SUMS), Value("ecl_1", _SUMS),
         Value("ecl_2", _SUMS))),
+    # Stored uplinks per device and local day of their receive time (uplink success, device health).
+    Level("rollup_uplinks_day", "uplinks", "device", DAY_S, ()),
+    # Each device's latest radio figures (all time): a window open to now reads them in one probe per device.
+    Level("rollup_radio_latest", "radio_readings", "device", 0, (
+        Value("rsrp_dbm", ("last",)), Value("sinr_db", ("last",)), Value("rsrq_db", ("last",)),
+        Value("ecl", ("last",)), Value("cell_id", ("last",)), Value("pci", ("last",)))),
 )
 
 
@@ -694,8 +707,9 @@ def rollup_series(conn, table: str, key: dict[str, int], since: datetime, until:
     the level's buckets by their local start (`tz` must be the writer's IOTJX_TIMEZONE): counts, n and
     sums add, min/max of the parts, `last` the newest by `last_t` — never an average of averages."""
     level = LEVEL_BY_TABLE.get(table)
-    if level is None:
-        raise ValueError(f"{table!r} is not a rollup table ({', '.join(LEVEL_BY_TABLE)})")
+    if level is None or level.all_time:
+        raise ValueError(f"{table!r} is not a bucketed rollup table "
+                         f"({', '.join(t for t, lv in LEVEL_BY_TABLE.items() if not lv.all_time)})")
     names = [name for name, _ in KEY_COLUMNS[level.key]]
     if sorted(key) != sorted(names):
         raise ValueError(f"{table} is keyed by {', '.join(names)}; got {', '.join(sorted(key)) or 'nothing'}")
@@ -744,3 +758,20 @@ def _merge_value(m: dict, v: Value, part: dict) -> None:
         cur_t = m[f"{name}_last_t"]
         if cur_t is None or part["last_t"] >= cur_t:
             m[f"{name}_last"], m[f"{name}_last_t"] = part["last"], part["last_t"]
+
+
+def whole_days(since: datetime, until: datetime, tz: ZoneInfo, *, open_end: bool = False) -> tuple[datetime, datetime]:
+    """The whole local days inside [since, until), as [first local midnight ≥ since, last local midnight
+    ≤ until): the part of a window a day rollup answers exactly (the edges come from the readings).
+    (until, until) when the window holds no whole day.  `open_end`: `until` is now — nothing has been
+    received after it, so the day in progress is whole as far as it goes and the range ends at `until`
+    (a bucket starting before it counts)."""
+    def midnight(t: datetime, after: bool) -> datetime:
+        local = t.astimezone(tz)
+        day = local.date()
+        m = datetime.fromtimestamp(_local_midnight((day - datetime(1970, 1, 1).date()).days, tz), tz)
+        if after and m < t:
+            m = datetime.fromtimestamp(_local_midnight((day - datetime(1970, 1, 1).date()).days + 1, tz), tz)
+        return m
+    first, last = midnight(since, True), (until if open_end else midnight(until, False))
+    return (first, last) if first < last else (until, until)

@@ -164,7 +164,7 @@ def _level_for(target: str, table: str, fs: Sequence[str], interval: str, agg: s
     step = INTERVALS[interval]
     seconds = 86400 if isinstance(step, str) else step
     for level in LEVELS:
-        if level.source != table:
+        if level.source != table or level.all_time:
             continue
         if target == "device" and level.key not in ("device", "lane"):
             continue

@@ -1,11 +1,13 @@
 """`create_app(settings)`: the FastAPI application.
 
 Every request passes, outermost first: LastResort (an unhandled exception becomes a logged 500
-problem) → CleanUrl (no NUL in the URL) → Authenticate (the API key; 401 for anyone without a valid
-one, except on /health) → BodyLimit (413 past IOTJX_API_MAX_BODY, or IOTJX_API_MAX_IMPORT_BYTES for
-the CSV import) → the route, whose role dependency answers 403 for a key of too low a role, and
+problem) → CORS (only when IOTJX_API_CORS_ORIGINS lists origins: answers their preflights and marks
+their answers; otherwise absent, and no Access-Control-* header is ever sent) → CleanUrl (no NUL in the
+URL) → Authenticate (the API key; 401 for anyone without a valid one, except on /health) → RateLimit
+(429 + Retry-After past IOTJX_API_RATE_PER_S / IOTJX_API_RATE_BURST for the key; /health exempt) →
+BodyLimit (413 past IOTJX_API_MAX_BODY, or IOTJX_API_MAX_IMPORT_BYTES for the CSV import) → the route, whose role dependency answers 403 for a key of too low a role, and
 which refuses a query parameter it does not take (422: a misspelt `as_of` is not silently ignored).  Every
-error is a problem document (api/problems.py).  OpenAPI at /openapi.json and /docs, with a key."""
+error is a problem document with a stable `type` (api/problems.py).  OpenAPI at /openapi.json and /docs, with a key."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from analytics.coverage import CoverageService
 from analytics.schedule import AnalyticsLoop
 from api.auth import Authenticate
 from api.deps import refuse_unknown_query
-from api.limits import BodyLimit, CleanUrl
+from api.limits import BodyLimit, CleanUrl, Cors, RateLimit
 from api.routes import alarms, audit, coverage, credentials, devices, downlinks, keys, rejects, sites, system, telemetry
 from iotjx import __version__
 from iotjx.settings import Settings
@@ -67,7 +69,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, default=settings.api_max_body,
                        per_path={"/devices/bulk": settings.api_max_import_bytes,
                                  "/sites/bulk": settings.api_max_import_bytes})
+    app.add_middleware(RateLimit, rate=settings.api_rate_per_s, burst=settings.api_rate_burst)
     app.add_middleware(Authenticate, pool=pool)
     app.add_middleware(CleanUrl)
+    if settings.cors_origins:        # outside Authenticate: a browser's preflight carries no key
+        app.add_middleware(Cors, origins=settings.cors_origins)
     problems.install(app)           # handlers, and LastResort outermost
     return app

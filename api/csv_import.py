@@ -21,10 +21,25 @@ from iotjx.devices import Registry
 SPOOL_IN_MEMORY = 1 << 20        # a CSV body past this goes to a temporary file while it arrives
 
 
+def refuse_unless_csv(request: Request) -> None:
+    """415 unless the body is declared `text/csv` (a `charset` parameter, if any, utf-8).  A request
+    without Content-Type is taken as CSV."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media, _, params = declared.partition(";")
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
+                    if k.strip().lower() == "charset"), "utf-8")
+    if media.strip().lower() != "text/csv" or charset not in ("utf-8", "utf8"):
+        raise HTTPException(415, f"this route takes a CSV body: Content-Type: text/csv (UTF-8), not {declared[:100]!r}")
+
+
 async def import_csv(request: Request, key: ApiKey, pool: ConnectionPool, *, parse: Callable[..., list],
                      apply: Callable[..., dict[str, Any]], noun: str) -> dict[str, Any]:
     """`parse(lines, registry=…)` the body's records, then `apply(conn, records, first_line=2, cities=…)`
     them; 422 for a header without records.  Returns what `apply` counted."""
+
+    refuse_unless_csv(request)
 
     def run(csv_body) -> dict[str, Any]:
         lines = io.TextIOWrapper(csv_body, encoding="utf-8", newline="")

@@ -45,7 +45,8 @@ def require_role(role: str, *, whole_province: bool = False):
             raise HTTPException(403, "these are figures of the whole system: they need a key without a city scope")
         return key
 
-    check.required_role = role          # read by the route-table test
+    check.required_role = role          # read by the route-table test and the OpenAPI document (403)
+    check.whole_province = whole_province
     return check
 
 

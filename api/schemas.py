@@ -103,8 +103,20 @@ def _known_city(code: int) -> int:
 
 # An int (a query string's "360600" is one) that is a city's division code.
 CityCode = Annotated[int, AfterValidator(_known_city), Field(json_schema_extra={"enum": list(_CODES)})]
-CityName = Literal[tuple(sorted({str(code) for code, _, _ in CITIES} | {zh for _, zh, _ in CITIES}
-                                | {en for _, _, en in CITIES}))]  # type: ignore[valid-type]
+_CityText = Literal[tuple(sorted({str(code) for code, _, _ in CITIES} | {zh for _, zh, _ in CITIES}
+                                 | {en for _, _, en in CITIES}))]  # type: ignore[valid-type]
+# A city in a JSON body: the division code (360600, as everywhere in the API's answers) or, as in a CSV
+# line, the code as text or the city's name (鹰潭, Yingtan).  Given to the registry as text.
+CityName = Annotated[CityCode | _CityText, AfterValidator(str)]  # type: ignore[valid-type]
+
+_NAMES = {code: (zh, en) for code, zh, en in CITIES}
+
+
+def city_names(code: int | None) -> dict[str, str | None]:
+    """`{"city_name_zh", "city_name_en"}` of a division code (None for None, 0 or an unknown code): the one
+    spelling of a city's names in every answer, beside `city`, the code."""
+    zh, en = _NAMES.get(code or 0, (None, None))
+    return {"city": code or None, "city_name_zh": zh, "city_name_en": en}
 
 
 def device_in_model() -> type[BaseModel]:
@@ -140,5 +152,5 @@ class RegistrationResult(BaseModel):
     unverified_sites: int = Field(description="distinct unverified (free-text) sites the devices now attach to")
 
 
-__all__ = ["CityCode", "CityName", "InstalledAt", "JsonParams", "Note", "RegistrationResult", "Text", "clean_json",
+__all__ = ["CityCode", "CityName", "city_names", "InstalledAt", "JsonParams", "Note", "RegistrationResult", "Text", "clean_json",
            "clean_note", "clean_text", "device_in_model"]

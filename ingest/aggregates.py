@@ -87,8 +87,10 @@ class Aggregator:
                 if not ok.any():
                     continue
                 if level.width_s not in buckets:
-                    buckets[level.width_s] = bucket_starts(times, level.width_s, self.tz)
-                values = np.column_stack([fam.values[v.name] for v in level.values])
+                    buckets[level.width_s] = (np.zeros(len(times), dtype=np.int64) if level.all_time
+                                              else bucket_starts(times, level.width_s, self.tz))
+                values = (np.column_stack([fam.values[v.name] for v in level.values]) if level.values
+                          else np.empty((len(fam), 0)))
                 out.append((level, reduce_groups(key[ok], buckets[level.width_s][ok], times[ok], values[ok])))
         return out
 
@@ -103,8 +105,8 @@ class Aggregator:
 def bucket_days(partials) -> set[date]:
     """The UTC days the partials' buckets fall on (the rollup tables' daily partitions)."""
     days: set[date] = set()
-    for _, p in partials:
-        if len(p):
+    for level, p in partials:
+        if len(p) and not level.all_time:
             for d in np.unique(p.buckets // DAY_S).tolist():
                 days.add(datetime.fromtimestamp(d * DAY_S, UTC).date())
     return days
@@ -142,9 +144,15 @@ def _stage_columns(level: Level, p) -> list[Column]:
 # --------------------------------------------------------------------------- a batch's rows as columns
 
 def batch_rows(readings: dict[str, tuple[tuple[str, ...], list[tuple]]],
-               blocks: Iterable[tuple[str, tuple[str, ...], list[Column], int]]) -> dict[str, FamilyRows]:
-    """Each readings table's rows of a WriteSet (its tuples and its columnar blocks) as FamilyRows."""
+               blocks: Iterable[tuple[str, tuple[str, ...], list[Column], int]],
+               seen_ids: Sequence[str] = (), seen_at: Sequence[float] = ()) -> dict[str, FamilyRows]:
+    """Each readings table's rows of a WriteSet (its tuples and its columnar blocks) as FamilyRows, and
+    its stored uplinks (`seen_ids`/`seen_at`: one per uplink stored, as device_state counts them) as the
+    pseudo-table "uplinks", bucketed by receive time."""
     parts: dict[str, list[FamilyRows]] = {}
+    if len(seen_ids):
+        at = np.asarray(seen_at, dtype=np.float64)
+        parts["uplinks"] = [FamilyRows(list(seen_ids), at, np.full(len(at), np.nan), {})]
     for table, (columns, rows) in readings.items():
         make = _FROM_ROWS.get(table)
         if make is not None and rows:
@@ -263,12 +271,14 @@ def _radio(col, n: int) -> FamilyRows:
     ecl = _floats(col("ecl"))
     with np.errstate(invalid="ignore"):
         levels = {f"ecl_{k}": np.where(np.isnan(ecl), np.nan, (ecl == k).astype(np.float64)) for k in range(3)}
+    # cell ids (28 bits) and PCIs are exact in float64: kept as the device-day's last serving cell
     return FamilyRows(list(col("device_id")), _epochs(col("time")), np.full(n, np.nan), {
-        "rsrp_dbm": _floats(col("rsrp_dbm")), "sinr_db": _floats(col("sinr_db")), "ecl": ecl, **levels},
+        "rsrp_dbm": _floats(col("rsrp_dbm")), "sinr_db": _floats(col("sinr_db")), "rsrq_db": _floats(col("rsrq_db")),
+        "ecl": ecl, "cell_id": _floats(col("cell_id")), "pci": _floats(col("pci")), **levels},
         cell=_ints(col("cell_id"), -1))
 
 
-_FROM_ROWS = {"water_readings": _water, "fire_events": _fire, "traffic_flow": _traffic,
+_FROM_ROWS: dict = {"water_readings": _water, "fire_events": _fire, "traffic_flow": _traffic,
               "parking_events": _parking, "radio_readings": _radio}
 
 

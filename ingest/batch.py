@@ -19,6 +19,7 @@ from iotjx.model import Device, Uplink
 from .radio import radio_row_of
 from .registry import DeviceRegistry
 from .rejects import KEPT_BYTES, TOO_LARGE, UNKNOWN_DEVICE, cut_mark, digest, too_large_detail
+from .replay import BAD_ORIGINAL_TIME
 from .sinks import RADIO, WATER, radio_row, rows_for, water_columns, water_fast_mask
 from .writer import WriteSet
 
@@ -78,6 +79,8 @@ class BatchBuilder:
         marked = [u for u in batch if u.meta]          # MQTT's uplinks carry none: one cheap pass
         if marked and any(cut_mark(u) for u in marked):
             batch = [u for u in batch if not _reject_cut(ws, u)]
+        if marked and any(BAD_ORIGINAL_TIME in u.meta for u in marked):
+            batch = [u for u in batch if not _reject_replay(ws, u)]
         if marked and any(u.meta.get("envelope") for u in marked):
             batch = [self._open_pushed_envelope(ws, u) if u.meta.get("envelope") else u for u in batch]
             batch = [u for u in batch if u is not None]
@@ -217,6 +220,15 @@ def _reject_cut(ws: WriteSet, u: Uplink) -> bool:
         return False
     ws.add_reject(u, None, TOO_LARGE, too_large_detail(mark["bytes"], mark["limit"], bytes.fromhex(mark["blake2b"]),
                                                        "the gateway's IOTJX_UPLINK_MAX_BYTES"))
+    return True
+
+
+def _reject_replay(ws: WriteSet, u: Uplink) -> bool:
+    """True (and a bad_original_time reject) for a replay message the gateway did not honour."""
+    why = u.meta.get(BAD_ORIGINAL_TIME) if u.meta else None
+    if why is None:
+        return False
+    ws.add_reject(u, None, BAD_ORIGINAL_TIME, why)
     return True
 
 

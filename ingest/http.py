@@ -23,7 +23,15 @@ signature) already accepted within that window — remembered in this process (`
 two gateway replicas a replay may reach the replica that has not seen the nonce: the dedup claim in
 the database (shared, transactional) then answers it as a duplicate, stores nothing again, and
 since the dedup window (a day) is longer than the freshness window, every replay the time check lets
-through is one the dedup still remembers."""
+through is one the dedup still remembers.
+
+A tester replaying a capture may give a push its original receive time in the header
+``X-Iotjx-Received-At`` (epoch seconds) with a tester account's login (HTTP Basic: the MQTT account's
+name and password, `iotjx.mqtt_accounts`), when `replay_enabled`: the push is checked as a live one
+(token, signature; a OneNET push's freshness against its original time) and stored at that time
+(`ingest.replay`).  The header without a tester's login: 401; with replays off: 403; a time before
+2000 or past `replay_max_ahead_s` ahead: kept as a `bad_original_time` reject, 422.  Accepted logins
+are remembered for `TESTER_CACHE_S`, so a replay costs one password check a minute, not one a push."""
 
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -48,11 +57,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings, bind_address
 
+from . import replay
+
 log = logging.getLogger(__name__)
 
 CTWING_TOKEN_HEADER = "X-Push-Token"
 BUSY_RETRY_S = 5        # Retry-After when the queue is full (as CoAP's Max-Age for the same)
 SLOW_RETRY_S = 10       # Retry-After when the commit did not come in time
+TESTER_CACHE_S = 60     # an accepted tester login is not checked again for this long
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -200,6 +212,7 @@ class HttpPushIngest:
         self._try_submit = try_submit
         self.nonces = NonceWindow(settings.onenet_push_max_age_s)
         self.counters: Counter[str] = Counter()
+        self._testers: dict[tuple[str, bytes], float] = {}      # (name, SHA-256 of password) -> accepted until
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -274,6 +287,19 @@ class HttpPushIngest:
         except TooLarge:
             return self._refuse(413, "push too large",
                                 f"bodies are limited to {self.settings.http_push_max_body} bytes")
+        original: float | None = None
+        bad_time: str | None = None
+        if replay.TIME_HEADER in request.headers:
+            refusal = await self._tester(request)
+            if refusal is not None:
+                return refusal
+            try:
+                original = replay.parse_time(request.headers[replay.TIME_HEADER], time.time(),
+                                             self.settings.replay_max_ahead_s)
+            except replay.ReplayFrameError as exc:
+                bad_time = str(exc)
+        if bad_time is not None:           # a tester's push whose time is not honoured: kept as a reject
+            return await self._submit_and_answer(request, body, carrier, ok_status, bad_time=bad_time)
         signed = None
         if carrier == "onenet":
             token = self.settings.onenet_push_token
@@ -283,11 +309,11 @@ class HttpPushIngest:
             if signed is None:
                 return self._refuse(401, "unauthorized", "msg_signature does not match the token (or is missing)")
             if self.nonces.window_s > 0:
-                refusal = self._fresh(signed)
+                refusal = self._fresh(signed, original)
                 if refusal is not None:
                     return refusal
         try:
-            response = await self._submit_and_answer(request, body, carrier, ok_status)
+            response = await self._submit_and_answer(request, body, carrier, ok_status, original)
         except BaseException:           # the client went away: nothing answered, nothing taken for granted
             if signed is not None:
                 self.nonces.release(signed)
@@ -299,12 +325,13 @@ class HttpPushIngest:
                 self.nonces.release(signed)      # not taken: the platform's retry goes through again
         return response
 
-    def _fresh(self, signed: SignedPush) -> JSONResponse | None:
-        """The answer to a OneNET push outside the freshness window (401), replayed within it after it
+    def _fresh(self, signed: SignedPush, original: float | None = None) -> JSONResponse | None:
+        """The answer to a OneNET push outside the freshness window (401) — around `original`, its
+        original receive time, when a tester replays it; else now —, replayed within it after it
         was taken (200, a duplicate) or while it is still in flight (503), or None for a new one (its
         nonce then reserved)."""
         window = self.nonces.window_s
-        now_ms = time.time() * 1000
+        now_ms = (time.time() if original is None else original) * 1000
         for at in signed.times_ms:
             if at is None:
                 return self._refuse(401, "push without a time", "a signed push must carry msg.at (epoch ms) "
@@ -323,12 +350,49 @@ class HttpPushIngest:
             return self._busy("the same push is being stored; its retry is answered once it is", BUSY_RETRY_S)
         return None
 
-    async def _submit_and_answer(self, request: Request, body: bytes, carrier: str, ok_status: int) -> JSONResponse:
+    async def _tester(self, request: Request) -> JSONResponse | None:
+        """None when the request carries a tester account's login (HTTP Basic) and replays are on;
+        else the refusal (403 replays off, 401 no or another login, 503 no registry)."""
+        if not self.settings.replay_enabled:
+            return self._refuse(403, "replays with original times are off",
+                                f"{replay.TIME_HEADER} is honoured only with IOTJX_REPLAY_ENABLED", reason="replay_off")
+        login = _basic_login(request.headers.get("authorization", ""))
+        if login is None:
+            return self._refuse(401, "unauthorized", f"{replay.TIME_HEADER} needs a tester account's login (HTTP Basic)",
+                                reason="not_a_tester")
+        key = (login[0], hashlib.sha256(login[1].encode()).digest())
+        if self._testers.get(key, 0.0) > time.monotonic():
+            return None
+        if self.settings.database_url is None:
+            return self._refuse(503, "no registry", "tester logins are checked in the registry (IOTJX_DATABASE_URL)")
+        try:
+            ok = await asyncio.to_thread(_is_tester, self.settings.database_url, *login)
+        except psycopg.Error as exc:
+            return self._busy(f"the registry could not check the login: {str(exc).splitlines()[0] if str(exc) else exc}",
+                              BUSY_RETRY_S)
+        if not ok:
+            return self._refuse(401, "unauthorized", "not a tester account's login", reason="not_a_tester")
+        if len(self._testers) > 1000:
+            self._testers.clear()
+        self._testers[key] = time.monotonic() + TESTER_CACHE_S
+        return None
+
+    async def _submit_and_answer(self, request: Request, body: bytes, carrier: str, ok_status: int,
+                                 original: float | None = None, *, bad_time: str | None = None) -> JSONResponse:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Outcome] = loop.create_future()
         peer = request.client.host if request.client else None
-        uplink = Uplink(device_id="", payload=body, transport="http", received_at=time.time(),
-                        meta={"envelope": carrier, "peer": peer}, ack=_resolver(loop, done))
+        now = time.time()
+        if bad_time is not None:          # a reject of no device: it claims no dedup key of the device's
+            uplink = Uplink(device_id=f"?push/{carrier}", payload=body, transport="http", received_at=now,
+                            meta={"peer": peer, replay.BAD_ORIGINAL_TIME: bad_time}, ack=_resolver(loop, done))
+        elif original is not None:
+            uplink = Uplink(device_id="", payload=body, transport="http", received_at=original,
+                            meta={"envelope": carrier, "peer": peer, "replayed_at": round(now, 3)},
+                            ack=_resolver(loop, done))
+        else:
+            uplink = Uplink(device_id="", payload=body, transport="http", received_at=now,
+                            meta={"envelope": carrier, "peer": peer}, ack=_resolver(loop, done))
         if not self._try_submit(uplink):
             return self._busy("the gateway's queue is full (backpressure); nothing was taken", BUSY_RETRY_S)
         try:
@@ -344,6 +408,9 @@ class HttpPushIngest:
                            reason=outcome.reason)
         if outcome.reason == "storage":
             return problem(500, "not stored", outcome.detail, reason=outcome.reason)
+        if outcome.reason == replay.BAD_ORIGINAL_TIME:
+            return problem(422, "original receive time not honoured; kept as a reject", outcome.detail,
+                           reason=outcome.reason)
         if outcome.reason == "too_large":        # past its device model's size limit (kept as a reject)
             return problem(413, "payload too large for its device model; kept as a reject", outcome.detail,
                            reason=outcome.reason)
@@ -373,6 +440,25 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _basic_login(header: str) -> tuple[str, str] | None:
+    """(name, password) of an HTTP Basic `Authorization` header, None for anything else."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        name, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (name, password) if sep and name else None
+
+
+def _is_tester(url: str, name: str, password: str) -> bool:
+    from iotjx.mqtt_accounts import verify_account
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        return verify_account(conn, name, password, "tester")
 
 
 def _resolver(loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> Callable[[Outcome], None]:

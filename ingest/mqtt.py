@@ -30,7 +30,11 @@ At scale (docs/ingest.md):
   (no lock shared with the network thread, so no deadlock).  A PUBACK is sent only on the
   connection that delivered the message: after a reconnect the broker resends what it has not seen
   acknowledged, with packet ids it may reuse for other messages, so a stale PUBACK could acknowledge
-  the wrong one.  The resent copy is a duplicate for the pipeline, and its PUBACK goes out."""
+  the wrong one.  The resent copy is a duplicate for the pipeline, and its PUBACK goes out.
+- *Replays.*  With `replay_enabled` the gateway also takes ``{prefix}/replay/{device_id}``, which
+  only tester accounts may write (broker ACL): each message carries its uplink's original receive
+  time and transport (`ingest.replay`), used as the uplink's `received_at`.  Those messages reach
+  `_on_uplink` through its odd-topic branch, so the uplinks' path pays nothing for them."""
 
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ from paho.mqtt.properties import Properties
 
 from iotjx.model import Outcome, Uplink
 from iotjx.settings import Settings
+
+from . import replay
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +255,7 @@ class MqttIngest:
         self._prefix = f"{settings.mqtt_topic_prefix}/up/"
         self._client = make_client(settings, settings.mqtt_session_client_id, manual_ack=True)
         self._identity = settings.mqtt_identity_property
+        self._replay_prefix = f"{settings.mqtt_topic_prefix}/replay/" if settings.replay_enabled else None
         if read_gate is not None:
             self._client.read_gate = read_gate
         self._submit_many = submit_many
@@ -272,7 +279,8 @@ class MqttIngest:
         self.connected = threading.Event()         # connected *and* subscribed: uplinks can flow
         self._disconnected = threading.Event()
         self.counters = {"messages": 0, "bad_topic": 0, "reconnects": 0, "stale_acks": 0, "left_for_redelivery": 0,
-                         "identity_refused": 0}
+                         "identity_refused": 0,
+                         "replayed": 0, "replay_refused": 0}
 
     @property
     def client(self) -> mqtt.Client:
@@ -313,9 +321,15 @@ class MqttIngest:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        _, self._subscribe_mid = client.subscribe(self._settings.uplink_topic_filter, qos=1)
+        filters = [self._settings.uplink_topic_filter]
+        if self._replay_prefix is not None:
+            filters.append(self._settings.replay_topic_filter)
+        if len(filters) > 1:
+            _, self._subscribe_mid = client.subscribe([(f, 1) for f in filters])
+        else:
+            _, self._subscribe_mid = client.subscribe(filters[0], qos=1)
         log.info("connected to %s, subscribing to %s (session present: %s)", self._settings.mqtt_url,
-                 self._settings.uplink_topic_filter, flags.session_present)
+                 ", ".join(filters), flags.session_present)
 
     def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
         if mid != self._subscribe_mid:
@@ -366,6 +380,9 @@ class MqttIngest:
                 ack = _PubAck(self, mid, self._generation)
             meta = _NO_META
             if not device_id:
+                if self._replay_prefix is not None and topic.startswith(self._replay_prefix):
+                    self._take(self._replayed(topic, payload, ack))
+                    return
                 self.counters["bad_topic"] += 1
                 meta = {"topic": topic}
             elif self._identity and identity != device_id:
@@ -382,6 +399,37 @@ class MqttIngest:
             self.counters["messages"] += 1
         except Exception:
             log.exception("uplink on %s (%d bytes) could not be queued", topic, len(payload))
+
+    def _replayed(self, topic: str, frame: bytes, ack: Callable[[Outcome], None]) -> Uplink:
+        """A replay message's uplink: stamped with its original receive time and transport, or — time
+        out of bounds, header unreadable, odd topic — a reject of no device (`bad_original_time`) at
+        the gateway's clock, under ``?{topic}`` so that it claims no dedup key of the device."""
+        now = time.time()
+        device_id = topic[len(self._replay_prefix):]
+        try:
+            if not device_id or "/" in device_id:
+                raise replay.ReplayFrameError("the replay topic names no device")
+            received_at, origin, payload = replay.unpack(frame, now, self._settings.replay_max_ahead_s)
+        except replay.ReplayFrameError as exc:
+            self.counters["replay_refused"] += 1
+            return Uplink(device_id=f"?{topic}", payload=frame, transport="mqtt",
+                          received_at=now, ack=ack,
+                          meta={"topic": topic, replay.BAD_ORIGINAL_TIME: str(exc)})
+        self.counters["replayed"] += 1
+        transport, envelope = replay.ORIGINS[origin]
+        meta: dict = {"replayed_at": round(now, 3)}
+        if envelope is not None:        # a carrier push: the pipeline finds the device in the envelope
+            meta["envelope"] = envelope
+            device_id = ""
+        return Uplink(device_id=device_id, payload=payload, transport=transport, received_at=received_at,
+                      meta=meta, ack=ack)
+
+    def _take(self, uplink: Uplink) -> None:
+        if self._submit_many is not None:
+            self._burst.append(uplink)
+        else:
+            self._submit(uplink)
+        self.counters["messages"] += 1
 
     def _submit_burst(self) -> None:
         """After each read burst (paho's network thread): its uplinks to the pipeline at once."""

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 # table, the raw log and reject_tally, so append only.
 UNKNOWN_DEVICE = "unknown_device"    # no registered, active device with this id
 TOO_LARGE = "too_large"              # over its model's max_payload_bytes or IOTJX_UPLINK_MAX_BYTES
-GATEWAY_REASONS = (UNKNOWN_DEVICE, TOO_LARGE, "storage", "internal")
+GATEWAY_REASONS = (UNKNOWN_DEVICE, TOO_LARGE, "storage", "internal",
+                   "bad_original_time")     # a tester's replay whose original time is not honoured (ingest.replay)
 KEPT_BYTES = 1024                    # what a too_large reject keeps of its payload
 PURGE_LOCK = 0x10_7A_5D              # advisory lock: one gateway purges at a time (migrations use 0x107A5C)
 

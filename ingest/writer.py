@@ -227,16 +227,18 @@ class Writer:
             tx.write(ws)
 
     def purge_dedup(self, window_s: float) -> int:
-        """Forget dedup keys older than the window (they can no longer make a duplicate)."""
+        """Forget dedup keys older than the window (they can no longer make a duplicate), by their
+        uplink's time and by the time they were claimed: a replay's keys (original, older times) stay
+        a window of the gateway's clock, as long as a replay at real speed or faster may send a copy."""
         with self.conn.transaction():
-            cur = self.conn.execute("DELETE FROM uplink_dedup WHERE received_at < now() - make_interval(secs => %s)",
-                                    (window_s,))
+            cur = self.conn.execute("DELETE FROM uplink_dedup WHERE received_at < now() - make_interval(secs => %s) "
+                                    "AND claimed_at < now() - make_interval(secs => %s)", (window_s, window_s))
             return cur.rowcount
 
     def _write_in(self, conn: psycopg.Connection, ws: WriteSet) -> None:
         partials = []
-        if self.aggregator is not None and (ws.readings or ws.blocks):
-            rows = batch_rows(ws.readings, ws.blocks)
+        if self.aggregator is not None and (ws.readings or ws.blocks or ws.seen_ids):
+            rows = batch_rows(ws.readings, ws.blocks, ws.seen_ids, ws.seen_at)
             if rows:
                 partials = self.aggregator.partials(rows, device_keys(conn, rows, ws.devices))
         self._ensure_days(conn, ws.days | bucket_days(partials) if partials else ws.days)
@@ -284,7 +286,8 @@ _CLAIM = """
     WITH claimed AS (
         INSERT INTO uplink_dedup AS d (device_id, key, received_at, window_s)
         SELECT device_id, key, received_at, window_s FROM iotjx_claim ORDER BY device_id, key
-        ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s
+        ON CONFLICT (device_id, key) DO UPDATE SET received_at = excluded.received_at, window_s = excluded.window_s,
+            claimed_at = now()
             WHERE d.received_at < excluded.received_at - make_interval(secs => excluded.window_s)
         RETURNING device_id, key)
     SELECT c.i FROM iotjx_claim c
@@ -302,28 +305,53 @@ class Transaction:
     def claim(self, keys: Sequence[tuple[str, bytes]], received_at: Sequence[float],
               window_s: float | Sequence[float]) -> list[bool]:
         """For each (device, key): True when no uplink with that key was stored within its window
-        (one window for all, or one per key; 0 = never a duplicate).  Atomic across gateways: a
-        concurrent claim of the same key waits for this transaction; keys are inserted in one order
-        (device, key) by every gateway, so two claims cannot deadlock."""
+        before it (one window for all, or one per key; 0 = never a duplicate).  Atomic across
+        gateways: a concurrent claim of the same key waits for this transaction; keys are inserted in
+        one order (device, key) by every gateway, so two claims cannot deadlock.  A key the batch
+        holds more than once is claimed once per copy, in the order of their `received_at` (a
+        replay at full speed brings identical frames of a quiet lane, 15 minutes apart by their
+        original times, in one batch: each is judged against the copy stored before it)."""
         windows = [float(window_s)] * len(keys) if isinstance(window_s, (int, float)) else list(window_s)
         first: dict[tuple[str, bytes], int] = {}
+        claimed = 0
         for i, k in enumerate(keys):
             if windows[i] > 0:
                 first.setdefault(k, i)
+                claimed += 1
         if not first:
             return [True] * len(keys)        # every window is 0: nothing can be a duplicate
-        at = list(first.values())
+        if claimed == len(first):            # each key once (the usual batch): one statement
+            old = self._claim_round(list(first.values()), keys, received_at, windows)
+            return [windows[i] <= 0 or (first[k] == i and i not in old) for i, k in enumerate(keys)]
+        copies: dict[tuple[str, bytes], list[int]] = {}
+        for i, k in enumerate(keys):
+            if windows[i] > 0:
+                copies.setdefault(k, []).append(i)
+        for at in copies.values():
+            at.sort(key=lambda i: (received_at[i], i))
+        new = [windows[i] <= 0 for i in range(len(keys))]
+        for r in range(max(len(at) for at in copies.values())):
+            round_ = [at[r] for at in copies.values() if len(at) > r]
+            if r:
+                self._conn.execute("DELETE FROM iotjx_claim")
+            old = self._claim_round(round_, keys, received_at, windows)
+            for i in round_:
+                new[i] = i not in old
+        return new
+
+    def _claim_round(self, at: list[int], keys: Sequence[tuple[str, bytes]], received_at: Sequence[float],
+                     windows: list[float]) -> set[int]:
+        """Claim the keys at positions `at` (one copy of each key); the positions that were not new."""
         n = len(at)
         with self._conn.cursor() as cur:
             with cur.copy(f"COPY iotjx_claim ({', '.join(CLAIM_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(pgbinary.encode([
                     Column("integer", np.asarray(at, dtype=np.int64)),
-                    Column("text", [k[0] for k in first]),
-                    Column("bytea", [k[1] for k in first]),
+                    Column("text", [keys[i][0] for i in at]),
+                    Column("bytea", [keys[i][1] for i in at]),
                     Column("timestamp with time zone", np.asarray([received_at[i] for i in at], dtype=np.float64)),
                     Column("double precision", np.asarray([windows[i] for i in at], dtype=np.float64))], n))
-            old = {i for (i,) in cur.execute(_CLAIM).fetchall()}
-        return [windows[i] <= 0 or (first[k] == i and i not in old) for i, k in enumerate(keys)]
+            return {i for (i,) in cur.execute(_CLAIM).fetchall()}
 
     def tally_rejects(self, ws: WriteSet, rows_per_min: int) -> Counter[tuple[str, str, str]]:
         """`ingest.rejects.tally_rejects` in this transaction: the rejects past `rows_per_min` per

@@ -8,7 +8,9 @@ What the broker enforces (docs/broker-security.md has what was measured on Mosqu
 - `devices.acl` is three `pattern` lines whatever the fleet's size: a device publishes on its own
   `{prefix}/up/{id}` and `{prefix}/ack/{id}` and reads its own `{prefix}/down/{id}`, nothing else.
   `services.acl` names each service account: a gateway reads every uplink and ack and publishes
-  downlinks; the tester publishes and reads uplinks.
+  downlinks; the tester publishes and reads uplinks.  Only the tester may write the replay topic
+  `{prefix}/replay/+` (uplinks with their original receive time, `ingest.replay`), which the gateway
+  reads; no device rule names it, so a device's publish there is dropped.
 - Retired devices are left out: the broker refuses them, and disconnects them at the reload.
 
 The device file is streamed: PostgreSQL formats each line (`$7$` = PBKDF2-SHA512, the hash
@@ -83,8 +85,9 @@ def device_acl(prefix: str) -> str:
 
 def service_acl(prefix: str, accounts: Iterable[ServiceAccount]) -> str:
     """The service listener's ACL: per gateway and tester account, what its role may do."""
-    rules = {"gateway": (f"read {prefix}/up/+", f"read {prefix}/ack/+", f"write {prefix}/down/+"),
-             "tester": (f"write {prefix}/up/+", f"read {prefix}/up/+")}
+    rules = {"gateway": (f"read {prefix}/up/+", f"read {prefix}/ack/+", f"write {prefix}/down/+",
+                         f"read {prefix}/replay/+"),
+             "tester": (f"write {prefix}/up/+", f"read {prefix}/up/+", f"write {prefix}/replay/+")}
     out = [_HEADER]
     for account in accounts:
         out.append(f"user {account.username}\n" + "".join(f"topic {rule}\n" for rule in rules[account.role]))

@@ -627,7 +627,8 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
     with _report_connection(section, HEALTH_SECTIONS) as (settings, conn, chosen):
         report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city,
                                battery_thresholds=settings.battery_thresholds)
-        success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
+        success = uplink_success(conn, report.now - timedelta(days=days), report.now, city, tz=settings.tz,
+                                 rollups=settings.rollups)
     tables = _health_tables(report, success)
     titles = {"online": "Online (live) rate per city × pilot × network",
               "silent": f"Silent devices (active, no stored uplink within {settings.live_factor:g} × interval)",
@@ -838,7 +839,8 @@ def report_radio(city: Annotated[Optional[str], typer.Option(help="a city: divis
         start = until - timedelta(days=days) if since is None else (
             since if since.tzinfo is not None else since.replace(tzinfo=UTC))
         report = radio_report(conn, start, until, rsrp_min_dbm=settings.radio_rsrp_min_dbm,
-                              sinr_min_db=settings.radio_sinr_min_db, city=city)
+                              sinr_min_db=settings.radio_sinr_min_db, city=city, tz=settings.tz,
+                              rollups=settings.rollups)
     tables = _radio_tables(report)
     span = f"{report.since.isoformat(timespec='minutes')} – {report.until.isoformat(timespec='minutes')}"
     rule = f"RSRP ≥ {report.rsrp_min_dbm:g} dBm and SINR ≥ {report.sinr_min_db:g} dB"

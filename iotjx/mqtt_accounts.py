@@ -100,6 +100,17 @@ def set_service_account(conn: psycopg.Connection, username: str, role: str, pass
     return _store(conn, username, role, None, password)
 
 
+def verify_account(conn: psycopg.Connection, username: str, password: str, role: str) -> bool:
+    """True when `username` is an account of `role` whose password is `password` (a tester's HTTP
+    login for replays, ingest/http.py).  One PBKDF2 per call: callers cache what they accepted."""
+    row = conn.execute("SELECT iterations, salt, password_hash FROM mqtt_accounts WHERE username = %s AND role = %s",
+                       (username, role)).fetchone()
+    if row is None:
+        hash_password(password)           # as long as a check: the answer's time says nothing of the name
+        return False
+    return verify_password(password, row[0], bytes(row[1]), bytes(row[2]))
+
+
 def delete_account(conn: psycopg.Connection, username: str, role: str | None = None) -> bool:
     """Remove an account, of `role` only when given (the broker refuses it once its files are
     generated again)."""

@@ -155,6 +155,13 @@ class Settings(BaseSettings):
     onenet_push_max_age_s: float = Field(
         900, ge=0, description="OneNET pushes whose `msg.at` is further than this from now are refused (401); a nonce seen "
                                "within it is answered at the door (a duplicate once taken); 0: no freshness check (replaying captures in a test system)")
+    replay_enabled: bool = Field(
+        False, description="Also take `{prefix}/replay/{device_id}`: a tester's replays carrying each uplink's original "
+                           "receive time (ingest/replay.py). Only on a broker whose ACL lets only tester accounts write there "
+                           "(the files of `iotjx broker sync` do)")
+    replay_max_ahead_s: float = Field(
+        300, ge=0, le=86400, description="A replayed uplink's original receive time may be at most this far ahead of "
+                                         "the gateway's clock (and not before 2000); else it is kept as a reject")
     http_push_answer_s: float = Field(
         20, gt=0, description="A push not committed (or spooled) within this long is answered 503 + Retry-After; "
                               "the platform's retry is a duplicate if it was stored meanwhile")
@@ -163,6 +170,14 @@ class Settings(BaseSettings):
         1 << 20, ge=1024, le=64 << 20, description="Largest API request body in bytes (JSON routes); larger gets 413")
     api_max_import_bytes: int = Field(
         32 << 20, ge=1024, le=1 << 30, description="Largest CSV body of `POST /devices/bulk` and `POST /sites/bulk` in bytes; larger gets 413")
+    api_rate_per_s: float = Field(
+        50, ge=0, le=1e6, description="Requests per second each API key may make, sustained (a token bucket per key, "
+                                      "per API process; `/health` exempt); past it 429 + Retry-After; 0: no limit")
+    api_rate_burst: int = Field(
+        200, ge=1, le=1_000_000, description="Requests an API key may make in a burst (the bucket's size) before `IOTJX_API_RATE_PER_S` applies")
+    api_cors_origins: str = Field(
+        "", description="Origins (`https://grafana.example.org`, comma-separated) whose browser pages may call the API "
+                        "(CORS); empty: none, no Access-Control-* headers are sent")
     # Downlinks for sleeping devices (ingest/downlink.py)
     downlink_ttl_s: int = Field(7 * 86400, ge=60, description="A queued command expires after this long by default")
     downlink_max_attempts: int = Field(
@@ -244,6 +259,22 @@ class Settings(BaseSettings):
                 raise ValueError("mqtt_url must look like mqtt://host:1883")
         return value
 
+    @field_validator("api_cors_origins")
+    @classmethod
+    def _cors_origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                                  or parts.path not in ("", "/") or parts.query or parts.fragment):
+                raise ValueError(f"api_cors_origins: {origin!r} is not an origin such as https://grafana.example.org "
+                                 "(scheme and host, optionally :port, nothing after)")
+        return value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """`api_cors_origins` as a list (empty: CORS off)."""
+        return [o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip()]
+
     @property
     def tz(self):
         """`timezone` as a ZoneInfo: the zone of days, snapshots and rollups."""
@@ -297,6 +328,12 @@ class Settings(BaseSettings):
     @property
     def uplink_topic_filter(self) -> str:
         topic = f"{self.mqtt_topic_prefix}/up/+"
+        return f"$share/{self.mqtt_share_group}/{topic}" if self.mqtt_shared_group else topic
+
+    @property
+    def replay_topic_filter(self) -> str:
+        """The replay topic's filter (`replay_enabled`), shared like the uplinks' when they are."""
+        topic = f"{self.mqtt_topic_prefix}/replay/+"
         return f"$share/{self.mqtt_share_group}/{topic}" if self.mqtt_shared_group else topic
 
     def _secret_name(self, kind: str, name: str) -> str:

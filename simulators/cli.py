@@ -246,8 +246,14 @@ def replay(
     coap_url: Annotated[Optional[str], typer.Option(help="CoAP server (default: IOTJX_COAP_BIND)")] = None,
     push_url: Annotated[Optional[str], typer.Option(help="carrier push URL with {carrier}")] = None,
     push_header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' header on pushes")] = None,
+    original_times: Annotated[bool, typer.Option(
+        "--original-times", help="send every uplink with its original receive time (the capture's `t`): MQTT and "
+                                 "CoAP uplinks to {prefix}/replay/{device} over MQTT, pushes to the push URL with "
+                                 "a header, as a tester account (IOTJX_MQTT_USERNAME/PASSWORD); the gateway "
+                                 "(IOTJX_REPLAY_ENABLED) stores them as it did live")] = False,
 ) -> None:
-    """Send a capture's uplinks again, each over its own transport, with a progress bar and a summary."""
+    """Send a capture's uplinks again, each over its own transport (with --original-times: MQTT and CoAP
+    uplinks over MQTT, each with its original receive time), with a progress bar and a summary."""
     from simulators.capture import read_capture
     from simulators.replay import send_records
 
@@ -268,11 +274,16 @@ def replay(
         total = min(total, limit)
     default_speed = float(cap.header.get("speed", 1.0)) if cap.header.get("source") == "simulator" else 1.0
     chosen = _speed(speed, as_fast, default_speed)
+    if original_times and settings.mqtt_url is None:
+        console.print("[red]--original-times sends over MQTT: IOTJX_MQTT_URL is not set[/]")
+        raise typer.Exit(2)
     console.print(f"replaying {total:,} uplinks from {file} "
-                  f"({'as fast as acknowledged' if chosen is None else f'×{chosen:g}'})")
+                  f"({'as fast as acknowledged' if chosen is None else f'×{chosen:g}'}"
+                  f"{', with their original receive times' if original_times else ''})")
     summary = send_records(itertools.islice(cap.uplinks(), limit), _targets(settings, coap_url, push_url, push_header),
                            speed=chosen, max_inflight=inflight, total=total, console=console,
-                           description=file.name, client_id=f"iotjx-replay-{int(time.time())}")
+                           description=file.name, client_id=f"iotjx-replay-{int(time.time())}",
+                           original_times=original_times)
     _finish(summary)
 
 

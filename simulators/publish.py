@@ -62,13 +62,14 @@ class MqttPublisher:
             self._connected.set()
 
     def publish(self, device_id: str, payload: bytes, qos: int = 1,
-                on_ack: Callable[[bool, str], None] | None = None) -> None:
-        """Publish one uplink on `{prefix}/up/{device_id}`.  `on_ack(ok, detail)`, when given, is called
-        from paho's thread once the broker acknowledged (QoS 1) or refused it."""
+                on_ack: Callable[[bool, str], None] | None = None, *, kind: str = "up") -> None:
+        """Publish one uplink on `{prefix}/{kind}/{device_id}` (`kind` "replay": a replay message,
+        `ingest.replay`).  `on_ack(ok, detail)`, when given, is called from paho's thread once the
+        broker acknowledged (QoS 1) or refused it."""
         with self._lock:
             self._pending += 1
             self._registering += on_ack is not None
-        info = self._client.publish(f"{self.prefix}/up/{device_id}", payload, qos=qos)
+        info = self._client.publish(f"{self.prefix}/{kind}/{device_id}", payload, qos=qos)
         early = None
         with self._lock:
             if on_ack is not None:

@@ -60,8 +60,15 @@ class SendSummary:
 def send_records(records: Iterable[UplinkRecord], targets: Targets, *, speed: float | None = None,
                  max_inflight: int = 256, total: int | None = None, console: Console | None = None,
                  description: str = "sending", client_id: str = "iotjx-replay",
-                 on_answer: Callable[[UplinkRecord, Answer], None] | None = None) -> SendSummary:
+                 on_answer: Callable[[UplinkRecord, Answer], None] | None = None,
+                 original_times: bool = False) -> SendSummary:
     """Send every record over its transport and wait for every answer.
+
+    `original_times`: each record carries its original receive time (`record.t`) — MQTT and CoAP
+    records over MQTT to the replay topic (with their transport), carrier pushes to the push URL
+    with the time in a header (`ingest.replay`); the login (`targets.mqtt_username`) must be a
+    tester account and the gateway must have IOTJX_REPLAY_ENABLED.  The gateway then stores each as
+    the live run did — its dedup window, its readings' time — whatever the speed or the day.
 
     `speed`: simulated (recorded) seconds per real second — 1 is real time, 3600 an hour a second;
     None sends as fast as the server acknowledges, `max_inflight` at a time.  A progress bar is drawn on
@@ -69,12 +76,13 @@ def send_records(records: Iterable[UplinkRecord], targets: Targets, *, speed: fl
     if speed is not None and speed <= 0:
         raise ValueError("speed must be positive (or None: as fast as the server takes it)")
     return asyncio.run(_send_all(records, targets, speed, max(1, max_inflight), total, console, description,
-                                 client_id, on_answer))
+                                 client_id, on_answer, original_times))
 
 
 async def _send_all(records: Iterable[UplinkRecord], targets: Targets, speed: float | None, max_inflight: int,
                     total: int | None, console: Console | None, description: str, client_id: str,
-                    on_answer: Callable[[UplinkRecord, Answer], None] | None) -> SendSummary:
+                    on_answer: Callable[[UplinkRecord, Answer], None] | None,
+                    original_times: bool = False) -> SendSummary:
     summary = SendSummary()
     channels: dict[str, MqttChannel | CoapChannel | HttpChannel] = {}
     slots = asyncio.Semaphore(max_inflight)
@@ -86,6 +94,14 @@ async def _send_all(records: Iterable[UplinkRecord], targets: Targets, speed: fl
     first_t = last_t = None
 
     async def channel(transport: str):
+        if original_times and transport in ("mqtt", "coap"):
+            if "replay" not in channels:
+                channels["replay"] = await asyncio.to_thread(MqttChannel, targets, client_id, original_times=True)
+            return channels["replay"]
+        if original_times and transport == "http":
+            if transport not in channels:
+                channels[transport] = HttpChannel(targets, original_times=True)
+            return channels[transport]
         if transport not in channels:
             if transport == "mqtt":
                 channels[transport] = await asyncio.to_thread(MqttChannel, targets, client_id)

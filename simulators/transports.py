@@ -82,9 +82,14 @@ class Targets:
 
 
 class MqttChannel:
-    """One MQTT connection for all devices (as a device gateway or a carrier bridge publishes)."""
+    """One MQTT connection for all devices (as a device gateway or a carrier bridge publishes).  With
+    `original_times`, each record goes to ``{prefix}/replay/{device}`` with its original receive
+    time (`record.t`) and transport in front (`ingest.replay`): the gateway (IOTJX_REPLAY_ENABLED)
+    stores it as it arrived then.  Only a tester account may write there; the broker drops anyone
+    else's."""
 
-    def __init__(self, targets: Targets, client_id: str) -> None:
+    def __init__(self, targets: Targets, client_id: str, *, original_times: bool = False) -> None:
+        self._original_times = original_times
         if targets.mqtt_host is None:
             raise ValueError("no broker to send MQTT records to (IOTJX_MQTT_URL)")
         self._publisher = MqttPublisher(targets.mqtt_host, targets.mqtt_port, prefix=targets.mqtt_prefix,
@@ -98,7 +103,13 @@ class MqttChannel:
         def acked(ok: bool, detail: str) -> None:
             loop.call_soon_threadsafe(_settle, answer, ACK if ok else Answer("refused", detail))
 
-        self._publisher.publish(record.device_id, record.payload, on_ack=acked)
+        if self._original_times:
+            from ingest import replay
+
+            frame = replay.pack(record.t, record.payload, replay.origin_code(record.transport, record.route))
+            self._publisher.publish(record.device_id or "push", frame, on_ack=acked, kind="replay")
+        else:
+            self._publisher.publish(record.device_id, record.payload, on_ack=acked)
         return await answer
 
     async def close(self) -> None:
@@ -160,13 +171,22 @@ class CoapChannel:
 
 class HttpChannel:
     """Carrier pushes: POST the JSON envelope, keep-alive connections from a small thread pool (the
-    standard library's client; a push is one small request)."""
+    standard library's client; a push is one small request).  With `original_times`, each push
+    carries its original receive time (`record.t`, header ``X-Iotjx-Received-At``) and the tester's
+    login (HTTP Basic: `targets.mqtt_username` / `mqtt_password`), as `ingest.http` honours them."""
 
-    def __init__(self, targets: Targets) -> None:
+    def __init__(self, targets: Targets, *, original_times: bool = False) -> None:
         if targets.push_url is None:
             raise ValueError("no push URL to send carrier records to")
         self._template = targets.push_url
         self._headers = {"Content-Type": "application/json", **dict(targets.push_headers)}
+        self._original_times = original_times
+        if original_times:
+            if not targets.mqtt_username or not targets.mqtt_password:
+                raise ValueError("pushes with their original times need the tester's login (IOTJX_MQTT_USERNAME and "
+                                 "IOTJX_MQTT_PASSWORD)")
+            login = f"{targets.mqtt_username}:{targets.mqtt_password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(login).decode()
         self._timeout = targets.timeout_s
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=max(1, targets.http_connections),
@@ -176,9 +196,14 @@ class HttpChannel:
 
     async def send(self, record: UplinkRecord) -> Answer:
         url = self._template.replace("{carrier}", record.route or "push")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._post, url, record.payload)
+        headers = self._headers
+        if self._original_times:
+            from ingest.replay import TIME_HEADER
 
-    def _post(self, url: str, body: bytes) -> Answer:
+            headers = {**headers, TIME_HEADER: repr(float(record.t))}
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._post, url, record.payload, headers)
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         conn = getattr(self._local, "conns", {}).get(key)
@@ -191,7 +216,7 @@ class HttpChannel:
                     self._connections.append(conn)
             try:
                 path = parts.path + (f"?{parts.query}" if parts.query else "")
-                conn.request("POST", path or "/", body=body, headers=self._headers)
+                conn.request("POST", path or "/", body=body, headers=headers)
                 response = conn.getresponse()
                 text = response.read()[:200].decode("utf-8", "replace")
             except (OSError, http.client.HTTPException) as exc:

@@ -36,7 +36,8 @@ def test_the_streamed_password_file_is_the_registry_in_mosquittos_format(db_url,
         "pattern write jx/iotjx/up/%u", "pattern write jx/iotjx/ack/%u", "pattern read jx/iotjx/down/%u"]
     assert (tmp_path / "services.acl").read_text().splitlines()[1:] == [
         "user gw-a", "topic read jx/iotjx/up/+", "topic read jx/iotjx/ack/+", "topic write jx/iotjx/down/+",
-        "user tester-a", "topic write jx/iotjx/up/+", "topic read jx/iotjx/up/+"]
+        "topic read jx/iotjx/replay/+",
+        "user tester-a", "topic write jx/iotjx/up/+", "topic read jx/iotjx/up/+", "topic write jx/iotjx/replay/+"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.acl", "devices.passwd", "services.acl",
                                                           "services.passwd"]
     assert all(p.stat().st_mode & 0o777 in (0o640, 0o644) for p in tmp_path.iterdir())

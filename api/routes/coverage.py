@@ -11,14 +11,14 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from analytics.coverage import (PACE_WINDOW_DAYS, NoSnapshot, daily_values, local_day, report_as_of,
                                 snapshot_range, take_snapshot)
 from api.deps import AppSettings, Conn, Operator, TargetId, Viewer, WholeProvinceAdmin, audit_write
 from api.problems import PROBLEM
-from api.schemas import CityCode, Note
+from api.schemas import CityCode, Note, city_names
 from iotjx.apikeys import ApiKey
 from iotjx.targets import CoverageTarget
 
@@ -28,7 +28,58 @@ EARLIEST_DAY = date(2000, 1, 1)
 MAX_PROGRESS = 1e15
 
 
-class TargetStanding(BaseModel):
+class SiteCriteriaOut(BaseModel):
+    """Which catalogue sites a site measure counts."""
+
+    kind: str
+    min_grade: str | None = Field(description="a scenic spot's lowest grade counted (`4A`: 4A and 5A)")
+    grades: list[str] = Field(description="exactly these grades (empty: any)")
+    model_site: bool = Field(description="only sites flagged as model sites")
+
+
+class DeviceCriteriaOut(BaseModel):
+    """Which devices a target counts."""
+
+    families: list[str]
+    models: list[str]
+    network: str | None
+
+
+class DayValue(BaseModel):
+    day: date
+    value: float | None
+
+
+class CityNames(BaseModel):
+    """`city` is the division code; its names ride along (null without a city)."""
+
+    city: int | None = Field(description="division code, e.g. 360600; null: the whole province / no site")
+    city_name_zh: str | None
+    city_name_en: str | None
+
+
+class TargetOut(CityNames):
+    """A target of the catalogue: what it counts, against which value, by when."""
+
+    target_id: str
+    source: Literal["plan", "programme"]
+    clause_zh: str
+    clause_en: str
+    target_zh: str
+    target_en: str
+    value: float = Field(description="the value to reach")
+    unit: str
+    deadline: date
+    measure: str
+    pilot: str | None = Field(description="the pilot of the devices counted, when they all belong to one")
+    network: str | None
+    sites: list[SiteCriteriaOut] = Field(description="site measures: which catalogue sites count (any criterion)")
+    devices: DeviceCriteriaOut | None = Field(description="which devices count: families and/or models, network")
+    min_live: int | None = Field(description="site measures: live devices a site needs")
+    min_live_share: float | None = Field(description="site measures: percent of a site's active devices live")
+
+
+class TargetStanding(CityNames):
     """One target: its definition, its value on the day described, its verdict and pace."""
 
     target_id: str
@@ -41,12 +92,10 @@ class TargetStanding(BaseModel):
     unit: str
     target: float = Field(description="the value to reach")
     deadline: date
-    city: int | None
-    city_name: str | None
     pilot: str | None = Field(description="the pilot of the devices counted, when they all belong to one")
     network: str | None
-    sites: list[dict[str, Any]] = Field(description="site measures: which catalogue sites count (any criterion)")
-    devices: dict[str, Any] | None = Field(description="which devices count: families and/or models, network")
+    sites: list[SiteCriteriaOut] = Field(description="site measures: which catalogue sites count (any criterion)")
+    devices: DeviceCriteriaOut | None = Field(description="which devices count: families and/or models, network")
     min_live: int | None = Field(description="site measures: live devices a site needs")
     min_live_share: float | None = Field(description="site measures: percent of a site's active devices live")
     value: float | None = Field(description="the figure: live devices, sites meeting the minimum, a percent of "
@@ -65,13 +114,10 @@ class TargetStanding(BaseModel):
     observed_days: int | None
     projected_date: date | None
     at_risk: bool | None
-    history: list[dict[str, Any]] = Field(description="daily values before the day described (snapshots)")
+    history: list[DayValue] = Field(description="daily values before the day described (snapshots)")
 
 
-class BreakdownRow(BaseModel):
-    city: int | None
-    city_zh: str | None
-    city_en: str | None
+class BreakdownRow(CityNames):
     pilot: str
     network: str
     registered: int
@@ -91,6 +137,12 @@ class CoverageOut(BaseModel):
     breakdown: list[BreakdownRow]
     unverified: dict[str, int] = Field(description="devices at free-text sites, never counted toward a plan target "
                                                    "(live reports only)")
+
+
+def _named(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with the names of its city as `city_name_zh`, `city_name_en` (one spelling everywhere)."""
+    out = {k: v for k, v in row.items() if k not in ("city_name", "city_zh", "city_en")}
+    return {**out, **city_names(row.get("city"))}
 
 
 def _visible(request: Request, key: ApiKey) -> list[CoverageTarget]:
@@ -148,26 +200,49 @@ def coverage(key: Viewer, request: Request, conn: Conn, settings: AppSettings,
                 or (network is not None and row["network"] not in (None, network)):
             continue
         history = longer[row["target_id"]] if longer is not None else row["history"]
-        targets.append({**row, "history": [h for h in history if h["day"] >= first]})
+        targets.append({**_named(row), "history": [h for h in history if h["day"] >= first]})
     table = [r for r in report.breakdown if key.sees_city(r["city"]) and (city is None or r["city"] == city)
              and (pilot is None or r["pilot"] == pilot) and (network is None or r["network"] == network)]
     return CoverageOut(source=report.source, day=report.day, state_at=report.state_at,
                        generated_at=report.generated_at, live_factor=settings.live_factor,
-                       timezone=settings.timezone, targets=targets, breakdown=table,
+                       timezone=settings.timezone, targets=targets, breakdown=[_named(r) for r in table],
                        unverified=report.unverified if key.cities is None else {})
 
 
-@router.get("/targets", summary="The targets catalogue: what each target counts")
-def targets(key: Viewer, request: Request) -> list[dict[str, Any]]:
-    return [t.as_dict() for t in _visible(request, key)]
+@router.get("/targets", response_model=list[TargetOut], summary="The targets catalogue: what each target counts",
+            description="A city-scoped key sees its cities' targets only (province-wide ones are every city's).")
+def targets(key: Viewer, request: Request) -> list[TargetOut]:
+    return [TargetOut(**_named(t.as_dict())) for t in _visible(request, key)]
 
 
-@router.get("/targets/{target_id}/history", responses={404: PROBLEM, 422: PROBLEM},
+class HistoryPoint(BaseModel):
+    """A day's value; device- and site-measured targets also give its counts and the target that day."""
+
+    day: date
+    value: float | None
+    registered: int | None = None
+    active: int | None = None
+    live: int | None = None
+    sites_in_scope: int | None = None
+    sites_meeting: int | None = None
+    target: float | None = Field(None, description="the target value as the catalogue said that day")
+
+
+class TargetHistory(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    target_id: str
+    since: date = Field(alias="from", description="the first day asked")
+    until: date = Field(alias="to", description="the last day asked")
+    series: list[HistoryPoint]
+
+
+@router.get("/targets/{target_id}/history", response_model=TargetHistory, responses={404: PROBLEM, 422: PROBLEM},
             summary="A target's daily values (snapshots; entries for operator targets)")
 def target_history(key: Viewer, target_id: TargetId, request: Request, conn: Conn,
                    since: Annotated[date | None, Query(alias="from", description="first day (default: 365 days back)")] = None,
                    until: Annotated[date | None, Query(alias="to", description="last day (default: yesterday)")] = None,
-                   ) -> dict[str, Any]:
+                   ) -> TargetHistory:
     from analytics.coverage import figure_series, operator_entries
 
     target = _target(request, key, target_id)
@@ -186,7 +261,7 @@ def target_history(key: Viewer, target_id: TargetId, request: Request, conn: Con
                       SELECT day, value, registered, active, live, sites, sites_meeting, target_value
                       FROM coverage_snapshots WHERE target_id = %s AND day BETWEEN %s AND %s ORDER BY day""",
                                                                 (target_id, since, until))]
-    return {"target_id": target_id, "from": since, "to": until, "series": series}
+    return TargetHistory(target_id=target_id, since=since, until=until, series=series)
 
 
 class Progress(BaseModel):
@@ -202,12 +277,26 @@ class Progress(BaseModel):
         return self
 
 
-@router.put("/targets/{target_id}/progress", summary="Enter the figure of a target no device measures",
+class ProgressEntry(BaseModel):
+    entry_id: int
+    value: float
+    as_of: date = Field(description="the day the figure describes")
+    note: str
+    actor: str = Field(description="who entered it: `key:<key_id>` or `cli:<user>`")
+    entered_at: datetime
+
+
+class ProgressEntered(ProgressEntry):
+    target_id: str
+
+
+@router.put("/targets/{target_id}/progress", response_model=ProgressEntered,
+            summary="Enter the figure of a target no device measures",
             description="Every entry is kept (who, when, for which day, the note); the figure of a day is the latest "
                         "entry describing that day or an earlier one.",
             responses={404: PROBLEM, 409: PROBLEM, 422: PROBLEM})
 def set_progress(key: Operator, target_id: TargetId, progress: Annotated[Progress, Body()], request: Request,
-                 conn: Conn, settings: AppSettings) -> dict[str, Any]:
+                 conn: Conn, settings: AppSettings) -> ProgressEntered:
     target = _target(request, key, target_id)
     if target.measure != "operator":
         raise HTTPException(409, f"{target_id} is measured from devices ({target.measure}), not entered")
@@ -223,29 +312,45 @@ def set_progress(key: Operator, target_id: TargetId, progress: Annotated[Progres
             RETURNING entry_id, entered_at""", (target_id, progress.value, as_of, progress.note, key.actor)).fetchone()
         audit_write(conn, request, key, target=target_id,
                     change={"value": progress.value, "as_of": str(as_of), "note": progress.note}, status=200)
-    return {"entry_id": entry_id, "target_id": target_id, "value": progress.value, "as_of": as_of,
-            "note": progress.note, "actor": key.actor, "entered_at": entered_at}
+    return ProgressEntered(entry_id=entry_id, target_id=target_id, value=progress.value, as_of=as_of,
+                           note=progress.note, actor=key.actor, entered_at=entered_at)
 
 
-@router.get("/targets/{target_id}/progress", responses={404: PROBLEM},
+@router.get("/targets/{target_id}/progress", response_model=list[ProgressEntry], responses={404: PROBLEM},
             summary="Every figure entered for an operator target, newest first")
-def progress_entries(key: Viewer, target_id: TargetId, request: Request, conn: Conn) -> list[dict[str, Any]]:
+def progress_entries(key: Viewer, target_id: TargetId, request: Request, conn: Conn) -> list[ProgressEntry]:
     _target(request, key, target_id)
-    return [{"entry_id": e, "value": v, "as_of": d, "note": n, "actor": a, "entered_at": at}
+    return [ProgressEntry(entry_id=e, value=v, as_of=d, note=n, actor=a, entered_at=at)
             for e, v, d, n, a, at in conn.execute("""
                 SELECT entry_id, value, as_of, note, actor, entered_at FROM target_progress_log
                 WHERE target_id = %s ORDER BY entered_at DESC, entry_id DESC""", (target_id,))]
 
 
-@router.get("/coverage/snapshots", summary="The days whose coverage snapshot was taken")
+class SnapshotDay(BaseModel):
+    day: date
+    state_at: datetime = Field(description="the instant described: the end of the local day")
+    taken_at: datetime
+    how: str = Field(description="scheduled, filled or retaken")
+    devices: int = Field(description="devices registered at state_at")
+    duration_s: float
+
+
+class SnapshotsOut(BaseModel):
+    first: date | None
+    last: date | None
+    count: int
+    days: list[SnapshotDay] = Field(description="newest first, at most `limit`")
+
+
+@router.get("/coverage/snapshots", response_model=SnapshotsOut, summary="The days whose coverage snapshot was taken")
 def snapshots(key: Viewer, conn: Conn,
-              limit: Annotated[int, Query(ge=1, le=3660)] = 100) -> dict[str, Any]:
+              limit: Annotated[int, Query(ge=1, le=3660)] = 100) -> SnapshotsOut:
     first, last, n = snapshot_range(conn)
-    days = [{"day": d, "state_at": s, "taken_at": t, "how": h, "devices": dv, "duration_s": round(du, 3)}
+    days = [SnapshotDay(day=d, state_at=s, taken_at=t, how=h, devices=dv, duration_s=round(du, 3))
             for d, s, t, h, dv, du in conn.execute("""
                 SELECT day, state_at, taken_at, how, devices, duration_s FROM coverage_snapshot_days
                 ORDER BY day DESC LIMIT %s""", (limit,))]
-    return {"first": first, "last": last, "count": n, "days": days}
+    return SnapshotsOut(first=first, last=last, count=n, days=days)
 
 
 class SnapshotRequest(BaseModel):
@@ -253,10 +358,16 @@ class SnapshotRequest(BaseModel):
     retake: bool = Field(False, description="replace the day's snapshot if it exists (after late data)")
 
 
-@router.post("/coverage/snapshots", summary="Take (or retake) one past day's snapshot from the stored uplinks",
+class SnapshotTaken(BaseModel):
+    day: date
+    taken: bool = Field(description="false: the day had a snapshot already (retake to replace it)")
+    detail: str
+
+
+@router.post("/coverage/snapshots", response_model=SnapshotTaken, summary="Take (or retake) one past day's snapshot from the stored uplinks",
              description="Province-wide history: an admin key without a city scope.",
              responses={403: PROBLEM, 422: PROBLEM})
-async def take(key: WholeProvinceAdmin, body: Annotated[SnapshotRequest, Body()], request: Request) -> dict[str, Any]:
+async def take(key: WholeProvinceAdmin, body: Annotated[SnapshotRequest, Body()], request: Request) -> SnapshotTaken:
     settings = request.app.state.settings
     today = _today(settings)
     if not EARLIEST_DAY <= body.day < today:
@@ -271,4 +382,4 @@ async def take(key: WholeProvinceAdmin, body: Annotated[SnapshotRequest, Body()]
             return taken
 
     taken = await run_in_threadpool(run)
-    return {"day": body.day, "taken": taken, "detail": "taken" if taken else "already taken (retake to replace it)"}
+    return SnapshotTaken(day=body.day, taken=taken, detail="taken" if taken else "already taken (retake to replace it)")

@@ -3,12 +3,14 @@ description (/openapi.json, /docs), which need a key like everything else."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
 
 from api.auth import STATE_KEY
 from api.deps import Pool, Viewer, WholeProvince
@@ -21,8 +23,58 @@ router = APIRouter(tags=["system"])
 GATEWAY_STALE_S = 30
 
 
+class DatabaseHealth(BaseModel):
+    reachable: bool
+    storage: str | None = Field(None, description="postgresql or timescaledb")
+    schema_version: int | None = Field(None, description="the last migration applied")
+    error: str | None = Field(None, description="why it cannot be reached")
+
+
+class SpoolHealth(BaseModel):
+    """A gateway's durable spool (ingest/spool.py); the journal fields only when it is enabled."""
+
+    enabled: bool
+    mode: Literal["direct", "spooling"]
+    full: bool
+    db_batch_busy_s: float = Field(description="how long the oldest batch in the database has been waiting")
+    directory: str | None = None
+    segments: int | None = None
+    uplinks: int | None = None
+    bytes: int | None = None
+    limit_bytes: int | None = None
+    oldest_received_at: float | None = Field(None, description="Unix time of the oldest spooled uplink")
+    age_s: float | None = None
+
+
+class GatewayHealth(BaseModel):
+    gateway_id: str
+    broker_connected: bool
+    queue_depth: int
+    spool: SpoolHealth | None
+    counters: dict[str, int | float | str | None] = Field(
+        description="the gateway's counters by name (uplinks stored, rejected by reason, per transport …); "
+                    "`last_error`: its last database error or null")
+    updated_at: datetime = Field(description="its last heartbeat")
+    stale: bool = Field(description=f"no heartbeat for over {GATEWAY_STALE_S} s: left out of the status")
+
+
+class Health(BaseModel):
+    """Without a key, or with a city-scoped one: `status` alone."""
+
+    status: Literal["ok", "degraded", "down"] = Field(
+        description="ok; degraded: no live gateway, or none connected to the broker; down: no database")
+    version: str | None = None
+    database: DatabaseHealth | None = None
+    gateways: list[GatewayHealth] | None = None
+    broker_connected: bool | None = Field(None, description="a live gateway is connected to the broker")
+    queue_depth: int | None = Field(None, description="uplinks waiting in the live gateways' queues")
+
+
 def _without_metrics(counters: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (counters or {}).items() if k != "metrics"}
+    # The counters are numbers (and last_error, text): anything nested is not one, and is left out
+    # rather than break the typed answer of a probe.
+    return {k: v for k, v in (counters or {}).items()
+            if k != "metrics" and (v is None or isinstance(v, (int, float, str)))}
 
 
 def _health(pool) -> dict[str, Any]:
@@ -50,16 +102,17 @@ def _health(pool) -> dict[str, Any]:
 
 
 @router.get("/health", summary="ok / degraded / down; with a key without a city scope: database, gateways, queue",
+            response_model=Health, response_model_exclude_unset=True,
             responses={200: {"content": {"application/json": {"examples": {
                 "without a key": {"value": {"status": "ok"}}}}}}})
-def health(request: Request, pool: Pool) -> dict[str, Any]:
+def health(request: Request, pool: Pool) -> Health:
     """Open to every caller (a load balancer's probe): without a key only the status, since the rest
     (gateway ids, versions, database errors) helps an attacker more than a probe."""
     out = _health(pool)
     key = request.scope.get("state", {}).get(STATE_KEY)
     if key is None or key.cities is not None:
-        return {"status": out["status"]}
-    return out
+        return Health(status=out["status"])
+    return Health.model_validate(out)
 
 
 @router.get("/metrics", summary="Ingest metrics of every live gateway, Prometheus text format",

@@ -13,7 +13,7 @@ import pytest
 
 import decoders
 from analytics.health import uplink_success
-from analytics.radio import coverage_groups, device_radio, radio_report, weak_devices
+from analytics.radio import coverage_groups, device_radio, radio_report, radio_summary, weak_devices
 from decoders.gb26875_layout import ANALOG_VALUE
 from ingest.pipeline import Pipeline
 from ingest.registry import DeviceRegistry
@@ -295,3 +295,34 @@ def test_report_radio_prints_tables_and_csv(fleet, monkeypatch):
         assert runner.invoke(app, ["report", "radio", "--section", "water"]).exit_code == 2
     finally:
         get_settings.cache_clear()
+
+
+def _same_groups(a, b) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        for name in x.__dataclass_fields__:
+            u, v = getattr(x, name), getattr(y, name)
+            if name == "ecl_share":
+                assert u == pytest.approx(v, nan_ok=True) if all(s is not None for s in u + v) else u == v, (x, name)
+            elif isinstance(u, float) or isinstance(v, float):
+                assert u == pytest.approx(v), (x, name)
+            else:
+                assert u == v, (x, name)
+
+
+@pytest.mark.parametrize("city", [None, "Nanchang"])
+def test_a_window_open_to_now_reads_the_latest_rollup_and_gives_the_same_figures(fleet, city):
+    """until=None (now): each device's latest figures come from the writer's all-time rollup_radio_latest;
+    they equal those of the closed window [since, now) read from the device-day rollup and the readings,
+    and the summary computed in SQL equals the report's groups computed in Python."""
+    since = NOW - timedelta(days=4)
+    until = datetime.now(UTC) + timedelta(seconds=1)
+    latest = device_radio(fleet, since, None, city)
+    closed = device_radio(fleet, since, until, city)
+    assert latest == closed and any(d.with_radio for d in latest)
+    report = radio_report(fleet, since, None, rsrp_min_dbm=-105.0, sinr_min_db=-3.0, city=city)
+    summary = radio_summary(fleet, since, rsrp_min_dbm=-105.0, sinr_min_db=-3.0, city=city)
+    _same_groups(summary, list(report.groups))
+    later = radio_summary(fleet, NOW - timedelta(days=1), rsrp_min_dbm=-105.0, sinr_min_db=-3.0, city=city)
+    _same_groups(later, list(radio_report(fleet, NOW - timedelta(days=1), None, rsrp_min_dbm=-105.0,
+                                          sinr_min_db=-3.0, city=city).groups))

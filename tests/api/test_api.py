@@ -54,7 +54,7 @@ def test_register_one_then_read_it_back(settings, admin_client):
     assert client.get("/devices/000").status_code == 404
     bad = client.post("/devices", json={**device, "model": "no-such-model"})
     assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
-    assert bad.json()["detail"][0]["field"] == "body.model"
+    assert bad.json()["errors"][0]["field"] == "body.model"
     assert client.post("/devices", json={**device, "city": "Atlantis"}).status_code == 422
 
 
@@ -67,7 +67,7 @@ def test_bulk_csv_is_all_or_nothing_with_line_numbers(settings, admin_client):
     client = admin_client
     r = client.post("/devices/bulk", content=bad.encode(), headers={"content-type": "text/csv"})
     assert r.status_code == 422
-    errors = r.json()["detail"]
+    errors = r.json()["errors"]
     assert {e["line"] for e in errors} == {5}
     assert any("device_id" in e["error"] for e in errors) and any("Atlantis" in e["error"] for e in errors)
     with psycopg.connect(settings.database_url) as conn:
@@ -76,8 +76,8 @@ def test_bulk_csv_is_all_or_nothing_with_line_numbers(settings, admin_client):
     assert r.status_code == 200 and r.json() == {"created": 3, "updated": 0, "sites": 3, "catalogue_sites": 0,
                                                  "unverified_sites": 3}
     r = client.post("/devices/bulk", content=b"device_id,network\n1,nbiot\n", headers={"content-type": "text/csv"})
-    assert r.status_code == 422 and "header lacks column(s) model" in r.json()["detail"][0]["error"]
-    assert "site_id" in r.json()["detail"][0]["error"]          # the optional columns are listed
+    assert r.status_code == 422 and "header lacks column(s) model" in r.json()["errors"][0]["error"]
+    assert "site_id" in r.json()["errors"][0]["error"]          # the optional columns are listed
     with psycopg.connect(settings.database_url) as conn:
         rows = dict(conn.execute("SELECT device_id, pilot FROM devices").fetchall())
     assert rows == {"869975030000026": "water", "869975030000034": "fire", "869975030000042": "traffic"}

@@ -137,7 +137,7 @@ def test_a_scoped_key_sees_and_touches_only_its_cities(settings, keys):
                "869975030000201,cjt188-nb-water-std,nbiot,Nanchang,residential,a\n"
                "869975030000202,cjt188-nb-water-std,nbiot,Yingtan,residential,b\n")
         bulk = client.post("/devices/bulk", content=csv.encode(), headers=scoped)
-        assert bulk.status_code == 403 and [e["line"] for e in bulk.json()["detail"]] == [3]
+        assert bulk.status_code == 403 and [e["line"] for e in bulk.json()["errors"]] == [3]
         cov = client.get("/coverage", headers=scoped).json()
         assert {r["city"] for r in cov["breakdown"]} == {NANCHANG}
         assert cov["targets"] and {t["city"] for t in cov["targets"]} == {NANCHANG}

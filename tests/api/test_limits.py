@@ -156,9 +156,9 @@ def test_a_large_bad_csv_costs_bounded_memory_and_a_capped_error_list(api_proces
         watcher.join()
     assert r.status_code == 422
     body = r.json()
-    assert len(body["detail"]) == 100 and body["errors_shown"] == 100
+    assert len(body["errors"]) == 100 and body["errors_shown"] == 100
     assert body["errors_total"] == 2 * rows
-    assert {e["line"] for e in body["detail"]} == set(range(2, 52))
+    assert {e["line"] for e in body["errors"]} == set(range(2, 52))
     assert len(r.content) < 64_000
     growth = peak - baseline
     print(f"API RSS {baseline / 2**20:.0f} MiB before, peak {peak / 2**20:.0f} MiB during a {rows}-line bad CSV")

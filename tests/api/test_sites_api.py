@@ -65,7 +65,7 @@ def test_bulk_is_all_or_nothing_and_merges_unverified_sites(client, settings):
     bad = client.post("/sites/bulk", **_csv(CSV_HEADER + "JX-SS-0001,Jiujiang,scenic_spot,庐山风景名胜区,庐山,5A,,,,,\n"
                                             "JX-SS-0002,Ji'an,scenic_spot,井冈山,,9A,,,,,\n"
                                             "JX-CO-0001,Yingtan,community,c,,,,,closed,,\n"))
-    assert bad.status_code == 422 and {e["line"] for e in bad.json()["detail"]} == {3, 4}
+    assert bad.status_code == 422 and {e["line"] for e in bad.json()["errors"]} == {3, 4}
     assert client.get("/sites").json()["total"] == 1                 # nothing imported
     good = client.post("/sites/bulk", **_csv(CSV_HEADER + "JX-SS-0001,Jiujiang,scenic_spot,庐山风景名胜区,庐山,5A,,,,,\n"
                                              "JX-CO-0001,Yingtan,community,c,,,yes,2024-06-01,,,\n"))

@@ -540,3 +540,39 @@ def test_broker_sync_watch_follows_the_registry(site):
 def _scalar(db_url: str, sql: str):
     with psycopg.connect(db_url) as conn:
         return conn.execute(sql).fetchone()[0]
+
+
+def test_only_the_tester_replays_with_an_original_receive_time_and_a_bad_one_is_kept_as_a_reject(site):
+    from ingest import replay
+    site.gateway(replay_enabled=True)
+    a, b = site.meters[0].device_id, site.meters[1].device_id
+    t_a = T0.timestamp() - 3 * 86400 + 0.25            # days before the gateway's clock
+    frame_a, frame_b, marker = _frame(site, 0, 1), _frame(site, 1, 1), _frame(site, 1, 2)
+    bad = [_frame(site, 0, h) for h in (2, 3, 4)]
+    tester = Device(site.own.port, site.tester.get("username", ""), site.tester.get("password"))
+    device = site.device(1)
+    try:
+        assert tester.publish(f"{PREFIX}/replay/{a}", replay.pack(t_a, frame_a)) == 0
+        # A device on the replay topic, even under its own id: PUBACKed (3.1.1) and dropped by the broker.
+        assert device.publish(f"{PREFIX}/replay/{b}", replay.pack(t_a, frame_b)) == 0
+        assert tester.publish(f"{PREFIX}/replay/{a}", replay.pack(time.time() + 3600, bad[0])) == 0
+        assert tester.publish(f"{PREFIX}/replay/{a}", replay.pack(946684799.0, bad[1])) == 0    # 1999-12-31
+        assert tester.publish(f"{PREFIX}/replay/{a}", b"\x01\x00" + bad[2][:4]) == 0           # no whole header
+        assert device.publish(f"{PREFIX}/up/{b}", marker) == 0          # its own uplink, after: the stream got through
+    finally:
+        tester.close()
+        device.close()
+    assert wait_for_count(site.db_url, "SELECT count(*) FROM raw_uplinks", 5) == 5
+    time.sleep(1.0)
+    with psycopg.connect(site.db_url) as conn:
+        raw = {(d, bytes(p)): (t, o) for d, p, t, o in conn.execute(
+            "SELECT device_id, payload, extract(epoch FROM received_at)::float8, outcome FROM raw_uplinks")}
+        readings = conn.execute("SELECT device_id, extract(epoch FROM time)::float8 FROM water_readings "
+                                "ORDER BY device_id").fetchall()
+        rejects = conn.execute("SELECT device_id, reason, detail FROM rejected_uplinks ORDER BY received_at").fetchall()
+    assert raw[(a, frame_a)] == (t_a, "stored")                         # the original time, to the microsecond
+    assert (b, frame_b) not in raw and raw[(b, marker)][1] == "stored"  # the device's replay never reached us
+    assert sorted(readings) == sorted([(a, t_a), (b, raw[(b, marker)][0])])
+    assert [(d, r) for d, r, _ in rejects] == [(f"?{PREFIX}/replay/{a}", "bad_original_time")] * 3
+    assert "ahead of the gateway's clock" in rejects[0][2] and "before 2000-01-01" in rejects[1][2]
+    assert "10-byte header" in rejects[2][2]

@@ -175,3 +175,30 @@ def test_two_database_writers_store_copies_in_neighbouring_batches_once(db_url, 
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM water_readings").fetchone()[0] == len(distinct)
         assert conn.execute("SELECT sum(uplinks) FROM device_state").fetchone()[0] == len(distinct)
+
+
+def test_copies_in_one_batch_are_judged_by_their_times_and_a_replays_keys_outlive_the_purge(db_url):
+    """One batch holding a key three times (t, t + 10 s, t + 15 min; window 20 s) stores the first
+    and the last, whatever their order in the batch.  Keys with old times claimed just now (a replay)
+    survive the purge; keys old by both times go."""
+    from iotjx.db import connect
+    from ingest.writer import Writer
+
+    writer = Writer(lambda: connect(db_url))
+    t = time.time() - 3 * 86400
+    try:
+        keys = [("d1", b"k"), ("d1", b"k"), ("d1", b"k"), ("d2", b"k")]
+        with writer.transaction() as tx:
+            new = tx.claim(keys, [t + 900, t + 10, t, t + 5], 20.0)
+        assert new == [True, False, True, True]
+        with writer.transaction() as tx:       # the next batch: a copy 10 s after the last stored one
+            assert tx.claim([("d1", b"k")], [t + 910], 20.0) == [False]
+        assert writer.purge_dedup(86400) == 0                      # claimed just now: kept
+        with psycopg.connect(db_url) as conn:
+            conn.execute("UPDATE uplink_dedup SET claimed_at = now() - interval '2 days' WHERE device_id = 'd2'")
+        assert writer.purge_dedup(86400) == 1
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT device_id, extract(epoch FROM received_at)::float8 FROM uplink_dedup"
+                                ).fetchall() == [("d1", pytest.approx(t + 900, abs=1e-5))]
+    finally:
+        writer.close()

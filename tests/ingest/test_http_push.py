@@ -479,3 +479,76 @@ def test_a_onenet_nonce_is_in_flight_then_taken_or_released_and_forgotten_after_
     for i in range(5):                                      # the bound: the oldest go first
         window.reserve(SignedPush(f"x{i}", "s", (1.0,)), now=62.0)
     assert window.reserve(other, now=62.0) == NonceWindow.NEW
+
+
+def test_a_testers_push_keeps_its_original_receive_time_and_nobody_elses_does(push):
+    from iotjx import mqtt_accounts
+
+    client, cfg = push
+    db = cfg.database_url
+    with psycopg.connect(db) as conn:
+        tester_pw = mqtt_accounts.set_service_account(conn, "tester-h", "tester")
+        gateway_pw = mqtt_accounts.set_service_account(conn, "gateway-h", "gateway")
+
+    def basic(name: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+
+    def water(frame: bytes) -> bytes:
+        body = json.loads(_case("ctwing", "huaqiang_appdata_lwm2m"))
+        body["payload"]["APPdata"] = base64.b64encode(frame).decode()
+        return json.dumps(body).encode()
+
+    inner = _frames(db, 6)
+    frames = [water(f) for f in inner[:4]]
+    t0 = time.time() - 5 * 86400 + 0.5
+
+    def onenet(frame: bytes, nonce: str) -> bytes:      # signed, its platform time `at` the original time
+        msg = {**json.loads(_case("onenet", "akr_meter_hex"))["msg"], "at": int(t0 * 1000)}
+        msg["value"] = frame.hex().upper()
+        return _sign(json.dumps(msg, separators=(",", ":")), nonce)
+    hdr = {"X-Push-Token": CTWING_TOKEN, "X-Iotjx-Received-At": repr(t0)}
+    tester = {**hdr, "Authorization": basic("tester-h", tester_pw)}
+    # Replays off (the default): the header is refused even from the tester.
+    assert client.post("/push/ctwing", content=frames[0], headers=tester).status_code == 403
+    on = cfg.model_copy(update={"replay_enabled": True, "mqtt_client_id": f"{cfg.mqtt_client_id}-r"})
+    gateway = Gateway(on)
+    gateway.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{gateway.http.port}", timeout=60) as c:
+            answers = {
+                "tester": c.post("/push/ctwing", content=frames[0], headers=tester),
+                "gateway_login": c.post("/push/ctwing", content=frames[1],
+                                        headers={**hdr, "Authorization": basic("gateway-h", gateway_pw)}),
+                "wrong_password": c.post("/push/ctwing", content=frames[1],
+                                         headers={**hdr, "Authorization": basic("tester-h", tester_pw + "x")}),
+                "no_login": c.post("/push/ctwing", content=frames[1], headers=hdr),
+                "ahead": c.post("/push/ctwing", content=frames[2],
+                                headers={**tester, "X-Iotjx-Received-At": str(time.time() + 3600)}),
+                "not_a_time": c.post("/push/ctwing", content=frames[1],
+                                     headers={**tester, "X-Iotjx-Received-At": "yesterday"}),
+                "plain": c.post("/push/ctwing", content=frames[3], headers={"X-Push-Token": CTWING_TOKEN}),
+                # OneNET's freshness is judged against the original time: 5 days old, yet fresh…
+                "onenet_replayed": c.post("/push/onenet", content=onenet(inner[4], "n-old-1"),
+                                          headers={"X-Iotjx-Received-At": repr(t0),
+                                                   "Authorization": basic("tester-h", tester_pw)}),
+                # …and stale without it.
+                "onenet_stale": c.post("/push/onenet", content=onenet(inner[5], "n-old-2")),
+            }
+    finally:
+        gateway.stop()
+    status = {k: r.status_code for k, r in answers.items()}
+    assert status == {"tester": 202, "gateway_login": 401, "wrong_password": 401, "no_login": 401, "ahead": 422,
+                      "not_a_time": 422, "plain": 202, "onenet_replayed": 200, "onenet_stale": 401}
+    assert answers["ahead"].json()["reason"] == "bad_original_time"
+    assert "ahead of the gateway's clock" in answers["ahead"].json()["detail"]
+    with psycopg.connect(db) as conn:
+        raw = Counter((bytes(p), o) for p, o in conn.execute("SELECT payload, outcome FROM raw_uplinks"))
+        at = dict((bytes(p), t) for p, t in conn.execute(
+            "SELECT payload, extract(epoch FROM received_at)::float8 FROM raw_uplinks WHERE outcome = 'stored'"))
+        rejects = conn.execute("SELECT device_id, reason, transport FROM rejected_uplinks").fetchall()
+    # Stored: the frames the envelopes carry; rejected: the bodies; nothing of the refused logins.
+    assert raw == Counter({(inner[0], "stored"): 1, (frames[1], "rejected:bad_original_time"): 1,
+                           (frames[2], "rejected:bad_original_time"): 1, (inner[3], "stored"): 1,
+                           (inner[4], "stored"): 1})
+    assert abs(at[inner[0]] - t0) < 1e-6 and abs(at[inner[4]] - t0) < 1e-6 and at[inner[3]] > t0 + 4 * 86400      # timestamptz: microseconds
+    assert rejects == [("?push/ctwing", "bad_original_time", "http")] * 2

@@ -29,7 +29,8 @@ TZ = "Asia/Shanghai"
 PLAUSIBLE = "BETWEEN r.time - interval '7 days' AND r.time + interval '300 seconds'"
 BUCKET = {"day": f"(date_trunc('day', mt AT TIME ZONE '{TZ}') AT TIME ZONE '{TZ}')",
           "15m": f"(date_bin('15 minutes', mt AT TIME ZONE '{TZ}', timestamp '2000-01-01') AT TIME ZONE '{TZ}')",
-          "5m": f"(date_bin('5 minutes', mt AT TIME ZONE '{TZ}', timestamp '2000-01-01') AT TIME ZONE '{TZ}')"}
+          "5m": f"(date_bin('5 minutes', mt AT TIME ZONE '{TZ}', timestamp '2000-01-01') AT TIME ZONE '{TZ}')",
+          "all": "timestamptz '1970-01-01 00:00:00+00'"}
 _VOLUME = ("(coalesce(count_a, 0) + coalesce(count_b, 0) + coalesce(count_c, 0) + "
            "CASE WHEN count_a IS NULL AND count_b IS NULL AND count_c IS NULL "
            "THEN coalesce(round((extra->>'volume')::numeric), 0) ELSE 0 END)")
@@ -49,9 +50,13 @@ SOURCES = {
         "n_per_speed": f"CASE WHEN {_VOLUME} > 0 AND speed_kmh > 0 THEN {_VOLUME} / speed_kmh END"}),
     "parking_events": ("r.time", {"occupied": "occupied::int", "occupancy_changed": "occupancy_changed::int",
                                   "battery_mv": "battery_mv"}),
-    "radio_readings": ("r.time", {"rsrp_dbm": "rsrp_dbm", "sinr_db": "sinr_db", "ecl": "ecl",
+    "radio_readings": ("r.time", {"rsrp_dbm": "rsrp_dbm", "sinr_db": "sinr_db", "rsrq_db": "rsrq_db", "ecl": "ecl",
+                                  "cell_id": "cell_id", "pci": "pci",
                                   "ecl_0": "(ecl = 0)::int", "ecl_1": "(ecl = 1)::int", "ecl_2": "(ecl = 2)::int"}),
+    # stored uplinks (the raw log's `stored` rows), by receive time
+    "raw_uplinks": ("r.received_at", {}),
 }
+WHERE = {"raw_uplinks": "r.outcome = 'stored'"}
 # table -> (readings table, key expressions (name, SQL), bucket)
 TABLES = {
     "rollup_water_day": ("water_readings", [("device_key", "d.device_key")], "day"),
@@ -64,6 +69,8 @@ TABLES = {
     "rollup_parking_site_15m": ("parking_events", [("site_id", "d.site_id")], "15m"),
     "rollup_radio_day": ("radio_readings", [("device_key", "d.device_key")], "day"),
     "rollup_radio_cell_day": ("radio_readings", [("cell_id", "r.cell_id")], "day"),
+    "rollup_uplinks_day": ("raw_uplinks", [("device_key", "d.device_key")], "day"),
+    "rollup_radio_latest": ("radio_readings", [("device_key", "d.device_key")], "all"),
 }
 
 
@@ -90,7 +97,8 @@ def _recount_sql(conn, table: str) -> tuple[str, list[str]]:
                      "last_t": f"max(mt) FILTER (WHERE {v} IS NOT NULL)"}[agg])
     key_names = [k for k, _ in keys]
     where = " AND ".join(f"{k} IS NOT NULL" for k in key_names)
-    sql = (f"WITH x AS (SELECT {inner} FROM {source} r JOIN devices d USING (device_id)) "
+    sql = (f"WITH x AS (SELECT {inner} FROM {source} r JOIN devices d USING (device_id) "
+           f"WHERE {WHERE.get(source, 'true')}) "
            f"SELECT {', '.join(key_names)}, {BUCKET[bucket]} AS bucket, {', '.join(aggs)} FROM x WHERE {where} "
            f"GROUP BY 1{''.join(f', {i + 2}' for i in range(len(key_names)))} ORDER BY 1, 2"
            + (", 3" if len(key_names) > 1 else ""))
@@ -103,7 +111,8 @@ def _ties(conn, table: str) -> set[tuple]:
     mt, _ = SOURCES[source]
     inner = ", ".join([f"{expr} AS {name}" for name, expr in keys] + [f"{mt} AS mt"])
     n = len(keys)
-    sql = (f"WITH x AS (SELECT {inner} FROM {source} r JOIN devices d USING (device_id)), "
+    sql = (f"WITH x AS (SELECT {inner} FROM {source} r JOIN devices d USING (device_id) "
+           f"WHERE {WHERE.get(source, 'true')}), "
            f"g AS (SELECT {', '.join(k for k, _ in keys)}, {BUCKET[bucket]} AS bucket, mt FROM x) "
            f"SELECT * FROM g GROUP BY {', '.join(str(i + 1) for i in range(n + 2))} HAVING count(*) > 1")
     return {tuple(r[:n + 1]) for r in conn.execute(sql)}
@@ -252,7 +261,7 @@ def test_a_late_uplink_changes_only_its_own_buckets_and_days_split_at_local_midn
     with psycopg.connect(db_url) as conn:
         after = _snapshot(conn)
         changed = {t: (before[t] - after[t], after[t] - before[t]) for t in TABLES if before[t] != after[t]}
-        assert set(changed) == {"rollup_water_day", "rollup_water_site_15m"}
+        assert set(changed) == {"rollup_water_day", "rollup_water_site_15m", "rollup_uplinks_day"}
         old, new = changed["rollup_water_day"]
         assert len(old) == len(new) == 1                   # one device-day row, updated
         (row,) = new
