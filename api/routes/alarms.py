@@ -172,7 +172,7 @@ def _visible(conn: psycopg.Connection, key, alarm_id: int, *, lock: bool = False
 
 class CityAckKpiOut(BaseModel):
     city: int = Field(description="division code; 0: devices without a site")
-    city_name: str
+    city_name_en: str = Field(description="the city's English name; (no site) for city 0")
     alarms: int = Field(description="alarms raised in the period")
     acked: int
     ack_p50_s: float | None = Field(description="acknowledgement latency (acked_at − received_at), median, s")
@@ -211,7 +211,7 @@ def alarm_kpis(key: Viewer, conn: Conn, request: Request,
     k = fire.fire_kpis(conn, since, until, city)
     return FireKpisOut(
         since=k.since, until=k.until,
-        cities=[CityAckKpiOut(city=c.city_code, city_name=c.city, alarms=c.alarms, acked=c.acked, ack_p50_s=c.ack_p50_s,
+        cities=[CityAckKpiOut(city=c.city_code, city_name_en=c.city, alarms=c.alarms, acked=c.acked, ack_p50_s=c.ack_p50_s,
                               ack_p90_s=c.ack_p90_s, within_budget=c.within_budget,
                               share_within_budget=c.share_within_budget)
                 for c in k.cities if key.sees_city(c.city_code or None)],
