@@ -110,7 +110,8 @@ class PageParams:
         return Page[Any](items=rows, next_cursor=encode_cursor(key(rows[-1])) if more and rows else None)
 
 
-def _page_params(cursor: Annotated[str | None, Query(max_length=MAX_CURSOR, description="next_cursor of the previous page")] = None,
+def _page_params(cursor: Annotated[str | None, Query(max_length=MAX_CURSOR, pattern=r"^[A-Za-z0-9_-]+$",  # base64url
+                                                     description="next_cursor of the previous page")] = None,
                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")] = 100) -> PageParams:
     return PageParams(cursor, limit)
 

@@ -633,6 +633,19 @@ def _m12_dedup_claimed_at(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("ALTER TABLE uplink_dedup ADD COLUMN IF NOT EXISTS claimed_at timestamptz NOT NULL DEFAULT now()")
 
 
+def _m15_redecode(conn: psycopg.Connection, timescale: bool) -> None:
+    """Re-decoding rejects (ingest/redecode.py, `POST /rejects/redecode`): a reject that a later run
+    stored is marked, in the transaction that wrote its readings, so that it is stored exactly once;
+    the row itself (bytes, reason, detail) stays as received."""
+    conn.execute("ALTER TABLE rejected_uplinks ADD COLUMN IF NOT EXISTS redecoded_at timestamptz")  # NULL: still a reject
+    conn.execute("ALTER TABLE rejected_uplinks ADD COLUMN IF NOT EXISTS redecoded_by text")
+    conn.execute("CREATE INDEX IF NOT EXISTS rejected_uplinks_device ON rejected_uplinks (device_id, received_at DESC)")
+    # The API's lists page by (time, id), newest first: one index range scan per page however deep.
+    conn.execute("CREATE INDEX IF NOT EXISTS rejected_uplinks_page ON rejected_uplinks (received_at, reject_id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS fire_alarms_page ON fire_alarms (raised_at, alarm_id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS water_alerts_page ON water_alerts (opened_at, alert_id)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -648,6 +661,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(11, "rollups per device-day, site-quarter-hour, lane-5-minutes, cell-day; integer device keys",
               _m11_rollups),
     Migration(12, "when each dedup key was claimed (replays keep their original receive times)", _m12_dedup_claimed_at),
+    Migration(15, "re-decoded rejects marked (stored exactly once); keyset indexes of the alarm, alert and reject lists",
+              _m15_redecode),
 )
 
 

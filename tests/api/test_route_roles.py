@@ -71,12 +71,29 @@ class World:
     db_url: str
     client: TestClient
     downlink_id: int = 0
+    alarm_id: int = 0
     spare_keys: list[str] = field(default_factory=list)
 
     def spare_key(self) -> str:
         key = insert_key(self.db_url, "viewer", [YINGTAN])
         self.spare_keys.append(key)
         return key_id(key)
+
+    def alarm(self) -> int:
+        """A fire alarm on the Yingtan device (made once): acknowledged, then cleared, by the calls."""
+        if not self.alarm_id:
+            with psycopg.connect(self.db_url) as conn:
+                self.alarm_id = conn.execute(
+                    "INSERT INTO fire_alarms (device_id, system_type, system_address, component_type, component_address,"
+                    " kind, raised_at, received_at) VALUES (%s, 1, 1, 40, 17, 'alarm', now() - interval '1 hour',"
+                    " now() - interval '1 hour') RETURNING alarm_id", (YINGTAN_DEVICE,)).fetchone()[0]
+        return self.alarm_id
+
+    def reject(self) -> int:
+        with psycopg.connect(self.db_url) as conn:
+            return conn.execute("INSERT INTO rejected_uplinks (received_at, device_id, transport, codec, payload, reason)"
+                                " VALUES (now(), %s, 'mqtt', 'cjt188', '\\x68', 'length') RETURNING reject_id",
+                                (YINGTAN_DEVICE,)).fetchone()[0]
 
     def mqtt_account(self) -> None:
         with psycopg.connect(self.db_url) as conn:
@@ -139,6 +156,18 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/keys"): Call("admin", json={"role": "viewer", "cities": ["Yingtan"]}, scoped=403),
     ("DELETE", "/keys/{key_id}"): Call("admin", lambda w: {"key_id": w.spare_key()}, scoped=404),
     ("GET", "/audit"): Call("admin", whole_province=True, scoped=403),
+    ("GET", "/alarms"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
+    ("GET", "/alarms/kpis"): Call("viewer", query={"since": "2026-01-01T00:00:00Z", "until": "2027-01-01T00:00:00Z"},
+                                  scoped=403, scoped_query={"since": "2026-01-01T00:00:00Z",
+                                                            "until": "2027-01-01T00:00:00Z", "city": YINGTAN}),
+    ("GET", "/alarms/{alarm_id}"): Call("viewer", lambda w: {"alarm_id": w.alarm()}, scoped=404),
+    ("POST", "/alarms/{alarm_id}/ack"): Call("operator", lambda w: {"alarm_id": w.alarm()}, scoped=404),
+    ("POST", "/alarms/{alarm_id}/clear"): Call("operator", lambda w: {"alarm_id": w.alarm()},
+                                               json={"false_alarm": True, "note": "test"}, scoped=404),
+    ("GET", "/water/alerts"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
+    ("GET", "/rejects"): Call("viewer"),
+    ("GET", "/rejects/{reject_id}"): Call("viewer", lambda w: {"reject_id": w.reject()}, scoped=404),
+    ("POST", "/rejects/redecode"): Call("admin", json={"device": YINGTAN_DEVICE}),
 }
 
 

@@ -29,13 +29,20 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
         semantic = {("POST", "/devices/bulk"), ("POST", "/devices/{device_id}/downlinks"), ("POST", "/devices"),
                     ("GET", "/coverage"), ("PUT", "/targets/{target_id}/progress"), ("POST", "/coverage/snapshots"),
                     ("GET", "/targets/{target_id}/history"), ("POST", "/sites"), ("POST", "/sites/bulk"),
-                    ("GET", "/devices/{device_id}/telemetry"), ("GET", "/sites/{site_id}/telemetry")}
+                    ("GET", "/devices/{device_id}/telemetry"), ("GET", "/sites/{site_id}/telemetry"),
+                    # a time window's until after its since
+                    ("GET", "/alarms"), ("GET", "/alarms/kpis"), ("GET", "/water/alerts"), ("GET", "/rejects"),
+                    ("POST", "/rejects/redecode")}
         excluded = [positive_data_acceptance] if (operation.method.upper(), operation.path) in semantic else []
 
         @given(case=operation.as_strategy())
         @hsettings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
-            statuses.append(case.call_and_validate(headers=headers, excluded_checks=excluded).status_code)
+            # A list's cursor is opaque (api/pagination.py): one the API did not make is a 422, which no
+            # schema can say; a case without one is held to every check.
+            cursor = bool(case.query) and "cursor" in case.query
+            skip = [*excluded, positive_data_acceptance] if cursor and not excluded else excluded
+            statuses.append(case.call_and_validate(headers=headers, excluded_checks=skip).status_code)
 
         check()
     # The key was sent: the API answered, rather than refusing every call at the door.

@@ -1,0 +1,179 @@
+"""Rejected uplinks: the list (newest first, filtered, within the key's cities) and the re-decode that
+stores what a codec or registry fix now accepts, exactly once (ingest/redecode.py).
+
+City scope: a reject belongs to the city of the site its device is registered at now; a reject of an
+unknown device (or of a device without a site) is seen only by a key without a city scope."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+import decoders
+from api.deps import Admin, AppSettings, Conn, RowId, Viewer, audit_write
+from api.pagination import Page, PageQuery
+from api.routes.alarms import time_cursor
+from api.problems import PROBLEM
+from api.schemas import clean_text
+from ingest.aggregates import Aggregator
+from ingest.redecode import RejectFilter, filter_sql, redecode
+from ingest.rejects import GATEWAY_REASONS
+from iotjx.db import connect
+from iotjx.model import TRANSPORTS
+
+router = APIRouter(tags=["rejects"])
+
+REASONS = tuple(sorted({r for r in decoders.REASONS if r != "ok"} | set(GATEWAY_REASONS)))
+Reason = Literal[REASONS]  # type: ignore[valid-type]
+Transport = Literal[TRANSPORTS]  # type: ignore[valid-type]
+MAX_HEX_BYTES = 1024                     # payload_hex shows at most this many bytes of a reject
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+# A reject's device id is what the transport named (an MQTT topic's id may be anything printable).
+AnyDevice = Annotated[str, AfterValidator(clean_text), Field(min_length=1, max_length=200,
+                                                             pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+class RejectOut(BaseModel):
+    reject_id: int
+    received_at: datetime
+    device_id: str
+    transport: str
+    codec: str | None = Field(description="the codec that refused it; null: it never reached one (unknown device…)")
+    reason: str
+    detail: str
+    city: int | None = Field(description="division code of the device's site now; null: unknown device or no site")
+    model: str | None = Field(description="the device's model now; null: not registered")
+    payload_bytes: int = Field(description="length of the bytes kept (a too_large reject keeps its first KiB)")
+    payload_hex: str = Field(description=f"the kept bytes as hex, at most the first {MAX_HEX_BYTES}")
+    payload_truncated: bool = Field(description=f"true when payload_hex shows only the first {MAX_HEX_BYTES} bytes")
+    redecoded_at: datetime | None = Field(description="when a re-decode stored it; null: still a reject")
+    redecoded_by: str | None
+
+
+_SELECT = f"""
+    SELECT r.reject_id, r.received_at, r.device_id, r.transport, r.codec, r.reason, r.detail, s.city_code, d.model,
+           octet_length(r.payload), substring(r.payload FROM 1 FOR {MAX_HEX_BYTES}), r.redecoded_at, r.redecoded_by
+    FROM rejected_uplinks r LEFT JOIN devices d ON d.device_id = r.device_id LEFT JOIN sites s ON s.site_id = d.site_id"""
+
+
+def _out(row: tuple) -> RejectOut:
+    (reject_id, received_at, device_id, transport, codec, reason, detail, city, model, size, head, redecoded_at,
+     redecoded_by) = row
+    return RejectOut(reject_id=reject_id, received_at=received_at, device_id=device_id, transport=transport,
+                     codec=codec, reason=reason, detail=detail, city=city, model=model, payload_bytes=size,
+                     payload_hex=bytes(head).hex(), payload_truncated=size > MAX_HEX_BYTES,
+                     redecoded_at=redecoded_at, redecoded_by=redecoded_by)
+
+
+def _window(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and until <= since:
+        raise HTTPException(422, f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+
+
+Since = Annotated[datetime | None, Query(description="received at or after (ISO 8601; without a zone: UTC)")]
+Until = Annotated[datetime | None, Query(description="received before")]
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+@router.get("/rejects", response_model=Page[RejectOut], responses={403: PROBLEM, 422: PROBLEM},
+            summary="Rejected uplinks, newest first",
+            description="Uplinks the gateway could not store, with the reason and the decoder's detail, received "
+                        "newest first; cursor-paginated. A city-scoped key sees only rejects of devices registered at "
+                        "its cities' sites (never an unknown device's).")
+def list_rejects(key: Viewer, conn: Conn, page: PageQuery,
+                 reason: Annotated[Reason | None, Query(description="reject reason")] = None,
+                 device: Annotated[AnyDevice | None, Query(description="the device id the uplink named")] = None,
+                 transport: Annotated[Transport | None, Query()] = None,
+                 codec: Annotated[str | None, Query(pattern=NAME, max_length=64)] = None,
+                 model: Annotated[str | None, Query(pattern=NAME, max_length=64,
+                                                    description="the device's model now")] = None,
+                 redecoded: Annotated[bool | None, Query(description="true: stored since by a re-decode; "
+                                                                     "false: still rejects")] = None,
+                 since: Since = None, until: Until = None) -> Page[RejectOut]:
+    since, until = _aware(since), _aware(until)
+    _window(since, until)
+    after = time_cursor(page)
+    where, params = filter_sql(RejectFilter(reason, device, transport, codec, model, since, until, redecoded),
+                               key.cities)
+    rows = conn.execute(_SELECT + f"""
+        WHERE {where}
+          AND (%(a_t)s::timestamptz IS NULL OR (r.received_at, r.reject_id) < (%(a_t)s, %(a_id)s))
+        ORDER BY r.received_at DESC, r.reject_id DESC LIMIT %(n)s""",
+                        {**params, "a_t": after and after[0], "a_id": after and after[1], "n": page.limit + 1}
+                        ).fetchall()
+    return page.of([_out(r) for r in rows], key=lambda r: (r.received_at, r.reject_id))
+
+
+@router.get("/rejects/{reject_id}", response_model=RejectOut, responses={404: PROBLEM},
+            summary="One rejected uplink")
+def get_reject(key: Viewer, reject_id: RowId, conn: Conn) -> RejectOut:
+    row = conn.execute(_SELECT + " WHERE r.reject_id = %s", (reject_id,)).fetchone()
+    if row is None or not (key.cities is None or (row[7] is not None and key.sees_city(row[7]))):
+        raise HTTPException(404, f"no reject {reject_id}")
+    return _out(row)
+
+
+class RedecodeIn(BaseModel):
+    """Which rejects to re-decode (every given field must match; none given: every reject in scope)."""
+
+    device: AnyDevice | None = None
+    model: str | None = Field(None, pattern=NAME, max_length=64, description="the device's model now")
+    codec: str | None = Field(None, pattern=NAME, max_length=64, description="the codec that refused it")
+    reason: Reason | None = None
+    transport: Transport | None = None
+    since: datetime | None = Field(None, description="received at or after (without a zone: UTC)")
+    until: datetime | None = Field(None, description="received before")
+    after: int = Field(0, ge=0, le=2**63 - 1, description="only rejects with a higher id: a previous answer's "
+                                                          "last_reject_id, to go on where it stopped")
+    limit: int = Field(10_000, ge=1, le=100_000, description="rejects examined at most by this call")
+
+    @model_validator(mode="after")
+    def _times(self) -> RedecodeIn:
+        self.since, self.until = _aware(self.since), _aware(self.until)
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ValueError("until must be after since")
+        return self
+
+
+class ReasonCount(BaseModel):
+    reason: str
+    count: int
+
+
+class RedecodeOut(BaseModel):
+    examined: int = Field(description="rejects not stored yet that matched and were read")
+    stored: int = Field(description="of which stored now (readings, rollups, liveness as for a live uplink)")
+    still_rejected: list[ReasonCount] = Field(description="the others, by today's reason (too_large: not retried)")
+    more: bool = Field(description="matching rejects left past `limit`: call again with after = last_reject_id")
+    last_reject_id: int | None
+
+
+@router.post("/rejects/redecode", response_model=RedecodeOut, responses={403: PROBLEM, 422: PROBLEM},
+             summary="Re-decode rejects after a codec, model or registry fix; stores each frame exactly once",
+             description="Runs the kept bytes of the matching rejects through today's registry and codecs, the "
+                         "write path of a live uplink, at their original receive time. A reject that now decodes "
+                         "is marked (redecoded_at/by) in the transaction that stores its rows, so a second run "
+                         "stores nothing again. The reject rows and the raw log keep what happened on arrival. "
+                         "Admin: it writes history (readings, rollups) after a change only an admin makes; a "
+                         "city-scoped admin re-decodes its cities' devices only.")
+def post_redecode(key: Admin, body: RedecodeIn, request: Request, settings: AppSettings, conn: Conn) -> RedecodeOut:
+    f = RejectFilter(body.reason, body.device, body.transport, body.codec, body.model, body.since, body.until,
+                     redecoded=False)
+    url = settings.database_url
+    result = redecode(lambda: connect(url, application_name="iotjx-redecode"), f, actor=key.actor,
+                      cities=key.cities, after=body.after, limit=body.limit,
+                      aggregator=Aggregator(settings.tz) if settings.rollups else None)
+    out = RedecodeOut(examined=result.examined, stored=result.stored,
+                      still_rejected=[ReasonCount(reason=k, count=v) for k, v in result.still_rejected.items()],
+                      more=result.more, last_reject_id=result.last_reject_id)
+    # Audited once the re-decode committed (its chunks commit one by one): what was asked and what it did.
+    with conn.transaction():
+        audit_write(conn, request, key, target=None, status=200,
+                    change={"filter": body.model_dump(mode="json"), **out.model_dump(mode="json")})
+    return out
