@@ -247,18 +247,29 @@ _BATTERY = f"""
     ORDER BY d.device_id"""
 
 
+def battery_params(now: datetime, code: int | None) -> dict[str, Any]:
+    """The parameters of `BATTERY_SQL` for the devices of city `code` (0: without a site; None: all) at `now`."""
+    return {"t": now, "f": 1.0, "c": code, "park_mv": PARKING_LOW_MV, "smoke_mv": SMOKE_LOW_MV,
+            "smoke_type": SMOKE_BATTERY_ANALOG, "smoke_models": list(SMOKE_BATTERY_MODELS), "pct": LOW_PCT}
+
+
 def batteries(conn: psycopg.Connection, now: datetime, city: str | int | None = None) -> list[Battery]:
     """Every active device's battery state (ok / low / unknown) from its latest reading at or before `now`."""
-    code = city_code(conn, city)
-    params: dict[str, Any] = {"t": now, "f": 1.0, "c": code, "park_mv": PARKING_LOW_MV, "smoke_mv": SMOKE_LOW_MV,
-                              "smoke_type": SMOKE_BATTERY_ANALOG, "smoke_models": list(SMOKE_BATTERY_MODELS),
-                              "pct": LOW_PCT}
-    rows = _fetch(conn, _BATTERY, params)
+    rows = _fetch(conn, _BATTERY, battery_params(now, city_code(conn, city)))
     out = []
     for r in rows:
         low = r.pop("low")
         out.append(Battery(**r, state="unknown" if low is None else "low" if low else "ok"))
     return out
+
+
+# The definitions as SQL, for a query that filters or pages by them (api/routes/devices.py) rather than
+# restating them.  NOT_LIVE_SQL: the active devices installed by %(t)s that are not live, with
+# `malformed` (params t, f = live_factor, c = city code or None).  BATTERY_SQL: each active device's
+# latest battery reading, `low` true/false/NULL (params: `battery_params`).  A device counts as live when
+# it is active, installed by %(t)s and not in NOT_LIVE_SQL.
+NOT_LIVE_SQL = _NOT_LIVE
+BATTERY_SQL = _BATTERY
 
 
 # --------------------------------------------------------------------------- uplink success
