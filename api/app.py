@@ -20,12 +20,14 @@ from api.auth import Authenticate
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl
 from api.routes import audit, coverage, credentials, devices, downlinks, keys, sites, system
+from api.routes import cities
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
-           keys.router, audit.router)
+           keys.router, audit.router,
+           cities.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
