@@ -54,7 +54,10 @@ CSV_MEDIA_TYPES = ("text/csv", "application/csv")
 
 
 def require_csv(request: Request) -> None:
-    """415 unless the body is declared CSV (`text/csv` or `application/csv`) in UTF-8 (or no charset)."""
+    """415 unless the body is declared CSV (`text/csv` or `application/csv`) in UTF-8 (or no charset),
+    or not declared at all (read as CSV, as before there was a check)."""
+    if "content-type" not in request.headers:
+        return
     media, _, params = request.headers.get("content-type", "").partition(";")
     charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
                     if k.strip().lower() == "charset"), "utf-8")

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 
 from analytics.health import BATTERY_SQL, NOT_LIVE_SQL, battery_params
@@ -60,19 +61,16 @@ class DeviceOut(BaseModel):
     live: bool
 
 
-class BulkResult(RegistrationResult):
-    skipped: int = Field(0, description="on_error=skip: lines not imported (each is in `errors`)")
-    errors: list[LineError] = Field([], description="on_error=skip: the bad lines and why (the first "
-                                                    f"{MAX_SHOWN}, by line)")
-    errors_total: int = Field(0, description="on_error=skip: every reason counted")
-
-
 class LineError(BaseModel):
     line: int = Field(description="the CSV line (1: the header)")
     error: str
 
 
-BulkResult.model_rebuild()
+class BulkResult(RegistrationResult):
+    skipped: int = Field(0, description="on_error=skip: lines not imported (each is in `errors`)")
+    errors: list[LineError] = Field([], description="on_error=skip: the bad lines and why (the first "
+                                                    f"{MAX_SHOWN}, by line)")
+    errors_total: int = Field(0, description="on_error=skip: every reason counted")
 
 
 class DevicePatch(BaseModel):
@@ -234,7 +232,7 @@ def _csv_line(row: tuple) -> list[Any]:
             v["codec"], v["last_seen"].isoformat() if v["last_seen"] else "", v["uplinks"], v["state"] or ""]
 
 
-def _csv_chunks(pool, sql: str, params: dict[str, Any], live_factor: float) -> Iterator[bytes]:
+def _csv_chunks(pool: ConnectionPool, sql: str, params: dict[str, Any], live_factor: float) -> Iterator[bytes]:
     """The CSV a batch of rows at a time, read through a server-side cursor (memory: one batch)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
@@ -287,8 +285,8 @@ def register_one(key: Admin, device: DeviceIn, request: Request, response: Respo
                          "`on_error=skip`: the good lines are registered (in one transaction) and every bad line "
                          f"is reported in `errors` (the first {MAX_SHOWN}) and counted in `skipped`; a bad line "
                          "writes nothing. Either way a file that cannot be read through (no header, a line "
-                         "that is not CSV, not UTF-8) is refused whole. Content-Type must be text/csv (else 415); "
-                         "the body is limited by IOTJX_API_MAX_IMPORT_BYTES.",
+                         "that is not CSV, not UTF-8) is refused whole. Content-Type text/csv (another "
+                         "declared type: 415); the body is limited by IOTJX_API_MAX_IMPORT_BYTES.",
              responses={403: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM},
              openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"},
                                                                                       "example": CSV_EXAMPLE}}}})

@@ -408,8 +408,8 @@ def test_bulk_skip_with_a_scoped_key_reports_other_cities_lines(settings, client
 
 def test_bulk_refuses_what_is_not_csv(settings, client, keys):
     h = bearer(keys.admin)
-    for headers in ({"content-type": "application/json"}, {"content-type": "text/plain"}, {},
-                    {"content-type": "text/csv; charset=gbk"}):
+    for headers in ({"content-type": "application/json"}, {"content-type": "text/plain"},
+                    {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/csv; charset=gbk"}):
         r = client.post("/devices/bulk", content=b'{"device_id": "1"}', headers={**headers, **h})
         assert r.status_code == 415 and r.headers["content-type"] == "application/problem+json", headers
     r = client.post("/devices/bulk", json=[DEVICE], headers=h)
