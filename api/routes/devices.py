@@ -92,6 +92,7 @@ class Decommissioned(BaseModel):
     previous_status: Literal["active", "inactive", "retired"]
     mqtt_account_removed: bool
     coap_token_removed: bool
+    commands_expired: int = Field(description="commands that were still waiting for it (queued or sent)")
 
 
 # --------------------------------------------------------------------------- the query behind list, CSV and GET
@@ -364,8 +365,8 @@ def patch_device(key: Operator, device_id: DeviceId, patch: DevicePatch, request
 @router.post("/devices/{device_id}/decommission", response_model=Decommissioned,
              summary="Retire a device: its readings stay, its credentials go",
              description="Sets status `retired` (the gateway then refuses its uplinks as from an unknown device), "
-                         "removes its MQTT account and its CoAP token; readings, rollups and its audit trail are "
-                         "kept. Audited. Decommissioning a retired device again changes nothing but removes any "
+                         "removes its MQTT account and its CoAP token, expires the commands still waiting for it; "
+                         "readings, rollups and its audit trail are kept. Audited. Decommissioning a retired device again changes nothing but removes any "
                          "credential set since.",
              responses={404: PROBLEM})
 def decommission(key: Operator, device_id: DeviceId, request: Request, conn: Conn) -> Decommissioned:
@@ -375,7 +376,9 @@ def decommission(key: Operator, device_id: DeviceId, request: Request, conn: Con
         conn.execute("UPDATE devices SET status = 'retired' WHERE device_id = %s AND status <> 'retired'", (device_id,))
         mqtt = conn.execute("DELETE FROM mqtt_accounts WHERE device_id = %s AND role = 'device'", (device_id,)).rowcount
         coap = conn.execute("DELETE FROM device_credentials WHERE device_id = %s", (device_id,)).rowcount
+        expired = conn.execute("UPDATE downlinks SET status = 'expired' WHERE device_id = %s "
+                               "AND status IN ('queued', 'sent')", (device_id,)).rowcount
         out = Decommissioned(device_id=device_id, status="retired", previous_status=previous,
-                             mqtt_account_removed=mqtt > 0, coap_token_removed=coap > 0)
+                             mqtt_account_removed=mqtt > 0, coap_token_removed=coap > 0, commands_expired=expired)
         audit_write(conn, request, key, target=device_id, change=out.model_dump(exclude={"device_id"}), status=200)
     return out

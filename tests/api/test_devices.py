@@ -306,18 +306,22 @@ def test_decommission_keeps_history_revokes_credentials_and_the_gateway_refuses_
         set_device_password(conn, device)
         readings = conn.execute("SELECT count(*) FROM water_readings WHERE device_id = %s", (device,)).fetchone()[0]
     assert readings == 1
+    queued = client.post(f"/devices/{device}/downlinks", json={"kind": "valve_close"}, headers=bearer(keys.operator))
+    assert queued.status_code == 201, queued.text
     path = f"/devices/{device}/decommission"
     assert client.post(path, headers=bearer(keys.viewer)).status_code == 403
     assert client.post(path, headers=bearer(keys.nanchang_operator)).status_code == 404
     r = client.post(path, headers=bearer(keys.operator))
     assert r.status_code == 200 and r.json() == {"device_id": device, "status": "retired", "previous_status": "active",
-                                                 "mqtt_account_removed": True, "coap_token_removed": True}
+                                                 "mqtt_account_removed": True, "coap_token_removed": True,
+                                                 "commands_expired": 1}
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute("SELECT status FROM devices WHERE device_id = %s", (device,)).fetchone() == ("retired",)
         assert conn.execute("SELECT count(*) FROM water_readings WHERE device_id = %s", (device,)).fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM mqtt_accounts WHERE device_id = %s", (device,)).fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM device_credentials WHERE device_id = %s", (device,)).fetchone()[0] == 0
-    assert _audit(settings.database_url, keys.operator)[0][:3] == ("POST", "/devices/{device_id}/decommission", device)
+        assert conn.execute("SELECT status FROM downlinks WHERE device_id = %s", (device,)).fetchall() == [("expired",)]
+    assert _audit(settings.database_url, keys.operator)[1][:3] == ("POST", "/devices/{device_id}/decommission", device)
     # the gateway's registry and CoAP credentials no longer know it; its next uplink is rejected, not stored
     registry = DeviceRegistry(lambda: connect(settings.database_url))
     creds = DeviceCredentials(lambda: connect(settings.database_url))
