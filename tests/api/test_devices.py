@@ -112,6 +112,9 @@ def test_list_pages_through_every_device_with_its_fields(fleet, client, keys):
 
 def test_state_filters_are_the_device_health_definitions(fleet, client, keys):
     recount = dict(fleet.execute(RECOUNT, {"f": FACTOR}).fetchall())
+    # every device's state, unfiltered (the page first, then the health SQL for its devices only)
+    assert {d["device_id"]: d["state"] for d in _all(client, keys.viewer)} == \
+        {**{d: None for d in _ids(fleet)}, **recount}
     for state in ("live", "silent", "malformed"):
         got = [d["device_id"] for d in _all(client, keys.viewer, state=state)]
         assert got == sorted(d for d, s in recount.items() if s == state), state
