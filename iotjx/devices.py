@@ -493,4 +493,5 @@ def _aware(value: datetime) -> datetime:
 
 
 __all__ = ["MAX_ERRORS", "PILOTS", "DeviceRecord", "NotUtf8", "OutOfScope", "RegistrationError", "Registry",
-           "ParsedRows", "bundled_models", "installed_at_problem", "parse_csv", "parse_csv_rows", "record_problems", "register_devices", "sync_models"]
+           "ParsedRows", "bundled_models", "installed_at_problem", "parse_csv", "parse_csv_rows", "record_problems",
+           "register_devices", "sync_models"]
