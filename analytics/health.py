@@ -162,7 +162,8 @@ _ACTIVE = """
     FROM devices d JOIN device_models m USING (model)
     LEFT JOIN sites s ON s.site_id = d.site_id
     WHERE d.status = 'active' AND d.installed_at <= %(t)s
-      AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)"""
+      AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
+      AND (%(ids)s::text[] IS NULL OR d.device_id = ANY(%(ids)s::text[]))"""
 
 _NOT_LIVE = f"""
     WITH d AS ({_ACTIVE}),
@@ -188,7 +189,7 @@ def not_live(conn: psycopg.Connection, now: datetime, *, live_factor: float,
              city: str | int | None = None) -> tuple[list[SilentDevice], list[SilentDevice]]:
     """(silent devices, devices sending only malformed frames) at `now`, longest silent first."""
     code = city_code(conn, city)
-    rows = _fetch(conn, _NOT_LIVE, {"t": now, "f": live_factor, "c": code})
+    rows = _fetch(conn, _NOT_LIVE, {"t": now, "f": live_factor, "c": code, "ids": None})
     devices = [SilentDevice(**r) for r in rows]
     return [d for d in devices if not d.malformed], [d for d in devices if d.malformed]
 
@@ -248,21 +249,36 @@ _BATTERY = f"""
     ORDER BY d.device_id"""
 
 
+def battery_params(now: datetime, code: int | None, ids: list[str] | None = None, *,
+                   smoke_low_mv: float = SMOKE_LOW_MV, parking_low_mv: float = PARKING_LOW_MV,
+                   low_pct: float = LOW_PCT) -> dict[str, Any]:
+    """The parameters of `BATTERY_SQL` for the devices of city `code` (0: without a site; None: all),
+    and among `ids` when given, at `now`, with the low thresholds given (by default the module's)."""
+    return {"t": now, "f": 1.0, "c": code, "ids": ids, "park_mv": parking_low_mv, "smoke_mv": smoke_low_mv,
+            "smoke_type": SMOKE_BATTERY_ANALOG, "smoke_models": list(SMOKE_BATTERY_MODELS), "pct": low_pct}
+
+
 def batteries(conn: psycopg.Connection, now: datetime, city: str | int | None = None, *,
               smoke_low_mv: float = SMOKE_LOW_MV, parking_low_mv: float = PARKING_LOW_MV,
               low_pct: float = LOW_PCT) -> list[Battery]:
     """Every active device's battery state (ok / low / unknown) from its latest reading at or before `now`
     (low: below the thresholds given, by default the module's)."""
-    code = city_code(conn, city)
-    params: dict[str, Any] = {"t": now, "f": 1.0, "c": code, "park_mv": parking_low_mv, "smoke_mv": smoke_low_mv,
-                              "smoke_type": SMOKE_BATTERY_ANALOG, "smoke_models": list(SMOKE_BATTERY_MODELS),
-                              "pct": low_pct}
-    rows = _fetch(conn, _BATTERY, params)
+    rows = _fetch(conn, _BATTERY, battery_params(now, city_code(conn, city), smoke_low_mv=smoke_low_mv,
+                                                 parking_low_mv=parking_low_mv, low_pct=low_pct))
     out = []
     for r in rows:
         low = r.pop("low")
         out.append(Battery(**r, state="unknown" if low is None else "low" if low else "ok"))
     return out
+
+
+# The definitions as SQL, for a query that filters or pages by them (api/routes/devices.py) rather than
+# restating them.  NOT_LIVE_SQL: the active devices installed by %(t)s that are not live, with
+# `malformed` (params t, f = live_factor, c = city code or None, ids = device ids or None).  BATTERY_SQL: each active device's
+# latest battery reading, `low` true/false/NULL (params: `battery_params`).  A device counts as live when
+# it is active, installed by %(t)s and not in NOT_LIVE_SQL.
+NOT_LIVE_SQL = _NOT_LIVE
+BATTERY_SQL = _BATTERY
 
 
 # --------------------------------------------------------------------------- uplink success
@@ -315,7 +331,7 @@ def uplink_success(conn: psycopg.Connection, since: datetime, until: datetime | 
         raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     code = city_code(conn, city)
     ff, ft = whole_days(since, until, tz, open_end=open_end) if rollups else (until, until)
-    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "since": since, "until": until,
+    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "ids": None, "since": since, "until": until,
                                    "ff": ff, "ft": ft, "tz": tz.key})
     return [UplinkSuccess(**r, success=min(1.0, r["received"] / r["expected"]) if r["expected"] > 0 else None)
             for r in rows]

@@ -7,7 +7,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -233,19 +233,24 @@ def _city_lookup(conn: psycopg.Connection) -> dict[str, int]:
 
 
 def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, first_line: int = 1,
-                     cities: Collection[int] | None = None, max_errors: int = MAX_ERRORS) -> dict[str, int]:
+                     cities: Collection[int] | None = None, max_errors: int = MAX_ERRORS,
+                     lines: Sequence[int] | None = None) -> dict[str, int]:
     """Create or update devices (and their unverified sites) in one transaction, all or nothing;
     returns the counts created, updated, sites, and of those sites catalogue_sites and unverified_sites.
 
     A record's site is its catalogue `site_id`, or its free-text city, kind and name: a name or alias
     of a catalogue site there attaches it to that site, otherwise to an unverified site of that name.
-    RegistrationError lists the bad records (numbered from `first_line`, the first `max_errors`);
+    RegistrationError lists the bad records (numbered from `first_line`, or by `lines`: each record's
+    line, for records that are not consecutive lines; the first `max_errors`);
     with `cities` (a caller's scope), OutOfScope for a record of another city (a catalogue site's own
     city for `site_id` records) or one that would overwrite a device registered in another city."""
     registry = Registry.load(conn)
     errors, outside = _Errors(max_errors), _Errors(max_errors)
+    numbers = list(lines) if lines is not None else range(first_line, first_line + len(records))
+    if len(numbers) != len(records):
+        raise ValueError(f"{len(records)} records but {len(numbers)} line numbers")
     seen: set[str] = set()
-    for n, r in enumerate(records, start=first_line):
+    for n, r in zip(numbers, records, strict=True):
         for problem in record_problems(r, registry):
             errors.add(n, problem)
         if r.device_id in seen:
@@ -256,14 +261,14 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
     errors.raise_if_any()
     outside.raise_if_any(OutOfScope)
     with conn.transaction(), conn.cursor() as cur:
-        catalogue = _catalogue_sites(cur, records, registry, first_line, errors, outside, cities)
+        catalogue = _catalogue_sites(cur, records, registry, numbers, errors, outside, cities)
         errors.raise_if_any()
         outside.raise_if_any(OutOfScope)
         # Locked, so that the counts and the scope check hold until commit.
         existing = dict(cur.execute("""SELECT d.device_id, s.city_code FROM devices d LEFT JOIN sites s USING (site_id)
                                        WHERE d.device_id = ANY(%s) FOR UPDATE OF d""", (list(seen),)).fetchall())
         if cities is not None:
-            for n, r in enumerate(records, start=first_line):
+            for n, r in zip(numbers, records, strict=True):
                 if r.device_id in existing and existing[r.device_id] not in cities:
                     outside.add(n, f"device {r.device_id} cannot be registered with this key")
             outside.raise_if_any(OutOfScope)
@@ -295,7 +300,7 @@ def register_devices(conn: psycopg.Connection, records: list[DeviceRecord], *, f
             "catalogue_sites": len(in_catalogue), "unverified_sites": len(set(site_ids) - in_catalogue)}
 
 
-def _catalogue_sites(cur: psycopg.Cursor, records: list[DeviceRecord], registry: Registry, first_line: int,
+def _catalogue_sites(cur: psycopg.Cursor, records: list[DeviceRecord], registry: Registry, numbers: Sequence[int],
                      errors: _Errors, outside: _Errors, cities: Collection[int] | None) -> list[int | None]:
     """Each record's catalogue site (its row id), or None where its free text names none: by
     `site_id` (which must exist and agree with any city, kind and name also given), else by a name or
@@ -321,7 +326,7 @@ def _catalogue_sites(cur: psycopg.Cursor, records: list[DeviceRecord], registry:
               ON n.city_code = u.c AND n.kind = u.k AND n.name_key = u.nk""",
             [list(c) for c in zip(*free, strict=True)])}
     out: list[int | None] = []
-    for n, r in enumerate(records, start=first_line):
+    for n, r in zip(numbers, records, strict=True):
         if r.site_id is None:
             out.append(by_name.get((registry.city(r.city), r.site_kind, name_key(r.site_name))))
             continue
@@ -358,6 +363,51 @@ def parse_csv(source: str | Iterable[str], *, registry: Registry | None = None,
         raise NotUtf8([(0, f"the CSV must be UTF-8 ({exc.reason} at byte {exc.start} of a chunk)")]) from None
     errors.raise_if_any()
     return records
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRows:
+    """A CSV read row by row: the good records with their lines, and every bad line's reasons."""
+
+    records: list[DeviceRecord]
+    lines: list[int]                       # records[i] is on lines[i]
+    errors: list[tuple[int, str]]          # (line, reason), the first `max_errors`
+    errors_total: int
+    bad_lines: int                         # lines with at least one reason
+
+
+def parse_csv_rows(source: str | Iterable[str], *, registry: Registry | None = None,
+                   max_errors: int = 10_000) -> ParsedRows:
+    """As `parse_csv`, but a bad line is set aside with its reasons and the good ones are kept (the
+    second of two lines with one device_id is the bad one).  RegistrationError only for what spoils
+    the whole file: a header without the required columns, or a line that is not CSV (the reader
+    cannot go on past it); NotUtf8 for text that is not UTF-8."""
+    lines = io.StringIO(source, newline="") if isinstance(source, str) else source
+    whole, errors = _Errors(max_errors), _Errors(max_errors)
+    records: list[DeviceRecord] = []
+    numbers: list[int] = []
+    bad: set[int] = set()
+    seen: set[str] = set()
+    try:
+        for line, fields in csv_rows(csv.DictReader(_without_bom(lines)), whole, CSV_COLUMNS, CSV_OPTIONAL):
+            try:
+                problems = record_problems(record := _record(fields), registry)
+            except ValueError as exc:
+                problems, record = [str(exc)], None
+            if record is not None and record.device_id in seen:
+                problems.append(f"device_id {record.device_id} appears twice")
+            for problem in problems:
+                errors.add(line, problem)
+            if problems:
+                bad.add(line)
+                continue
+            seen.add(record.device_id)
+            records.append(record)
+            numbers.append(line)
+    except UnicodeDecodeError as exc:
+        raise NotUtf8([(0, f"the CSV must be UTF-8 ({exc.reason} at byte {exc.start} of a chunk)")]) from None
+    whole.raise_if_any()
+    return ParsedRows(records, numbers, errors.shown, errors.total, len(bad))
 
 
 def _without_bom(lines: Iterable[str]) -> Iterator[str]:
@@ -443,4 +493,5 @@ def _aware(value: datetime) -> datetime:
 
 
 __all__ = ["MAX_ERRORS", "PILOTS", "DeviceRecord", "NotUtf8", "OutOfScope", "RegistrationError", "Registry",
-           "bundled_models", "installed_at_problem", "parse_csv", "record_problems", "register_devices", "sync_models"]
+           "ParsedRows", "bundled_models", "installed_at_problem", "parse_csv", "parse_csv_rows", "record_problems",
+           "register_devices", "sync_models"]

@@ -74,7 +74,7 @@ def test_bulk_csv_is_all_or_nothing_with_line_numbers(settings, admin_client):
         assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] == 0
     r = client.post("/devices/bulk", content=good.encode(), headers={"content-type": "text/csv"})
     assert r.status_code == 200 and r.json() == {"created": 3, "updated": 0, "sites": 3, "catalogue_sites": 0,
-                                                 "unverified_sites": 3}
+                                                 "unverified_sites": 3, "skipped": 0, "errors": [], "errors_total": 0}
     r = client.post("/devices/bulk", content=b"device_id,network\n1,nbiot\n", headers={"content-type": "text/csv"})
     assert r.status_code == 422 and "header lacks column(s) model" in r.json()["errors"][0]["error"]
     assert "site_id" in r.json()["errors"][0]["error"]          # the optional columns are listed

@@ -124,7 +124,7 @@ def test_health_answers_while_a_large_import_runs(api_process, keys, settings):
     assert health.status_code == 200 and health.json()["database"]["reachable"]
     assert answer["import"].status_code == 200, answer["import"].text[:500]
     assert answer["import"].json() == {"created": rows, "updated": 0, "sites": 500, "catalogue_sites": 0,
-                                         "unverified_sites": 500}
+                                         "unverified_sites": 500, "skipped": 0, "errors": [], "errors_total": 0}
     assert events == ["health answered", "import answered"]
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] == rows

@@ -127,6 +127,11 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/devices"): Call("admin", json={"device_id": "869975030000034", "city": "Yingtan", **DEVICE}, scoped=403),
     ("POST", "/devices/bulk"): Call("admin", content=CSV_YINGTAN, scoped=403),
     ("GET", "/devices/{device_id}"): Call("viewer", {"device_id": YINGTAN_DEVICE}, scoped=404),
+    ("GET", "/devices"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
+    ("GET", "/devices.csv"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
+    ("PATCH", "/devices/{device_id}"): Call("operator", {"device_id": YINGTAN_DEVICE}, json={"status": "inactive"},
+                                            scoped=404),
+    ("GET", "/cities"): Call("viewer"),
     ("PUT", "/devices/{device_id}/coap-token"): Call("admin", {"device_id": YINGTAN_DEVICE}, json={}, scoped=404),
     ("PUT", "/devices/{device_id}/mqtt-password"): Call("admin", {"device_id": YINGTAN_DEVICE}, json={}, scoped=404),
     ("DELETE", "/devices/{device_id}/mqtt-password"): Call("admin", {"device_id": YINGTAN_DEVICE},
@@ -168,6 +173,8 @@ CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/rejects"): Call("viewer"),
     ("GET", "/rejects/{reject_id}"): Call("viewer", lambda w: {"reject_id": w.reject()}, scoped=404),
     ("POST", "/rejects/redecode"): Call("admin", json={"device": YINGTAN_DEVICE}),
+    # last: it retires the device the other calls act on
+    ("POST", "/devices/{device_id}/decommission"): Call("operator", {"device_id": YINGTAN_DEVICE}, scoped=404),
 }
 
 

@@ -25,14 +25,16 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
         # clock (a 422 there is the API explaining, not refusing valid data), as do the days a coverage
         # report, snapshot or operator figure may describe (past days; from/to at most 3660 days apart);
         # a catalogue site's rules across fields (closed iff closed_on, model_site_since only for a model
-        # site, a scenic spot's grade); a telemetry series' from before its to, and its tz an IANA zone.
+        # site, a scenic spot's grade); a telemetry series' from before its to, and its tz an IANA zone; a
+        # device moved by PATCH to a site_id must name a catalogue site.
         semantic = {("POST", "/devices/bulk"), ("POST", "/devices/{device_id}/downlinks"), ("POST", "/devices"),
                     ("GET", "/coverage"), ("PUT", "/targets/{target_id}/progress"), ("POST", "/coverage/snapshots"),
                     ("GET", "/targets/{target_id}/history"), ("POST", "/sites"), ("POST", "/sites/bulk"),
                     ("GET", "/devices/{device_id}/telemetry"), ("GET", "/sites/{site_id}/telemetry"),
                     # a time window's until after its since
                     ("GET", "/alarms"), ("GET", "/alarms/kpis"), ("GET", "/water/alerts"), ("GET", "/rejects"),
-                    ("POST", "/rejects/redecode")}
+                    ("POST", "/rejects/redecode"),
+                    ("GET", "/devices"), ("GET", "/devices.csv"), ("GET", "/cities"), ("PATCH", "/devices/{device_id}")}
         excluded = [positive_data_acceptance] if (operation.method.upper(), operation.path) in semantic else []
 
         @given(case=operation.as_strategy())
