@@ -633,7 +633,7 @@ def _m12_dedup_claimed_at(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("ALTER TABLE uplink_dedup ADD COLUMN IF NOT EXISTS claimed_at timestamptz NOT NULL DEFAULT now()")
 
 
-def _m15_redecode(conn: psycopg.Connection, timescale: bool) -> None:
+def _m13_redecode(conn: psycopg.Connection, timescale: bool) -> None:
     """Re-decoding rejects (ingest/redecode.py, `POST /rejects/redecode`): a reject that a later run
     stored is marked, in the transaction that wrote its readings, so that it is stored exactly once;
     the row itself (bytes, reason, detail) stays as received."""
@@ -661,8 +661,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(11, "rollups per device-day, site-quarter-hour, lane-5-minutes, cell-day; integer device keys",
               _m11_rollups),
     Migration(12, "when each dedup key was claimed (replays keep their original receive times)", _m12_dedup_claimed_at),
-    Migration(15, "re-decoded rejects marked (stored exactly once); keyset indexes of the alarm, alert and reject lists",
-              _m15_redecode),
+    Migration(13, "re-decoded rejects marked (stored exactly once); keyset indexes of the alarm, alert and reject lists",
+              _m13_redecode),
 )
 
 
