@@ -47,7 +47,6 @@ from psycopg.rows import dict_row
 
 from analytics.coverage import breakdown_rows, cells_now
 from analytics.fire import city_code
-from analytics.rollups import whole_days
 
 SMOKE_BATTERY_ANALOG = 0x88          # F9164-TD-NB vendor analog type: battery, mV
 # Models whose vendor type 0x88 is that battery (vendor types mean what each vendor says: a panel's 0x88
@@ -283,56 +282,31 @@ BATTERY_SQL = _BATTERY
 
 # --------------------------------------------------------------------------- uplink success
 
-# Stored uplinks of each device in [counted_from, until), the window cut at the whole local days [ff, ft)
-# (analytics.rollups.whole_days): the days from `dff` (the first local midnight at or after counted_from, not
-# before ff) to ft are counted from the writer's rollup_uplinks_day; the raw log's `stored` rows give the
-# edges [since, ff) and [ft, until) (constant ranges: only their partitions are read) and, for a device
-# installed inside the whole days, [ff, dff).
+# Stored uplinks of each device in [counted_from, until): the raw log's `stored` rows, joined over the
+# window's constant range (only its partitions are read) rather than counted device by device.
 _SUCCESS = f"""
     WITH d AS ({_ACTIVE}),
     c AS (SELECT d.*, greatest(%(since)s::timestamptz, d.installed_at) AS counted_from FROM d),
-    k AS (SELECT c.*, dk.device_key,
-                 greatest(%(ff)s::timestamptz,
-                          CASE WHEN date_trunc('day', c.counted_from AT TIME ZONE %(tz)s) AT TIME ZONE %(tz)s
-                                    = c.counted_from THEN c.counted_from
-                               ELSE (date_trunc('day', c.counted_from AT TIME ZONE %(tz)s) + interval '1 day')
-                                    AT TIME ZONE %(tz)s END) AS dff
-          FROM c JOIN devices dk USING (device_id)),
-    edges AS (SELECT r.device_id, count(*) AS n FROM raw_uplinks r JOIN k USING (device_id)
-              WHERE r.outcome = 'stored' AND r.received_at >= k.counted_from
-                AND ((r.received_at >= %(since)s AND r.received_at < %(ff)s)
-                     OR (r.received_at >= %(ft)s AND r.received_at < %(until)s))
-              GROUP BY r.device_id),
-    inside AS (SELECT k.device_id,
-                      (SELECT count(*) FROM raw_uplinks r
-                       WHERE r.device_id = k.device_id AND r.outcome = 'stored' AND r.received_at >= k.counted_from
-                         AND r.received_at >= %(ff)s AND r.received_at < least(k.dff, %(ft)s)) AS n
-               FROM k WHERE k.dff > %(ff)s AND %(ff)s < %(ft)s),
-    days AS (SELECT k.device_id, sum(u.count) AS n FROM rollup_uplinks_day u JOIN k USING (device_key)
-             WHERE u.bucket >= %(ff)s AND u.bucket < %(ft)s AND u.bucket >= k.dff
-             GROUP BY k.device_id)
-    SELECT k.device_id, k.model, k.city_code, k.interval_s, k.counted_from,
-           floor(extract(epoch FROM %(until)s - k.counted_from) / k.interval_s)::bigint AS expected,
-           (coalesce(edges.n, 0) + coalesce(inside.n, 0) + coalesce(days.n, 0))::bigint AS received
-    FROM k LEFT JOIN edges USING (device_id) LEFT JOIN inside USING (device_id) LEFT JOIN days USING (device_id)
-    ORDER BY k.device_id"""
+    n AS (SELECT r.device_id, count(*) AS n FROM raw_uplinks r JOIN c USING (device_id)
+          WHERE r.outcome = 'stored' AND r.received_at >= %(since)s AND r.received_at < %(until)s
+            AND r.received_at >= c.counted_from
+          GROUP BY r.device_id)
+    SELECT c.device_id, c.model, c.city_code, c.interval_s, c.counted_from,
+           floor(extract(epoch FROM %(until)s - c.counted_from) / c.interval_s)::bigint AS expected,
+           coalesce(n.n, 0)::bigint AS received
+    FROM c LEFT JOIN n USING (device_id)
+    ORDER BY c.device_id"""
 
 
 def uplink_success(conn: psycopg.Connection, since: datetime, until: datetime | None,
-                   city: str | int | None = None, *, tz: ZoneInfo = ZoneInfo("Asia/Shanghai"),
-                   rollups: bool = True) -> list[UplinkSuccess]:
-    """Per active device installed before `until`: stored uplinks in [since, until) ÷ whole reporting
-    intervals expected in it (from installed_at when later than since), capped at 1.  The whole local
-    days (`tz`: the writer's IOTJX_TIMEZONE) are counted from the writer's rollup_uplinks_day, the rest
-    from the raw log (`rollups=False`: all from the raw log).  `until` None: now, and the day in progress
-    is counted from the rollup too (nothing has been received after now)."""
-    open_end, until = until is None, until or datetime.now(UTC)
+                   city: str | int | None = None) -> list[UplinkSuccess]:
+    """Per active device installed before `until` (None: now): stored uplinks in [since, until) ÷ whole
+    reporting intervals expected in it (from installed_at when later than since), capped at 1."""
+    until = until or datetime.now(UTC)
     if until <= since:
         raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     code = city_code(conn, city)
-    ff, ft = whole_days(since, until, tz, open_end=open_end) if rollups else (until, until)
-    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "ids": None, "since": since, "until": until,
-                                   "ff": ff, "ft": ft, "tz": tz.key})
+    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "ids": None, "since": since, "until": until})
     return [UplinkSuccess(**r, success=min(1.0, r["received"] / r["expected"]) if r["expected"] > 0 else None)
             for r in rows]
 

@@ -321,7 +321,7 @@ def radio_report(conn: psycopg.Connection, since: datetime, until: datetime | No
         if outer:           # one snapshot: a device's radio and its uplink success from the same data
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         devices = device_radio(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
-        success = uplink_success(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
+        success = uplink_success(conn, since, until, city)
         names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
     groups = coverage_groups(devices, names, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
     weak = weak_devices(devices, success, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)

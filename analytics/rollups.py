@@ -674,8 +674,6 @@ LEVELS: tuple[Level, ...] = (
     Level("rollup_radio_cell_day", "radio_readings", "cell", DAY_S, (
         Value("rsrp_dbm", _RANGE), Value("sinr_db", _RANGE), Value("ecl_0", _SUMS), Value("ecl_1", _SUMS),
         Value("ecl_2", _SUMS))),
-    # Stored uplinks per device and local day of their receive time (uplink success, device health).
-    Level("rollup_uplinks_day", "uplinks", "device", DAY_S, ()),
     # Each device's latest radio figures (all time): a window open to now reads them in one probe per device.
     Level("rollup_radio_latest", "radio_readings", "device", 0, (
         Value("rsrp_dbm", ("last",)), Value("sinr_db", ("last",)), Value("rsrq_db", ("last",)),

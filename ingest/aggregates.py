@@ -144,15 +144,9 @@ def _stage_columns(level: Level, p) -> list[Column]:
 # --------------------------------------------------------------------------- a batch's rows as columns
 
 def batch_rows(readings: dict[str, tuple[tuple[str, ...], list[tuple]]],
-               blocks: Iterable[tuple[str, tuple[str, ...], list[Column], int]],
-               seen_ids: Sequence[str] = (), seen_at: Sequence[float] = ()) -> dict[str, FamilyRows]:
-    """Each readings table's rows of a WriteSet (its tuples and its columnar blocks) as FamilyRows, and
-    its stored uplinks (`seen_ids`/`seen_at`: one per uplink stored, as device_state counts them) as the
-    pseudo-table "uplinks", bucketed by receive time."""
+               blocks: Iterable[tuple[str, tuple[str, ...], list[Column], int]]) -> dict[str, FamilyRows]:
+    """Each readings table's rows of a WriteSet (its tuples and its columnar blocks) as FamilyRows."""
     parts: dict[str, list[FamilyRows]] = {}
-    if len(seen_ids):
-        at = np.asarray(seen_at, dtype=np.float64)
-        parts["uplinks"] = [FamilyRows(list(seen_ids), at, np.full(len(at), np.nan), {})]
     for table, (columns, rows) in readings.items():
         make = _FROM_ROWS.get(table)
         if make is not None and rows:

@@ -237,8 +237,8 @@ class Writer:
 
     def _write_in(self, conn: psycopg.Connection, ws: WriteSet) -> None:
         partials = []
-        if self.aggregator is not None and (ws.readings or ws.blocks or ws.seen_ids):
-            rows = batch_rows(ws.readings, ws.blocks, ws.seen_ids, ws.seen_at)
+        if self.aggregator is not None and (ws.readings or ws.blocks):
+            rows = batch_rows(ws.readings, ws.blocks)
             if rows:
                 partials = self.aggregator.partials(rows, device_keys(conn, rows, ws.devices))
         self._ensure_days(conn, ws.days | bucket_days(partials) if partials else ws.days)

@@ -627,8 +627,7 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
     with _report_connection(section, HEALTH_SECTIONS) as (settings, conn, chosen):
         report = health_report(conn, live_factor=settings.live_factor, tz=settings.tz, city=city,
                                battery_thresholds=settings.battery_thresholds)
-        success = uplink_success(conn, report.now - timedelta(days=days), report.now, city, tz=settings.tz,
-                                 rollups=settings.rollups)
+        success = uplink_success(conn, report.now - timedelta(days=days), report.now, city)
     tables = _health_tables(report, success)
     titles = {"online": "Online (live) rate per city × pilot × network",
               "silent": f"Silent devices (active, no stored uplink within {settings.live_factor:g} × interval)",

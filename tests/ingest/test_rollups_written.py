@@ -53,10 +53,8 @@ SOURCES = {
     "radio_readings": ("r.time", {"rsrp_dbm": "rsrp_dbm", "sinr_db": "sinr_db", "rsrq_db": "rsrq_db", "ecl": "ecl",
                                   "cell_id": "cell_id", "pci": "pci",
                                   "ecl_0": "(ecl = 0)::int", "ecl_1": "(ecl = 1)::int", "ecl_2": "(ecl = 2)::int"}),
-    # stored uplinks (the raw log's `stored` rows), by receive time
-    "raw_uplinks": ("r.received_at", {}),
 }
-WHERE = {"raw_uplinks": "r.outcome = 'stored'"}
+WHERE: dict[str, str] = {}
 # table -> (readings table, key expressions (name, SQL), bucket)
 TABLES = {
     "rollup_water_day": ("water_readings", [("device_key", "d.device_key")], "day"),
@@ -69,7 +67,6 @@ TABLES = {
     "rollup_parking_site_15m": ("parking_events", [("site_id", "d.site_id")], "15m"),
     "rollup_radio_day": ("radio_readings", [("device_key", "d.device_key")], "day"),
     "rollup_radio_cell_day": ("radio_readings", [("cell_id", "r.cell_id")], "day"),
-    "rollup_uplinks_day": ("raw_uplinks", [("device_key", "d.device_key")], "day"),
     "rollup_radio_latest": ("radio_readings", [("device_key", "d.device_key")], "all"),
 }
 
@@ -261,7 +258,7 @@ def test_a_late_uplink_changes_only_its_own_buckets_and_days_split_at_local_midn
     with psycopg.connect(db_url) as conn:
         after = _snapshot(conn)
         changed = {t: (before[t] - after[t], after[t] - before[t]) for t in TABLES if before[t] != after[t]}
-        assert set(changed) == {"rollup_water_day", "rollup_water_site_15m", "rollup_uplinks_day"}
+        assert set(changed) == {"rollup_water_day", "rollup_water_site_15m"}
         old, new = changed["rollup_water_day"]
         assert len(old) == len(new) == 1                   # one device-day row, updated
         (row,) = new
