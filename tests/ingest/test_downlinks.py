@@ -117,7 +117,7 @@ def test_coap_device_gets_commands_on_its_next_uplinks_and_acks_them(stack):
     assert _status(db, second["id"]) == ("acknowledged", "coap", 1, True, True)
     with psycopg.connect(db) as conn:          # the uplinks themselves were stored as usual
         assert conn.execute("SELECT count(*) FROM water_readings WHERE device_id = %s", (device,)).fetchone()[0] == 3
-    listed = api.get(f"/devices/{device}/downlinks").json()
+    listed = api.get(f"/devices/{device}/downlinks").json()["items"]
     assert [(d["id"], d["status"]) for d in listed] == [(second["id"], "acknowledged"), (first["id"], "acknowledged")]
     assert api.get(f"/downlinks/{first['id']}").json()["acked_at"] is not None
     assert api.get("/downlinks/987654321").status_code == 404
