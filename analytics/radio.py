@@ -212,12 +212,12 @@ def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | No
     [since, until); ValueError for an unknown city or an empty window.  The whole local days (`tz`: the
     writer's IOTJX_TIMEZONE) are read from the device-day rollup, the rest from the readings
     (`rollups=False`: all from the readings, for a system whose writer keeps none).  `until` None: now,
-    and the day in progress is read from the rollup too (nothing has been received after now)."""
+    and each device's latest figures are read from the writer's rollup_radio_latest (`_LATEST`)."""
     open_end, until = until is None, until or datetime.now(UTC)
     _check_window(since, until)
     code = city_code(conn, city)
-    ff, ft = whole_days(since, until, tz, open_end=open_end) if rollups else (until, until)
     sql = _LATEST if open_end and rollups else _DEVICES
+    ff, ft = whole_days(since, until, tz) if rollups and sql is _DEVICES else (until, until)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET LOCAL jit = off")
         rows = cur.execute(sql, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()

@@ -758,12 +758,10 @@ def _merge_value(m: dict, v: Value, part: dict) -> None:
             m[f"{name}_last"], m[f"{name}_last_t"] = part["last"], part["last_t"]
 
 
-def whole_days(since: datetime, until: datetime, tz: ZoneInfo, *, open_end: bool = False) -> tuple[datetime, datetime]:
+def whole_days(since: datetime, until: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
     """The whole local days inside [since, until), as [first local midnight ≥ since, last local midnight
     ≤ until): the part of a window a day rollup answers exactly (the edges come from the readings).
-    (until, until) when the window holds no whole day.  `open_end`: `until` is now — nothing has been
-    received after it, so the day in progress is whole as far as it goes and the range ends at `until`
-    (a bucket starting before it counts)."""
+    (until, until) when the window holds no whole day."""
     def midnight(t: datetime, after: bool) -> datetime:
         local = t.astimezone(tz)
         day = local.date()
@@ -771,5 +769,5 @@ def whole_days(since: datetime, until: datetime, tz: ZoneInfo, *, open_end: bool
         if after and m < t:
             m = datetime.fromtimestamp(_local_midnight((day - datetime(1970, 1, 1).date()).days + 1, tz), tz)
         return m
-    first, last = midnight(since, True), (until if open_end else midnight(until, False))
+    first, last = midnight(since, True), midnight(until, False)
     return (first, last) if first < last else (until, until)

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 
 from analytics.rollups import LEVELS, MEASUREMENT_AHEAD_S, MEASUREMENT_BEHIND_S, Level
+from analytics.water import measured_sql
 
 INTERVALS: dict[str, int | str] = {"5m": 300, "15m": 900, "1h": 3600, "1d": 86400, "1w": "week", "1mo": "month"}
 AGGS = ("sum", "avg", "min", "max", "count", "last")
@@ -35,7 +36,7 @@ _PLAUSIBLE = (f"BETWEEN r.time - interval '{MEASUREMENT_BEHIND_S} seconds' "
               f"AND r.time + interval '{MEASUREMENT_AHEAD_S} seconds'")
 # Per readings table: the measurement time, and each field as SQL over a row `r`.
 SOURCES: dict[str, tuple[str, dict[str, str]]] = {
-    "water_readings": (f"CASE WHEN r.meter_time {_PLAUSIBLE} THEN r.meter_time ELSE r.time END", {
+    "water_readings": (measured_sql("r"), {
         "flow_m3": "r.flow_m3", "settlement_flow_m3": "r.settlement_flow_m3", "battery_low": "r.battery_low::int",
         "valve_closed": "CASE r.valve WHEN 'closed' THEN 1 WHEN 'open' THEN 0 WHEN 'abnormal' THEN 0 END"}),
     "fire_events": (f"CASE WHEN coalesce(r.event_time, r.sent_at) {_PLAUSIBLE} THEN coalesce(r.event_time, r.sent_at) "

@@ -344,7 +344,7 @@ def _iso(t: float, tz: ZoneInfo) -> str:
 
 # --------------------------------------------------------------------------- update_water
 
-def _measured_sql(w: str = "w") -> str:
+def measured_sql(w: str = "w") -> str:
     """SQL of a reading's measurement time (as analytics.rollups.measurement_times)."""
     return (f"CASE WHEN {w}.meter_time BETWEEN {w}.time - interval '{MEASUREMENT_BEHIND_S} seconds' "
             f"AND {w}.time + interval '{MEASUREMENT_AHEAD_S} seconds' THEN {w}.meter_time ELSE {w}.time END")
@@ -378,7 +378,7 @@ def update_water(conn: psycopg.Connection, *, tz: ZoneInfo = SHANGHAI, margin_s:
         # where readings are re-read (CONTEXT_S before the cut and before any alert still open at it).
         cur.execute(f"""
             CREATE TEMP TABLE water_touched ON COMMIT DROP AS
-            SELECT w.device_id, min({_measured_sql()}) AS t_new, max(w.time) AS seen_to,
+            SELECT w.device_id, min({measured_sql()}) AS t_new, max(w.time) AS seen_to,
                    NULL::date AS d0, NULL::timestamptz AS cut, NULL::timestamptz AS lo
             FROM water_readings w WHERE %(since)s::timestamptz IS NULL OR w.time > %(since)s
             GROUP BY w.device_id""", {"since": run.since})
