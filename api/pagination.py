@@ -110,6 +110,16 @@ class PageParams:
         return Page[Any](items=rows, next_cursor=encode_cursor(key(rows[-1])) if more and rows else None)
 
 
+def newest_first(page: PageParams, time_col: str, id_col: str) -> tuple[str, dict[str, Any]]:
+    """The keyset tail of a list newest first by (time, id): SQL ` AND … ORDER BY … LIMIT …` to append to
+    its WHERE, and its parameters (the rows before the cursor's (time, id), one more than the page so
+    that `page.of` knows whether another follows; 422 for a cursor of another shape)."""
+    after = page.after(2, (datetime, int))
+    sql = (f" AND (%(a_t)s::timestamptz IS NULL OR ({time_col}, {id_col}) < (%(a_t)s, %(a_id)s))"
+           f" ORDER BY {time_col} DESC, {id_col} DESC LIMIT %(n)s")
+    return sql, {"a_t": after and after[0], "a_id": after and after[1], "n": page.limit + 1}
+
+
 def _page_params(cursor: Annotated[str | None, Query(max_length=MAX_CURSOR, pattern=r"^[A-Za-z0-9_-]+$",  # base64url
                                                      description="next_cursor of the previous page")] = None,
                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")] = 100) -> PageParams:
@@ -118,4 +128,4 @@ def _page_params(cursor: Annotated[str | None, Query(max_length=MAX_CURSOR, patt
 
 PageQuery = Annotated[PageParams, Depends(_page_params)]
 
-__all__ = ["MAX_LIMIT", "Page", "PageParams", "PageQuery", "decode_cursor", "encode_cursor"]
+__all__ = ["MAX_LIMIT", "Page", "PageParams", "PageQuery", "decode_cursor", "encode_cursor", "newest_first"]

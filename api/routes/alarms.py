@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from analytics import fire
 from api.deps import Conn, Operator, RowId, Viewer, audit_write
-from api.pagination import Page, PageParams, PageQuery
+from api.pagination import Page, PageQuery, newest_first
 from api.problems import PROBLEM
 from api.schemas import CityCode, Note
 from iotjx.devices import DEVICE_ID
@@ -80,12 +80,14 @@ def _alarm(row: tuple) -> AlarmOut:
     return AlarmOut(**dict(zip(AlarmOut.model_fields, row, strict=True)))
 
 
-def _aware(t: datetime | None) -> datetime | None:
+def aware(t: datetime | None) -> datetime | None:
+    """A query's time, UTC when it names no zone."""
     return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def _window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
-    since, until = _aware(since), _aware(until)
+def time_window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """A list's [since, until), aware; 422 when until is not after since."""
+    since, until = aware(since), aware(until)
     if since is not None and until is not None and until <= since:
         raise HTTPException(422, f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     return since, until
@@ -94,14 +96,6 @@ def _window(since: datetime | None, until: datetime | None) -> tuple[datetime | 
 def _city_in_scope(key, city: int | None) -> None:  # noqa: ANN001 - an ApiKey
     if city is not None and not key.sees_city(city):
         raise HTTPException(403, f"city {city} is outside this key's cities")
-
-
-def time_cursor(page: PageParams) -> tuple[datetime, int] | None:
-    """The (time, id) a page starts after; 422 for a cursor of another shape."""
-    after = page.after(2)
-    if after is not None and not (isinstance(after[0], datetime) and isinstance(after[1], int)):
-        raise HTTPException(422, "cursor: not a cursor of this list (pass next_cursor of the previous page as is)")
-    return after
 
 
 _REFRESH_LOCK = threading.Lock()
@@ -141,9 +135,9 @@ def list_alarms(key: Viewer, conn: Conn, page: PageQuery, request: Request,
                 city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
                 since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
                 until: Annotated[datetime | None, Query(description="raised before")] = None) -> Page[AlarmOut]:
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     _city_in_scope(key, city)
-    after = time_cursor(page)
+    tail, keyset = newest_first(page, "a.raised_at", "a.alarm_id")
     refresh_alarms(request, conn)
     rows = conn.execute(_ALARM + """
         WHERE (%(kind)s::text IS NULL OR a.kind = %(kind)s)
@@ -153,12 +147,10 @@ def list_alarms(key: Viewer, conn: Conn, page: PageQuery, request: Request,
           AND (%(site)s::text IS NULL OR s.code = %(site)s)
           AND (%(device)s::text IS NULL OR a.device_id = %(device)s)
           AND (%(since)s::timestamptz IS NULL OR a.raised_at >= %(since)s)
-          AND (%(until)s::timestamptz IS NULL OR a.raised_at < %(until)s)
-          AND (%(a_t)s::timestamptz IS NULL OR (a.raised_at, a.alarm_id) < (%(a_t)s, %(a_id)s))
-        ORDER BY a.raised_at DESC, a.alarm_id DESC LIMIT %(n)s""",
+          AND (%(until)s::timestamptz IS NULL OR a.raised_at < %(until)s)""" + tail,
                         {"kind": kind, "state": state, "city": city, "site": site, "device": device,
                          "since": since, "until": until, "cities": None if key.cities is None else list(key.cities),
-                         "a_t": after and after[0], "a_id": after and after[1], "n": page.limit + 1}).fetchall()
+                         **keyset}).fetchall()
     return page.of([_alarm(r) for r in rows], key=lambda a: (a.raised_at, a.alarm_id))
 
 
@@ -205,7 +197,7 @@ def alarm_kpis(key: Viewer, conn: Conn, request: Request,
                since: Annotated[datetime, Query(description="raised at or after (without a zone: UTC)")],
                until: Annotated[datetime, Query(description="raised before")],
                city: CityFilter = None) -> FireKpisOut:
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     _city_in_scope(key, city)
     refresh_alarms(request, conn)
     k = fire.fire_kpis(conn, since, until, city)
@@ -289,9 +281,9 @@ def list_water_alerts(key: Viewer, conn: Conn, page: PageQuery,
                       since: Annotated[datetime | None, Query(description="opened at or after")] = None,
                       until: Annotated[datetime | None, Query(description="opened before")] = None
                       ) -> Page[WaterAlertOut]:
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     _city_in_scope(key, city)
-    after = time_cursor(page)
+    tail, keyset = newest_first(page, "a.opened_at", "a.alert_id")
     rows = conn.execute("""
         SELECT a.alert_id, a.device_id, a.kind, a.opened_at, a.closed_at, a.detail, s.city_code, s.code, s.name
         FROM water_alerts a LEFT JOIN devices d ON d.device_id = a.device_id LEFT JOIN sites s ON s.site_id = d.site_id
@@ -302,11 +294,9 @@ def list_water_alerts(key: Viewer, conn: Conn, page: PageQuery,
           AND (%(site)s::text IS NULL OR s.code = %(site)s)
           AND (%(device)s::text IS NULL OR a.device_id = %(device)s)
           AND (%(since)s::timestamptz IS NULL OR a.opened_at >= %(since)s)
-          AND (%(until)s::timestamptz IS NULL OR a.opened_at < %(until)s)
-          AND (%(a_t)s::timestamptz IS NULL OR (a.opened_at, a.alert_id) < (%(a_t)s, %(a_id)s))
-        ORDER BY a.opened_at DESC, a.alert_id DESC LIMIT %(n)s""",
+          AND (%(until)s::timestamptz IS NULL OR a.opened_at < %(until)s)""" + tail,
                         {"kind": kind, "open": is_open, "city": city, "site": site, "device": device, "since": since,
                          "until": until, "cities": None if key.cities is None else list(key.cities),
-                         "a_t": after and after[0], "a_id": after and after[1], "n": page.limit + 1}).fetchall()
+                         **keyset}).fetchall()
     return page.of([WaterAlertOut(**dict(zip(WaterAlertOut.model_fields, r, strict=True))) for r in rows],
                    key=lambda a: (a.opened_at, a.alert_id))

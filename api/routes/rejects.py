@@ -6,7 +6,7 @@ unknown device (or of a device without a site) is seen only by a key without a c
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -14,8 +14,8 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 import decoders
 from api.deps import Admin, AppSettings, Conn, RowId, Viewer, audit_write
-from api.pagination import Page, PageQuery
-from api.routes.alarms import time_cursor
+from api.pagination import Page, PageQuery, newest_first
+from api.routes.alarms import aware, time_window
 from api.problems import PROBLEM
 from api.schemas import clean_text
 from ingest.aggregates import Aggregator
@@ -68,17 +68,8 @@ def _out(row: tuple) -> RejectOut:
                      redecoded_at=redecoded_at, redecoded_by=redecoded_by)
 
 
-def _window(since: datetime | None, until: datetime | None) -> None:
-    if since is not None and until is not None and until <= since:
-        raise HTTPException(422, f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
-
-
 Since = Annotated[datetime | None, Query(description="received at or after (ISO 8601; without a zone: UTC)")]
 Until = Annotated[datetime | None, Query(description="received before")]
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 @router.get("/rejects", response_model=Page[RejectOut], responses={403: PROBLEM, 422: PROBLEM},
@@ -96,17 +87,11 @@ def list_rejects(key: Viewer, conn: Conn, page: PageQuery,
                  redecoded: Annotated[bool | None, Query(description="true: stored since by a re-decode; "
                                                                      "false: still rejects")] = None,
                  since: Since = None, until: Until = None) -> Page[RejectOut]:
-    since, until = _aware(since), _aware(until)
-    _window(since, until)
-    after = time_cursor(page)
+    since, until = time_window(since, until)
+    tail, keyset = newest_first(page, "r.received_at", "r.reject_id")
     where, params = filter_sql(RejectFilter(reason, device, transport, codec, model, since, until, redecoded),
                                key.cities)
-    rows = conn.execute(_SELECT + f"""
-        WHERE {where}
-          AND (%(a_t)s::timestamptz IS NULL OR (r.received_at, r.reject_id) < (%(a_t)s, %(a_id)s))
-        ORDER BY r.received_at DESC, r.reject_id DESC LIMIT %(n)s""",
-                        {**params, "a_t": after and after[0], "a_id": after and after[1], "n": page.limit + 1}
-                        ).fetchall()
+    rows = conn.execute(_SELECT + f" WHERE {where}" + tail, {**params, **keyset}).fetchall()
     return page.of([_out(r) for r in rows], key=lambda r: (r.received_at, r.reject_id))
 
 
@@ -135,7 +120,7 @@ class RedecodeIn(BaseModel):
 
     @model_validator(mode="after")
     def _times(self) -> RedecodeIn:
-        self.since, self.until = _aware(self.since), _aware(self.until)
+        self.since, self.until = aware(self.since), aware(self.until)
         if self.since is not None and self.until is not None and self.until <= self.since:
             raise ValueError("until must be after since")
         return self
