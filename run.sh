@@ -17,7 +17,9 @@ fi
 cmd="${1:-}"; shift || true
 case "$cmd" in
   demo) exec "$VENV/bin/iotjx" demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  # three pytest-xdist workers (each with its own template database and broker: tests mostly wait on
+  # PostgreSQL, the broker and sockets); IOTJX_TEST_WORKERS=0 or `-n 0` for one process
+  test) exec "$VENV/bin/python" -m pytest -n "${IOTJX_TEST_WORKERS:-3}" "$@" ;;
   iotjx) exec "$VENV/bin/iotjx" "$@" ;;
   *) echo "usage: ./run.sh demo [--duration S] | ./run.sh test [pytest args] | ./run.sh iotjx …" >&2; exit 2 ;;
 esac

@@ -22,20 +22,15 @@ TZ = ZoneInfo("Asia/Shanghai")
 @pytest.fixture(scope="module")
 def mix(pg_admin_url, template_db):
     """Two days of the province mix through the write path, in a database of this module's own."""
-    import uuid
-
-    from tests.conftest import _with_db
-    name = f"iotjx_t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(pg_admin_url, name)
+    from tests.conftest import fresh_database
+    gen = fresh_database(pg_admin_url, template_db)
+    url = next(gen)
     try:
         uplinks = _province_mix(url, days=2.0, scale=0.004)
         Pipeline(DeviceRegistry(lambda: connect(url)), Writer(lambda: connect(url))).process(uplinks)
         yield url
     finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        gen.close()
 
 
 def _window() -> tuple[datetime, datetime]:
