@@ -29,7 +29,8 @@ MAX_FLOW_DAYS = 1               # all detectors: one day of buckets a call
 MAX_FLOW_DEVICE_DAYS = 31       # one detector
 MAX_PARKING_DAYS = 31
 
-Width = Annotated[Literal[300, 900], Query(description="bucket width, s (5 or 15 minutes)")]
+Interval = Annotated[Literal["5m", "15m"], Query(description="bucket width")]
+WIDTH_S = {"5m": 300, "15m": 900}
 Per = Annotated[Literal["lane", "detector"], Query(description="lane: one row per lane; detector: all its lanes")]
 Device = Annotated[str | None, Query(pattern=DEVICE_ID.pattern, max_length=64, description="one detector")]
 
@@ -89,17 +90,17 @@ _FLOW_DOC = (f"Per lane or detector and local bucket over [from, to) (at most {M
 @router.get("/traffic/flow", response_model=Page[FlowBucketOut], responses={403: PROBLEM, 422: PROBLEM},
             summary="Traffic buckets: volume, occupancy, speeds, density, level of service, congestion grade",
             description=_FLOW_DOC + " Cursor-paginated.")
-def flow(key: Viewer, conn: Conn, settings: AppSettings, page: PageQuery, from_: From, to: To, width: Width = 900,
+def flow(key: Viewer, conn: Conn, settings: AppSettings, page: PageQuery, from_: From, to: To, interval: Interval = "15m",
          per: Per = "lane", city: CityFilter = None, device: Device = None) -> Page[FlowBucketOut]:
-    rows = _flow(key, conn, settings, from_, to, width, per, city, device)
+    rows = _flow(key, conn, settings, from_, to, WIDTH_S[interval], per, city, device)
     return page_of(rows, page, _flow_key, (str, int, datetime))
 
 
 @router.get("/traffic/flow.csv", response_class=StreamingResponse, responses=csv_responses("one bucket a line"),
             summary="Traffic buckets, as CSV (same parameters)", description=_FLOW_DOC)
-def flow_csv(key: Viewer, conn: Conn, settings: AppSettings, from_: From, to: To, width: Width = 900,
+def flow_csv(key: Viewer, conn: Conn, settings: AppSettings, from_: From, to: To, interval: Interval = "15m",
              per: Per = "lane", city: CityFilter = None, device: Device = None) -> StreamingResponse:
-    rows = sorted(_flow(key, conn, settings, from_, to, width, per, city, device), key=_flow_key)
+    rows = sorted(_flow(key, conn, settings, from_, to, WIDTH_S[interval], per, city, device), key=_flow_key)
     return csv_response(FlowBucketOut, rows, "traffic-flow.csv")
 
 
