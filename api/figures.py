@@ -13,48 +13,30 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import psycopg
 from fastapi import HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from api.pagination import Page, PageParams
+from api.routes.alarms import CityFilter, time_window
+from api.routes.telemetry import Aware, _zone            # the telemetry series' time and zone parameters
 from api.problems import PROBLEM
-from api.schemas import CityCode, city_names
+from api.schemas import city_names
 from iotjx.apikeys import ApiKey
 
 T = TypeVar("T")
 R = TypeVar("R", bound=BaseModel)
 
 
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("give a time zone offset (e.g. 2026-12-01T00:00:00+08:00)")
-    if not 2000 <= value.year <= 9998:
-        raise ValueError("a time from 2000 to 9998")
-    return value
-
-
-Aware = Annotated[datetime, AfterValidator(_aware)]
 Day = date                      # any: PostgreSQL's date holds every one Python's does
-CityFilter = Annotated[CityCode | None, Query(description="division code, e.g. 360600")]
 From = Annotated[Aware, Query(alias="from", description="start, with an offset (e.g. 2026-12-01T00:00:00+08:00)")]
 To = Annotated[Aware, Query(description="end (exclusive), with an offset")]
 
 
-def _zone_name(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"{value[:64]!r} is not an IANA time zone such as Asia/Shanghai") from None
-    return value
-
-
 Tz = Annotated[str | None, Query(max_length=64, description="IANA zone of the local hours (default IOTJX_TIMEZONE)"),
-               AfterValidator(_zone_name)]
+               AfterValidator(lambda v: v and _zone(v))]
 
 
 def cities_for(key: ApiKey, city: int | None) -> list[int | None]:
@@ -74,8 +56,7 @@ def per_city(key: ApiKey, city: int | None, figure: Callable[[int | None], Itera
 
 def window(since: datetime, until: datetime, max_days: float) -> tuple[datetime, datetime]:
     """[from, to): 422 when `to` is not after `from` or the window is longer than `max_days`."""
-    if until <= since:
-        raise HTTPException(422, f"to ({until.isoformat()}) must be after from ({since.isoformat()})")
+    since, until = time_window(since, until, ("from", "to"))
     if until - since > timedelta(days=max_days):
         raise HTTPException(422, f"from … to spans {(until - since).total_seconds() / 86400:.2f} days; at most "
                                  f"{max_days:g} days here (ask for several windows)")
@@ -89,6 +70,12 @@ def day_window(since: date, until: date, max_days: int) -> tuple[date, date]:
     if (until - since).days > max_days:
         raise HTTPException(422, f"from … to spans {(until - since).days} days; at most {max_days} here")
     return since, until
+
+
+def site_codes(conn: psycopg.Connection, site_ids: Iterable[int | None]) -> dict[int, str | None]:
+    """The catalogue code of each site row (None for a site made from free text)."""
+    ids = sorted({s for s in site_ids if s is not None})
+    return dict(conn.execute("SELECT site_id, code FROM sites WHERE site_id = ANY(%s)", (ids,)).fetchall())
 
 
 def city_of(code: int | None) -> dict[str, Any]:
@@ -148,4 +135,4 @@ def csv_responses(what: str) -> dict:
 
 
 __all__ = ["Aware", "CityFilter", "Day", "From", "To", "Tz", "cities_for", "city_of", "csv_response", "csv_responses", "day_window",
-           "page_of", "per_city", "window"]
+           "page_of", "per_city", "site_codes", "window"]

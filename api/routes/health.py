@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from analytics import health
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, page_of, per_city, window
+from api.figures import (CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, page_of, per_city,
+                         window)
 from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from analytics import radio
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, window
+from api.figures import CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, site_codes, window
 from api.problems import PROBLEM
 
 router = APIRouter(tags=["radio"])
@@ -62,8 +62,7 @@ class RadioSummaryOut(BaseModel):
 
 def _groups(conn: psycopg.Connection, groups: list[radio.RadioGroup], whole: bool,
             level: str | None) -> list[RadioGroupOut]:
-    codes = dict(conn.execute("SELECT site_id, code FROM sites WHERE site_id = ANY(%s)",
-                              (sorted({g.site_id for g in groups if g.site_id is not None}),)).fetchall())
+    codes = site_codes(conn, (g.site_id for g in groups))
     return [RadioGroupOut(level=g.level, **city_of(g.city_code), site_id=codes.get(g.site_id),
                           site_name=g.site_name, cell_id=g.cell_id, with_radio=g.with_radio,
                           without_radio=g.without_radio, rsrp_p10=g.rsrp_p10, rsrp_p50=g.rsrp_p50,

@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from analytics import traffic
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import (CityFilter, From, To, Tz, city_of, csv_response, csv_responses, page_of, per_city, window)
+from api.figures import (CityFilter, From, To, Tz, city_of, csv_response, csv_responses, page_of, per_city, site_codes,
+                         window)
 from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 from iotjx.devices import DEVICE_ID, SITE_KINDS
@@ -138,8 +139,7 @@ def _parking(key, conn: psycopg.Connection, settings, from_: datetime, to: datet
                                                                overstay_s=settings.traffic_overstay_s,
                                                                hold_factor=settings.traffic_hold_factor))
     rows = [p for p in rows if kind is None or p.site_kind == kind]
-    codes = dict(conn.execute("SELECT site_id, code FROM sites WHERE site_id = ANY(%s)",
-                              (sorted({p.site_id for p in rows}),)).fetchall())
+    codes = site_codes(conn, (p.site_id for p in rows))
     out = []
     for p in rows:
         row = ParkingHourOut(

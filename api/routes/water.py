@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from analytics import health, water
 from api.deps import AppSettings, Conn, Viewer
 from api.figures import (CityFilter, Day, cities_for, city_of, csv_response, csv_responses, day_window, page_of,
-                         per_city)
+                         per_city, site_codes)
 from api.pagination import Page, PageQuery, newest_first
 from api.problems import PROBLEM
 from api.routes.telemetry import SiteCode
@@ -80,12 +80,8 @@ class SiteNightOut(BaseModel):
     nights: int | None = Field(description="nights in that percentile")
 
 
-def _codes(conn: psycopg.Connection, site_ids: list[int]) -> dict[int, str | None]:
-    return dict(conn.execute("SELECT site_id, code FROM sites WHERE site_id = ANY(%s)", (site_ids,)).fetchall())
-
-
 def _nights_out(conn: psycopg.Connection, nights: list[water.SiteNight]) -> list[SiteNightOut]:
-    codes = _codes(conn, sorted({n.site_id for n in nights}))
+    codes = site_codes(conn, (n.site_id for n in nights))
     return [SiteNightOut(site_id=codes.get(n.site_id), site_name=n.site_name, **city_of(n.city_code), day=n.day,
                          mnf_m3h=n.mnf_m3h, meters=n.meters, leakage_m3h=n.leakage_m3h, nights=n.nights) for n in nights]
 
