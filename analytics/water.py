@@ -528,6 +528,17 @@ def site_nights(conn: psycopg.Connection, day: date, city: str | int | None = No
     return out[:limit]
 
 
+def site_night_series(conn: psycopg.Connection, site_id: int, since: date, until: date) -> list[SiteNight]:
+    """One site's nights in [since, until) as `water_night` keeps them (MNF, meters counted, leakage over
+    the nights before), oldest first; nights without a figure absent."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute("""
+            SELECT n.site_id, s.name AS site_name, s.city_code, n.day, n.mnf_m3h, n.meters, n.leakage_m3h, n.nights
+            FROM water_night n JOIN sites s USING (site_id)
+            WHERE n.site_id = %s AND n.day >= %s AND n.day < %s ORDER BY n.day""", (site_id, since, until)).fetchall()
+    return [SiteNight(**r) for r in rows]
+
+
 def open_alerts(conn: psycopg.Connection, city: str | int | None = None) -> list[WaterAlert]:
     """Water alerts not closed yet, oldest first."""
     code = city_code(conn, city)

@@ -22,14 +22,15 @@ from analytics.schedule import AnalyticsLoop
 from api.auth import Authenticate
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl, Cors, RateLimit
-from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, keys, rejects, sites, system,
-                        telemetry)
+from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, fire, health, keys, radio,
+                        rejects, sites, system, telemetry, traffic, water)
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
-           keys.router, audit.router, telemetry.router, alarms.router, rejects.router, cities.router)
+           keys.router, audit.router, telemetry.router, alarms.router, rejects.router, cities.router, water.router,
+           fire.router, traffic.router, radio.router, health.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -85,11 +85,12 @@ def aware(t: datetime | None) -> datetime | None:
     return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def time_window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
-    """A list's [since, until), aware; 422 when until is not after since."""
+def time_window(since: datetime | None, until: datetime | None,
+                names: tuple[str, str] = ("since", "until")) -> tuple[datetime | None, datetime | None]:
+    """A list's [since, until), aware; 422 when until is not after since (`names`: the parameters' names)."""
     since, until = aware(since), aware(until)
     if since is not None and until is not None and until <= since:
-        raise HTTPException(422, f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
+        raise HTTPException(422, f"{names[1]} ({until.isoformat()}) must be after {names[0]} ({since.isoformat()})")
     return since, until
 
 

@@ -120,6 +120,18 @@ SITES_CSV_YINGTAN = ("site_id,city,kind,name,aliases,model_site,model_site_since
                      "JX-CO-0101,Yingtan,community,月湖示例社区,月湖社区,true,2024-06-01\n").encode()
 YINGTAN_SITE = "JX-SS-0004"
 
+DAYS = {"from": "2026-01-01", "to": "2026-01-08"}
+HOURS = {"from": "2026-01-01T00:00:00+08:00", "to": "2026-01-01T06:00:00+08:00"}
+# The figure routes (api/routes/water.py, fire.py, traffic.py, radio.py, health.py): each with a city filter.
+FIGURES: dict[str, dict[str, str] | None] = {
+    "/water/consumption": DAYS, "/water/consumption.csv": DAYS, "/water/nights": None,
+    "/water/silent-meters": None, "/water/silent-meters.csv": None, "/water/stopped-meters": None,
+    "/water/stopped-meters.csv": None, "/fire/offline": None, "/fire/offline.csv": None,
+    "/traffic/flow": HOURS, "/traffic/flow.csv": HOURS, "/traffic/parking": HOURS, "/traffic/parking.csv": HOURS,
+    "/radio/summary": {"from": "2026-01-01T00:00:00+08:00"}, "/radio/summary.csv": {"from": "2026-01-01T00:00:00+08:00"},
+    "/radio/report": HOURS, "/radio/weak.csv": HOURS, "/health/report": None, "/health/online.csv": None,
+    "/health/uplink-success": HOURS, "/health/uplink-success.csv": HOURS}
+
 CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/metrics"): Call("viewer", whole_province=True, scoped=403),
     ("GET", "/openapi.json"): Call("viewer"),
@@ -173,6 +185,10 @@ CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/rejects"): Call("viewer"),
     ("GET", "/rejects/{reject_id}"): Call("viewer", lambda w: {"reject_id": w.reject()}, scoped=404),
     ("POST", "/rejects/redecode"): Call("admin", json={"device": YINGTAN_DEVICE}),
+    **{("GET", path): Call("viewer", query=query, scoped=403, scoped_query={**(query or {}), "city": YINGTAN})
+       for path, query in FIGURES.items()},
+    ("GET", "/water/sites/{site_id}/nights"): Call("viewer", {"site_id": YINGTAN_SITE}, query=DAYS, scoped=404),
+    ("GET", "/water/sites/{site_id}/nights.csv"): Call("viewer", {"site_id": YINGTAN_SITE}, query=DAYS, scoped=404),
     # last: it retires the device the other calls act on
     ("POST", "/devices/{device_id}/decommission"): Call("operator", {"device_id": YINGTAN_DEVICE}, scoped=404),
 }

@@ -12,6 +12,11 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api.app import create_app
 from tests.helpers import bearer, insert_key
 
+FIGURE_WINDOWS = ("/water/consumption", "/water/consumption.csv", "/water/sites/{site_id}/nights",
+                  "/water/sites/{site_id}/nights.csv", "/traffic/flow", "/traffic/flow.csv", "/traffic/parking",
+                  "/traffic/parking.csv", "/radio/summary", "/radio/summary.csv", "/radio/report", "/radio/weak.csv",
+                  "/health/uplink-success", "/health/uplink-success.csv")
+
 
 def test_every_operation_conforms_to_the_openapi_document(settings):
     headers = bearer(insert_key(settings.database_url, "admin"))
@@ -34,7 +39,9 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
                     # a time window's until after its since
                     ("GET", "/alarms"), ("GET", "/alarms/kpis"), ("GET", "/water/alerts"), ("GET", "/rejects"),
                     ("POST", "/rejects/redecode"),
-                    ("GET", "/devices"), ("GET", "/devices.csv"), ("GET", "/cities"), ("PATCH", "/devices/{device_id}")}
+                    ("GET", "/devices"), ("GET", "/devices.csv"), ("GET", "/cities"), ("PATCH", "/devices/{device_id}"),
+                    # the figures' windows: from before to, at most a bounded span, from in the past
+                    *{("GET", p) for p in FIGURE_WINDOWS}}
         excluded = [positive_data_acceptance] if (operation.method.upper(), operation.path) in semantic else []
 
         @given(case=operation.as_strategy())
