@@ -14,16 +14,15 @@ DEPLOY = ROOT / "deploy"
 
 
 def iotjx_invocations(argv: list[str]) -> list[list[str]]:
-    """Every `iotjx …` command in an argv: the argv itself, or the commands inside an `sh -c` script
-    (split at `;`, `&&`, `||`; redirections dropped)."""
-    if argv and argv[0] in ("sh", "/bin/sh", "bash") and argv[-1] and len(argv) >= 3:
+    """Every `iotjx …` command in an argv: the argv itself, or each one inside an `sh -c` script
+    (plain, after `exec`, or in a `$(…)` substitution; up to the next `;`, `&`, `|`, `)` or redirection)."""
+    if argv and argv[0] in ("sh", "/bin/sh", "bash") and len(argv) >= 3:
         out = []
-        for part in re.split(r";|&&|\|\|", argv[-1]):
-            words = [w for w in shlex.split(part) if not re.match(r"^\d?>", w)]
-            if words and words[0] == "exec":
-                words = words[1:]
-            if words and Path(words[0]).name == "iotjx":
-                out.append(words[1:])
+        for match in re.finditer(r"(?<![\w/.$-])(?:/[\w/.-]*/)?iotjx\s+([^;&|)>]*)", argv[-1]):
+            words = shlex.split(match.group(1))
+            if words and words[-1].isdigit():                 # the fd of a redirection (`2>&1`)
+                words = words[:-1]
+            out.append(words)
         return out
     if argv and Path(argv[0]).name == "iotjx":
         return [argv[1:]]

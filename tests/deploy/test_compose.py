@@ -194,6 +194,9 @@ def test_every_iotjx_command_in_compose_exists():
     problems = [p for args in invocations for p in check_invocation(args)]
     assert problems == []
     assert ["broker", "sync", "--watch", "--pid", "1"] in invocations
+    assert ["broker", "sync"] in invocations                                # broker-init, after the account
+    assert ["broker", "account", "create", "--role", "gateway", "$IOTJX_MQTT_USERNAME", "--password",
+            "$IOTJX_MQTT_PASSWORD"] in invocations
 
 
 def test_mosquitto_compose_conf_is_the_project_conf_with_two_changes():

@@ -32,6 +32,19 @@ def iotjx(db_url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([IOTJX, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
+def broker_init(db_url: str, conf_dir: Path, username: str, password: str) -> subprocess.CompletedProcess:
+    """compose's `broker-init` command as compose runs it (`$$` is compose's escaped `$`), with this
+    venv's iotjx first on PATH and the container's environment."""
+    import yaml
+
+    command = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["broker-init"]["command"]
+    env = {**os.environ, "PATH": f"{Path(IOTJX).parent}:{os.environ['PATH']}", "IOTJX_DATABASE_URL": db_url,
+           "IOTJX_BROKER_CONF_DIR": str(conf_dir), "IOTJX_MQTT_USERNAME": username, "IOTJX_MQTT_PASSWORD": password,
+           "IOTJX_LOG_LEVEL": "WARNING"}
+    return subprocess.run([part.replace("$$", "$") for part in command], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
 def mqtt_connect(port: int, username: str, password: str) -> int:
     """The CONNACK return code of an MQTT 3.1.1 CONNECT with these credentials (0: accepted, 4: bad
     user name or password, 5: not authorised)."""
@@ -69,12 +82,14 @@ def broker_dirs():
 def test_compose_broker_sequence_on_a_real_mosquitto(db_url, broker_dirs):
     device_port, service_port = free_port(), free_port()
     accounts = broker_dirs / "accounts"
-    # broker-init: the gateways' account with the password of .env, then the files
+    # broker-init, its very command: the gateways' account with the password of .env, then the files
     password = secrets.token_hex(12)
-    made = iotjx(db_url, "broker", "account", "create", "--role", "gateway", "gateway", "--password", password)
-    assert made.returncode == 0, made.stderr
-    synced = iotjx(db_url, "broker", "sync", "--conf-dir", str(accounts))
+    short = broker_init(db_url, accounts, "gateway", "too-short")
+    assert short.returncode != 0 and "16-128" in short.stderr          # the reason is shown …
+    assert not (accounts / "services.passwd").exists()                # … and nothing was written
+    synced = broker_init(db_url, accounts, "gateway", password)
     assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert password not in synced.stdout + synced.stderr               # the password is not logged
     assert {p.name for p in accounts.iterdir()} >= {"devices.passwd", "devices.acl", "services.passwd", "services.acl"}
 
     conf = (DEPLOY / "mosquitto" / "compose.conf").read_text()
