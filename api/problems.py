@@ -73,6 +73,7 @@ class Problem(BaseModel):
     errors: list[ProblemError] | None = Field(None, description="each refused input (validation, CSV imports)")
     errors_total: int | None = Field(None, description="CSV imports: how many errors there were in all")
     errors_shown: int | None = Field(None, description="CSV imports: how many are listed in `errors`")
+    job_id: int | None = Field(None, description="a 409 of POST /rejects/redecode: the job already queued or running")
 
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
