@@ -128,3 +128,30 @@ def test_the_list_pages_newest_first_filters_and_keeps_to_the_key_s_cities(setti
     assert client.get("/jobs/999999", headers=bearer(keys.admin)).status_code == 404
     assert client.get("/jobs", headers=bearer(keys.operator)).status_code == 403
     assert key_id(keys.admin)                   # the keys fixture made the keys this test uses
+
+
+def test_a_job_stopped_by_the_shutdown_is_failed_with_what_it_committed(settings):
+    """The runner asked to stop ends the job after the chunk it is in (its rows committed, counted)."""
+    from api.jobs import SHUT_DOWN, JobRunner
+    from iotjx.db import connect
+
+    db_url = settings.database_url
+    with psycopg.connect(db_url) as conn:
+        for k in range(3):                     # an unknown device's frames: examined, still rejected
+            conn.execute("INSERT INTO rejected_uplinks (received_at, device_id, transport, payload, reason) "
+                         "VALUES (now(), '869975036000019', 'mqtt', %s, 'unknown_device')", (bytes([0x68, k]),))
+        job_id = conn.execute("INSERT INTO jobs (kind, actor) VALUES ('redecode', 'key:test') RETURNING job_id"
+                              ).fetchone()[0]
+    runner = JobRunner(db_url, lambda: None)
+    runner._stop.set()                         # as stop() does, without a thread: run_one is called here
+    with connect(db_url, autocommit=True) as conn:
+        assert runner.run_one(conn) is True
+        assert runner.run_one(conn) is False   # nothing else queued
+    with psycopg.connect(db_url) as conn:
+        state, error, examined, stored, still, finished = conn.execute(
+            "SELECT state, error, examined, stored, still_rejected, finished_at FROM jobs WHERE job_id = %s",
+            (job_id,)).fetchone()
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                            (job_id,)).fetchone()[0]
+    assert (state, error, examined, stored, still) == ("failed", SHUT_DOWN, 3, 0, {"unknown_device": 3})
+    assert finished is not None and held == 0   # its lock let go
