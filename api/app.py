@@ -20,16 +20,18 @@ from api import problems
 from analytics.coverage import CoverageService
 from analytics.schedule import AnalyticsLoop
 from api.auth import Authenticate
+from ingest.aggregates import Aggregator
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl, Cors, RateLimit
-from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, fire, health, keys, radio,
-                        rejects, sites, system, telemetry, traffic, water)
+from api.jobs import JobRunner
+from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, fire, health, jobs, keys,
+                        radio, rejects, sites, system, telemetry, traffic, water)
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
-           keys.router, audit.router, telemetry.router, alarms.router, rejects.router, cities.router, water.router,
+           keys.router, audit.router, telemetry.router, alarms.router, rejects.router, jobs.router, cities.router, water.router,
            fire.router, traffic.router, radio.router, health.router)
 
 
@@ -45,13 +47,17 @@ def create_app(settings: Settings) -> FastAPI:
     # Fire lifecycles, water figures, coverage snapshots every IOTJX_ANALYTICS_INTERVAL_S (0: off); a
     # replica finding another one's round running skips it (analytics/schedule.py).
     analytics = AnalyticsLoop(pool.connection, settings, catalogue=catalogue)
+    # Background jobs (re-decodes) on connections of their own, one at a time (api/jobs.py).
+    runner = JobRunner(settings.database_url, lambda: Aggregator(settings.tz) if settings.rollups else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.open(wait=False)
         service.start()
         analytics.start()
+        runner.start()
         yield
+        runner.stop()
         analytics.stop()
         service.stop()
         pool.close()
@@ -65,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.catalogue = catalogue
     app.state.coverage = service
     app.state.analytics = analytics
+    app.state.jobs = runner
     for router in ROUTERS:
         app.include_router(router)
     # add_middleware puts each new one outside the previous: listed innermost first.

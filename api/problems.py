@@ -44,8 +44,9 @@ TYPES = {
     422: "invalid-request",             # input refused: validation, unknown query parameter, bad records
     429: "rate-limited",                # past the key's rate (Retry-After says when to come back)
     500: "internal-error",              # a bug: logged with its traceback
-    503: "unavailable",                 # the database cannot be reached (Retry-After)
+    503: "unavailable",                 # the database cannot be reached (Retry-After); /health: down
 }
+NOT_READY = "not-ready"                 # a 503 of /ready: what is not ready in `checks`
 NO_ROUTE = "no-route"                   # a 404 for a path no route has (not a missing object)
 
 
@@ -62,6 +63,14 @@ class ProblemError(BaseModel):
     error: str = Field(description="why")
 
 
+class ReadyCheck(BaseModel):
+    """One readiness check of /ready."""
+
+    name: str = Field(description="database, schema, catalogue, pool or jobs")
+    ready: bool
+    detail: str
+
+
 class Problem(BaseModel):
     """An RFC 9457 problem document: the body of every error answer, as `application/problem+json`."""
 
@@ -73,6 +82,8 @@ class Problem(BaseModel):
     errors: list[ProblemError] | None = Field(None, description="each refused input (validation, CSV imports)")
     errors_total: int | None = Field(None, description="CSV imports: how many errors there were in all")
     errors_shown: int | None = Field(None, description="CSV imports: how many are listed in `errors`")
+    job_id: int | None = Field(None, description="a 409 of POST /rejects/redecode: the job already queued or running")
+    checks: list[ReadyCheck] | None = Field(None, description="a 503 of /ready: every check, those not ready with why")
 
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -284,5 +295,5 @@ class LastResort:
                 await problem(500, "internal error", "an unexpected error; it has been logged")(scope, receive, send)
 
 
-__all__ = ["MEDIA_TYPE", "NO_ROUTE", "PROBLEM", "PROBLEM_REF", "TYPES", "TYPE_BASE", "Problem", "ProblemError",
+__all__ = ["MEDIA_TYPE", "NOT_READY", "NO_ROUTE", "ReadyCheck", "PROBLEM", "PROBLEM_REF", "TYPES", "TYPE_BASE", "Problem", "ProblemError",
            "ProblemResponse", "install", "problem", "problem_type"]

@@ -5,7 +5,7 @@ path of a live uplink (`ingest.batch.BatchBuilder`, `ingest.writer.Writer`): the
 rows, rollups and device liveness, at the uplink's original receive time.  What a caller can rely on:
 
 * **Exactly once.**  A reject that now decodes is marked (``redecoded_at``, ``redecoded_by``, migration
-  15) in the transaction that writes its rows; a run reads only unmarked rejects and locks them
+  13) in the transaction that writes its rows; a run reads only unmarked rejects and locks them
   (``FOR UPDATE SKIP LOCKED``), so running it twice, or two runs at once, store each frame once.
 * **The logs stay truthful.**  The reject row keeps its bytes, reason and detail (what happened on
   arrival); the raw log keeps its ``rejected:<reason>`` row and gains the ``stored`` row a live
@@ -15,7 +15,9 @@ rows, rollups and device liveness, at the uplink's original receive time.  What 
   rejected.  Dedup keys are not claimed again: the frame's key was claimed when it arrived (a
   retransmission of it was then a duplicate), and the mark is what makes the re-decode happen once.
 * Work is done in chunks of `chunk` rejects, one transaction each, oldest first, up to `limit`
-  rejects per call; `more` says whether matching rejects were left for another call."""
+  rejects per call; `more` says whether matching rejects were left for another call.  `progress`,
+  when given, is called after each chunk committed with the totals so far (the API's job runner
+  records them, api/jobs.py); an exception it raises stops the run there, the chunks done committed."""
 
 from __future__ import annotations
 
@@ -101,7 +103,8 @@ _PICK = """
 
 def redecode(connect: Callable[[], psycopg.Connection], f: RejectFilter, *, actor: str,
              cities: tuple[int, ...] | None = None, after: int = 0, limit: int = 10_000, chunk: int = 500,
-             aggregator: Aggregator | None | bool = True) -> RedecodeResult:
+             aggregator: Aggregator | None | bool = True,
+             progress: Callable[[RedecodeResult], None] | None = None) -> RedecodeResult:
     """Re-decode the rejects matching `f` (and the city scope `cities`) not stored yet; see the module
     docstring.  `connect` opens a connection (the registry and the writer each hold one, closed at the
     end); `aggregator` as `ingest.writer.Writer` takes it (the gateway's IOTJX_TIMEZONE and
@@ -160,6 +163,8 @@ examined (a call that stopped at `limit` is continued with its `last_reject_id`)
                     conn.execute("UPDATE rejected_uplinks SET redecoded_at = now(), redecoded_by = %s "
                                  "WHERE reject_id = ANY(%s)", (actor, done))
                 stored += len(done)
+            if progress is not None:
+                progress(RedecodeResult(examined, stored, dict(sorted(still.items())), False, after))
             if len(rows) < n:
                 break
     finally:

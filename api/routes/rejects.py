@@ -1,5 +1,6 @@
 """Rejected uplinks: the list (newest first, filtered, within the key's cities) and the re-decode that
-stores what a codec or registry fix now accepts, exactly once (ingest/redecode.py).
+stores what a codec or registry fix now accepts, exactly once (ingest/redecode.py), as a background
+job (api/jobs.py, followed at /jobs/{job_id}).
 
 City scope: a reject belongs to the city of the site its device is registered at now; a reject of an
 unknown device (or of a device without a site) is seen only by a key without a city scope."""
@@ -10,18 +11,19 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 import decoders
-from api.deps import Admin, AppSettings, Conn, RowId, Viewer, audit_write
+from api import jobs
+from api.deps import Admin, Conn, RowId, Viewer, audit_write
 from api.pagination import Page, PageQuery, newest_first
 from api.routes.alarms import aware, time_window
-from api.problems import PROBLEM
+from api.routes.jobs import JobOut, job_out
+from api.problems import PROBLEM, problem
 from api.schemas import clean_text
-from ingest.aggregates import Aggregator
-from ingest.redecode import RejectFilter, filter_sql, redecode
+from ingest.redecode import RejectFilter, filter_sql
 from ingest.rejects import GATEWAY_REASONS
-from iotjx.db import connect
 from iotjx.model import TRANSPORTS
 
 router = APIRouter(tags=["rejects"])
@@ -114,9 +116,6 @@ class RedecodeIn(BaseModel):
     transport: Transport | None = None
     since: datetime | None = Field(None, description="received at or after (without a zone: UTC)")
     until: datetime | None = Field(None, description="received before")
-    after: int = Field(0, ge=0, le=2**63 - 1, description="only rejects with a higher id: a previous answer's "
-                                                          "last_reject_id, to go on where it stopped")
-    limit: int = Field(10_000, ge=1, le=100_000, description="rejects examined at most by this call")
 
     @model_validator(mode="after")
     def _times(self) -> RedecodeIn:
@@ -126,39 +125,31 @@ class RedecodeIn(BaseModel):
         return self
 
 
-class ReasonCount(BaseModel):
-    reason: str
-    count: int
-
-
-class RedecodeOut(BaseModel):
-    examined: int = Field(description="rejects not stored yet that matched and were read")
-    stored: int = Field(description="of which stored now (readings, rollups, liveness as for a live uplink)")
-    still_rejected: list[ReasonCount] = Field(description="the others, by today's reason (too_large: not retried)")
-    more: bool = Field(description="matching rejects left past `limit`: call again with after = last_reject_id")
-    last_reject_id: int | None
-
-
-@router.post("/rejects/redecode", response_model=RedecodeOut, responses={403: PROBLEM, 422: PROBLEM},
-             summary="Re-decode rejects after a codec, model or registry fix; stores each frame exactly once",
-             description="Runs the kept bytes of the matching rejects through today's registry and codecs, the "
-                         "write path of a live uplink, at their original receive time. A reject that now decodes "
-                         "is marked (redecoded_at/by) in the transaction that stores its rows, so a second run "
-                         "stores nothing again. The reject rows and the raw log keep what happened on arrival. "
-                         "Admin: it writes history (readings, rollups) after a change only an admin makes; a "
-                         "city-scoped admin re-decodes its cities' devices only.")
-def post_redecode(key: Admin, body: RedecodeIn, request: Request, settings: AppSettings, conn: Conn) -> RedecodeOut:
-    f = RejectFilter(body.reason, body.device, body.transport, body.codec, body.model, body.since, body.until,
-                     redecoded=False)
-    url = settings.database_url
-    result = redecode(lambda: connect(url, application_name="iotjx-redecode"), f, actor=key.actor,
-                      cities=key.cities, after=body.after, limit=body.limit,
-                      aggregator=Aggregator(settings.tz) if settings.rollups else None)
-    out = RedecodeOut(examined=result.examined, stored=result.stored,
-                      still_rejected=[ReasonCount(reason=k, count=v) for k, v in result.still_rejected.items()],
-                      more=result.more, last_reject_id=result.last_reject_id)
-    # Audited once the re-decode committed (its chunks commit one by one): what was asked and what it did.
-    with conn.transaction():
-        audit_write(conn, request, key, target=None, status=200,
-                    change={"filter": body.model_dump(mode="json"), **out.model_dump(mode="json")})
-    return out
+@router.post("/rejects/redecode", status_code=202, response_model=JobOut,
+             responses={202: {"headers": {"Location": {"description": "the job: /jobs/{job_id}",
+                                                       "schema": {"type": "string"}}}},
+                        403: PROBLEM, 409: PROBLEM, 422: PROBLEM},
+             summary="Re-decode rejects after a codec, model or registry fix, as a background job; "
+                     "stores each frame exactly once",
+             description="Queues a job (202, Location: /jobs/{job_id}; follow it with GET /jobs/{job_id}) that runs "
+                         "the kept bytes of the matching rejects through today's registry and codecs, the write path "
+                         "of a live uplink, at their original receive time. A reject that now decodes is marked "
+                         "(redecoded_at/by) in the transaction that stores its rows, so a second run stores nothing "
+                         "again. The reject rows and the raw log keep what happened on arrival. Admin: it writes "
+                         "history (readings, rollups) after a change only an admin makes; a city-scoped admin "
+                         "re-decodes its cities' devices only. One re-decode at a time per city: while a queued or "
+                         "running one covers any of the key's cities (a whole-province one covers all), the answer is "
+                         "409 with that job's id in `job_id`.")
+def post_redecode(key: Admin, body: RedecodeIn, request: Request, conn: Conn) -> JSONResponse:
+    params = body.model_dump(mode="json", exclude_none=True)
+    try:
+        with conn.transaction():
+            job_id = jobs.submit(conn, "redecode", params, cities=key.cities, actor=key.actor, key_id=key.key_id)
+            audit_write(conn, request, key, target=str(job_id), status=202, change={"filter": params, "job_id": job_id})
+    except jobs.JobConflict as exc:
+        return problem(409, "Conflict", f"{exc}; follow it with GET /jobs/{exc.job_id}", job_id=exc.job_id)
+    runner = getattr(request.app.state, "jobs", None)
+    if runner is not None:
+        runner.wake()
+    job = job_out(conn, job_id)
+    return JSONResponse(job.model_dump(mode="json"), status_code=202, headers={"Location": f"/jobs/{job_id}"})

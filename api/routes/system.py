@@ -1,5 +1,7 @@
-"""The system's own state: /health (open, minimal without a key), /metrics, and the API's own
-description (/openapi.json, /docs), which need a key like everything else."""
+"""The system's own state: /health (open, minimal without a key; 503 when the database is down, for a
+load balancer's or compose's probe), /ready (with a key: 200, or 503 naming what is not ready, for an
+orchestrator's readiness probe), /metrics, and the API's own description (/openapi.json, /docs), which
+need a key like everything else."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from api.auth import STATE_KEY
-from api.deps import Pool, Viewer, WholeProvince
+from api.deps import AppSettings, Pool, Viewer, WholeProvince
+from api.problems import NOT_READY, PROBLEM, ReadyCheck, problem
 from ingest.metrics import render_prometheus
 from iotjx import __version__
-from iotjx.db import storage_kind
+from iotjx.db import connect, storage_kind
+from iotjx.db.migrations import MIGRATIONS
 
 router = APIRouter(tags=["system"])
 
@@ -101,18 +105,85 @@ def _health(pool) -> dict[str, Any]:
     return out
 
 
-@router.get("/health", summary="ok / degraded / down; with a key without a city scope: database, gateways, queue",
+@router.get("/health", summary="ok / degraded (200) or down (503); with a key without a city scope: database, "
+                               "gateways, queue",
             response_model=Health, response_model_exclude_unset=True,
             responses={200: {"content": {"application/json": {"examples": {
-                "without a key": {"value": {"status": "ok"}}}}}}})
-def health(request: Request, pool: Pool) -> Health:
+                "without a key": {"value": {"status": "ok"}}}}}},
+                       503: {**PROBLEM, "description": "down: the database cannot be reached (retry after "
+                                                       "`Retry-After` seconds)"}})
+def health(request: Request, pool: Pool):
     """Open to every caller (a load balancer's probe): without a key only the status, since the rest
-    (gateway ids, versions, database errors) helps an attacker more than a probe."""
+    (gateway ids, versions, database errors) helps an attacker more than a probe.  Down is a 503 (a
+    problem document), so that an HTTP probe (compose, Kubernetes liveness) needs no body parsing;
+    degraded stays 200: the API still answers reads without a live gateway."""
     out = _health(pool)
     key = request.scope.get("state", {}).get(STATE_KEY)
-    if key is None or key.cities is not None:
+    full = key is not None and key.cities is None
+    if out["status"] == "down":
+        detail = "down: the database cannot be reached"
+        if full:
+            detail += f" ({out['database']['error']})"
+        return problem(503, "service unavailable", detail, headers={"Retry-After": "5"})
+    if not full:
         return Health(status=out["status"])
     return Health.model_validate(out)
+
+
+class Readiness(BaseModel):
+    ready: Literal[True] = Field(description="every check passed (a 503 problem document lists them otherwise)")
+    checks: list[ReadyCheck]
+
+
+READY_CONNECT_S = 3
+
+
+def _checks(request: Request, pool, settings) -> list[ReadyCheck]:
+    out: list[ReadyCheck] = []
+    stats = pool.get_stats()
+    exhausted = stats.get("requests_waiting", 0) > 0 or (
+        stats.get("pool_size", 0) >= pool.max_size and stats.get("pool_available", 0) == 0)
+    out.append(ReadyCheck(name="pool", ready=not exhausted,
+                          detail=f"{stats.get('pool_available', 0)} of {stats.get('pool_size', 0)} connections free "
+                                 f"(at most {pool.max_size}), {stats.get('requests_waiting', 0)} requests waiting"))
+    head = MIGRATIONS[-1].version
+    try:
+        # A connection of its own: the database is checked even when the pool is exhausted.
+        with connect(settings.database_url, application_name="iotjx-ready") as conn:
+            conn.execute(f"SET statement_timeout = {READY_CONNECT_S * 1000}")
+            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        out.append(ReadyCheck(name="database", ready=True, detail="reachable"))
+        out.append(ReadyCheck(name="schema", ready=version == head,
+                              detail=f"at migration {version}; this API needs {head}"
+                                     + ("" if version == head else " (run `iotjx db upgrade`)")))
+    except (psycopg.Error, OSError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        out.append(ReadyCheck(name="database", ready=False, detail=f"cannot be reached: {why}"))
+        out.append(ReadyCheck(name="schema", ready=False, detail="unknown: the database cannot be reached"))
+    catalogue = getattr(request.app.state, "catalogue", None)
+    out.append(ReadyCheck(name="catalogue", ready=bool(catalogue),
+                          detail=f"{len(catalogue)} targets loaded" if catalogue else "no coverage targets loaded"))
+    runner = getattr(request.app.state, "jobs", None)
+    alive = runner is not None and runner.running
+    out.append(ReadyCheck(name="jobs", ready=alive, detail="the job runner is running" if alive
+                          else "the job runner is not running: re-decodes would stay queued"))
+    return out
+
+
+@router.get("/ready", response_model=Readiness,
+            responses={503: {**PROBLEM, "description": "not ready: `checks` says what (type …/not-ready)"}},
+            summary="Readiness for an orchestrator: 200, or 503 naming what is not ready",
+            description="Checks the database (reached on a connection of its own), the schema (at the migration "
+                        "this API was built for), the coverage catalogue (loaded), the connection pool (not "
+                        "exhausted) and the background job runner (alive). A key without a city scope (any role): "
+                        "the details are the whole system's.")
+def ready(key: WholeProvince, request: Request, pool: Pool, settings: AppSettings):
+    checks = _checks(request, pool, settings)
+    failing = [c.name for c in checks if not c.ready]
+    if failing:
+        return problem(503, "not ready", f"not ready: {', '.join(failing)}", headers={"Retry-After": "5"},
+                       kind=NOT_READY, checks=[c.model_dump() for c in checks])
+    return Readiness(ready=True, checks=checks)
 
 
 @router.get("/metrics", summary="Ingest metrics of every live gateway, Prometheus text format",

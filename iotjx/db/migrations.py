@@ -677,6 +677,35 @@ def _m13_redecode(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS water_alerts_page ON water_alerts (opened_at, alert_id)")
 
 
+def _m14_jobs(conn: psycopg.Connection, timescale: bool) -> None:
+    """Background jobs of the API (api/jobs.py): a re-decode asked by `POST /rejects/redecode` is a row
+    here, queued, then run by a worker thread of an API process, which records its counts as it goes
+    and its end (done, or failed with the error).  `cities` is the starting key's city scope."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS jobs (
+            job_id bigserial PRIMARY KEY,
+            kind text NOT NULL CHECK (kind IN ('redecode')),
+            state text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'done', 'failed')),
+            params jsonb NOT NULL DEFAULT '{}',  -- what was asked (the re-decode's filter)
+            cities integer[],                    -- NULL: every city; else the starting key's cities
+            actor text NOT NULL,                 -- key:<key_id>, as the audit log names it
+            key_id text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            started_at timestamptz,
+            finished_at timestamptz,
+            examined bigint NOT NULL DEFAULT 0,
+            stored bigint NOT NULL DEFAULT 0,
+            still_rejected jsonb NOT NULL DEFAULT '{}',   -- reason -> count
+            last_reject_id bigint,
+            error text,
+            CHECK ((state IN ('done', 'failed')) = (finished_at IS NOT NULL)),
+            CHECK (state <> 'running' OR started_at IS NOT NULL))""")
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_page ON jobs (created_at, job_id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_open ON jobs (kind, job_id) WHERE state IN ('queued', 'running')")
+    # Who set a device's credential (GET /credentials): the audit row of its device at its updated_at.
+    conn.execute("CREATE INDEX IF NOT EXISTS audit_log_target ON audit_log (target, at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -694,6 +723,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(12, "when each dedup key was claimed (replays keep their original receive times)", _m12_dedup_claimed_at),
     Migration(13, "re-decoded rejects marked (stored exactly once); keyset indexes of the alarm, alert and reject lists",
               _m13_redecode),
+    Migration(14, "background jobs of the API (re-decode): state, counts, who, when; audit log by target",
+              _m14_jobs),
 )
 
 

@@ -206,4 +206,5 @@ def test_health_without_a_key_says_nothing_of_a_database_that_is_down(settings):
     down = settings.model_copy(update={"database_url": f"postgresql://postgres@127.0.0.1:{port}/none"})
     with TestClient(create_app(down), raise_server_exceptions=False) as client:
         r = client.get("/health")
-    assert r.status_code == 200 and r.json() == {"status": "down"}
+    assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["detail"] == "down: the database cannot be reached" and int(r.headers["retry-after"]) > 0

@@ -7,6 +7,7 @@ gateway's pipeline."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -105,21 +106,44 @@ def _post(client: TestClient, key: str, body: dict | None = None):
     return client.post("/rejects/redecode", json=body or {}, headers=bearer(key))
 
 
+def _wait(client: TestClient, key: str, job_id: int) -> dict:
+    """The job once it ended (the API's runner thread runs it)."""
+    for _ in range(1200):
+        job = client.get(f"/jobs/{job_id}", headers=bearer(key))
+        assert job.status_code == 200, job.text
+        if job.json()["state"] in ("done", "failed"):
+            return job.json()
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end: {job.json()}")
+
+
+def _run(client: TestClient, key: str, body: dict | None = None) -> dict:
+    """POST a re-decode (202, Location of its job) and the job once it ended, done."""
+    answer = _post(client, key, body)
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["location"] == f"/jobs/{answer.json()['job_id']}"
+    assert answer.json()["state"] in ("queued", "running", "done")
+    job = _wait(client, key, answer.json()["job_id"])
+    assert job["state"] == "done" and job["error"] is None, job
+    return job
+
+
 def test_redecode_twice_stores_each_frame_once_as_a_live_uplink_would(story, settings, keys):
     db_url = story
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        before = _post(client, keys.admin)              # nothing fixed yet: every frame still rejected
-        assert before.status_code == 200, before.text
-        assert before.json()["stored"] == 0 and before.json()["examined"] == N_WRONG + N_LATE + len(GARBAGE)
-        still = {r["reason"]: r["count"] for r in before.json()["still_rejected"]}
+        before = _run(client, keys.admin)              # nothing fixed yet: every frame still rejected
+        assert before["stored"] == 0 and before["examined"] == N_WRONG + N_LATE + len(GARBAGE)
+        still = {r["reason"]: r["count"] for r in before["still_rejected"]}
         assert still["unsupported"] == N_WRONG and still["unknown_device"] == N_LATE
+        assert before["still_rejected_total"] == N_WRONG + N_LATE + len(GARBAGE)
 
         _fix(db_url)
-        first = _post(client, keys.admin).json()
-        second = _post(client, keys.admin).json()
-    assert (first["examined"], first["stored"], first["more"]) == (N_WRONG + N_LATE + len(GARBAGE), N_WRONG + N_LATE, False)
-    assert sum(r["count"] for r in first["still_rejected"]) == len(GARBAGE)
+        first = _run(client, keys.admin)
+        second = _run(client, keys.admin)
+    assert (first["examined"], first["stored"]) == (N_WRONG + N_LATE + len(GARBAGE), N_WRONG + N_LATE)
+    assert sum(r["count"] for r in first["still_rejected"]) == len(GARBAGE) == first["still_rejected_total"]
     assert (second["examined"], second["stored"]) == (len(GARBAGE), 0)      # only the garbage is left to try
+    assert {j["started_by"] for j in (before, first, second)} == {f"key:{key_id(keys.admin)}"}
 
     with psycopg.connect(db_url) as conn:
         # Each frame stored once, equal to the twin's live readings, rollups and liveness.
@@ -146,8 +170,15 @@ def test_redecode_twice_stores_each_frame_once_as_a_live_uplink_would(story, set
         assert marked == N_WRONG + N_LATE
         by = conn.execute("SELECT redecoded_by, count(*) FROM rejected_uplinks GROUP BY 1 ORDER BY 1 NULLS LAST").fetchall()
         assert by == [(f"key:{key_id(keys.admin)}", N_WRONG + N_LATE), (None, len(GARBAGE))]
-        audit = conn.execute("SELECT change FROM audit_log WHERE route = '/rejects/redecode' ORDER BY audit_id").fetchall()
-        assert [a[0]["stored"] for a in audit] == [0, N_WRONG + N_LATE, 0]
+        audit = conn.execute("SELECT change, status FROM audit_log WHERE route = '/rejects/redecode' "
+                             "ORDER BY audit_id").fetchall()
+        assert [(a[0]["job_id"], a[1]) for a in audit] == [(j["job_id"], 202) for j in (before, first, second)]
+        # The jobs' counts, recounted from the marks the re-decodes left.
+        jobs = conn.execute("SELECT state, stored, examined FROM jobs ORDER BY job_id").fetchall()
+        assert jobs == [("done", 0, N_WRONG + N_LATE + len(GARBAGE)), ("done", N_WRONG + N_LATE, N_WRONG + N_LATE + len(GARBAGE)),
+                        ("done", 0, len(GARBAGE))]
+        assert sum(j[1] for j in jobs) == conn.execute(
+            "SELECT count(*) FROM rejected_uplinks WHERE redecoded_at IS NOT NULL").fetchone()[0]
 
 
 def test_two_redecodes_at_once_store_each_frame_once(story):
@@ -190,10 +221,19 @@ def test_a_city_scoped_admin_redecodes_its_cities_only(story, settings, keys):
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert _post(client, keys.operator).status_code == 403
         assert _post(client, keys.viewer).status_code == 403
-        scoped = _post(client, keys.nanchang_admin).json()
+        scoped = _run(client, keys.nanchang_admin)
         assert (scoped["examined"], scoped["stored"]) == (N_WRONG + len(GARBAGE), N_WRONG)
-        whole = _post(client, keys.admin, {"reason": "unknown_device"}).json()
+        assert [c["city"] for c in scoped["cities"]] == [360100] and scoped["cities"][0]["city_name_en"] == "Nanchang"
+        whole = _run(client, keys.admin, {"reason": "unknown_device"})
         assert (whole["examined"], whole["stored"]) == (N_LATE, N_LATE)
+        assert whole["cities"] is None and whole["params"]["reason"] == "unknown_device"
+        # The scoped key sees its own job only; the whole-province key sees both.
+        mine = client.get("/jobs", headers=bearer(keys.nanchang_admin)).json()["items"]
+        assert [j["job_id"] for j in mine] == [scoped["job_id"]]
+        assert client.get(f"/jobs/{whole['job_id']}", headers=bearer(keys.nanchang_admin)).status_code == 404
+        every = client.get("/jobs", headers=bearer(keys.admin)).json()["items"]
+        assert [j["job_id"] for j in every] == [whole["job_id"], scoped["job_id"]]
+        assert client.get("/jobs", headers=bearer(keys.operator)).status_code == 403
     with psycopg.connect(db_url) as conn:
         assert len(_readings(conn, WRONG)) == N_WRONG and len(_readings(conn, LATE)) == N_LATE
 

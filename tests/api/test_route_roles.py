@@ -95,6 +95,13 @@ class World:
                                 " VALUES (now(), %s, 'mqtt', 'cjt188', '\\x68', 'length') RETURNING reject_id",
                                 (YINGTAN_DEVICE,)).fetchone()[0]
 
+    def job(self) -> int:
+        """A re-decode job of Yingtan's admin that ended (the runner leaves it alone)."""
+        with psycopg.connect(self.db_url) as conn:
+            return conn.execute("INSERT INTO jobs (kind, state, cities, actor, started_at, finished_at) VALUES "
+                                "('redecode', 'done', %s, 'key:test', now(), now()) RETURNING job_id",
+                                ([YINGTAN],)).fetchone()[0]
+
     def mqtt_account(self) -> None:
         with psycopg.connect(self.db_url) as conn:
             set_device_password(conn, YINGTAN_DEVICE)
@@ -189,6 +196,11 @@ CALLS: dict[tuple[str, str], Call] = {
        for path, query in FIGURES.items()},
     ("GET", "/water/sites/{site_id}/nights"): Call("viewer", {"site_id": YINGTAN_SITE}, query=DAYS, scoped=404),
     ("GET", "/water/sites/{site_id}/nights.csv"): Call("viewer", {"site_id": YINGTAN_SITE}, query=DAYS, scoped=404),
+    ("GET", "/jobs"): Call("admin"),
+    ("GET", "/jobs/{job_id}"): Call("admin", lambda w: {"job_id": w.job()}, scoped=404),
+    ("GET", "/credentials"): Call("operator", scoped=403, scoped_query={"city": YINGTAN}),
+    ("GET", "/devices/{device_id}/credentials"): Call("operator", {"device_id": YINGTAN_DEVICE}, scoped=404),
+    ("GET", "/ready"): Call("viewer", whole_province=True, scoped=403),
     # last: it retires the device the other calls act on
     ("POST", "/devices/{device_id}/decommission"): Call("operator", {"device_id": YINGTAN_DEVICE}, scoped=404),
 }

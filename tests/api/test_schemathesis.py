@@ -23,8 +23,9 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings), headers=headers)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 14
-    statuses: list[int] = []
+    answered: dict[str, list[int]] = {}
     for operation in operations:
+        statuses = answered.setdefault(f"{operation.method.upper()} {operation.path}", [])
         # What the schema cannot say: a CSV body's rows are a string to OpenAPI, which commands a device
         # takes depends on its codec, and installed_at's window (2000-01-01 .. tomorrow) moves with the
         # clock (a 422 there is the API explaining, not refusing valid data), as do the days a coverage
@@ -54,5 +55,8 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
             statuses.append(case.call_and_validate(headers=headers, excluded_checks=skip).status_code)
 
         check()
-    # The key was sent: the API answered, rather than refusing every call at the door.
-    assert 401 not in statuses and sum(200 <= s < 300 for s in statuses) > len(statuses) // 4
+    # The key was sent: the API answered, rather than refusing every call at the door; most operations
+    # answered a 2xx to some generated case (the figures' windows make many of their cases a 422).
+    assert not [op for op, got in answered.items() if 401 in got]
+    served = [op for op, got in answered.items() if any(200 <= s < 300 for s in got)]
+    assert len(served) > len(answered) // 2, sorted(set(answered) - set(served))

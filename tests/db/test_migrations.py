@@ -244,3 +244,19 @@ def test_drop_expired_partitions_drops_only_raw_log_days_before_the_window(db_ur
     # Retention is for the raw log only: the readings keep every day.
     assert _day_partitions("water_readings", _days(today - timedelta(days=40), today - timedelta(days=20))).items() \
         <= water_left.items()
+
+
+def test_migration_14_jobs_hold_their_states_and_ends(db_url):
+    """The jobs table refuses a state or kind it does not know, an ended job without its end time, a
+    running one without its start; and the lists' and the credential listing's indexes exist."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ok = conn.execute("INSERT INTO jobs (kind, actor) VALUES ('redecode', 'key:x') "
+                          "RETURNING state, examined, stored, still_rejected, cities, finished_at").fetchone()
+        assert ok == ("queued", 0, 0, {}, None, None)
+        for values in ("'redecode', 'paused', NULL, NULL", "'rebuild', 'queued', NULL, NULL",
+                       "'redecode', 'done', now(), NULL", "'redecode', 'failed', now(), NULL",
+                       "'redecode', 'running', NULL, NULL", "'redecode', 'queued', NULL, now()"):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(f"INSERT INTO jobs (kind, state, started_at, finished_at, actor) VALUES ({values}, 'key:x')")
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename IN ('jobs', 'audit_log')")}
+        assert {"jobs_page", "jobs_open", "audit_log_target"} <= indexes
