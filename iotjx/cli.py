@@ -941,4 +941,3 @@ __all__ = ["app"]
 
 if __name__ == "__main__":  # python -m iotjx.cli
     app()
-
