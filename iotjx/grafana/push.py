@@ -54,9 +54,11 @@ def _api(url: str, token: str | None, user: str | None, password: str | None, ti
 def _same(current: dict, wanted: dict) -> bool:
     """A data source as Grafana returns it equals the one we send (secrets are never returned: the
     password is always sent again on a change, and a change of password alone is not seen)."""
-    keys = [k for k in wanted if k != "secureJsonData"]
-    return all(current.get(k) == wanted[k] for k in keys if k != "jsonData") and \
+    return all(current.get(k) == wanted[k] for k in _COMPARED) and \
         all((current.get("jsonData") or {}).get(k) == v for k, v in wanted["jsonData"].items())
+
+
+_COMPARED = ("name", "type", "access", "url", "user", "isDefault")   # what GET /api/datasources/uid/… returns as sent
 
 
 def push(url: str, database_url: str, *, token: str | None = None, user: str | None = None,
