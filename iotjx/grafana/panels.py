@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from analytics.traffic import DEFAULT_ROAD_CLASS, GRADE_SPEED_BANDS, GRADES
 from iotjx.db.migrations import CITIES
+from iotjx.settings import Settings
 
 LOCAL_TZ = "Asia/Shanghai"          # IOTJX_TIMEZONE's default: the local days of water_daily and the snapshots
 
@@ -57,8 +58,11 @@ assert set(CITY_COORDINATES) == {code for code, _, _ in CITIES}
 DEVICE_FILTER = "d.pilot IN ($pilot) AND d.network IN ($network)"
 SITE_FILTER = "s.city_code IN ($city) AND s.site_id IN ($site)"
 DEVICES = ("devices d JOIN sites s ON s.site_id = d.site_id JOIN cities c ON c.code = s.city_code")
+# Live as /coverage counts it: the last uplink within IOTJX_LIVE_FACTOR × the reporting interval (the
+# setting's default; the boards are generated, not configured).
+LIVE_FACTOR = Settings.model_fields["live_factor"].default
 SILENT = ("coalesce(st.last_seen, '-infinity') < $__timeTo()::timestamptz "
-          "- 2 * make_interval(secs => coalesce(d.reporting_interval_s, m.reporting_interval_s))")
+          f"- {LIVE_FACTOR:g} * make_interval(secs => coalesce(d.reporting_interval_s, m.reporting_interval_s))")
 
 
 def _local_days(col: str) -> str:
@@ -128,7 +132,8 @@ SELECT gateway_id AS gateway, broker_connected,
   FROM gateway_status
  ORDER BY gateway_id"""),
     Panel("Devices online", "table", columns=("pilot", "network", "registered", "online", "online_pct"),
-          description="Active devices heard within twice their reporting interval before the end of the range.",
+          description=(f"Active devices heard within {LIVE_FACTOR:g} × their reporting interval before the end of "
+                       "the range (live, as /coverage counts it)."),
           sql=f"""
 SELECT d.pilot, d.network, count(*) AS registered,
        count(*) FILTER (WHERE NOT ({SILENT})) AS online,
@@ -183,7 +188,7 @@ SELECT a.device_id, c.name_en AS city, s.name AS site, a.kind, a.opened_at,
  ORDER BY a.opened_at"""),
     Panel("Silent and stopped meters", "table",
           columns=("device_id", "city", "site", "last_seen", "silent_h", "stopped"), description=(
-              "Active meters not heard within twice their reporting interval (never heard: no last_seen), "
+              f"Active meters not heard within {LIVE_FACTOR:g} × their reporting interval (never heard: no last_seen), "
               "and meters with an open 'stopped' alert (no consumption for 24 h)."), sql=f"""
 SELECT d.device_id, c.name_en AS city, s.name AS site, st.last_seen,
        round(extract(epoch FROM $__timeTo()::timestamptz - st.last_seen)::numeric / 3600, 1) AS silent_h,
@@ -266,8 +271,8 @@ SELECT $__timeGroupAlias(a.raised_at, 1d), count(*)::float8 AS faults
    AND a.kind = 'fault' AND $__timeFilter(a.raised_at)
  GROUP BY 1 ORDER BY 1"""),
     Panel("Offline detectors", "table", columns=("device_id", "city", "site", "last_seen", "silent_min"),
-          description=("Active fire devices not heard within twice their heartbeat interval (GB/T 26875.3 "
-                       "decoders call a device offline after two missed heartbeats)."), sql=f"""
+          description=(f"Active fire devices not heard within {LIVE_FACTOR:g} × their heartbeat interval (GB/T "
+                       "26875.3 decoders call a device offline after two missed heartbeats, 10 min)."), sql=f"""
 SELECT d.device_id, c.name_en AS city, s.name AS site, st.last_seen,
        round(extract(epoch FROM $__timeTo()::timestamptz - st.last_seen)::numeric / 60, 1) AS silent_min
   FROM devices d JOIN device_models m ON m.model = d.model

@@ -140,7 +140,7 @@ def test_devices_online_and_acknowledgements_within_budget(filled, selections):
     for pilot, network, interval_s, last_seen in devices:
         w = want.setdefault((pilot, network), [0, 0])
         w[0] += 1
-        w[1] += last_seen is not None and last_seen >= t_to - timedelta(seconds=2 * interval_s)
+        w[1] += last_seen is not None and last_seen >= t_to - timedelta(seconds=P.LIVE_FACTOR * interval_s)
     assert online == {k: tuple(v) for k, v in want.items()}
     raised = [a for a in alarms if t_from <= a[0] <= t_to]
     acked = [a for a in raised if a[2] is not None]
