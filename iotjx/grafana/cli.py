@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,18 +13,23 @@ grafana_app = typer.Typer(help="Grafana: the boards and provisioning files gener
 
 @grafana_app.command("generate")
 def generate(check: Annotated[bool, typer.Option(
-        help="write nothing; exit 1 when the checked-in files differ from a fresh generation")] = False) -> None:
+                 help="write nothing; exit 1 when the files differ from a fresh generation")] = False,
+             out: Annotated[Optional[Path], typer.Option(
+                 help="a directory for dashboards/ and provisioning/; default: the checkout's deploy/grafana")] = None
+             ) -> None:
     """Write deploy/grafana/dashboards/*.json and deploy/grafana/provisioning/*/iotjx.yaml."""
     from iotjx.grafana import boards, provisioning
 
+    dashboards_dir = boards.DASHBOARDS_DIR if out is None else out / "dashboards"
+    provisioning_dir = provisioning.PROVISIONING_DIR if out is None else out / "provisioning"
     if check:
-        stale = boards.differences() + [f"provisioning/{p}" for p in provisioning.differences()]
+        stale = boards.differences(dashboards_dir) + [f"provisioning/{p}" for p in provisioning.differences(provisioning_dir)]
         if stale:
             typer.echo(f"out of date (run `iotjx grafana generate`): {', '.join(stale)}", err=True)
             raise typer.Exit(1)
-        typer.echo("deploy/grafana is up to date")
+        typer.echo(f"{dashboards_dir.parent} is up to date")
         return
-    for path in boards.write() + provisioning.write():
+    for path in boards.write(dashboards_dir) + provisioning.write(provisioning_dir):
         typer.echo(f"wrote {path}")
 
 

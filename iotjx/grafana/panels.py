@@ -43,9 +43,10 @@ class Panel:
         return "time_series" if self.columns is None else "table"
 
 
-# Coordinates (WGS-84, degrees, rounded to 0.01°) of each prefecture-level city's seat, from the
-# coordinates given in the cities' Wikipedia articles (public facts); the map only needs them to
-# place a marker per city.
+# Coordinates (WGS-84, degrees, rounded to 0.01°) of each prefecture-level city's seat (its municipal
+# government), as the cities' Wikipedia articles give them (e.g. Ganzhou 25°49′52″N 114°55′59″E); public
+# facts, only needed to place one marker per city.  tests/grafana/test_boards.py holds them inside the
+# province's published extent (24°29′–30°05′ N, 113°35′–118°29′ E).
 CITY_COORDINATES: dict[int, tuple[float, float]] = {
     360100: (28.68, 115.86), 360200: (29.27, 117.18), 360300: (27.62, 113.85), 360400: (29.71, 116.00),
     360500: (27.82, 114.92), 360600: (28.26, 117.07), 360700: (25.83, 114.93), 360800: (27.11, 114.99),

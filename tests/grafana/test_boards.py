@@ -26,12 +26,17 @@ def test_generation_is_stable_and_the_checked_in_files_are_fresh():
 
 
 def test_check_names_a_stale_file(tmp_path):
-    boards.write(tmp_path)
-    (tmp_path / "iotjx-fire.json").write_text("{}")
-    (tmp_path / "iotjx-old.json").write_text("{}")
-    assert boards.differences(tmp_path) == ["iotjx-fire.json", "iotjx-old.json"]
-    boards.write(tmp_path)
-    assert boards.differences(tmp_path) == []
+    from iotjx.cli import app
+
+    assert CliRunner().invoke(app, ["grafana", "generate", "--out", str(tmp_path)]).exit_code == 0
+    assert CliRunner().invoke(app, ["grafana", "generate", "--check", "--out", str(tmp_path)]).exit_code == 0
+    (tmp_path / "dashboards" / "iotjx-fire.json").write_text("{}")
+    (tmp_path / "dashboards" / "iotjx-old.json").write_text("{}")
+    assert boards.differences(tmp_path / "dashboards") == ["iotjx-fire.json", "iotjx-old.json"]
+    out = CliRunner().invoke(app, ["grafana", "generate", "--check", "--out", str(tmp_path)])
+    assert out.exit_code == 1 and "iotjx-fire.json, iotjx-old.json" in out.output
+    boards.write(tmp_path / "dashboards")
+    assert boards.differences(tmp_path / "dashboards") == []
 
 
 def test_the_json_is_what_the_sdk_types_produce():
