@@ -31,24 +31,26 @@ TIME_RANGE = ("now-7d", "now")
 register()
 
 
-def boards_panels(deadlines: dict[str, str] | None = None) -> dict[str, tuple[str, tuple[P.Panel, ...]]]:
-    """Board uid → (title, panels)."""
-    if deadlines is None:
-        deadlines = catalogue_deadlines()
+def boards_panels(targets: dict[str, tuple[str, bool]] | None = None) -> dict[str, tuple[str, tuple[P.Panel, ...]]]:
+    """Board uid → (title, panels); `targets` as `catalogue_targets` (default: the bundled catalogue's)."""
+    if targets is None:
+        targets = catalogue_targets()
     return {
         "iotjx-operations": ("iotjx · Operations", P.OPERATIONS),
         "iotjx-water": ("iotjx · Water", P.WATER),
         "iotjx-fire": ("iotjx · Fire", P.FIRE),
         "iotjx-traffic": ("iotjx · Traffic", P.TRAFFIC),
-        "iotjx-coverage": ("iotjx · Coverage", P.coverage_panels(deadlines)),
+        "iotjx-coverage": ("iotjx · Coverage", P.coverage_panels(targets)),
     }
 
 
-def catalogue_deadlines() -> dict[str, str]:
-    """Target id → deadline (ISO day) from the bundled targets catalogue."""
+def catalogue_targets(path: Path | None = None) -> dict[str, tuple[str, bool]]:
+    """Target id → (deadline as an ISO day, whether operators enter its figure), from a targets
+    catalogue (default: the bundled one)."""
     from iotjx.targets import load_catalogue
 
-    return {t.target_id: t.deadline.isoformat() for t in load_catalogue(check_models=False)}
+    return {t.target_id: (t.deadline.isoformat(), t.measure == "operator")
+            for t in load_catalogue(path, check_models=False)}
 
 
 def _all() -> model.VariableOption:
@@ -124,10 +126,10 @@ def to_json(board: model.Dashboard) -> str:
     return json.dumps(board, cls=JSONEncoder, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def generate(deadlines: dict[str, str] | None = None) -> dict[str, str]:
+def generate(targets: dict[str, tuple[str, bool]] | None = None) -> dict[str, str]:
     """File name → JSON text of every board."""
     return {f"{uid}.json": to_json(build(uid, title, panels))
-            for uid, (title, panels) in boards_panels(deadlines).items()}
+            for uid, (title, panels) in boards_panels(targets).items()}
 
 
 def write(directory: Path = DASHBOARDS_DIR) -> list[Path]:

@@ -340,44 +340,60 @@ def _snapshot_day() -> str:
             f"WHERE day <= ($__timeTo()::timestamptz AT TIME ZONE '{LOCAL_TZ}')::date")
 
 
-def coverage_panels(deadlines: dict[str, str]) -> tuple[Panel, ...]:
-    """The Coverage board's panels; `deadlines` (target id → ISO day) come from the targets catalogue,
-    which the database does not hold."""
-    targets = ", ".join(f"('{tid}', date '{day}')" for tid, day in sorted(deadlines.items()))
+def coverage_panels(targets: dict[str, tuple[str, bool]]) -> tuple[Panel, ...]:
+    """The Coverage board's panels; `targets` (target id → (deadline as an ISO day, whether operators
+    enter its figure)) come from the targets catalogue, which the database does not hold."""
+    values = ", ".join(f"('{tid}', date '{day}', {str(operator).lower()})"
+                       for tid, (day, operator) in sorted(targets.items()))
     cities = ", ".join(f"({code}, {lat:.2f}, {lon:.2f})" for code, (lat, lon) in sorted(CITY_COORDINATES.items()))
+    figure = ("(SELECT e.value FROM e WHERE e.target_id = {tid} AND e.as_of <= {day} "
+              "ORDER BY e.as_of DESC LIMIT 1)")
     return (
         Panel("Targets: value, pace and verdict", "table", width=24,
               columns=("target_id", "day", "value", "target_value", "progress_pct", "deadline", "needed_per_day",
                        "observed_per_day", "verdict"),
-              description=("The latest daily snapshot up to the end of the range (coverage_snapshots). Pace as "
-                           "analytics.coverage.pace: needed = what remains / days left; observed = the change "
-                           "since the earliest snapshot of the 30 days before, per day; at risk when that pace "
-                           "does not reach the target by its deadline."), sql=f"""
-WITH t(target_id, deadline) AS (VALUES {targets}),
+              description=("The latest daily snapshot up to the end of the range (coverage_snapshots; an operator "
+                           "target's figure from its entries, a late entry counting for the day it describes). "
+                           "Pace as analytics.coverage.pace: needed = what remains / days left; observed = the "
+                           "change since the earliest daily value of the 30 days before, per day; at risk when "
+                           "that pace does not reach the target by its deadline."), sql=f"""
+WITH t(target_id, deadline, operator) AS (VALUES {values}),
      d AS ({_snapshot_day()}),
-     n AS (SELECT cs.* FROM coverage_snapshots cs JOIN d ON cs.day = d.day),
-     b AS (SELECT DISTINCT ON (cs.target_id) cs.target_id, cs.day, cs.value
-             FROM coverage_snapshots cs, d
-            WHERE cs.day >= d.day - 30 AND cs.day < d.day AND cs.value IS NOT NULL
-            ORDER BY cs.target_id, cs.day)
+     e AS (SELECT DISTINCT ON (l.target_id, l.as_of) l.target_id, l.as_of, l.value
+             FROM target_progress_log l, d
+            WHERE l.as_of <= d.day
+            ORDER BY l.target_id, l.as_of, l.entered_at DESC, l.entry_id DESC),
+     n AS (SELECT cs.target_id, cs.day, cs.target_value, t.deadline,
+                  CASE WHEN t.operator THEN {figure.format(tid="cs.target_id", day="cs.day")} ELSE cs.value END AS value,
+                  CASE WHEN t.operator THEN {figure.format(tid="cs.target_id", day="t.deadline")}
+                       ELSE (SELECT x.value FROM coverage_snapshots x
+                              WHERE x.target_id = cs.target_id AND x.day = t.deadline) END AS at_deadline
+             FROM coverage_snapshots cs JOIN d ON cs.day = d.day JOIN t ON t.target_id = cs.target_id),
+     b AS ((SELECT DISTINCT ON (cs.target_id) cs.target_id, cs.day, cs.value
+              FROM coverage_snapshots cs JOIN t ON t.target_id = cs.target_id AND NOT t.operator, d
+             WHERE cs.day >= d.day - 30 AND cs.day < d.day AND cs.value IS NOT NULL
+             ORDER BY cs.target_id, cs.day)
+           UNION ALL
+           SELECT o.target_id, o.day, {figure.format(tid="o.target_id", day="o.day")}
+             FROM (SELECT e.target_id, greatest(min(e.as_of), d.day - 30) AS day
+                     FROM e, d WHERE e.as_of < d.day GROUP BY e.target_id, d.day) o)
 SELECT n.target_id, n.day, n.value, n.target_value,
-       round((100 * n.value / n.target_value)::numeric, 1) AS progress_pct, t.deadline,
-       CASE WHEN t.deadline >= n.day AND n.value < n.target_value
-            THEN (n.target_value - n.value) / greatest(t.deadline - n.day, 1) END AS needed_per_day,
+       round((100 * n.value / n.target_value)::numeric, 1) AS progress_pct, n.deadline,
+       CASE WHEN n.deadline >= n.day AND n.value < n.target_value
+            THEN (n.target_value - n.value) / greatest(n.deadline - n.day, 1) END AS needed_per_day,
        (n.value - b.value) / nullif(n.day - b.day, 0) AS observed_per_day,
-       CASE WHEN t.deadline < n.day THEN
-                 coalesce((SELECT CASE WHEN x.value >= x.target_value THEN 'met' ELSE 'missed' END
-                             FROM coverage_snapshots x
-                            WHERE x.target_id = n.target_id AND x.day = t.deadline AND x.value IS NOT NULL), 'unknown')
+       CASE WHEN n.deadline < n.day THEN
+                 CASE WHEN n.at_deadline IS NULL THEN 'unknown'
+                      WHEN n.at_deadline >= n.target_value THEN 'met' ELSE 'missed' END
             WHEN n.value IS NULL THEN 'unknown'
             WHEN n.value >= n.target_value THEN 'met'
             WHEN b.value IS NULL THEN 'unknown'
             WHEN n.value <= b.value THEN 'at_risk'
-            WHEN n.day + ceil((n.target_value - n.value) * (n.day - b.day) / (n.value - b.value))::int > t.deadline
+            WHEN n.day + ceil((n.target_value - n.value) * (n.day - b.day) / (n.value - b.value))::int > n.deadline
                  THEN 'at_risk'
             ELSE 'on_track' END AS verdict
-  FROM n JOIN t ON t.target_id = n.target_id LEFT JOIN b ON b.target_id = n.target_id
- ORDER BY (t.deadline < n.day), t.deadline, n.target_id"""),
+  FROM n LEFT JOIN b ON b.target_id = n.target_id
+ ORDER BY (n.deadline < n.day), n.deadline, n.target_id"""),
         Panel("Target history (% of target)", "timeseries", unit="percent", width=24, description=(
             "Each target's daily value as a share of the target (coverage_snapshots)."), sql=f"""
 SELECT {_day_time('cs.day')}, cs.target_id AS metric, 100 * cs.value / cs.target_value AS progress_pct

@@ -35,20 +35,22 @@ def _livelier(f):
 
 def extra_targets(today: date) -> str:
     """Targets added to the bundled catalogue for the Coverage board's verdicts: one met, one on track,
-    one at risk, one missed at a deadline two days ago, one without a figure."""
+    one at risk, one missed at a deadline three days ago, one without a figure."""
     def operator(tid: str, value: int, deadline: date) -> str:
         return (f'[[programme]]\nid = "{tid}"\nvalue = {value}\nunit = "sites"\ndeadline = {deadline.isoformat()}\n'
                 f'measure = {{ kind = "operator" }}\n\n')
     return ("\n" + operator("grafana-met", 100, today + timedelta(days=365))
             + operator("grafana-on-track", 100, today + timedelta(days=365))
             + operator("grafana-at-risk", 1000, today + timedelta(days=10))
-            + operator("grafana-missed", 100, today - timedelta(days=2))
+            + operator("grafana-missed", 100, today - timedelta(days=3))
             + operator("grafana-unknown", 100, today + timedelta(days=30)))
 
 
 # operator figures: (target, days before today, value)
-ENTRIES = (("grafana-met", 2, 150.0), ("grafana-on-track", 3, 10.0), ("grafana-on-track", 1, 40.0),
-           ("grafana-at-risk", 3, 10.0), ("grafana-at-risk", 1, 20.0), ("grafana-missed", 3, 10.0))
+# (days chosen so that the verdicts hold whether yesterday's snapshot is taken yet or not, just after
+# local midnight)
+ENTRIES = (("grafana-met", 3, 150.0), ("grafana-on-track", 4, 10.0), ("grafana-on-track", 2, 40.0),
+           ("grafana-at-risk", 4, 10.0), ("grafana-at-risk", 2, 20.0), ("grafana-missed", 4, 10.0))
 
 
 @pytest.fixture(scope="package")

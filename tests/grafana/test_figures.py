@@ -156,7 +156,7 @@ def test_coverage_verdicts_equal_analytics_pace(filled, selections, catalogue_fi
     from iotjx.targets import load_catalogue
 
     catalogue = load_catalogue(catalogue_file)
-    (panel,) = [p for p in P.coverage_panels({t.target_id: t.deadline.isoformat() for t in catalogue})
+    (panel,) = [p for p in P.coverage_panels(boards.catalogue_targets(catalogue_file))
                 if p.title.startswith("Targets")]
     t_from, t_to, chosen = selections
     with psycopg.connect(filled) as conn:
@@ -173,6 +173,7 @@ def test_coverage_verdicts_equal_analytics_pace(filled, selections, catalogue_fi
     for r in rows:
         t = report[r["target_id"]]
         assert r["verdict"] == t["status"], r["target_id"]
+        assert r["value"] == (None if t["value"] is None else pytest.approx(t["value"])), r["target_id"]
         for mine, theirs in ((r["needed_per_day"], t["pace_needed"]), (r["observed_per_day"], t["pace_observed"])):
             if theirs is None or t["status"] == "met":
                 continue
