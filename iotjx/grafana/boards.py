@@ -84,6 +84,11 @@ def _panel(p: P.Panel, panel_id: int, x: int, y: int):
          .grid_pos(model.GridPos(h=p.height, w=p.width, x=x, y=y)))
     if p.unit:
         b = b.unit(p.unit)
+    if p.threshold is not None:
+        b = (b.thresholds(dash.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE)
+                          .steps([model.Threshold(value=None, color="green"),
+                                  model.Threshold(value=p.threshold, color="red")]))
+             .thresholds_style(common_b.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.LINE)))
     return b
 
 

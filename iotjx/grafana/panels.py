@@ -37,6 +37,7 @@ class Panel:
     description: str = ""
     width: int = 12
     height: int = 8
+    threshold: float | None = None      # a time series' red line (e.g. a budget)
 
     @property
     def format(self) -> str:
@@ -239,13 +240,12 @@ SELECT a.alarm_id, a.device_id, c.name_en AS city, s.name AS site, a.kind, a.sta
   FROM fire_alarms a {_of_devices('a', 'device_id', 'fire')}
    AND a.state <> 'cleared'
  ORDER BY a.raised_at"""),
-    Panel("Acknowledgement time against the 10 s budget", "timeseries", unit="s", description=(
+    Panel("Acknowledgement time against the 10 s budget", "timeseries", unit="s", threshold=10, description=(
         "Per acknowledged alarm: seconds from its arrival at the centre to the operator's acknowledgement, "
         "and from the detector's time label to arrival (GB 50440: transmission device → centre ≤ 10 s)."), sql=f"""
 SELECT a.acked_at AS time,
        extract(epoch FROM a.acked_at - a.received_at)::float8 AS ack_s,
-       greatest(extract(epoch FROM a.received_at - a.raised_at), 0)::float8 AS transmit_s,
-       10.0 AS budget_s
+       greatest(extract(epoch FROM a.received_at - a.raised_at), 0)::float8 AS transmit_s
   FROM fire_alarms a {_of_devices('a', 'device_id', 'fire')}
    AND a.kind = 'alarm' AND $__timeFilter(a.acked_at)
  ORDER BY 1"""),
