@@ -18,6 +18,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 
 from iotjx.grafana import panels as P
+from iotjx.grafana.coverage_board import coverage_panels
 from iotjx.grafana.pgquery import PLUGIN_TYPE, Postgres, register
 
 DATASOURCE_UID = "iotjx-postgres"
@@ -40,7 +41,7 @@ def boards_panels(targets: dict[str, tuple[str, bool]] | None = None) -> dict[st
         "iotjx-water": ("iotjx · Water", P.WATER),
         "iotjx-fire": ("iotjx · Fire", P.FIRE),
         "iotjx-traffic": ("iotjx · Traffic", P.TRAFFIC),
-        "iotjx-coverage": ("iotjx · Coverage", P.coverage_panels(targets)),
+        "iotjx-coverage": ("iotjx · Coverage", coverage_panels(targets)),
     }
 
 

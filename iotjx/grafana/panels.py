@@ -11,14 +11,15 @@ Conventions every query keeps (tests/grafana/ runs each one, macros expanded as 
   by time.
 * Rollups first: the per-bucket panels read the writer's rollup tables (migration 11), the per-day water
   and coverage panels the analytics tables; the raw log only where nothing else carries the figure
-  (uplinks by transport)."""
+  (uplinks by transport).
+
+The Coverage board's panels, which also need the targets catalogue, are in `iotjx.grafana.coverage_board`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from analytics.traffic import DEFAULT_ROAD_CLASS, GRADE_SPEED_BANDS, GRADES
-from iotjx.db.migrations import CITIES
 from iotjx.settings import Settings
 
 LOCAL_TZ = "Asia/Shanghai"          # IOTJX_TIMEZONE's default: the local days of water_daily and the snapshots
@@ -44,22 +45,11 @@ class Panel:
         return "time_series" if self.columns is None else "table"
 
 
-# Coordinates (WGS-84, degrees, rounded to 0.01°) of each prefecture-level city's seat (its municipal
-# government), as the cities' Wikipedia articles give them (e.g. Ganzhou 25°49′52″N 114°55′59″E); public
-# facts, only needed to place one marker per city.  tests/grafana/test_boards.py holds them inside the
-# province's published extent (24°29′–30°05′ N, 113°35′–118°29′ E).
-CITY_COORDINATES: dict[int, tuple[float, float]] = {
-    360100: (28.68, 115.86), 360200: (29.27, 117.18), 360300: (27.62, 113.85), 360400: (29.71, 116.00),
-    360500: (27.82, 114.92), 360600: (28.26, 117.07), 360700: (25.83, 114.93), 360800: (27.11, 114.99),
-    360900: (27.80, 114.38), 361000: (27.95, 116.36), 361100: (28.45, 117.94),
-}
-assert set(CITY_COORDINATES) == {code for code, _, _ in CITIES}
 
 # The devices' filters, for queries joining devices d and sites s (a device without a site has no city
 # and is left out once a city or site is chosen; with "All" it is counted when the join is LEFT).
 DEVICE_FILTER = "d.pilot IN ($pilot) AND d.network IN ($network)"
 SITE_FILTER = "s.city_code IN ($city) AND s.site_id IN ($site)"
-DEVICES = ("devices d JOIN sites s ON s.site_id = d.site_id JOIN cities c ON c.code = s.city_code")
 # Live as /coverage counts it: the last uplink within IOTJX_LIVE_FACTOR × the reporting interval (the
 # setting's default; the boards are generated, not configured).
 LIVE_FACTOR = Settings.model_fields["live_factor"].default
@@ -67,12 +57,14 @@ SILENT = ("coalesce(st.last_seen, '-infinity') < $__timeTo()::timestamptz "
           f"- {LIVE_FACTOR:g} * make_interval(secs => coalesce(d.reporting_interval_s, m.reporting_interval_s))")
 
 
-def _local_days(col: str) -> str:
+def local_days(col: str) -> str:
+    """`col` (a local date) within the dashboard's range, both ends' local days included."""
     return (f"{col} BETWEEN ($__timeFrom()::timestamptz AT TIME ZONE '{LOCAL_TZ}')::date "
             f"AND ($__timeTo()::timestamptz AT TIME ZONE '{LOCAL_TZ}')::date")
 
 
-def _day_time(col: str) -> str:
+def day_time(col: str) -> str:
+    """A local date as the time series' `time`: the start of that day in LOCAL_TZ."""
     return f"({col}::timestamp AT TIME ZONE '{LOCAL_TZ}') AS time"
 
 
@@ -150,7 +142,7 @@ SELECT d.pilot, d.network, count(*) AS registered,
 
 # ----------------------------------------------------------------------------------------- water
 
-def _of_devices(alias: str, key: str, pilot: str | None) -> str:
+def of_devices(alias: str, key: str, pilot: str | None) -> str:
     """JOIN devices/sites/cities onto `alias` by `key`, and the WHERE of the variables."""
     pilot_filter = f"d.pilot = '{pilot}' AND d.network IN ($network)" if pilot else DEVICE_FILTER
     return (f"JOIN devices d ON d.{key} = {alias}.{key} JOIN sites s ON s.site_id = d.site_id "
@@ -160,24 +152,24 @@ def _of_devices(alias: str, key: str, pilot: str | None) -> str:
 WATER = (
     Panel("Consumption by city", "timeseries", unit="m3", description=(
         "Daily consumption (m³) per city from the meters' registers (water_daily, local days)."), sql=f"""
-SELECT {_day_time('w.day')}, c.name_en AS metric, sum(w.consumption_m3) AS consumption_m3
-  FROM water_daily w {_of_devices('w', 'device_id', 'water')}
-   AND {_local_days('w.day')}
+SELECT {day_time('w.day')}, c.name_en AS metric, sum(w.consumption_m3) AS consumption_m3
+  FROM water_daily w {of_devices('w', 'device_id', 'water')}
+   AND {local_days('w.day')}
  GROUP BY 1, 2 ORDER BY 1"""),
     Panel("Consumption by district (site)", "table", unit="m3",
           columns=("city", "site", "meters", "consumption_m3", "reverse_m3"), description=(
               "Consumption over the range per site (community / DMA), from water_daily."), sql=f"""
 SELECT c.name_en AS city, s.name AS site, count(DISTINCT w.device_id) AS meters,
        round(sum(w.consumption_m3)::numeric, 3) AS consumption_m3, round(sum(w.reverse_m3)::numeric, 3) AS reverse_m3
-  FROM water_daily w {_of_devices('w', 'device_id', 'water')}
-   AND {_local_days('w.day')}
+  FROM water_daily w {of_devices('w', 'device_id', 'water')}
+   AND {local_days('w.day')}
  GROUP BY 1, 2 ORDER BY 4 DESC"""),
     Panel("Minimum night flow and leakage by site", "timeseries", unit="short", description=(
         "Per site and night: the minimum over the night window's hourly slots of the meters' summed flow "
         "(m³/h), and the leakage estimate (20th percentile of the last 7 nights), from water_night."), sql=f"""
-SELECT {_day_time('n.day')}, s.name AS metric, n.mnf_m3h, n.leakage_m3h
+SELECT {day_time('n.day')}, s.name AS metric, n.mnf_m3h, n.leakage_m3h
   FROM water_night n JOIN sites s ON s.site_id = n.site_id
- WHERE {SITE_FILTER} AND {_local_days('n.day')}
+ WHERE {SITE_FILTER} AND {local_days('n.day')}
  ORDER BY 1, 2"""),
     Panel("Open leak and reverse-flow alerts", "table",
           columns=("device_id", "city", "site", "kind", "opened_at", "open_h", "detail"), description=(
@@ -185,7 +177,7 @@ SELECT {_day_time('n.day')}, s.name AS metric, n.mnf_m3h, n.leakage_m3h
               "and reverse flow."), sql=f"""
 SELECT a.device_id, c.name_en AS city, s.name AS site, a.kind, a.opened_at,
        round(extract(epoch FROM $__timeTo()::timestamptz - a.opened_at)::numeric / 3600, 1) AS open_h, a.detail
-  FROM water_alerts a {_of_devices('a', 'device_id', 'water')}
+  FROM water_alerts a {of_devices('a', 'device_id', 'water')}
    AND a.closed_at IS NULL AND a.kind IN ('continuous_flow', 'reverse_flow')
  ORDER BY a.opened_at"""),
     Panel("Silent and stopped meters", "table",
@@ -215,7 +207,7 @@ WITH latest AS (
 SELECT c.name_en AS city, count(*) AS meters,
        count(*) FILTER (WHERE l.battery_low_last = 1) AS battery_low,
        count(*) FILTER (WHERE l.valve_closed_last = 1) AS valve_closed
-  FROM latest l {_of_devices('l', 'device_key', 'water')}
+  FROM latest l {of_devices('l', 'device_key', 'water')}
  GROUP BY 1 ORDER BY 1"""),
     Panel("Share of readings with battery low or valve closed", "timeseries", unit="percent", description=(
         "Per time bucket, the share of the meters' readings flagging a low battery or a closed valve "
@@ -237,7 +229,7 @@ FIRE = (
           description="Alarm and fault episodes not yet cleared (fire_alarms), oldest first.", sql=f"""
 SELECT a.alarm_id, a.device_id, c.name_en AS city, s.name AS site, a.kind, a.state, a.raised_at,
        round(extract(epoch FROM $__timeTo()::timestamptz - a.raised_at)::numeric / 60, 1) AS age_min, a.description
-  FROM fire_alarms a {_of_devices('a', 'device_id', 'fire')}
+  FROM fire_alarms a {of_devices('a', 'device_id', 'fire')}
    AND a.state <> 'cleared'
  ORDER BY a.raised_at"""),
     Panel("Acknowledgement time against the 10 s budget", "timeseries", unit="s", threshold=10, description=(
@@ -246,7 +238,7 @@ SELECT a.alarm_id, a.device_id, c.name_en AS city, s.name AS site, a.kind, a.sta
 SELECT a.acked_at AS time,
        extract(epoch FROM a.acked_at - a.received_at)::float8 AS ack_s,
        greatest(extract(epoch FROM a.received_at - a.raised_at), 0)::float8 AS transmit_s
-  FROM fire_alarms a {_of_devices('a', 'device_id', 'fire')}
+  FROM fire_alarms a {of_devices('a', 'device_id', 'fire')}
    AND a.kind = 'alarm' AND $__timeFilter(a.acked_at)
  ORDER BY 1"""),
     Panel("Acknowledgements within budget", "table",
@@ -257,7 +249,7 @@ SELECT count(*) AS alarms, count(a.acked_at) AS acked,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM a.acked_at - a.received_at)) AS ack_p50_s,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM a.acked_at - a.received_at)) AS ack_p95_s,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM a.received_at - a.raised_at)) AS transmit_p95_s
-  FROM fire_alarms a {_of_devices('a', 'device_id', 'fire')}
+  FROM fire_alarms a {of_devices('a', 'device_id', 'fire')}
    AND a.kind = 'alarm' AND $__timeFilter(a.raised_at)"""),
     Panel("Alarm and fault frames", "timeseries", unit="short", description=(
         "Frames flagging a fire alarm or a fault per time bucket (rollup_fire_site_15m)."), sql=f"""
@@ -268,7 +260,7 @@ SELECT $__timeGroupAlias(r.bucket, $__interval), sum(r.fire_alarm_sum) AS alarm_
     Panel("Faults raised per day", "timeseries", unit="short",
           description="Fault episodes by the day they were raised (fire_alarms, UTC days).", sql=f"""
 SELECT $__timeGroupAlias(a.raised_at, 1d), count(*)::float8 AS faults
-  FROM fire_alarms a {_of_devices('a', 'device_id', 'fire')}
+  FROM fire_alarms a {of_devices('a', 'device_id', 'fire')}
    AND a.kind = 'fault' AND $__timeFilter(a.raised_at)
  GROUP BY 1 ORDER BY 1"""),
     Panel("Offline detectors", "table", columns=("device_id", "city", "site", "last_seen", "silent_min"),
@@ -288,7 +280,7 @@ SELECT d.device_id, c.name_en AS city, s.name AS site, st.last_seen,
 
 _VOLUME = "r.count_a_sum + r.count_b_sum + r.count_c_sum + r.unclassified_sum"
 _SPEED = "sum(r.timed_n_sum) / nullif(sum(r.n_per_speed_sum), 0)"      # space-mean (harmonic) speed, km/h
-_LANES = f"rollup_traffic_lane_5m r {_of_devices('r', 'device_key', 'traffic')}"
+_LANES = f"rollup_traffic_lane_5m r {of_devices('r', 'device_key', 'traffic')}"
 
 TRAFFIC = (
     Panel("Volume by intersection", "timeseries", unit="short", description=(
@@ -331,121 +323,3 @@ SELECT $__timeGroupAlias(r.bucket, $__interval), s.kind || ' · ' || s.name AS m
  WHERE $__timeFilter(r.bucket) AND {SITE_FILTER}
  GROUP BY 1, 2 ORDER BY 1"""),
 )
-
-
-# ----------------------------------------------------------------------------------------- coverage
-
-def _snapshot_day() -> str:
-    return (f"SELECT max(day) AS day FROM coverage_snapshot_days "
-            f"WHERE day <= ($__timeTo()::timestamptz AT TIME ZONE '{LOCAL_TZ}')::date")
-
-
-def coverage_panels(targets: dict[str, tuple[str, bool]]) -> tuple[Panel, ...]:
-    """The Coverage board's panels; `targets` (target id → (deadline as an ISO day, whether operators
-    enter its figure)) come from the targets catalogue, which the database does not hold."""
-    values = ", ".join(f"('{tid}', date '{day}', {str(operator).lower()})"
-                       for tid, (day, operator) in sorted(targets.items()))
-    cities = ", ".join(f"({code}, {lat:.2f}, {lon:.2f})" for code, (lat, lon) in sorted(CITY_COORDINATES.items()))
-    figure = ("(SELECT e.value FROM e WHERE e.target_id = {tid} AND e.as_of <= {day} "
-              "ORDER BY e.as_of DESC LIMIT 1)")
-    return (
-        Panel("Targets: value, pace and verdict", "table", width=24,
-              columns=("target_id", "day", "value", "target_value", "progress_pct", "deadline", "needed_per_day",
-                       "observed_per_day", "verdict"),
-              description=("The latest daily snapshot up to the end of the range (coverage_snapshots; an operator "
-                           "target's figure from its entries, a late entry counting for the day it describes). "
-                           "Pace as analytics.coverage.pace: needed = what remains / days left; observed = the "
-                           "change since the earliest daily value of the 30 days before, per day; at risk when "
-                           "that pace does not reach the target by its deadline."), sql=f"""
-WITH t(target_id, deadline, operator) AS (VALUES {values}),
-     d AS ({_snapshot_day()}),
-     e AS (SELECT DISTINCT ON (l.target_id, l.as_of) l.target_id, l.as_of, l.value
-             FROM target_progress_log l, d
-            WHERE l.as_of <= d.day
-            ORDER BY l.target_id, l.as_of, l.entered_at DESC, l.entry_id DESC),
-     n AS (SELECT cs.target_id, cs.day, cs.target_value, t.deadline,
-                  CASE WHEN t.operator THEN {figure.format(tid="cs.target_id", day="cs.day")} ELSE cs.value END AS value,
-                  CASE WHEN t.operator THEN {figure.format(tid="cs.target_id", day="t.deadline")}
-                       ELSE (SELECT x.value FROM coverage_snapshots x
-                              WHERE x.target_id = cs.target_id AND x.day = t.deadline) END AS at_deadline
-             FROM coverage_snapshots cs JOIN d ON cs.day = d.day JOIN t ON t.target_id = cs.target_id),
-     b AS ((SELECT DISTINCT ON (cs.target_id) cs.target_id, cs.day, cs.value
-              FROM coverage_snapshots cs JOIN t ON t.target_id = cs.target_id AND NOT t.operator, d
-             WHERE cs.day >= d.day - 30 AND cs.day < d.day AND cs.value IS NOT NULL
-             ORDER BY cs.target_id, cs.day)
-           UNION ALL
-           SELECT o.target_id, o.day, {figure.format(tid="o.target_id", day="o.day")}
-             FROM (SELECT e.target_id, greatest(min(e.as_of), d.day - 30) AS day
-                     FROM e, d WHERE e.as_of < d.day GROUP BY e.target_id, d.day) o)
-SELECT n.target_id, n.day, n.value, n.target_value,
-       round((100 * n.value / n.target_value)::numeric, 1) AS progress_pct, n.deadline,
-       CASE WHEN n.deadline >= n.day AND n.value < n.target_value
-            THEN (n.target_value - n.value) / greatest(n.deadline - n.day, 1) END AS needed_per_day,
-       (n.value - b.value) / nullif(n.day - b.day, 0) AS observed_per_day,
-       CASE WHEN n.deadline < n.day THEN
-                 CASE WHEN n.at_deadline IS NULL THEN 'unknown'
-                      WHEN n.at_deadline >= n.target_value THEN 'met' ELSE 'missed' END
-            WHEN n.value IS NULL THEN 'unknown'
-            WHEN n.value >= n.target_value THEN 'met'
-            WHEN b.value IS NULL THEN 'unknown'
-            WHEN n.value <= b.value THEN 'at_risk'
-            WHEN n.day + ceil((n.target_value - n.value) * (n.day - b.day) / (n.value - b.value))::int > n.deadline
-                 THEN 'at_risk'
-            ELSE 'on_track' END AS verdict
-  FROM n LEFT JOIN b ON b.target_id = n.target_id
- ORDER BY (n.deadline < n.day), n.deadline, n.target_id"""),
-        Panel("Target history (% of target)", "timeseries", unit="percent", width=24, description=(
-            "Each target's daily value as a share of the target (coverage_snapshots)."), sql=f"""
-SELECT {_day_time('cs.day')}, cs.target_id AS metric, 100 * cs.value / cs.target_value AS progress_pct
-  FROM coverage_snapshots cs
- WHERE cs.value IS NOT NULL AND {_local_days('cs.day')}
- ORDER BY 1, 2"""),
-        Panel("Devices by city", "geomap", height=14,
-              columns=("city", "latitude", "longitude", "registered", "active", "live"), description=(
-                  "The eleven cities (marker size: registered devices) on the latest snapshot day "
-                  "(coverage_breakdown_daily); coordinates of each city's seat, Wikipedia."), sql=f"""
-WITH geo(code, latitude, longitude) AS (VALUES {cities}),
-     d AS ({_snapshot_day()})
-SELECT c.name_en AS city, g.latitude, g.longitude, coalesce(sum(b.registered), 0) AS registered,
-       coalesce(sum(b.active), 0) AS active, coalesce(sum(b.live), 0) AS live
-  FROM cities c JOIN geo g ON g.code = c.code
-  LEFT JOIN (coverage_breakdown_daily b JOIN d ON b.day = d.day)
-         ON b.city_code = c.code AND b.pilot IN ($pilot) AND b.network IN ($network)
- WHERE c.code IN ($city)
- GROUP BY 1, 2, 3 ORDER BY 1"""),
-        Panel("Devices by city, pilot and network", "table", height=14,
-              columns=("city", "pilot", "network", "registered", "active", "live", "live_pct"), description=(
-                  "The breakdown of the latest snapshot day (coverage_breakdown_daily)."), sql=f"""
-WITH d AS ({_snapshot_day()})
-SELECT c.name_en AS city, b.pilot, b.network, b.registered, b.active, b.live,
-       round(100.0 * b.live / nullif(b.active, 0), 1) AS live_pct
-  FROM coverage_breakdown_daily b JOIN d ON b.day = d.day JOIN cities c ON c.code = b.city_code
- WHERE b.city_code IN ($city) AND b.pilot IN ($pilot) AND b.network IN ($network)
- ORDER BY 1, 2, 3"""),
-        Panel("Radio quality by city", "table",
-              columns=("city", "devices", "samples", "rsrp_dbm", "sinr_db", "ecl_mean"), description=(
-                  "Mean RSRP, SINR and coverage enhancement level of the samples in the range "
-                  "(rollup_radio_day)."), sql=f"""
-SELECT c.name_en AS city, count(DISTINCT r.device_key) AS devices, sum(r.count) AS samples,
-       round((sum(r.rsrp_dbm_sum) / nullif(sum(r.rsrp_dbm_n), 0))::numeric, 1) AS rsrp_dbm,
-       round((sum(r.sinr_db_sum) / nullif(sum(r.sinr_db_n), 0))::numeric, 1) AS sinr_db,
-       round((sum(r.ecl_sum) / nullif(sum(r.ecl_n), 0))::numeric, 2) AS ecl_mean
-  FROM rollup_radio_day r {_of_devices('r', 'device_key', None)}
-   AND r.bucket > $__timeFrom()::timestamptz - interval '1 day' AND r.bucket <= $__timeTo()::timestamptz
- GROUP BY 1 ORDER BY 1"""),
-        Panel("Weakest cells", "table",
-              columns=("cell_id", "samples", "rsrp_dbm", "rsrp_dbm_min", "sinr_db", "ecl2_pct"), description=(
-                  "Cells serving the chosen devices, weakest mean RSRP first (rollup_radio_cell_day; a cell "
-                  "belongs to the devices whose latest sample named it, rollup_radio_latest)."), sql=f"""
-SELECT r.cell_id, sum(r.count) AS samples,
-       round((sum(r.rsrp_dbm_sum) / nullif(sum(r.rsrp_dbm_n), 0))::numeric, 1) AS rsrp_dbm,
-       min(r.rsrp_dbm_min) AS rsrp_dbm_min,
-       round((sum(r.sinr_db_sum) / nullif(sum(r.sinr_db_n), 0))::numeric, 1) AS sinr_db,
-       round((100 * sum(r.ecl_2_sum) / nullif(sum(r.ecl_2_n), 0))::numeric, 1) AS ecl2_pct
-  FROM rollup_radio_cell_day r
- WHERE r.bucket > $__timeFrom()::timestamptz - interval '1 day' AND r.bucket <= $__timeTo()::timestamptz
-   AND r.cell_id IN (SELECT l.cell_id_last::bigint FROM rollup_radio_latest l
-                       JOIN devices d ON d.device_key = l.device_key JOIN sites s ON s.site_id = d.site_id
-                      WHERE {DEVICE_FILTER} AND {SITE_FILTER})
- GROUP BY 1 ORDER BY 3 NULLS LAST, 1 LIMIT 100"""),
-    )

@@ -11,7 +11,8 @@ from grafana_foundation_sdk.models import dashboard as model
 from typer.testing import CliRunner
 
 from iotjx.db.migrations import CITIES
-from iotjx.grafana import boards, panels, provisioning
+from iotjx.grafana import boards, provisioning
+from iotjx.grafana.coverage_board import CITY_COORDINATES
 from iotjx.grafana.pgquery import PostgresQuery
 
 
@@ -75,7 +76,7 @@ def test_the_map_places_the_eleven_cities():
     (geo,) = [p for p in board["panels"] if p["type"] == "geomap"]
     sql = geo["targets"][0]["rawSql"]
     for code, _, _ in CITIES:
-        lat, lon = panels.CITY_COORDINATES[code]
+        lat, lon = CITY_COORDINATES[code]
         assert f"({code}, {lat:.2f}, {lon:.2f})" in sql
         assert 24.4 < lat < 30.1 and 113.5 < lon < 118.5          # inside Jiangxi's bounding box
     layer = geo["options"]["layers"][0]

@@ -14,6 +14,7 @@ import pytest
 from analytics.traffic import congestion_grade
 from iotjx.grafana import boards
 from iotjx.grafana import panels as P
+from iotjx.grafana.coverage_board import coverage_panels
 from tests.grafana.conftest import INTERVAL
 from tests.grafana.grafana_sql import expand
 
@@ -156,7 +157,7 @@ def test_coverage_verdicts_equal_analytics_pace(filled, selections, catalogue_fi
     from iotjx.targets import load_catalogue
 
     catalogue = load_catalogue(catalogue_file)
-    (panel,) = [p for p in P.coverage_panels(boards.catalogue_targets(catalogue_file))
+    (panel,) = [p for p in coverage_panels(boards.catalogue_targets(catalogue_file))
                 if p.title.startswith("Targets")]
     t_from, t_to, chosen = selections
     with psycopg.connect(filled) as conn:
