@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException, GrafanaUnauthorizedError
@@ -42,8 +42,8 @@ def datasource_from_url(database_url: str) -> dict:
     if u.scheme not in ("postgresql", "postgres") or not u.hostname:
         raise PushError(f"the database URL for Grafana must be postgresql://user:password@host:port/db, got {u.scheme}://…")
     query = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p)
-    return datasource(f"{u.hostname}:{u.port or 5432}", (u.path or "/").lstrip("/") or "postgres", u.username or "",
-                      u.password or "", query.get("sslmode", "disable"))
+    return datasource(f"{u.hostname}:{u.port or 5432}", unquote((u.path or "/").lstrip("/")) or "postgres",
+                      unquote(u.username or ""), unquote(u.password or ""), query.get("sslmode", "disable"))
 
 
 def _api(url: str, token: str | None, user: str | None, password: str | None, timeout: float) -> GrafanaApi:

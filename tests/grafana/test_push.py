@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from iotjx.grafana import boards
-from iotjx.grafana.push import PushError, push
+from iotjx.grafana.push import PushError, datasource_from_url, push
 from tests.grafana.grafana_standin import GrafanaStandIn
 
 DB = "postgresql://grafana_reader:r3ader@db.internal:5432/iotjx?sslmode=require"
@@ -85,6 +85,13 @@ def test_an_unreachable_grafana_is_a_clear_error():
         port = s.getsockname()[1]
     with pytest.raises(PushError, match=rf"Grafana at http://127.0.0.1:{port} is unreachable"):
         push(f"http://127.0.0.1:{port}", DB, token="x", timeout=2)
+
+
+def test_the_data_source_from_a_database_url():
+    ds = datasource_from_url("postgresql://reader:p%40ss%2Fw@10.0.0.5/iotjx")
+    assert (ds["url"], ds["user"], ds["secureJsonData"], ds["jsonData"]["database"], ds["jsonData"]["sslmode"]) == \
+        ("10.0.0.5:5432", "reader", {"password": "p@ss/w"}, "iotjx", "disable")
+    assert ds["jsonData"]["timescaledb"] is True and ds["uid"] == boards.DATASOURCE_UID
 
 
 def test_a_bad_database_url_is_refused_before_anything_is_written(grafana):
