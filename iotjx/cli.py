@@ -932,6 +932,10 @@ def main() -> None:  # pragma: no cover - console script entry
     sys.exit(app())
 
 
+from iotjx.grafana.cli import grafana_app  # noqa: E402  (its commands import their modules when run)
+
+app.add_typer(grafana_app, name="grafana")
+
 __all__ = ["app"]
 
 

@@ -201,6 +201,16 @@ class Settings(BaseSettings):
     reject_retention_days: int = Field(
         30, ge=1, description="Days `rejected_uplinks` and `reject_tally` keep their rows (purged hourly in chunks)")
 
+    # Grafana (iotjx/grafana/, `iotjx grafana push`)
+    grafana_url: str = Field("http://127.0.0.1:3000", description="Grafana that `iotjx grafana push` uploads the data source and boards to")
+    grafana_token: str | None = Field(
+        None, description="Grafana service-account token for `iotjx grafana push` (Editor or Admin); else `IOTJX_GRAFANA_USER`/`IOTJX_GRAFANA_PASSWORD`")
+    grafana_user: str | None = Field(None, description="Grafana user for `iotjx grafana push` (basic auth), when no token is set")
+    grafana_password: str | None = Field(None, description="…and its password")
+    grafana_database_url: str | None = Field(
+        None, description="The database as Grafana reaches it (a read-only role is enough), for the pushed data source; "
+                          "unset: `IOTJX_DATABASE_URL`")
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
