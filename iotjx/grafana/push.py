@@ -85,7 +85,7 @@ def push(url: str, database_url: str, *, token: str | None = None, user: str | N
         raise PushError(f"Grafana at {url} refused a request ({exc.status_code}): {exc.message}") from exc
     except GrafanaException as exc:
         raise PushError(f"Grafana at {url} did not answer properly: {exc.message}") from exc
-    except OSError as exc:                    # niquests' connection errors are OSErrors
+    except OSError as exc:                    # requests' connection errors and timeouts are OSErrors
         raise PushError(f"Grafana at {url} is unreachable: {exc}") from exc
     return result
 
