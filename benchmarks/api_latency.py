@@ -500,6 +500,7 @@ def print_report(out: dict[str, Any], levels: list[int]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the API and drop the database on the way out
     name = args.reuse or f"iotjx_api_{os.getpid()}"
     keep = args.keep_db or args.reuse is not None
     took: dict[str, Any] = {}
