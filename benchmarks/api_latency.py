@@ -37,7 +37,8 @@ from a seeded generator.  Operations:
 Every answer must be 200 (any other status is counted and reported as an error, and fails the operation).
 Figures are pooled over `--repeats` rounds (each round runs every level and operation once); the per-round
 p95 is reported too, to show the spread.  The requirement (each p95 under 100 ms) is reported PASS/FAIL per
-operation at each level; nothing is asserted."""
+operation at each level (a PASS line for an operation met it at every level, PART at some); nothing is
+asserted."""
 
 from __future__ import annotations
 
@@ -492,10 +493,13 @@ def print_report(out: dict[str, Any], levels: list[int]) -> None:
                   f"{k['loadavg_end'][0]:.2f}, over {k['wall_s']:.0f} s the machine was busy {k['cores_busy']:.2f} "
                   f"cores: client {k['client_cores']:.2f}, API {k['api_cores']:.2f}, PostgreSQL backends "
                   f"{k['postgres_cores']:.2f}, others {k['others_cores']:.2f}")
-    verdicts = {op: all(per[str(lvl)]["pass"] for lvl in levels) for op, per in out["figures"].items()}
-    for op, ok in verdicts.items():
-        console.print(f"{'PASS' if ok else 'FAIL'}  {op}: p95 < {REQUIREMENT_MS:.0f} ms at every level "
-                      f"({', '.join(str(lvl) for lvl in levels)})")
+    # A closed loop of C clients at R requests/s sees C / R s a request (Little's law): past the machine's
+    # throughput a higher level only queues, so the verdict is given per level, not pooled.
+    for op, per in out["figures"].items():
+        ok = [lvl for lvl in levels if per[str(lvl)]["pass"]]
+        bad = [lvl for lvl in levels if not per[str(lvl)]["pass"]]
+        console.print(f"{'PASS' if not bad else 'FAIL' if not ok else 'PART'}  {op}: p95 < {REQUIREMENT_MS:.0f} ms at "
+                      f"concurrency {', '.join(map(str, ok)) or '—'}" + (f"; not at {', '.join(map(str, bad))}" if bad else ""))
 
 
 def main(argv=None) -> int:
