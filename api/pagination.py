@@ -115,8 +115,10 @@ def newest_first(page: PageParams, time_col: str, id_col: str) -> tuple[str, dic
     its WHERE, and its parameters (the rows before the cursor's (time, id), one more than the page so
     that `page.of` knows whether another follows; 422 for a cursor of another shape)."""
     after = page.after(2, (datetime, int))
-    sql = (f" AND (%(a_t)s::timestamptz IS NULL OR ({time_col}, {id_col}) < (%(a_t)s, %(a_id)s))"
-           f" ORDER BY {time_col} DESC, {id_col} DESC LIMIT %(n)s")
+    # Only with a cursor (not `%(a_t)s IS NULL OR …`): a generic plan of a prepared statement could not use the
+    # row comparison as an index condition and would read the list from its newest row on every page.
+    sql = ((f" AND ({time_col}, {id_col}) < (%(a_t)s, %(a_id)s)" if after else "")
+           + f" ORDER BY {time_col} DESC, {id_col} DESC LIMIT %(n)s")
     return sql, {"a_t": after and after[0], "a_id": after and after[1], "n": page.limit + 1}
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
 from analytics.telemetry import AGGS, INTERVALS, TelemetryError, plan, rows
-from api.deps import AppSettings, Conn, DeviceId, Pool, Viewer, device_city
+from api.deps import AppSettings, DeviceId, Pool, Viewer, device_city
 from api.problems import PROBLEM
 from iotjx.sites import SITE_CODE
 
@@ -87,15 +87,17 @@ def _params(fields, from_, to, interval, agg, tz, source):
 
 @router.get("/devices/{device_id}/telemetry", response_model=TelemetryOut, summary="A device's telemetry series",
             description=_DESCRIPTION, responses={404: PROBLEM, 422: PROBLEM})
-def device_telemetry(key: Viewer, device_id: DeviceId, conn: Conn, pool: Pool, settings: AppSettings,
+def device_telemetry(key: Viewer, device_id: DeviceId, pool: Pool, settings: AppSettings,
                      from_: Annotated[Aware, Query(alias="from")], to: Annotated[Aware, Query()],
                      interval: Annotated[Interval, Query()] = "1h", agg: Annotated[Agg, Query()] = "avg",
                      fields: Annotated[str | None, Query(max_length=512), AfterValidator(_fields)] = None,
                      tz: Annotated[str | None, Query(max_length=64), AfterValidator(lambda v: v and _zone(v))] = None,
                      source: Annotated[Literal["auto", "readings"], Query()] = "auto") -> StreamingResponse:
-    device_city(conn, key, device_id)
-    dkey, family = conn.execute("""SELECT d.device_key, coalesce(m.family, m.pilot) FROM devices d
-                                   JOIN device_models m USING (model) WHERE d.device_id = %s""", (device_id,)).fetchone()
+    with pool.connection() as conn:             # returned before the stream takes its own (see _answer)
+        device_city(conn, key, device_id)
+        dkey, family = conn.execute("""SELECT d.device_key, coalesce(m.family, m.pilot) FROM devices d
+                                       JOIN device_models m USING (model) WHERE d.device_id = %s""",
+                                    (device_id,)).fetchone()
     p = _params(fields, from_, to, interval, agg, tz or settings.timezone, source)
     return _answer(pool, settings, "device", dkey, [family], p, {"device_id": device_id})
 
@@ -103,23 +105,28 @@ def device_telemetry(key: Viewer, device_id: DeviceId, conn: Conn, pool: Pool, s
 @router.get("/sites/{site_id}/telemetry", response_model=TelemetryOut, summary="A site's telemetry series",
             description=_DESCRIPTION + " A site's series aggregates its devices' readings.",
             responses={404: PROBLEM, 422: PROBLEM})
-def site_telemetry(key: Viewer, site_id: SiteCode, conn: Conn, pool: Pool, settings: AppSettings,
+def site_telemetry(key: Viewer, site_id: SiteCode, pool: Pool, settings: AppSettings,
                    from_: Annotated[Aware, Query(alias="from")], to: Annotated[Aware, Query()],
                    interval: Annotated[Interval, Query()] = "1h", agg: Annotated[Agg, Query()] = "avg",
                    fields: Annotated[str | None, Query(max_length=512), AfterValidator(_fields)] = None,
                    tz: Annotated[str | None, Query(max_length=64), AfterValidator(lambda v: v and _zone(v))] = None,
                    source: Annotated[Literal["auto", "readings"], Query()] = "auto") -> StreamingResponse:
-    row = conn.execute("SELECT site_id, city_code FROM sites WHERE code = %s", (site_id,)).fetchone()
-    if row is None or not key.sees_city(row[1]):
-        raise HTTPException(404, f"no site {site_id}")
-    families = [f for f, in conn.execute("""SELECT DISTINCT coalesce(m.family, m.pilot) FROM devices d
-                                            JOIN device_models m USING (model) WHERE d.site_id = %s ORDER BY 1""",
-                                         (row[0],))] or ["water"]
+    with pool.connection() as conn:             # returned before the stream takes its own (see _answer)
+        row = conn.execute("SELECT site_id, city_code FROM sites WHERE code = %s", (site_id,)).fetchone()
+        if row is None or not key.sees_city(row[1]):
+            raise HTTPException(404, f"no site {site_id}")
+        families = [f for f, in conn.execute("""SELECT DISTINCT coalesce(m.family, m.pilot) FROM devices d
+                                                JOIN device_models m USING (model) WHERE d.site_id = %s ORDER BY 1""",
+                                             (row[0],))] or ["water"]
     p = _params(fields, from_, to, interval, agg, tz or settings.timezone, source)
     return _answer(pool, settings, "site", row[0], families, p, {"site_id": site_id})
 
 
 def _answer(pool, settings, target: str, key: int, families: list[str], p: dict, who: dict) -> StreamingResponse:
+    """The streamed answer.  Its body takes a pool connection of its own while it is read; the route holds
+    none by then (a `Conn` dependency would be held until the response is sent: with as many telemetry
+    requests in flight as the pool has connections, each would wait for a second one until the pool's
+    timeout — benchmarks/api_latency.py at 16 concurrent requests)."""
     zone = ZoneInfo(p["tz"])
     if p["until"] <= p["since"]:
         raise HTTPException(422, "to must be after from")

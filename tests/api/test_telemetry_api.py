@@ -4,6 +4,7 @@ cities' devices and sites, and bad questions are 422 problems."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -108,3 +109,55 @@ def test_bad_questions_are_422_problems(stored, settings, keys, params, says):
         assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
         assert says in r.text
     assert time.time()          # (no timing asserted)
+
+
+def test_more_concurrent_streams_than_pool_connections_all_complete(stored, settings, keys):
+    """16 telemetry requests at once over a real server (the pool has 8 connections): each is answered whole
+    and equal to the one asked alone.  When a route held its request connection while its stream took a
+    second one, 8 requests in flight each waited for another until the pool's 30 s timeout, and the answers
+    were cut off (benchmarks/README.md "API latency at 10M readings")."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    url, since, until = stored
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.02)
+    paths = [f"/devices/{METERS[i % 2]}/telemetry" if i % 3 else f"/sites/{SITE['site_id']}/telemetry" for i in range(16)]
+    params = {"from": since.isoformat(), "to": until.isoformat(), "interval": "5m", "agg": "avg",
+              "fields": "flow_m3,battery_low"}
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, headers=bearer(keys.viewer), timeout=120) as client:
+            alone = {p: client.get(p, params=params).json() for p in set(paths)}
+        start, got = threading.Barrier(len(paths)), {}
+
+        def one(i: int) -> None:
+            with httpx.Client(base_url=base, headers=bearer(keys.viewer), timeout=120) as client:
+                start.wait()
+                r = client.get(paths[i], params=params)
+                got[i] = (r.status_code, r.text)
+
+        workers = [threading.Thread(target=one, args=(i,)) for i in range(len(paths))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=150)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert sorted(got) == list(range(len(paths)))
+    for i, (status, text) in got.items():
+        assert status == 200, text[:300]
+        assert json.loads(text) == alone[paths[i]] and alone[paths[i]]["points"], paths[i]
