@@ -22,14 +22,14 @@ from analytics.schedule import AnalyticsLoop
 from api.auth import Authenticate
 from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl, Cors, RateLimit
-from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, keys, rejects, sites, system,
-                        telemetry)
+from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, keys, rejects, reports,
+                        sites, system, telemetry)
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
-           keys.router, audit.router, telemetry.router, alarms.router, rejects.router, cities.router)
+           keys.router, audit.router, telemetry.router, alarms.router, rejects.router, cities.router, reports.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -850,6 +850,39 @@ def report_radio(city: Annotated[Optional[str], typer.Option(help="a city: divis
     _print_sections(tables, chosen, titles, csv)
 
 
+@report_app.command("coverage")
+def report_coverage(html: Annotated[Optional[Path], typer.Option("--html", help="write the report as one HTML page here "
+                                                                   "(without it: the report in the terminal)")] = None,
+                    as_of: Annotated[Optional[datetime], typer.Option("--as-of", formats=["%Y-%m-%d"],
+                                                                       help="a past day: from its snapshot")] = None,
+                    history_days: Annotated[int, typer.Option(min=0, max=3660, help="days of history per target")] = 30
+                    ) -> None:
+    """The coverage report of the whole province as a self-contained, printable HTML page (charts inline):
+    plan targets and verdicts, programme targets with history and pace, a chart per city, radio by city.
+    The same page as GET /reports/coverage."""
+    settings = get_settings()
+    _need_database(settings)
+    from analytics.coverage import NoSnapshot, compute_now, report_as_of
+    from analytics.report_html import render_report
+    from .coverage_view import report_view
+    from .db import connect
+    catalogue = _catalogue(settings)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            report = (report_as_of(conn, catalogue, as_of.date(), history_days=history_days) if as_of else
+                      compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz,
+                                  history_days=history_days))
+        except NoSnapshot as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(1) from None
+        if html is None:
+            console.print(report_view(report))
+            return
+        page = render_report(conn, report, settings)
+    html.write_text(page, encoding="utf-8")
+    console.print(f"coverage report of {report.day} ({report.source}): {html.resolve()}", highlight=False)
+
+
 # ----------------------------------------------------------------------------- scheduled analytics (issue 13)
 analytics_app = typer.Typer(help="Scheduled analytics: fire alarm lifecycles, water figures, coverage snapshots.",
                             no_args_is_help=True)
