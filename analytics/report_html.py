@@ -78,10 +78,23 @@ def _svg_img(fig, alt: str, wide: bool = False) -> str:
     return f'<img class="chart{" wide" if wide else ""}" alt="{escape(alt, quote=True)}" src="data:image/svg+xml;base64,{data}">'
 
 
+_FONTS: list[str] = []
+
+
+def _chart_fonts() -> list[str]:
+    """CHART_FONTS that are installed (matplotlib warns for every glyph of a family it cannot find)."""
+    if not _FONTS:
+        from matplotlib import font_manager
+
+        have = {f.name for f in font_manager.fontManager.ttflist}
+        _FONTS.extend([f for f in CHART_FONTS if f in have] or ["DejaVu Sans"])
+    return _FONTS
+
+
 def _rc():
     import matplotlib
 
-    return matplotlib.rc_context({"font.family": CHART_FONTS, "font.size": 8, "svg.fonttype": "path",
+    return matplotlib.rc_context({"font.family": _chart_fonts(), "font.size": 8, "svg.fonttype": "path",
                                   "svg.hashsalt": "iotjx", "axes.spines.top": False, "axes.spines.right": False})
 
 

@@ -68,16 +68,18 @@ def _wait_for_signal() -> None:
 
 @app.command()
 def demo(duration: Annotated[Optional[float], typer.Option(help="seconds to run; default: until Ctrl-C")] = None,
-         devices: Annotated[int, typer.Option(min=1, help="simulated water meters")] = 200,
-         interval: Annotated[float, typer.Option(min=0.1, help="seconds between a meter's uplinks")] = 2.0,
+         devices: Annotated[int, typer.Option(min=10, help="devices of the province mix, about (every fleet scaled)")] = 200,
          corrupt: Annotated[float, typer.Option(min=0, max=1, help="share of frames corrupted on the way")] = 0.01,
+         html: Annotated[Optional[Path], typer.Option(help="where to write the HTML coverage report "
+                                                           "(default: IOTJX_DATA_DIR/coverage-report.html)")] = None,
          seed: int = 1) -> None:
-    """Database, broker, gateway, API and a simulated fleet on this machine; prints coverage at the end."""
+    """Database, broker, gateway (MQTT, CoAP, carrier push), API and the province mix at a small scale; prints
+    coverage, open alarms, leaks and weak-coverage cells at the end and writes the HTML coverage report."""
     settings = get_settings()
     _logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
     from .demo import run_demo
-    raise typer.Exit(run_demo(settings, duration=duration, devices=devices, interval=interval, seed=seed,
-                              corrupt=corrupt, console=console))
+    raise typer.Exit(run_demo(settings, duration=duration, devices=devices, seed=seed, corrupt=corrupt,
+                              console=console, html=None if html is None else str(html)))
 
 
 @app.command()
