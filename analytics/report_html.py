@@ -136,8 +136,7 @@ def city_chart(zh: str | None, en: str | None, rows: list[dict[str, Any]]) -> st
             ax.bar(xs, [sums[p][i] for p in pilots], width, label=k, color=SERIES_COLOURS[k])
         ax.set_xticks(range(len(pilots)), pilots)
         ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(_city_label(zh, en), fontsize=9)
-        ax.legend(fontsize=6, frameon=False, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+        ax.set_title(_city_label(zh, en), fontsize=9)       # the colours' legend is the section's, in HTML
         fig.tight_layout(pad=0.3)
         return _svg_img(fig, f"devices of {_city_label(zh, en)}")
 
@@ -204,6 +203,8 @@ th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabu
 img.chart { width: 100%%; height: auto; display: block; }
 img.chart.wide { max-width: 760px; }
 th.n { text-align: right; }
+.swatch { display: inline-block; width: .8em; height: .8em; margin: 0 .25em 0 .6em; vertical-align: -.05em;
+          print-color-adjust: exact; -webkit-print-color-adjust: exact; }
 section { break-inside: avoid-page; }
 .note { color: var(--muted); font-size: .8rem; }
 @media print {
@@ -309,8 +310,9 @@ def _cities_section(doc: dict[str, Any]) -> str:
                         f'<td>{escape(_city_label(zh, en))}</td><td>{escape(r["pilot"])}</td>'
                         f'<td>{escape(r["network"])}</td>' + _cell("registered", r["registered"], None, "n")
                         + _cell("active", r["active"], None, "n") + _cell("live", r["live"], None, "n") + "</tr>")
+    legend = " ".join(f'<span class="swatch" style="background:{c}"></span>{k}' for k, c in SERIES_COLOURS.items())
     return ("<section id=\"cities\"><h2>Cities — devices registered, active and live per pilot</h2>"
-            "<div class=\"grid\">" + "".join(cards) + "</div>"
+            f"<p class=\"note\">{legend} (live: reported within its interval)</p><div class=\"grid\">" + "".join(cards) + "</div>"
             + _thead("city", "pilot", "network", "#registered", "#active", "#live") + "".join(body)
             + "</tbody></table></section>")
 

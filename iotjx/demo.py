@@ -139,7 +139,8 @@ def run_demo(settings: Settings, *, duration: float | None, devices: int, seed: 
             path = _write_report(conn, report, settings, html)
         console.print(f"live devices: {live_n} of {registered_n} registered")
         console.print("stored " + ", ".join(f"{n} {t}" for t, n in stored.items()) + f" — {sum(stored.values())} "
-                      "readings; rejects kept with their reason: " + (", ".join(f"{r} {n}" for r, n in reasons) or "none"))
+                      "readings; rejects kept with their reason: " + (", ".join(f"{r} {n}" for r, n in reasons) or "none"),
+                      soft_wrap=True)
         console.print(f"coverage report (HTML): {path}", highlight=False, soft_wrap=True)
         return 0 if sum(stored.values()) > 0 and live_n > 0 else 1
 
@@ -312,7 +313,16 @@ def _print_findings(conn, settings: Settings, console: Console) -> None:
                   "—" if g.rsrp_p50 is None else f"{g.rsrp_p50:.0f} dBm")
     console.print(t)
     console.print(f"weak-coverage devices: {weak}, of which {weak - sum(g.weak for g in cells)} reported no cell id "
-                  "(`iotjx report radio` lists them)")
+                  "(`iotjx report radio` lists them)", soft_wrap=True)
+    sites = sorted((g for g in groups if g.level == "site" and g.weak > 0), key=lambda g: (-g.weak, g.site_name or ""))
+    t = Table(title=f"Sites with weak-coverage devices: {len(sites)}")
+    for col in ("city", "site", "devices with radio", "weak", "RSRP p10", "SINR p10"):
+        t.add_column(col)
+    for g in sites[:10]:
+        t.add_row(g.city, g.site_name or "—", str(g.with_radio), str(g.weak),
+                  "—" if g.rsrp_p10 is None else f"{g.rsrp_p10:.0f} dBm",
+                  "—" if g.sinr_p10 is None else f"{g.sinr_p10:.0f} dB")
+    console.print(t)
 
 
 def _write_report(conn, report, settings: Settings, html: str | None) -> str:

@@ -1,13 +1,12 @@
 """The HTML coverage report (`GET /reports/coverage`, `iotjx report coverage --html`): its figures are
 `/coverage`'s for the same database and day, its radio rows a plain-SQL recount, a city-scoped key sees
 its cities only, and the page renders in Debian's headless Chromium with no console error, no request
-leaving the page, every chart drawn, and prints (PDF).  A screenshot is kept in tests/artefacts/ (ignored
-by git); with IOTJX_REPORT_SCREENSHOT=PATH also there (the README's docs/img/coverage-report.png)."""
+leaving the page, every chart drawn, and prints (PDF).  A screenshot and the PDF are kept in tests/artefacts/
+(ignored by git).  The README's picture is made by tests/report/screenshot.py from the demo's report."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,9 +22,9 @@ from api.app import create_app
 from iotjx.settings import Settings
 from tests.conftest import fresh_database
 from tests.helpers import bearer, insert_key, store_uplinks
+from tests.report.screenshot import CHROMIUM, browser
 
 NANCHANG, YINGTAN = 360100, 360600
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 ARTEFACTS = Path(__file__).resolve().parents[1] / "artefacts"
 
 
@@ -216,44 +215,33 @@ def test_cli_writes_the_same_page(filled, keys, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
 def test_page_renders_in_headless_chromium(filled, keys, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     html = _get(filled, keys["viewer"], "/reports/coverage").text
     doc = _get(filled, keys["viewer"], "/coverage").json()
     path = tmp_path / "coverage.html"
     path.write_text(html, encoding="utf-8")
     errors, requests = [], []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-                    else None)
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(path.as_uri(), wait_until="load")
-            state = page.evaluate("""() => ({
-                images: document.images.length,
-                drawn: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
-                targets: [...document.querySelectorAll('tr[data-target-id]')].map(tr => [tr.dataset.targetId,
-                    tr.querySelector('td[data-key=value]').dataset.value,
-                    tr.querySelector('td[data-key=status]').textContent]),
-                height: document.body.scrollHeight})""")
-            ARTEFACTS.mkdir(exist_ok=True)
-            shot = ARTEFACTS / "coverage-report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"\nscreenshot: {shot}")
-            if os.environ.get("IOTJX_REPORT_SCREENSHOT"):
-                page.screenshot(path=os.environ["IOTJX_REPORT_SCREENSHOT"], clip={"x": 0, "y": 0, "width": 1280,
-                                                                                 "height": 1500})
-            page.emulate_media(media="print")
-            pdf = page.pdf(format="A4", landscape=True, print_background=True)
-            (ARTEFACTS / "coverage-report.pdf").write_bytes(pdf)
-        finally:
-            browser.close()
+    with browser() as b:
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
+                else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(path.as_uri(), wait_until="load")
+        state = page.evaluate("""() => ({
+            images: document.images.length,
+            drawn: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
+            targets: [...document.querySelectorAll('tr[data-target-id]')].map(tr => [tr.dataset.targetId,
+                tr.querySelector('td[data-key=value]').dataset.value,
+                tr.querySelector('td[data-key=status]').textContent]),
+            height: document.body.scrollHeight})""")
+        ARTEFACTS.mkdir(exist_ok=True)
+        shot = ARTEFACTS / "coverage-report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot}")
+        page.emulate_media(media="print")
+        pdf = page.pdf(format="A4", landscape=True, print_background=True)
+        (ARTEFACTS / "coverage-report.pdf").write_bytes(pdf)
     assert errors == []
     assert requests == [path.as_uri()]                  # self-contained: nothing fetched but the page itself
     programme = sum(1 for t in doc["targets"] if t["source"] == "programme")
