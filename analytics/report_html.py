@@ -202,7 +202,7 @@ th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabu
 .card p { margin: .2rem 0; font-size: .8rem; }
 img.chart { width: 100%%; height: auto; display: block; }
 img.chart.wide { max-width: 760px; }
-th.n { text-align: right; }
+th.n { text-align: right; } td.d { white-space: nowrap; }
 .swatch { display: inline-block; width: .8em; height: .8em; margin: 0 .25em 0 .6em; vertical-align: -.05em;
           print-color-adjust: exact; -webkit-print-color-adjust: exact; }
 section { break-inside: avoid-page; }
@@ -252,7 +252,7 @@ def _plan_section(doc: dict[str, Any]) -> str:
             f'<td>{escape(_counts(r))}</td>'
             + _cell("value", r["value"], num(r["value"], r["unit"]), "n")
             + _cell("target", r["target"], num(r["target"], r["unit"]), "n")
-            + _cell("deadline", r["deadline"], r["deadline"])
+            + _cell("deadline", r["deadline"], r["deadline"], "d")
             + _status_cell(r) + "</tr>")
     return ("<section id=\"plan\"><h2>Plan targets — 江西省数字经济发展三年行动计划（2020-2022年）</h2>"
             + _thead("target", "clause", "counts", "#value", "#target", "deadline", "verdict") + "".join(body)
@@ -276,10 +276,10 @@ def _programme_section(doc: dict[str, Any]) -> str:
             f'<td>{escape(_scope(r))}</td>'
             + _cell("value", r["value"], None, "n") + _cell("target", r["target"], None, "n")
             + _cell("percent", r["percent"], num(r["percent"], "percent", 1), "n")
-            + _cell("deadline", r["deadline"], r["deadline"])
+            + _cell("deadline", r["deadline"], r["deadline"], "d")
             + _cell("pace_needed", r["pace_needed"], num(r["pace_needed"], digits=1), "n")
             + _cell("pace_observed", r["pace_observed"], num(r["pace_observed"], digits=1), "n")
-            + _cell("projected_date", r["projected_date"], r["projected_date"] or "—")
+            + _cell("projected_date", r["projected_date"], r["projected_date"] or "—", "d")
             + _status_cell(r) + "</tr>")
         cards.append(f'<div class="card" data-chart="history" data-target-id="{escape(r["target_id"])}">'
                      + history_chart(r, day)
