@@ -25,14 +25,14 @@ from api.deps import refuse_unknown_query
 from api.limits import BodyLimit, CleanUrl, Cors, RateLimit
 from api.jobs import JobRunner
 from api.routes import (alarms, audit, cities, coverage, credentials, devices, downlinks, fire, health, jobs, keys,
-                        radio, rejects, sites, system, telemetry, traffic, water)
+                        radio, rejects, reports, sites, system, telemetry, traffic, water)
 from iotjx import __version__
 from iotjx.settings import Settings
 from iotjx.targets import load_catalogue
 
 ROUTERS = (system.router, devices.router, credentials.router, downlinks.router, sites.router, coverage.router,
            keys.router, audit.router, telemetry.router, alarms.router, rejects.router, jobs.router, cities.router, water.router,
-           fire.router, traffic.router, radio.router, health.router)
+           fire.router, traffic.router, radio.router, health.router, reports.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

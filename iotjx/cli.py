@@ -68,16 +68,18 @@ def _wait_for_signal() -> None:
 
 @app.command()
 def demo(duration: Annotated[Optional[float], typer.Option(help="seconds to run; default: until Ctrl-C")] = None,
-         devices: Annotated[int, typer.Option(min=1, help="simulated water meters")] = 200,
-         interval: Annotated[float, typer.Option(min=0.1, help="seconds between a meter's uplinks")] = 2.0,
+         devices: Annotated[int, typer.Option(min=10, help="devices of the province mix, about (every fleet scaled)")] = 200,
          corrupt: Annotated[float, typer.Option(min=0, max=1, help="share of frames corrupted on the way")] = 0.01,
+         html: Annotated[Optional[Path], typer.Option(help="where to write the HTML coverage report "
+                                                           "(default: IOTJX_DATA_DIR/coverage-report.html)")] = None,
          seed: int = 1) -> None:
-    """Database, broker, gateway, API and a simulated fleet on this machine; prints coverage at the end."""
+    """Database, broker, gateway (MQTT, CoAP, carrier push), API and the province mix at a small scale; prints
+    coverage, open alarms, leaks and weak-coverage cells at the end and writes the HTML coverage report."""
     settings = get_settings()
     _logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
     from .demo import run_demo
-    raise typer.Exit(run_demo(settings, duration=duration, devices=devices, interval=interval, seed=seed,
-                              corrupt=corrupt, console=console))
+    raise typer.Exit(run_demo(settings, duration=duration, devices=devices, seed=seed, corrupt=corrupt,
+                              console=console, html=None if html is None else str(html)))
 
 
 @app.command()
@@ -848,6 +850,39 @@ def report_radio(city: Annotated[Optional[str], typer.Option(help="a city: divis
               "weak": f"Weak-coverage devices (below {rule})",
               "success": f"Uplink success below 1 ({span}; stored ÷ whole intervals expected) with latest radio"}
     _print_sections(tables, chosen, titles, csv)
+
+
+@report_app.command("coverage")
+def report_coverage(html: Annotated[Optional[Path], typer.Option("--html", help="write the report as one HTML page here "
+                                                                   "(without it: the report in the terminal)")] = None,
+                    as_of: Annotated[Optional[datetime], typer.Option("--as-of", formats=["%Y-%m-%d"],
+                                                                       help="a past day: from its snapshot")] = None,
+                    history_days: Annotated[int, typer.Option(min=0, max=3660, help="days of history per target")] = 30
+                    ) -> None:
+    """The coverage report of the whole province as a self-contained, printable HTML page (charts inline):
+    plan targets and verdicts, programme targets with history and pace, a chart per city, radio by city.
+    The same page as GET /reports/coverage."""
+    settings = get_settings()
+    _need_database(settings)
+    from analytics.coverage import NoSnapshot, compute_now, report_as_of
+    from analytics.report_html import render_report
+    from .coverage_view import report_view
+    from .db import connect
+    catalogue = _catalogue(settings)
+    with connect(settings.database_url, autocommit=True) as conn:
+        try:
+            report = (report_as_of(conn, catalogue, as_of.date(), history_days=history_days) if as_of else
+                      compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz,
+                                  history_days=history_days))
+        except NoSnapshot as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(1) from None
+        if html is None:
+            console.print(report_view(report))
+            return
+        page = render_report(conn, report, settings)
+    html.write_text(page, encoding="utf-8")
+    console.print(f"coverage report of {report.day} ({report.source}): {html.resolve()}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- scheduled analytics (issue 13)

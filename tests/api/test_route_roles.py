@@ -168,6 +168,7 @@ CALLS: dict[tuple[str, str], Call] = {
                                                    scoped=404),
     ("GET", "/sites/{site_id}/telemetry"): Call("viewer", {"site_id": YINGTAN_SITE}, query=TELEMETRY_RANGE, scoped=404),
     ("GET", "/coverage"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
+    ("GET", "/reports/coverage"): Call("viewer", scoped=403, scoped_query={"city": YINGTAN}),
     ("GET", "/targets"): Call("viewer"),
     ("PUT", "/targets/{target_id}/progress"): Call("operator", {"target_id": "5g-base-stations"},
                                                    json={"value": 12}, scoped=404),

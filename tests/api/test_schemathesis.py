@@ -34,7 +34,8 @@ def test_every_operation_conforms_to_the_openapi_document(settings):
         # site, a scenic spot's grade); a telemetry series' from before its to, and its tz an IANA zone; a
         # device moved by PATCH to a site_id must name a catalogue site.
         semantic = {("POST", "/devices/bulk"), ("POST", "/devices/{device_id}/downlinks"), ("POST", "/devices"),
-                    ("GET", "/coverage"), ("PUT", "/targets/{target_id}/progress"), ("POST", "/coverage/snapshots"),
+                    ("GET", "/coverage"), ("GET", "/reports/coverage"), ("PUT", "/targets/{target_id}/progress"),
+                    ("POST", "/coverage/snapshots"),
                     ("GET", "/targets/{target_id}/history"), ("POST", "/sites"), ("POST", "/sites/bulk"),
                     ("GET", "/devices/{device_id}/telemetry"), ("GET", "/sites/{site_id}/telemetry"),
                     # a time window's until after its since
