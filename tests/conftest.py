@@ -67,6 +67,7 @@ class _Copies:
         self.admin_url, self.template = admin_url, template
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
         self.ready: queue.Queue = queue.Queue()
+        self.out: set[str] = set()                  # taken by a test, not given back yet
         self.seq = itertools.count()
         for _ in range(self.AHEAD):
             self.jobs.put((0, next(self.seq), None))
@@ -95,19 +96,24 @@ class _Copies:
         got = self.ready.get(timeout=300)
         if isinstance(got, Exception):
             raise got
+        self.out.add(got)
         return got
 
     def give_back(self, name: str) -> None:
+        self.out.discard(name)
         self.jobs.put((1, next(self.seq), ("drop", name)))
 
     def close(self) -> None:
         self.jobs.put((2, next(self.seq), ("stop",)))
         self.thread.join(timeout=300)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            # spares, and copies a module fixture took and never gave back (a generator left unclosed)
             while not self.ready.empty():
                 name = self.ready.get()
                 if isinstance(name, str):
-                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    self.out.add(name)
+            for name in sorted(self.out):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 _COPIES: dict[tuple[str, str], _Copies] = {}
