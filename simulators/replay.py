@@ -113,13 +113,23 @@ async def _send_all(records: Iterable[UplinkRecord], targets: Targets, speed: fl
                 raise ValueError(f"unknown transport {transport!r} in the records (mqtt, coap, http)")
         return channels[transport]
 
-    async def one(record: UplinkRecord, ch) -> None:
+    # With original times a device's carrier pushes go one after another (each after the previous one's
+    # answer), as the platform sent them: pushes travel over parallel connections, and a retry that
+    # overtook its first copy would be the copy stored (the dedup keeps the first to commit). MQTT and
+    # CoAP records share one MQTT connection, in order.
+    last_push: dict[str, asyncio.Task] = {}
+
+    async def one(record: UplinkRecord, ch, before: asyncio.Task | None) -> None:
         try:
+            if before is not None:
+                await asyncio.wait([before])
             answer = await ch.send(record)
         except Exception as exc:  # a channel fault is this record's failure, not the run's end
             answer = Answer("failed", f"{type(exc).__name__}: {exc}")
         finally:
             slots.release()
+            if last_push.get(record.device_id) is asyncio.current_task():
+                del last_push[record.device_id]           # the device's last push so far: nothing waits on it
         summary.add(record.transport, answer)
         if on_answer is not None:
             on_answer(record, answer)
@@ -142,7 +152,10 @@ async def _send_all(records: Iterable[UplinkRecord], targets: Targets, speed: fl
             ch = await channel(record.transport)
             await slots.acquire()
             summary.sent[record.transport] += 1
-            task = loop.create_task(one(record, ch))
+            before = last_push.get(record.device_id) if original_times and record.transport == "http" else None
+            task = loop.create_task(one(record, ch, before))
+            if original_times and record.transport == "http":
+                last_push[record.device_id] = task
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:
