@@ -299,21 +299,26 @@ def coverage(ctx: typer.Context,
     """Print the coverage report: plan targets with their verdicts, programme targets with their pace."""
     if ctx.invoked_subcommand is not None:
         return
+    from .coverage_view import report_view
     settings = get_settings()
     _need_database(settings)
-    from analytics.coverage import NoSnapshot, compute_now, report_as_of
-    from .coverage_view import report_view
     from .db import connect
-    catalogue = _catalogue(settings)
     with connect(settings.database_url, autocommit=True) as conn:
-        try:
-            report = (report_as_of(conn, catalogue, as_of.date(), history_days=history_days) if as_of else
-                      compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz,
-                                  history_days=history_days))
-        except NoSnapshot as exc:
-            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
-            raise typer.Exit(1) from None
+        report = _coverage_report(conn, settings, as_of, history_days)
     console.print(report_view(report))
+
+
+def _coverage_report(conn, settings, as_of: datetime | None, history_days: int):
+    """The coverage report now, or of a past day from its snapshot (exit 1 naming the missing snapshot)."""
+    from analytics.coverage import NoSnapshot, compute_now, report_as_of
+    catalogue = _catalogue(settings)
+    try:
+        return (report_as_of(conn, catalogue, as_of.date(), history_days=history_days) if as_of else
+                compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz,
+                            history_days=history_days))
+    except NoSnapshot as exc:
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @coverage_app.command("snapshot")
@@ -864,19 +869,11 @@ def report_coverage(html: Annotated[Optional[Path], typer.Option("--html", help=
     The same page as GET /reports/coverage."""
     settings = get_settings()
     _need_database(settings)
-    from analytics.coverage import NoSnapshot, compute_now, report_as_of
     from analytics.report_html import render_report
     from .coverage_view import report_view
     from .db import connect
-    catalogue = _catalogue(settings)
     with connect(settings.database_url, autocommit=True) as conn:
-        try:
-            report = (report_as_of(conn, catalogue, as_of.date(), history_days=history_days) if as_of else
-                      compute_now(conn, catalogue, live_factor=settings.live_factor, tz=settings.tz,
-                                  history_days=history_days))
-        except NoSnapshot as exc:
-            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
-            raise typer.Exit(1) from None
+        report = _coverage_report(conn, settings, as_of, history_days)
         if html is None:
             console.print(report_view(report))
             return
