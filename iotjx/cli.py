@@ -174,7 +174,7 @@ def _print_errors(exc) -> None:
 @sites_app.command("import")
 def sites_import(csv_file: Path) -> None:
     """Import catalogue sites from CSV (site_id,city,kind,name + optional aliases (a|b),grade,model_site,
-    model_site_since,status,opened_on,closed_on), all or nothing; audited."""
+    model_site_since,status,opened_on,closed_on,district (code or name within the city)), all or nothing; audited."""
     from .sites import import_sites, parse_sites_csv
     _import_csv_file(csv_file, parse_sites_csv, import_sites, command="sites import", noun="sites")
 
@@ -183,7 +183,7 @@ def sites_import(csv_file: Path) -> None:
 def sites_list(unverified: Annotated[bool, typer.Option(help="only the unverified sites (not in the catalogue)")] = False,
                city: Annotated[Optional[str], typer.Option(help="division code or name")] = None,
                limit: Annotated[int, typer.Option(min=1, help="at most this many rows")] = 1000) -> None:
-    """The sites: code, city, kind, name, aliases, grade, model site, status, devices active/inactive."""
+    """The sites: code, city, district, kind, name, aliases, grade, model site, status, devices active/inactive."""
     settings = get_settings()
     _need_database(settings)
     from rich.table import Table
@@ -199,12 +199,14 @@ def sites_list(unverified: Annotated[bool, typer.Option(help="only the unverifie
                 raise typer.Exit(2)
         total, rows = list_sites(conn, city=code, verified=False if unverified else None, limit=limit)
     table = Table(title=f"sites ({len(rows)} of {total})")
-    for column in ("site_id", "city", "kind", "name", "aliases", "grade", "model site", "status", "devices"):
+    for column in ("site_id", "city", "district", "kind", "name", "aliases", "grade", "model site", "status",
+                   "devices"):
         table.add_column(column)
     for s in rows:
         model = ("since " + str(s["model_site_since"]) if s["model_site_since"] else "yes") if s["model_site"] else ""
         status = s["status"] + (f" {s['closed_on']}" if s["closed_on"] else "")
-        table.add_row(s["site_id"] or "[yellow]unverified[/]", str(s["city"]), s["kind"], escape(s["name"]),
+        district = f"{s['district_code']} {s['district_name_zh']}" if s["district_code"] else ""
+        table.add_row(s["site_id"] or "[yellow]unverified[/]", str(s["city"]), district, s["kind"], escape(s["name"]),
                       escape(" | ".join(s["aliases"])), s["grade"] or "", model, status,
                       f"{s['active']} / {s['inactive']}")
     console.print(table)
