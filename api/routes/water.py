@@ -28,14 +28,22 @@ router = APIRouter(tags=["water"])
 MAX_DAYS = 366
 
 
-class CityDayOut(BaseModel):
+class _CityDay(BaseModel):
     day: date = Field(description="local day")
     city: int | None = Field(description="division code; null: meters without a site")
     city_name_zh: str | None
     city_name_en: str | None
-    meters: int = Field(description="meters with a reading that day")
-    consumption_m3: float = Field(description="sum of the meters' deltas (roll-overs and replacements accounted)")
-    reverse_m3: float = Field(description="reverse flow (negative deltas), m³")
+
+
+Meters = Annotated[int, Field(description="meters with a reading that day")]
+ConsumptionM3 = Annotated[float, Field(description="sum of the meters' deltas (roll-overs and replacements accounted)")]
+ReverseM3 = Annotated[float, Field(description="reverse flow (negative deltas), m³")]
+
+
+class CityDayOut(_CityDay):
+    meters: Meters
+    consumption_m3: ConsumptionM3
+    reverse_m3: ReverseM3
 
 
 def _consumption(key, conn: psycopg.Connection, from_: date, to: date, city: int | None) -> list[CityDayOut]:
@@ -67,18 +75,14 @@ def consumption_csv(key: Viewer, conn: Conn, from_: FromDay, to: ToDay,
     return csv_response(CityDayOut, _consumption(key, conn, from_, to, city), "water-consumption.csv")
 
 
-class DistrictDayOut(BaseModel):
-    day: date = Field(description="local day")
-    city: int | None = Field(description="division code; null: meters without a site")
-    city_name_zh: str | None
-    city_name_en: str | None
+class DistrictDayOut(_CityDay):
     district_code: int | None = Field(description="county-level division (GB/T 2260); null: unknown (the site has "
                                                    "no district: an unverified site, or none given) or no site")
     district_name_zh: str | None
     district_name_en: str | None
-    meters: int = Field(description="meters with a reading that day")
-    consumption_m3: float = Field(description="sum of the meters' deltas (roll-overs and replacements accounted)")
-    reverse_m3: float = Field(description="reverse flow (negative deltas), m³")
+    meters: Meters
+    consumption_m3: ConsumptionM3
+    reverse_m3: ReverseM3
 
 
 def _by_district(key, conn: psycopg.Connection, from_: date, to: date, city: int | None) -> list[DistrictDayOut]:
