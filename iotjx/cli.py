@@ -644,10 +644,10 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
                       "a device among them may be listed as silent", highlight=False)
 
 
-WATER_SECTIONS = ("consumption", "sites", "alerts")
+WATER_SECTIONS = ("consumption", "districts", "sites", "alerts")
 
 
-def _water_tables(days, sites, alerts, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
+def _water_tables(days, districts, sites, alerts, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
     """Each section of the water report as (header, rows) of plain values (for rich and CSV alike); times
     in local time `tz`, as the days."""
     def n(value, digits: int = 3) -> str:
@@ -659,6 +659,9 @@ def _water_tables(days, sites, alerts, tz) -> dict[str, tuple[list[str], list[li
         "consumption": (["day", "city_code", "city", "meters", "consumption_m3", "reverse_m3"],
                         [[d.day.isoformat(), d.city_code, d.city, d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)]
                          for d in days]),
+        "districts": (["day", "city_code", "district_code", "district", "meters", "consumption_m3", "reverse_m3"],
+                      [[d.day.isoformat(), d.city_code, d.district_code or "", d.district_en or "(unknown district)",
+                        d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)] for d in districts]),
         "sites": (["site_id", "site", "city_code", "night", "mnf_m3h", "meters", "leakage_m3h", "nights"],
                   [[s.site_id, s.site_name, s.city_code, s.day.isoformat(), n(s.mnf_m3h), s.meters, n(s.leakage_m3h),
                     s.nights or ""] for s in sites]),
@@ -675,18 +678,21 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
                  csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
                  section: Annotated[Optional[str], typer.Option(
                      help=f"only one section: {', '.join(WATER_SECTIONS)} (with --csv: one plain CSV table)")] = None) -> None:
-    """Daily water consumption per city, the top sites by leakage (rolling 7-day P20 of the minimum night
+    """Daily water consumption per city and per district, the top sites by leakage (rolling 7-day P20 of the minimum night
     flow) and open per-meter alerts.  Brings the water figures up to date first."""
     from datetime import timedelta
 
-    from analytics.water import consumption_by_city, open_alerts, site_nights, update_water
+    from analytics.water import consumption_by_city, consumption_by_district, open_alerts, site_nights, update_water
     with _report_connection(section, WATER_SECTIONS) as (settings, conn, chosen):
         update_water(conn, tz=settings.tz, night_window=settings.water_night_window, rules=settings.water_rules)
         today = datetime.now(settings.tz).date()
-        tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
+        since = today - timedelta(days=days - 1)
+        tables = _water_tables(consumption_by_city(conn, since, today, city),
+                               consumption_by_district(conn, since, today, city),
                                site_nights(conn, today, city, top, leakage_days=settings.water_leakage_days),
                                open_alerts(conn, city), settings.tz)
     titles = {"consumption": f"Water consumption per city and local day, last {days} days",
+              "districts": f"Water consumption per district (区/县) and local day, last {days} days",
               "sites": f"Sites by leakage (m³/h: rolling {settings.water_leakage_days}-day "
                        f"P{settings.water_leakage_percentile * 100:g} of the minimum night flow)",
               "alerts": "Open water meter alerts"}

@@ -341,10 +341,13 @@ def test_report_water_prints_tables_and_csv(meters, monkeypatch):
         lines = plain.output.strip().splitlines()
         assert lines[0] == "day,city_code,city,meters,consumption_m3,reverse_m3"
         assert lines[1:] == [f"{_local(1, 0).date().isoformat()},360600,Yingtan,1,0.15,0.00"]
+        districts = runner.invoke(app, ["report", "water", "--csv", "--section", "districts"]).output.splitlines()
+        assert districts == ["day,city_code,district_code,district,meters,consumption_m3,reverse_m3",
+                             f"{_local(1, 0).date().isoformat()},360600,,(unknown district),1,0.15,0.00"]
         sites = runner.invoke(app, ["report", "water", "--csv", "--section", "sites"]).output.splitlines()
         assert len(sites) == 2 and sites[1].split(",")[4] == "0.050"     # 0.05 m³/h in both night slots
         every = runner.invoke(app, ["report", "water", "--csv"]).output
-        assert [line for line in every.splitlines() if line.startswith("# ")] == ["# consumption", "# sites", "# alerts"]
+        assert [line for line in every.splitlines() if line.startswith("# ")] == ["# consumption", "# districts", "# sites", "# alerts"]
         bad = runner.invoke(app, ["report", "water", "--city", "Atlantis"])
         assert bad.exit_code == 2 and "unknown city" in bad.output
     finally:
