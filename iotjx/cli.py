@@ -174,7 +174,7 @@ def _print_errors(exc) -> None:
 @sites_app.command("import")
 def sites_import(csv_file: Path) -> None:
     """Import catalogue sites from CSV (site_id,city,kind,name + optional aliases (a|b),grade,model_site,
-    model_site_since,status,opened_on,closed_on), all or nothing; audited."""
+    model_site_since,status,opened_on,closed_on,district (code or name within the city)), all or nothing; audited."""
     from .sites import import_sites, parse_sites_csv
     _import_csv_file(csv_file, parse_sites_csv, import_sites, command="sites import", noun="sites")
 
@@ -183,7 +183,7 @@ def sites_import(csv_file: Path) -> None:
 def sites_list(unverified: Annotated[bool, typer.Option(help="only the unverified sites (not in the catalogue)")] = False,
                city: Annotated[Optional[str], typer.Option(help="division code or name")] = None,
                limit: Annotated[int, typer.Option(min=1, help="at most this many rows")] = 1000) -> None:
-    """The sites: code, city, kind, name, aliases, grade, model site, status, devices active/inactive."""
+    """The sites: code, city, district, kind, name, aliases, grade, model site, status, devices active/inactive."""
     settings = get_settings()
     _need_database(settings)
     from rich.table import Table
@@ -199,12 +199,14 @@ def sites_list(unverified: Annotated[bool, typer.Option(help="only the unverifie
                 raise typer.Exit(2)
         total, rows = list_sites(conn, city=code, verified=False if unverified else None, limit=limit)
     table = Table(title=f"sites ({len(rows)} of {total})")
-    for column in ("site_id", "city", "kind", "name", "aliases", "grade", "model site", "status", "devices"):
+    for column in ("site_id", "city", "district", "kind", "name", "aliases", "grade", "model site", "status",
+                   "devices"):
         table.add_column(column)
     for s in rows:
         model = ("since " + str(s["model_site_since"]) if s["model_site_since"] else "yes") if s["model_site"] else ""
         status = s["status"] + (f" {s['closed_on']}" if s["closed_on"] else "")
-        table.add_row(s["site_id"] or "[yellow]unverified[/]", str(s["city"]), s["kind"], escape(s["name"]),
+        district = f"{s['district_code']} {s['district_name_zh']}" if s["district_code"] else ""
+        table.add_row(s["site_id"] or "[yellow]unverified[/]", str(s["city"]), district, s["kind"], escape(s["name"]),
                       escape(" | ".join(s["aliases"])), s["grade"] or "", model, status,
                       f"{s['active']} / {s['inactive']}")
     console.print(table)
@@ -647,10 +649,10 @@ def report_health(city: Annotated[Optional[str], typer.Option(help="a city: divi
                       "a device among them may be listed as silent", highlight=False)
 
 
-WATER_SECTIONS = ("consumption", "sites", "alerts")
+WATER_SECTIONS = ("consumption", "districts", "sites", "alerts")
 
 
-def _water_tables(days, sites, alerts, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
+def _water_tables(days, districts, sites, alerts, tz) -> dict[str, tuple[list[str], list[list[object]]]]:
     """Each section of the water report as (header, rows) of plain values (for rich and CSV alike); times
     in local time `tz`, as the days."""
     def n(value, digits: int = 3) -> str:
@@ -662,6 +664,9 @@ def _water_tables(days, sites, alerts, tz) -> dict[str, tuple[list[str], list[li
         "consumption": (["day", "city_code", "city", "meters", "consumption_m3", "reverse_m3"],
                         [[d.day.isoformat(), d.city_code, d.city, d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)]
                          for d in days]),
+        "districts": (["day", "city_code", "district_code", "district", "meters", "consumption_m3", "reverse_m3"],
+                      [[d.day.isoformat(), d.city_code, d.district_code or "", d.district_en or "(unknown district)",
+                        d.meters, n(d.consumption_m3, 2), n(d.reverse_m3, 2)] for d in districts]),
         "sites": (["site_id", "site", "city_code", "night", "mnf_m3h", "meters", "leakage_m3h", "nights"],
                   [[s.site_id, s.site_name, s.city_code, s.day.isoformat(), n(s.mnf_m3h), s.meters, n(s.leakage_m3h),
                     s.nights or ""] for s in sites]),
@@ -678,18 +683,21 @@ def report_water(city: Annotated[Optional[str], typer.Option(help="a city: divis
                  csv: Annotated[bool, typer.Option("--csv", help="CSV instead of tables")] = False,
                  section: Annotated[Optional[str], typer.Option(
                      help=f"only one section: {', '.join(WATER_SECTIONS)} (with --csv: one plain CSV table)")] = None) -> None:
-    """Daily water consumption per city, the top sites by leakage (rolling 7-day P20 of the minimum night
+    """Daily water consumption per city and per district, the top sites by leakage (rolling 7-day P20 of the minimum night
     flow) and open per-meter alerts.  Brings the water figures up to date first."""
     from datetime import timedelta
 
-    from analytics.water import consumption_by_city, open_alerts, site_nights, update_water
+    from analytics.water import consumption_by_city, consumption_by_district, open_alerts, site_nights, update_water
     with _report_connection(section, WATER_SECTIONS) as (settings, conn, chosen):
         update_water(conn, tz=settings.tz, night_window=settings.water_night_window, rules=settings.water_rules)
         today = datetime.now(settings.tz).date()
-        tables = _water_tables(consumption_by_city(conn, today - timedelta(days=days - 1), today, city),
+        since = today - timedelta(days=days - 1)
+        tables = _water_tables(consumption_by_city(conn, since, today, city),
+                               consumption_by_district(conn, since, today, city),
                                site_nights(conn, today, city, top, leakage_days=settings.water_leakage_days),
                                open_alerts(conn, city), settings.tz)
     titles = {"consumption": f"Water consumption per city and local day, last {days} days",
+              "districts": f"Water consumption per district (区/县) and local day, last {days} days",
               "sites": f"Sites by leakage (m³/h: rolling {settings.water_leakage_days}-day "
                        f"P{settings.water_leakage_percentile * 100:g} of the minimum night flow)",
               "alerts": "Open water meter alerts"}

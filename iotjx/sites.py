@@ -34,7 +34,8 @@ MAX_NAME = 200
 MAX_GRADE = 20
 EARLIEST, LATEST = date(2000, 1, 1), date(2100, 12, 31)
 CSV_COLUMNS = ("site_id", "city", "kind", "name")
-CSV_OPTIONAL = ("aliases", "grade", "model_site", "model_site_since", "status", "opened_on", "closed_on")
+CSV_OPTIONAL = ("aliases", "grade", "model_site", "model_site_since", "status", "opened_on", "closed_on", "district")
+MAX_DISTRICT = 50
 ALIAS_SEPARATOR = "|"
 _TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f", "")
 _WHITESPACE = re.compile(r"\s+")
@@ -65,6 +66,7 @@ class SiteRecord:
     status: str = "active"
     opened_on: date | None = None
     closed_on: date | None = None
+    district: str | None = None        # county-level division (区/县): GB/T 2260 code, or its name within the city
 
     def keys(self) -> list[str]:
         """The name keys this site is known by, official name first, without repeats."""
@@ -127,7 +129,45 @@ def site_problems(r: SiteRecord, registry: Registry | None = None) -> list[str]:
         problems.append("closed_on is given but status is active (leave status empty or write closed)")
     if isinstance(r.opened_on, date) and isinstance(r.closed_on, date) and r.closed_on < r.opened_on:
         problems.append(f"closed_on {r.closed_on} is before opened_on {r.opened_on}")
+    if r.district is not None and (not isinstance(r.district, str) or not 1 <= len(r.district) <= MAX_DISTRICT
+                                   or not _is_text(r.district)):
+        problems.append(f"district {_shown(r.district)} must be a division code such as 360102 or a name such as "
+                        f"东湖区 (at most {MAX_DISTRICT} characters)")
     return problems
+
+
+class Districts:
+    """The `districts` table (migration 15): a record's district resolved within its city."""
+
+    def __init__(self, rows: Iterable[tuple[int, str, str, int]]) -> None:
+        self.rows = {code: (zh, en, city) for code, zh, en, city in rows}
+        self.by_name: dict[tuple[int, str], int] = {}
+        for code, (zh, en, city) in self.rows.items():
+            for n in (zh, en):
+                self.by_name[(city, name_key(n))] = code
+
+    @classmethod
+    def load(cls, conn: psycopg.Connection) -> Districts:
+        return cls(conn.execute("SELECT code, name_zh, name_en, city_code FROM districts").fetchall())
+
+    def resolve(self, value: str, city: int, city_label: str) -> tuple[int | None, str | None]:
+        """(code, None) for a district of `city`, else (None, why not)."""
+        if value.isascii() and value.isdigit():
+            code = int(value)
+            if code not in self.rows:
+                return None, (f"unknown district {_shown(value)}: not one of the county-level divisions this system "
+                              f"knows (GB/T 2260, table districts)")
+            zh, _, other = self.rows[code]
+            if other != city:
+                return None, (f"district {code} ({zh}) belongs to city {other}, not to this site's city "
+                              f"{city_label} ({city})")
+            return code, None
+        code = self.by_name.get((city, name_key(value)))
+        if code is None:
+            some = next((zh for _, (zh, _, c) in sorted(self.rows.items()) if c == city), "东湖区")
+            return None, (f"unknown district {_shown(value)} in city {city_label} ({city}): give its division code "
+                          f"(e.g. 360102) or its name within the city (e.g. {some})")
+        return code, None
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -206,7 +246,8 @@ def _record(row: dict[str, str]) -> SiteRecord:
                       kind=sys.intern(row.get("kind", "")), name=row.get("name", ""), aliases=aliases,
                       grade=row.get("grade") or None, model_site=model_site in _TRUE,
                       model_site_since=_date(row, "model_site_since"), status=status,
-                      opened_on=_date(row, "opened_on"), closed_on=closed_on)
+                      opened_on=_date(row, "opened_on"), closed_on=closed_on,
+                      district=(row.get("district") or "").strip() or None)
 
 
 def load_sample_sites() -> list[SiteRecord]:
@@ -242,6 +283,17 @@ def import_sites(conn: psycopg.Connection, records: list[SiteRecord], *, first_l
     errors.raise_if_any(SiteError)
     outside.raise_if_any(OutOfScope)
     city_of = [registry.city(r.city) for r in records]
+    district_of: list[int | None] = []
+    if any(r.district for r in records):
+        districts = Districts.load(conn)
+        for n, (r, city) in enumerate(zip(records, city_of, strict=True), start=first_line):
+            code, problem = districts.resolve(r.district, city, r.city) if r.district else (None, None)
+            if problem:
+                errors.add(n, problem)
+            district_of.append(code)
+        errors.raise_if_any(SiteError)
+    else:
+        district_of = [None] * len(records)
     # Within the file: one key, one site (per city and kind).
     owner: dict[tuple[int, str, str], str] = {}
     for n, (r, city) in enumerate(zip(records, city_of, strict=True), start=first_line):
@@ -255,7 +307,7 @@ def import_sites(conn: psycopg.Connection, records: list[SiteRecord], *, first_l
     codes = list(line_of)
     try:
         with conn.transaction(), conn.cursor() as cur:
-            return _import(cur, records, city_of, owner, codes, line_of, cities, errors, outside)
+            return _import(cur, records, city_of, district_of, owner, codes, line_of, cities, errors, outside)
     except psycopg.errors.UniqueViolation as exc:
         # Names swapped between catalogue sites in one import can still meet the (city, kind, name) key.
         raise SiteError([(0, f"two sites would have the same official name: "
@@ -263,7 +315,7 @@ def import_sites(conn: psycopg.Connection, records: list[SiteRecord], *, first_l
 
 
 def _import(cur: psycopg.Cursor, records: list[SiteRecord], city_of: list[int | None],
-            owner: dict[tuple[int, str, str], str], codes: list[str], line_of: dict[str, int],
+            district_of: list[int | None], owner: dict[tuple[int, str, str], str], codes: list[str], line_of: dict[str, int],
             cities: Collection[int] | None, errors: _Errors, outside: _Errors) -> dict[str, int]:
     # Locked, so that the counts, the scope and the ambiguity checks hold until commit.
     existing = {code: (site_id, city) for site_id, code, city in cur.execute(
@@ -308,17 +360,19 @@ def _import(cur: psycopg.Cursor, records: list[SiteRecord], city_of: list[int | 
     known = {code: site_id for code, (site_id, _) in existing.items()} | adopt
     moved = _absorb(cur, [(u, known[c]) for u, c in absorb if c in known])
     columns = list(zip(*[(r.site_id, c, r.kind, r.name, r.grade or None, r.model_site, r.model_site_since,
-                          r.status, r.opened_on, r.closed_on) for r, c in zip(records, city_of, strict=True)],
-                       strict=True)) if records else [()] * 10
+                          r.status, r.opened_on, r.closed_on, dc)
+                         for r, c, dc in zip(records, city_of, district_of, strict=True)],
+                       strict=True)) if records else [()] * 11
     rows = cur.execute("""
         INSERT INTO sites (code, city_code, kind, name, grade, model_site, model_site_since, status,
-                           opened_on, closed_on)
+                           opened_on, closed_on, district_code)
         SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[], %s::text[], %s::text[], %s::boolean[],
-                             %s::date[], %s::text[], %s::date[], %s::date[])
+                             %s::date[], %s::text[], %s::date[], %s::date[], %s::integer[])
         ON CONFLICT (code) DO UPDATE SET city_code = excluded.city_code, kind = excluded.kind,
             name = excluded.name, grade = excluded.grade, model_site = excluded.model_site,
             model_site_since = excluded.model_site_since, status = excluded.status,
-            opened_on = excluded.opened_on, closed_on = excluded.closed_on, updated_at = now()
+            opened_on = excluded.opened_on, closed_on = excluded.closed_on,
+            district_code = excluded.district_code, updated_at = now()
         RETURNING code, site_id""", [list(c) for c in columns]).fetchall()
     site_of = dict(rows)
     moved += _absorb(cur, [(u, site_of[c]) for u, c in absorb if c not in known])
@@ -340,12 +394,15 @@ def _import(cur: psycopg.Cursor, records: list[SiteRecord], city_of: list[int | 
 # ----------------------------------------------------------------------------- reading
 
 _COLUMNS = ("site_id", "verified", "city", "kind", "name", "aliases", "grade", "model_site", "model_site_since",
-            "status", "opened_on", "closed_on", "active", "inactive")
+            "status", "opened_on", "closed_on", "district_code", "district_name_zh", "district_name_en", "active",
+            "inactive")
 _SELECT = """
     SELECT s.code, s.code IS NOT NULL, s.city_code, s.kind, s.name,
            coalesce((SELECT array_agg(n.name ORDER BY n.name) FROM site_names n
                      WHERE n.site_id = s.site_id AND n.is_alias), '{}'),
            s.grade, s.model_site, s.model_site_since, s.status, s.opened_on, s.closed_on,
+           s.district_code, (SELECT di.name_zh FROM districts di WHERE di.code = s.district_code),
+           (SELECT di.name_en FROM districts di WHERE di.code = s.district_code),
            (SELECT count(*) FROM devices d WHERE d.site_id = s.site_id AND d.status = 'active'),
            (SELECT count(*) FROM devices d WHERE d.site_id = s.site_id AND d.status = 'inactive')
     FROM sites s"""
@@ -406,5 +463,5 @@ def _absorb(cur: psycopg.Cursor, moves: list[tuple[int, int]]) -> int:
     return moved
 
 
-__all__ = ["SITE_CODE", "SiteError", "SiteRecord", "get_site", "import_sites", "list_sites", "load_sample_sites", "name_key", "parse_sites_csv",
+__all__ = ["SITE_CODE", "Districts", "SiteError", "SiteRecord", "get_site", "import_sites", "list_sites", "load_sample_sites", "name_key", "parse_sites_csv",
            "site_problems"]

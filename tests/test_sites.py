@@ -285,3 +285,49 @@ def test_device_csv_names_a_site_by_code_or_free_text(db_url):
                             registry=Registry.load(conn))
         assert records[0].site_id == "JX-SS-0001" and records[1].site_id is None and records[0].network == ""
         assert register_devices(conn, records, first_line=2)["catalogue_sites"] == 2
+
+
+def test_districts_resolve_by_code_or_name_within_the_city_and_unknown_ones_are_refused(db_url):
+    """The sample catalogue's districts each lie in their site's city; a district is given by its code,
+    its Chinese or English name; one of another city, an unknown code or name is refused with the line,
+    and nothing is written."""
+    sample = load_sample_sites()
+    assert all(r.district for r in sample)
+    with psycopg.connect(db_url) as conn:
+        import_sites(conn, sample)
+        conn.commit()
+        rows = conn.execute("SELECT s.code, s.city_code, s.district_code, di.name_zh FROM sites s "
+                            "JOIN districts di ON di.code = s.district_code").fetchall()
+        assert len(rows) == len(sample)
+        assert all(str(district)[:4] == str(city)[:4] for _, city, district, _ in rows)
+        by_code = {code: (district, zh) for code, _, district, zh in rows}
+        assert by_code["JX-SS-0006"] == (360102, "东湖区")          # 滕王阁
+        assert by_code["JX-SS-0004"] == (360681, "贵溪市")          # 龙虎山
+        assert by_code["JX-SS-0002"] == (360881, "井冈山市")
+        assert by_code["JX-SS-0005"] == (361130, "婺源县")
+        given = [SiteRecord("JX-D-1", "Nanchang", "farm", "d1", district="360113"),
+                 SiteRecord("JX-D-2", "南昌", "farm", "d2", district="新建区"),
+                 SiteRecord("JX-D-3", "360100", "farm", "d3", district="qingshanhu district"),
+                 SiteRecord("JX-D-4", "Nanchang", "farm", "d4")]
+        import_sites(conn, given)
+        conn.commit()
+        assert dict(conn.execute("SELECT code, district_code FROM sites WHERE code LIKE 'JX-D-%'").fetchall()) == {
+            "JX-D-1": 360113, "JX-D-2": 360112, "JX-D-3": 360111, "JX-D-4": None}
+        before = conn.execute("SELECT code, district_code FROM sites ORDER BY code").fetchall()
+        bad = [SiteRecord("JX-D-1", "Nanchang", "farm", "d1", district="360202"),     # 昌江区: Jingdezhen
+               SiteRecord("JX-D-2", "Nanchang", "farm", "d2", district="360199"),
+               SiteRecord("JX-D-3", "Nanchang", "farm", "d3", district="湾里区"),     # merged into 新建区 in 2019
+               SiteRecord("JX-D-4", "Nanchang", "farm", "d4", district="360124")]
+        with pytest.raises(RegistrationError) as exc:
+            import_sites(conn, bad, first_line=2)
+        assert dict(exc.value.errors) == {
+            2: "district 360202 (昌江区) belongs to city 360200, not to this site's city Nanchang (360100)",
+            3: "unknown district '360199': not one of the county-level divisions this system knows (GB/T 2260, "
+               "table districts)",
+            4: "unknown district '湾里区' in city Nanchang (360100): give its division code (e.g. 360102) or its "
+               "name within the city (e.g. 东湖区)"}
+        conn.rollback()
+        assert conn.execute("SELECT code, district_code FROM sites ORDER BY code").fetchall() == before
+        # Through the CSV: the district column is optional and read as written.
+        parsed = parse_sites_csv("site_id,city,kind,name,district\nA,Yingtan,farm,x, 余江区 \nB,Yingtan,farm,y,\n")
+        assert [r.district for r in parsed] == ["余江区", None]

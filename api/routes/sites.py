@@ -19,8 +19,8 @@ from api.problems import PROBLEM
 from api.csv_import import import_csv
 from api.schemas import CityCode, CityName, Text
 from iotjx.devices import SITE_KINDS
-from iotjx.sites import (EARLIEST, LATEST, MAX_ALIASES, MAX_GRADE, MAX_NAME, SITE_CODE, SiteRecord, get_site,
-                         import_sites, list_sites, parse_sites_csv)
+from iotjx.sites import (EARLIEST, LATEST, MAX_ALIASES, MAX_DISTRICT, MAX_GRADE, MAX_NAME, SITE_CODE, SiteRecord,
+                         get_site, import_sites, list_sites, parse_sites_csv)
 
 router = APIRouter(tags=["sites"])
 
@@ -45,13 +45,16 @@ class SiteIn(BaseModel):
     status: Literal["active", "closed"] | None = Field(None, description="empty: closed when closed_on is given")
     opened_on: Day = None
     closed_on: Day = None
+    district: Annotated[Text, Field(min_length=1, max_length=MAX_DISTRICT)] | None = Field(
+        None, examples=["360681", "贵溪市"],
+        description="county-level division (区/县) within the site's city: GB/T 2260 code or its name")
 
     def record(self) -> SiteRecord:
         return SiteRecord(site_id=self.site_id, city=self.city, kind=self.kind, name=self.name,
                           aliases=tuple(self.aliases), grade=self.grade or None, model_site=self.model_site,
                           model_site_since=self.model_site_since,
                           status=self.status or ("closed" if self.closed_on else "active"),
-                          opened_on=self.opened_on, closed_on=self.closed_on)
+                          opened_on=self.opened_on, closed_on=self.closed_on, district=self.district)
 
 
 class SiteImportResult(BaseModel):
@@ -79,6 +82,9 @@ class SiteOut(BaseModel):
     status: str
     opened_on: date | None
     closed_on: date | None
+    district_code: int | None = Field(description="county-level division (GB/T 2260); null: not known")
+    district_name_zh: str | None
+    district_name_en: str | None
     devices: DeviceCounts
 
 
@@ -102,9 +108,9 @@ def import_one(key: Admin, site: SiteIn, request: Request, conn: Conn) -> SiteIm
 
 @router.post("/sites/bulk", response_model=SiteImportResult, summary="Import the site catalogue from CSV (all or nothing)",
              description="Columns site_id, city, kind, name (+ optional aliases separated by `|`, grade, model_site, "
-                         "model_site_since, status, opened_on, closed_on). Errors name their CSV line; the first 100 "
-                         "are listed and `errors_total` counts them all. The body is limited by "
-                         "IOTJX_API_MAX_IMPORT_BYTES.",
+                         "model_site_since, status, opened_on, closed_on, district — a GB/T 2260 code or the "
+                         "district's name within the site's city). Errors name their CSV line; the first 100 are "
+                         "listed and `errors_total` counts them all. The body is limited by IOTJX_API_MAX_IMPORT_BYTES.",
              responses={403: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM},
              openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"},
                  "example": "site_id,city,kind,name,aliases,grade\n"

@@ -1,6 +1,6 @@
 """Water figures (analytics/water.py, README "Water"; viewer, within the key's cities): consumption per
-city and local day, the sites' nights (minimum night flow and leakage), silent meters and stopped
-meters, each with a CSV twin.  The per-meter alerts are `GET /water/alerts` (api/routes/alarms.py).
+city (and per district) and local day, the sites' nights (minimum night flow and leakage), silent meters
+and stopped meters, each with a CSV twin.  The per-meter alerts are `GET /water/alerts` (api/routes/alarms.py).
 
 Days are the local days `update_water` stored them under (IOTJX_TIMEZONE); the figures are as the
 analytics loop last left them."""
@@ -28,14 +28,22 @@ router = APIRouter(tags=["water"])
 MAX_DAYS = 366
 
 
-class CityDayOut(BaseModel):
+class _CityDay(BaseModel):
     day: date = Field(description="local day")
     city: int | None = Field(description="division code; null: meters without a site")
     city_name_zh: str | None
     city_name_en: str | None
-    meters: int = Field(description="meters with a reading that day")
-    consumption_m3: float = Field(description="sum of the meters' deltas (roll-overs and replacements accounted)")
-    reverse_m3: float = Field(description="reverse flow (negative deltas), m³")
+
+
+Meters = Annotated[int, Field(description="meters with a reading that day")]
+ConsumptionM3 = Annotated[float, Field(description="sum of the meters' deltas (roll-overs and replacements accounted)")]
+ReverseM3 = Annotated[float, Field(description="reverse flow (negative deltas), m³")]
+
+
+class CityDayOut(_CityDay):
+    meters: Meters
+    consumption_m3: ConsumptionM3
+    reverse_m3: ReverseM3
 
 
 def _consumption(key, conn: psycopg.Connection, from_: date, to: date, city: int | None) -> list[CityDayOut]:
@@ -65,6 +73,46 @@ def consumption(key: Viewer, conn: Conn, from_: FromDay, to: ToDay,
 def consumption_csv(key: Viewer, conn: Conn, from_: FromDay, to: ToDay,
                     city: CityFilter = None) -> StreamingResponse:
     return csv_response(CityDayOut, _consumption(key, conn, from_, to, city), "water-consumption.csv")
+
+
+class DistrictDayOut(_CityDay):
+    district_code: int | None = Field(description="county-level division (GB/T 2260); null: unknown (the site has "
+                                                   "no district: an unverified site, or none given) or no site")
+    district_name_zh: str | None
+    district_name_en: str | None
+    meters: Meters
+    consumption_m3: ConsumptionM3
+    reverse_m3: ReverseM3
+
+
+def _by_district(key, conn: psycopg.Connection, from_: date, to: date, city: int | None) -> list[DistrictDayOut]:
+    since, until = day_window(from_, to, MAX_DAYS)
+    last = date.fromordinal(until.toordinal() - 1)
+    rows = per_city(key, city, lambda c: water.consumption_by_district(conn, since, last, c))
+    rows.sort(key=lambda r: (r.day, r.city_code, r.district_code is None, r.district_code or 0))
+    return [DistrictDayOut(day=r.day, **city_of(r.city_code), district_code=r.district_code,
+                           district_name_zh=r.district_zh, district_name_en=r.district_en, meters=r.meters,
+                           consumption_m3=r.consumption_m3, reverse_m3=r.reverse_m3) for r in rows]
+
+
+@router.get("/water/consumption/districts", response_model=list[DistrictDayOut],
+            responses={403: PROBLEM, 422: PROBLEM}, summary="Water consumption per district (区/县) and local day",
+            description="As `/water/consumption`, one level down: the meters' daily consumption summed per city, "
+                        "district and local day in [from, to), by day, city, then district (the unknown district "
+                        "last). Meters of a site without a district (unverified sites) count in their city's row "
+                        "with `district_code` null; a city's districts add up to its `/water/consumption` row. "
+                        "A city-scoped key gets its cities' rows.")
+def consumption_by_district(key: Viewer, conn: Conn, from_: FromDay, to: ToDay,
+                            city: CityFilter = None) -> list[DistrictDayOut]:
+    return _by_district(key, conn, from_, to, city)
+
+
+@router.get("/water/consumption/districts.csv", response_class=StreamingResponse,
+            responses=csv_responses("one line per city, district and day"),
+            summary="Water consumption per district and local day, as CSV (same parameters)")
+def consumption_by_district_csv(key: Viewer, conn: Conn, from_: FromDay, to: ToDay,
+                                city: CityFilter = None) -> StreamingResponse:
+    return csv_response(DistrictDayOut, _by_district(key, conn, from_, to, city), "water-consumption-districts.csv")
 
 
 class SiteNightOut(BaseModel):

@@ -14,6 +14,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 
+from .districts import DISTRICTS
+
 log = logging.getLogger(__name__)
 
 LOCK_ID = 0x10_7A_5C   # advisory lock serialising concurrent start-ups
@@ -706,6 +708,31 @@ def _m14_jobs(conn: psycopg.Connection, timescale: bool) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS audit_log_target ON audit_log (target, at)")
 
 
+def _m15_districts(conn: psycopg.Connection, timescale: bool) -> None:
+    """Districts (区/县, county-level divisions of GB/T 2260): Jiangxi's hundred as a reference table
+    (iotjx/db/districts.py names the source), and each site's district, which must lie in the site's
+    city (its code's first four digits are the city's).  NULL: not known (unverified sites, catalogue
+    sites imported without one) — such sites' meters count under "unknown district" of their city."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS districts (
+            code integer PRIMARY KEY CHECK (mod(code, 100) <> 0),
+            name_zh text NOT NULL,
+            name_en text NOT NULL,
+            city_code integer NOT NULL REFERENCES cities(code),
+            CHECK (code / 100 = city_code / 100),
+            UNIQUE (city_code, name_zh))""")
+    with conn.cursor() as cur:
+        cur.executemany("""INSERT INTO districts (code, name_zh, name_en, city_code) VALUES (%s, %s, %s, %s)
+                           ON CONFLICT (code) DO UPDATE SET name_zh = excluded.name_zh, name_en = excluded.name_en,
+                               city_code = excluded.city_code""",
+                        [(code, zh, en, code // 100 * 100) for code, zh, en in DISTRICTS])
+    conn.execute("ALTER TABLE sites ADD COLUMN IF NOT EXISTS district_code integer REFERENCES districts(code)")
+    conn.execute("ALTER TABLE sites DROP CONSTRAINT IF EXISTS sites_district_in_city")
+    conn.execute("ALTER TABLE sites ADD CONSTRAINT sites_district_in_city "
+                 "CHECK (district_code IS NULL OR district_code / 100 = city_code / 100)")
+    conn.execute("CREATE INDEX IF NOT EXISTS sites_district ON sites (district_code)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "foundation: cities, sites, models, devices, raw log, rejects, water readings", _m1_foundation),
     Migration(2, "fire events, traffic flow, parking events, radio readings; envelope models", _m2_families),
@@ -725,6 +752,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _m13_redecode),
     Migration(14, "background jobs of the API (re-decode): state, counts, who, when; audit log by target",
               _m14_jobs),
+    Migration(15, "districts (GB/T 2260 county-level divisions of Jiangxi); each site's district, within its city",
+              _m15_districts),
 )
 
 

@@ -142,11 +142,11 @@ SELECT d.pilot, d.network, count(*) AS registered,
 
 # ----------------------------------------------------------------------------------------- water
 
-def of_devices(alias: str, key: str, pilot: str | None) -> str:
-    """JOIN devices/sites/cities onto `alias` by `key`, and the WHERE of the variables."""
+def of_devices(alias: str, key: str, pilot: str | None, more: str = "") -> str:
+    """JOIN devices/sites/cities onto `alias` by `key` (then `more` joins), and the WHERE of the variables."""
     pilot_filter = f"d.pilot = '{pilot}' AND d.network IN ($network)" if pilot else DEVICE_FILTER
     return (f"JOIN devices d ON d.{key} = {alias}.{key} JOIN sites s ON s.site_id = d.site_id "
-            f"JOIN cities c ON c.code = s.city_code\n WHERE {pilot_filter} AND {SITE_FILTER}")
+            f"JOIN cities c ON c.code = s.city_code{more}\n WHERE {pilot_filter} AND {SITE_FILTER}")
 
 
 WATER = (
@@ -156,7 +156,18 @@ SELECT {day_time('w.day')}, c.name_en AS metric, sum(w.consumption_m3) AS consum
   FROM water_daily w {of_devices('w', 'device_id', 'water')}
    AND {local_days('w.day')}
  GROUP BY 1, 2 ORDER BY 1"""),
-    Panel("Consumption by district (site)", "table", unit="m3",
+    Panel("Consumption by district", "table", unit="m3",
+          columns=("city", "district_code", "district", "meters", "consumption_m3", "reverse_m3"), description=(
+              "Consumption over the range per county-level district (区/县, GB/T 2260) of the meters' sites, from "
+              "water_daily; meters whose site has no district (unverified sites) under '(unknown district)'."),
+          sql=f"""
+SELECT c.name_en AS city, s.district_code,
+       coalesce(di.name_zh || ' ' || di.name_en, '(unknown district)') AS district, count(DISTINCT w.device_id) AS meters,
+       round(sum(w.consumption_m3)::numeric, 3) AS consumption_m3, round(sum(w.reverse_m3)::numeric, 3) AS reverse_m3
+  FROM water_daily w {of_devices('w', 'device_id', 'water', ' LEFT JOIN districts di ON di.code = s.district_code')}
+   AND {local_days('w.day')}
+ GROUP BY 1, 2, 3 ORDER BY 1, 2 NULLS LAST"""),
+    Panel("Consumption by site", "table", unit="m3",
           columns=("city", "site", "meters", "consumption_m3", "reverse_m3"), description=(
               "Consumption over the range per site (community / DMA), from water_daily."), sql=f"""
 SELECT c.name_en AS city, s.name AS site, count(DISTINCT w.device_id) AS meters,

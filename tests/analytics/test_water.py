@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time as wallclock
 from dataclasses import replace
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 import psycopg
 import pytest
@@ -341,10 +341,13 @@ def test_report_water_prints_tables_and_csv(meters, monkeypatch):
         lines = plain.output.strip().splitlines()
         assert lines[0] == "day,city_code,city,meters,consumption_m3,reverse_m3"
         assert lines[1:] == [f"{_local(1, 0).date().isoformat()},360600,Yingtan,1,0.15,0.00"]
+        districts = runner.invoke(app, ["report", "water", "--csv", "--section", "districts"]).output.splitlines()
+        assert districts == ["day,city_code,district_code,district,meters,consumption_m3,reverse_m3",
+                             f"{_local(1, 0).date().isoformat()},360600,,(unknown district),1,0.15,0.00"]
         sites = runner.invoke(app, ["report", "water", "--csv", "--section", "sites"]).output.splitlines()
         assert len(sites) == 2 and sites[1].split(",")[4] == "0.050"     # 0.05 m³/h in both night slots
         every = runner.invoke(app, ["report", "water", "--csv"]).output
-        assert [line for line in every.splitlines() if line.startswith("# ")] == ["# consumption", "# sites", "# alerts"]
+        assert [line for line in every.splitlines() if line.startswith("# ")] == ["# consumption", "# districts", "# sites", "# alerts"]
         bad = runner.invoke(app, ["report", "water", "--city", "Atlantis"])
         assert bad.exit_code == 2 and "unknown city" in bad.output
     finally:
@@ -375,3 +378,37 @@ def test_a_late_uplink_changes_only_its_own_meter_from_its_own_day(meters):
     days = {r[1]: r[2] for r in after if r[0] == METER}
     assert days[_local(3, 0).date()] == pytest.approx(1.5) and days[_local(2, 0).date()] == pytest.approx(0.5)
     assert sum(days.values()) == pytest.approx(4.0)
+
+
+def test_consumption_by_district_splits_each_city_row_and_keeps_the_unknown(db_url):
+    """Known daily figures: two districts of Yingtan (catalogue sites), an unverified Yingtan site (unknown
+    district of Yingtan), a meter without a site (city 0); each district row is the sum of its meters, and
+    a city's districts add up to its consumption_by_city row."""
+    from analytics.water import consumption_by_city, consumption_by_district
+    from iotjx.sites import SiteRecord, import_sites
+    day = date(2026, 3, 1)
+    with psycopg.connect(db_url) as conn:
+        import_sites(conn, [SiteRecord("JX-WD-1", "Yingtan", "residential", "月湖一区", district="360602"),
+                            SiteRecord("JX-WD-2", "Yingtan", "residential", "贵溪一区", district="贵溪市")])
+        meters = {"869000000000011": ("JX-WD-1", 1.25), "869000000000012": ("JX-WD-1", 2.5),
+                  "869000000000013": ("JX-WD-2", 4.0), "869000000000014": ("龙岗小区", 8.0),
+                  "869000000000015": (None, 16.0)}
+        register_devices(conn, [DeviceRecord(device_id=d, model="cjt188-nb-water-std", network="nbiot",
+                                             **({"site_id": s} if s and s.startswith("JX-") else
+                                                {"city": "Yingtan", "site_kind": "residential",
+                                                 "site_name": s or "龙岗小区"}))
+                                for d, (s, _) in meters.items()])
+        conn.execute("UPDATE devices SET site_id = NULL WHERE device_id = '869000000000015'")   # no site (SQL only)
+        for d, (_, m3) in meters.items():
+            conn.execute("INSERT INTO water_daily (device_id, day, consumption_m3, reverse_m3, readings, first_at, "
+                         "last_at) VALUES (%s, %s, %s, %s, 24, now(), now())", (d, day, m3, -m3 / 100))
+        got = [(r.city_code, r.district_code, r.district_zh, r.meters, r.consumption_m3, r.reverse_m3)
+               for r in consumption_by_district(conn, day, day)]
+        assert got == [(0, None, None, 1, 16.0, -0.16),
+                       (360600, 360602, "月湖区", 2, 3.75, pytest.approx(-0.0375)),
+                       (360600, 360681, "贵溪市", 1, 4.0, -0.04),
+                       (360600, None, None, 1, 8.0, -0.08)]
+        assert [r.district_code for r in consumption_by_district(conn, day, day, "Yingtan")] == [360602, 360681, None]
+        cities = {c.city_code: c.consumption_m3 for c in consumption_by_city(conn, day, day)}
+        assert cities == {0: 16.0, 360600: 15.75}
+        assert consumption_by_district(conn, day + timedelta(days=1), day + timedelta(days=1)) == []

@@ -13,6 +13,7 @@ import pytest
 from analytics.water import update_water
 from iotjx.devices import DeviceRecord, register_devices
 from iotjx.model import Uplink
+from iotjx.sites import SiteRecord, import_sites
 from tests.analytics.test_water import _RECOUNT, _frame
 from tests.api.conftest import NANCHANG, YINGTAN
 from tests.api.figures_world import module_world
@@ -39,6 +40,8 @@ def _hourly_cents(device: str, at: datetime) -> int:
 
 def _fill(db_url: str) -> None:
     with psycopg.connect(db_url) as conn:
+        # Yingtan's site is in the catalogue with its district; Nanchang's stays unverified (no district).
+        import_sites(conn, [SiteRecord("JX-WT-0001", "Yingtan", "residential", "龙岗小区", district="月湖区")])
         register_devices(conn, [DeviceRecord(device_id=d, model="cjt188-nb-water-std", network="nbiot", city=city,
                                              site_kind="residential", site_name=site,
                                              installed_at=START - timedelta(days=1))
@@ -99,6 +102,47 @@ def test_consumption_refuses_bad_windows_and_other_cities(world):
     assert answer.status_code == 403
     assert world.anonymous("/water/consumption", **{"from": "2026-01-01", "to": "2026-01-02"}) == 401
     assert world.anonymous("/water/consumption.csv", **{"from": "2026-01-01", "to": "2026-01-02"}) == 401
+
+
+def test_consumption_per_district_equals_the_readings_recount_and_adds_up_to_the_cities(world):
+    """Per day, city and district, in plain SQL from the readings (_RECOUNT): Yingtan's meters under 月湖区
+    (360602, their catalogue site's district), Nanchang's under the unknown district (an unverified site)."""
+    since, until = str(TODAY - timedelta(days=9)), str(TODAY + timedelta(days=1))
+    rows = world.sql(f"""
+        WITH m AS ({_RECOUNT})
+        SELECT m.day, s.city_code, s.district_code, count(*), sum(m.m3) FROM m JOIN devices d USING (device_id)
+        JOIN sites s ON s.site_id = d.site_id GROUP BY 1, 2, 3""")
+    assert {(city, district) for _, city, district, _, _ in rows} == {(YINGTAN, 360602), (NANCHANG, None)}
+    for key, cities in ((None, None), (world.nanchang, {NANCHANG}), (world.two_cities, {NANCHANG, YINGTAN})):
+        expected = {(str(day), city, district): (n, m3) for day, city, district, n, m3 in rows
+                    if cities is None or city in cities}
+        got = world.json("/water/consumption/districts", key, **{"from": since, "to": until})
+        assert {(r["day"], r["city"], r["district_code"]): (r["meters"], pytest.approx(r["consumption_m3"], abs=1e-6))
+                for r in got} == expected
+        assert [(r["day"], r["city"]) for r in got] == sorted((r["day"], r["city"]) for r in got)
+        lines = world.csv("/water/consumption/districts.csv", key, **{"from": since, "to": until})
+        assert [(r["day"], int(r["city"]), r["district_code"], float(r["consumption_m3"])) for r in lines] \
+            == [(r["day"], r["city"], "" if r["district_code"] is None else str(r["district_code"]),
+                 r["consumption_m3"]) for r in got]
+        # a city's districts add up to its row of /water/consumption
+        per_city = {(r["day"], r["city"]): r["consumption_m3"]
+                    for r in world.json("/water/consumption", key, **{"from": since, "to": until})}
+        sums: dict = {}
+        for r in got:
+            sums[(r["day"], r["city"])] = sums.get((r["day"], r["city"]), 0.0) + r["consumption_m3"]
+        assert sums == pytest.approx(per_city)
+    yingtan = world.json("/water/consumption/districts", city=YINGTAN, **{"from": since, "to": until})
+    assert {(r["district_code"], r["district_name_zh"], r["district_name_en"]) for r in yingtan} \
+        == {(360602, *world.sql("SELECT name_zh, name_en FROM districts WHERE code = 360602")[0])}
+    nanchang = world.json("/water/consumption/districts", world.nanchang, **{"from": since, "to": until})
+    assert {(r["district_code"], r["district_name_zh"]) for r in nanchang} == {(None, None)}
+    answer = world.client.get("/water/consumption/districts.csv", params={"from": since, "to": until, "city": YINGTAN},
+                              headers={"Authorization": f"Bearer {world.nanchang}"})
+    assert answer.status_code == 403
+    bad = world.client.get("/water/consumption/districts", params={"from": until, "to": since},
+                           headers={"Authorization": f"Bearer {world.viewer}"})
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+    assert world.anonymous("/water/consumption/districts", **{"from": since, "to": until}) == 401
 
 
 # --------------------------------------------------------------------------- nights

@@ -131,7 +131,8 @@ DAYS = {"from": "2026-01-01", "to": "2026-01-08"}
 HOURS = {"from": "2026-01-01T00:00:00+08:00", "to": "2026-01-01T06:00:00+08:00"}
 # The figure routes (api/routes/water.py, fire.py, traffic.py, radio.py, health.py): each with a city filter.
 FIGURES: dict[str, dict[str, str] | None] = {
-    "/water/consumption": DAYS, "/water/consumption.csv": DAYS, "/water/nights": None,
+    "/water/consumption": DAYS, "/water/consumption.csv": DAYS, "/water/consumption/districts": DAYS,
+    "/water/consumption/districts.csv": DAYS, "/water/nights": None,
     "/water/silent-meters": None, "/water/silent-meters.csv": None, "/water/stopped-meters": None,
     "/water/stopped-meters.csv": None, "/fire/offline": None, "/fire/offline.csv": None,
     "/traffic/flow": HOURS, "/traffic/flow.csv": HOURS, "/traffic/parking": HOURS, "/traffic/parking.csv": HOURS,

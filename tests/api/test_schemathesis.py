@@ -14,7 +14,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api.app import create_app
 from tests.helpers import bearer, insert_key
 
-FIGURE_WINDOWS = ("/water/consumption", "/water/consumption.csv", "/water/sites/{site_id}/nights",
+FIGURE_WINDOWS = ("/water/consumption", "/water/consumption.csv", "/water/consumption/districts",
+                  "/water/consumption/districts.csv", "/water/sites/{site_id}/nights",
                   "/water/sites/{site_id}/nights.csv", "/traffic/flow", "/traffic/flow.csv", "/traffic/parking",
                   "/traffic/parking.csv", "/radio/summary", "/radio/summary.csv", "/radio/report", "/radio/weak.csv",
                   "/health/uplink-success", "/health/uplink-success.csv")

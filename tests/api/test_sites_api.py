@@ -41,6 +41,7 @@ def test_import_one_read_it_and_devices_attach_by_alias(client, settings):
     assert got == {"site_id": "JX-SS-0004", "verified": True, "city": YINGTAN, "kind": "scenic_spot",
                    "name": "龙虎山风景名胜区", "aliases": ["Longhushan", "龙虎山"], "grade": "5A", "model_site": False,
                    "model_site_since": None, "status": "active", "opened_on": None, "closed_on": None,
+                   "district_code": None, "district_name_zh": None, "district_name_en": None,
                    "devices": {"active": 3, "inactive": 1}}
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute("SELECT count(DISTINCT site_id) FROM devices").fetchone()[0] == 1
@@ -118,6 +119,11 @@ def test_a_scoped_key_imports_and_sees_its_cities_only(client, settings, keys):
     ("POST", "/sites", {"json": {**LONGHUSHAN, "grade": "6A"}}),
     ("POST", "/sites", {"json": {**LONGHUSHAN, "status": "closed"}}),
     ("POST", "/sites", {"json": {**LONGHUSHAN, "city": "Atlantis"}}),
+    ("POST", "/sites", {"json": {**LONGHUSHAN, "district": "360102"}}),     # 东湖区 is Nanchang's
+    ("POST", "/sites", {"json": {**LONGHUSHAN, "district": "369999"}}),
+    ("POST", "/sites", {"json": {**LONGHUSHAN, "district": "东湖区"}}),
+    ("POST", "/sites", {"json": {**LONGHUSHAN, "district": "x" * 51}}),
+    ("POST", "/sites/bulk", _csv(CSV_HEADER.strip() + ",district\nA,Yingtan,farm,x,,,,,,,,濂溪区\n")),
     ("POST", "/sites/bulk", _csv(CSV_HEADER + "A,Yingtan,farm,x\x00y,,,,,,,\n")),
     ("POST", "/sites/bulk", _csv("site_id,city\nA,Yingtan\n")),
     ("POST", "/sites/bulk", _csv(CSV_HEADER)),
@@ -139,3 +145,23 @@ def test_bulk_bytes_not_utf8_are_415(client):
     r = client.post("/sites/bulk", content=CSV_HEADER.encode() + b"A,Yingtan,farm,\xff,,,,,,,\n",
                     headers={"content-type": "text/csv"})
     assert r.status_code == 415
+
+
+def test_a_site_district_by_code_or_name_is_shown_with_its_names(client, settings):
+    """district in (code or the name within the city), district_code and both names out; the names as the
+    migration's table holds them, read here in plain SQL."""
+    assert client.post("/sites", json={**LONGHUSHAN, "district": "贵溪市"}).status_code == 201
+    bulk = client.post("/sites/bulk", **_csv(CSV_HEADER.strip() + ",district\n"
+                                              "JX-SS-0006,Nanchang,scenic_spot,滕王阁旅游区,,5A,,,,,,360102\n"
+                                              "JX-CO-0002,南昌,community,红谷滩示例社区,,,,,,,,\n"))
+    assert bulk.status_code == 200, bulk.text
+    with psycopg.connect(settings.database_url) as conn:
+        names = {code: (zh, en) for code, zh, en in conn.execute(
+            "SELECT code, name_zh, name_en FROM districts WHERE code IN (360681, 360102)")}
+    got = client.get("/sites/JX-SS-0004").json()
+    assert (got["district_code"], got["district_name_zh"], got["district_name_en"]) == (360681, *names[360681])
+    listed = {s["site_id"]: s for s in client.get("/sites", params={"city": NANCHANG}).json()["items"]}
+    assert (listed["JX-SS-0006"]["district_code"], listed["JX-SS-0006"]["district_name_zh"]) == (360102, "东湖区")
+    assert listed["JX-CO-0002"]["district_code"] is None and listed["JX-CO-0002"]["district_name_en"] is None
+    wrong = client.post("/sites", json={**LONGHUSHAN, "district": "东湖区"})
+    assert wrong.status_code == 422 and "unknown district '东湖区' in city 鹰潭 (360600)" in wrong.text

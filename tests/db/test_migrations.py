@@ -260,3 +260,33 @@ def test_migration_14_jobs_hold_their_states_and_ends(db_url):
                 conn.execute(f"INSERT INTO jobs (kind, state, started_at, finished_at, actor) VALUES ({values}, 'key:x')")
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename IN ('jobs', 'audit_log')")}
         assert {"jobs_page", "jobs_open", "audit_log_target"} <= indexes
+
+
+# Independent reference for migration 15: per city, how many county-level divisions the Ministry of Civil
+# Affairs' 2023 list gives (districts, county-level cities, counties), and a few codes by name.
+JIANGXI_DIVISIONS = {360100: 9, 360200: 4, 360300: 5, 360400: 13, 360500: 2, 360600: 3, 360700: 18, 360800: 13,
+                     360900: 10, 361000: 11, 361100: 12}
+
+
+def test_migration_15_districts_belong_to_their_cities_and_sites_to_theirs(db_url):
+    """Jiangxi's 100 county-level divisions, each in the city its code names; a site's district must
+    be a known one of the site's own city; NULL (unknown) is allowed."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        per_city = dict(conn.execute("SELECT city_code, count(*) FROM districts GROUP BY 1").fetchall())
+        assert per_city == JIANGXI_DIVISIONS and sum(per_city.values()) == 100
+        assert conn.execute("SELECT count(*) FROM districts WHERE name_zh LIKE '%区'").fetchone()[0] == 27
+        assert conn.execute("SELECT count(*) FROM districts WHERE name_zh LIKE '%市'").fetchone()[0] == 12
+        assert conn.execute("SELECT count(*) FROM districts WHERE name_zh LIKE '%县'").fetchone()[0] == 61
+        named = dict(conn.execute("SELECT name_zh, code FROM districts WHERE name_zh = ANY(%s)",
+                                  (["东湖区", "红谷滩区", "濂溪区", "庐山市", "龙南市", "广信区", "婺源县"],)).fetchall())
+        assert named == {"东湖区": 360102, "红谷滩区": 360113, "濂溪区": 360402, "庐山市": 360483, "龙南市": 360783,
+                         "广信区": 361104, "婺源县": 361130}
+        site = conn.execute("INSERT INTO sites (city_code, kind, name, code, district_code) "
+                            "VALUES (360100, 'community', 'm15 site', 'M15-1', 360102) RETURNING site_id").fetchone()[0]
+        conn.execute("UPDATE sites SET district_code = NULL WHERE site_id = %s", (site,))
+        with pytest.raises(psycopg.errors.CheckViolation):      # 昌江区 is Jingdezhen's
+            conn.execute("UPDATE sites SET district_code = 360202 WHERE site_id = %s", (site,))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):  # no such division
+            conn.execute("UPDATE sites SET district_code = 360199 WHERE site_id = %s", (site,))
+        with pytest.raises(psycopg.errors.CheckViolation):      # a district whose code is not its city's
+            conn.execute("INSERT INTO districts VALUES (360199, 'x', 'x', 360200)")

@@ -179,3 +179,27 @@ def test_coverage_verdicts_equal_analytics_pace(filled, selections, catalogue_fi
             if theirs is None or t["status"] == "met":
                 continue
             assert mine == pytest.approx(theirs), r["target_id"]
+
+
+def test_water_consumption_by_district(filled, selections):
+    """In a transaction rolled back after: every other site gets a district of its city; the panel's rows
+    equal a plain-SQL sum of water_daily over the range's local days per city and district, the other
+    sites' meters under '(unknown district)' of their city."""
+    t_from, t_to, _ = selections
+    days = ((t_from + timedelta(hours=8)).date(), (t_to + timedelta(hours=8)).date())     # Asia/Shanghai
+    with psycopg.connect(filled) as conn:
+        conn.execute("UPDATE sites s SET district_code = (SELECT min(code) FROM districts di "
+                     "WHERE di.city_code = s.city_code) WHERE s.site_id % 2 = 0")
+        got = {(r["city"], r["district_code"]): (r["district"], r["meters"], float(r["consumption_m3"]))
+               for r in _run(conn, selections, "Consumption by district")}
+        want = {(city, code): (name or "(unknown district)", n, m3) for city, code, name, n, m3 in conn.execute("""
+            SELECT c.name_en, s.district_code, di.name_zh || ' ' || di.name_en, count(DISTINCT w.device_id),
+                   sum(w.consumption_m3)
+              FROM water_daily w JOIN devices d USING (device_id) JOIN sites s ON s.site_id = d.site_id
+              JOIN cities c ON c.code = s.city_code LEFT JOIN districts di ON di.code = s.district_code
+             WHERE w.day BETWEEN %s AND %s GROUP BY 1, 2, 3""", days)}
+        conn.rollback()
+    assert got and set(got) == set(want)
+    assert any(code is None for _, code in want) and any(code is not None for _, code in want)
+    for key, (name, n, m3) in want.items():
+        assert got[key][:2] == (name, n) and got[key][2] == pytest.approx(m3, abs=0.0006), key
