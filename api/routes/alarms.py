@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 import psycopg
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from analytics import fire
@@ -143,30 +144,39 @@ def refresh_alarms(request: Request, conn: psycopg.Connection) -> None:
         _REFRESH_LOCK.release()
 
 
-@router.get("/alarms", response_model=Page[AlarmOut], responses={403: PROBLEM, 422: PROBLEM},
-            summary="Fire alarms and faults, newest raised first",
-            description="Alarm and fault episodes per component (GB/T 26875.3 component states), newest `raised_at` "
-                        "first; cursor-paginated. `state=open`: every state but cleared. A city-scoped key sees only "
-                        "its cities' alarms.")
-def list_alarms(key: Viewer, conn: Conn, page: PageQuery, request: Request,
-                kind: Annotated[Kind | None, Query()] = None,
-                state: Annotated[State | None, Query(description="a state, or open (not cleared)")] = None,
-                city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
-                since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
-                until: Annotated[datetime | None, Query(description="raised before")] = None) -> Page[AlarmOut]:
+_ALARM_LIST_DESC = ("Alarm and fault episodes per component (GB/T 26875.3 component states), newest `raised_at` first. "
+                    "`state=open`: every state but cleared. A city-scoped key sees only its cities' alarms.")
+EXPORT_MAX_ROWS = 100_000          # a CSV export's rows at most (a narrower window or filter for more)
+
+
+def _alarm_query(key, kind, state, city, site, device, since, until) -> tuple[str, dict]:  # noqa: ANN001
+    """The alarm list's SELECT … WHERE (no order, no limit) and its parameters."""
     since, until = time_window(since, until)
     _city_in_scope(key, city)
-    tail, keyset = newest_first(page, "a.raised_at", "a.alarm_id")
-    refresh_alarms(request, conn)
     where, params = _filters(key, "a.raised_at", kind=kind, city=city, site=site, device=device, since=since,
                              until=until)
     if state == "open":
         where.append("a.state <> 'cleared'")
     elif state is not None:
         where.append("a.state = %(state)s")
-    rows = conn.execute(_ALARM + " WHERE " + " AND ".join(where) + tail,
-                        {**params, "state": state, **keyset}).fetchall()
-    return page.of([_alarm(r) for r in rows], key=lambda a: (a.raised_at, a.alarm_id))
+    return _ALARM + " WHERE " + " AND ".join(where), {**params, "state": state}
+
+
+def _export_rows(conn: psycopg.Connection, sql: str, params: dict) -> list[tuple]:
+    rows = conn.execute(sql + " LIMIT %(export_n)s", {**params, "export_n": EXPORT_MAX_ROWS + 1}).fetchall()
+    if len(rows) > EXPORT_MAX_ROWS:
+        raise HTTPException(422, f"more than {EXPORT_MAX_ROWS:,} rows match: narrow since/until or the filters")
+    return rows
+
+
+def _csv(model, rows, filename: str) -> StreamingResponse:  # noqa: ANN001
+    from api.figures import csv_response            # api.figures imports this module's window and filters
+    return csv_response(model, rows, filename)
+
+
+def _csv_responses(what: str) -> dict:
+    return {200: {"description": what, "content": {"text/csv": {"schema": {"type": "string"}}}},
+            403: PROBLEM, 422: PROBLEM}
 
 
 def _visible(conn: psycopg.Connection, key, alarm_id: int, *, lock: bool = False) -> AlarmOut:  # noqa: ANN001
@@ -284,10 +294,60 @@ class WaterAlertOut(BaseModel):
     site_name: str | None
 
 
+@router.get("/alarms", response_model=Page[AlarmOut], responses={403: PROBLEM, 422: PROBLEM},
+            summary="Fire alarms and faults, newest raised first",
+            description=_ALARM_LIST_DESC + " Cursor-paginated.")
+def list_alarms(key: Viewer, conn: Conn, page: PageQuery, request: Request,
+                kind: Annotated[Kind | None, Query()] = None,
+                state: Annotated[State | None, Query(description="a state, or open (not cleared)")] = None,
+                city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
+                since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
+                until: Annotated[datetime | None, Query(description="raised before")] = None) -> Page[AlarmOut]:
+    sql, params = _alarm_query(key, kind, state, city, site, device, since, until)
+    tail, keyset = newest_first(page, "a.raised_at", "a.alarm_id")
+    refresh_alarms(request, conn)
+    rows = conn.execute(sql + tail, {**params, **keyset}).fetchall()
+    return page.of([_alarm(r) for r in rows], key=lambda a: (a.raised_at, a.alarm_id))
+
+
+@router.get("/alarms.csv", response_class=StreamingResponse, summary="Fire alarms and faults as CSV (as /alarms)",
+            description=_ALARM_LIST_DESC + f" Every matching alarm, no pages; more than {EXPORT_MAX_ROWS:,} is a 422 "
+                                           "(narrow the window).", responses=_csv_responses("the alarms, newest first"))
+def export_alarms(key: Viewer, conn: Conn, request: Request,
+                  kind: Annotated[Kind | None, Query()] = None,
+                  state: Annotated[State | None, Query(description="a state, or open (not cleared)")] = None,
+                  city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
+                  since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
+                  until: Annotated[datetime | None, Query(description="raised before")] = None) -> StreamingResponse:
+    sql, params = _alarm_query(key, kind, state, city, site, device, since, until)
+    refresh_alarms(request, conn)
+    rows = _export_rows(conn, sql + " ORDER BY a.raised_at DESC, a.alarm_id DESC", params)
+    return _csv(AlarmOut, [_alarm(r) for r in rows], "alarms.csv")
+
+
+_WATER_DESC = ("Continuous flow, reverse flow, stopped meter, battery low, valve closed or abnormal "
+               "(analytics/water.py), newest `opened_at` first; read-only.")
+
+
+def _water_query(key, kind, is_open, city, site, device, since, until) -> tuple[str, dict]:  # noqa: ANN001
+    since, until = time_window(since, until)
+    _city_in_scope(key, city)
+    where, params = _filters(key, "a.opened_at", kind=kind, city=city, site=site, device=device, since=since,
+                             until=until)
+    if is_open is not None:
+        where.append("(a.closed_at IS NULL) = %(open)s")
+    return ("""
+        SELECT a.alert_id, a.device_id, a.kind, a.opened_at, a.closed_at, a.detail, s.city_code, s.code, s.name
+        FROM water_alerts a LEFT JOIN devices d ON d.device_id = a.device_id LEFT JOIN sites s ON s.site_id = d.site_id
+        WHERE """ + " AND ".join(where), {**params, "open": is_open})
+
+
+def _water_alert(r: tuple) -> WaterAlertOut:
+    return WaterAlertOut(**dict(zip(WaterAlertOut.model_fields, r, strict=True)))
+
+
 @router.get("/water/alerts", response_model=Page[WaterAlertOut], responses={403: PROBLEM, 422: PROBLEM},
-            summary="Per-meter water alerts, newest opened first",
-            description="Continuous flow, reverse flow, stopped meter, battery low, valve closed or abnormal "
-                        "(analytics/water.py), newest `opened_at` first; cursor-paginated; read-only.")
+            summary="Per-meter water alerts, newest opened first", description=_WATER_DESC + " Cursor-paginated.")
 def list_water_alerts(key: Viewer, conn: Conn, page: PageQuery,
                       kind: Annotated[WaterKind | None, Query()] = None,
                       is_open: Annotated[bool | None, Query(alias="open",
@@ -296,16 +356,23 @@ def list_water_alerts(key: Viewer, conn: Conn, page: PageQuery,
                       since: Annotated[datetime | None, Query(description="opened at or after")] = None,
                       until: Annotated[datetime | None, Query(description="opened before")] = None
                       ) -> Page[WaterAlertOut]:
-    since, until = time_window(since, until)
-    _city_in_scope(key, city)
+    sql, params = _water_query(key, kind, is_open, city, site, device, since, until)
     tail, keyset = newest_first(page, "a.opened_at", "a.alert_id")
-    where, params = _filters(key, "a.opened_at", kind=kind, city=city, site=site, device=device, since=since,
-                             until=until)
-    if is_open is not None:
-        where.append("(a.closed_at IS NULL) = %(open)s")
-    rows = conn.execute("""
-        SELECT a.alert_id, a.device_id, a.kind, a.opened_at, a.closed_at, a.detail, s.city_code, s.code, s.name
-        FROM water_alerts a LEFT JOIN devices d ON d.device_id = a.device_id LEFT JOIN sites s ON s.site_id = d.site_id
-        WHERE """ + " AND ".join(where) + tail, {**params, "open": is_open, **keyset}).fetchall()
-    return page.of([WaterAlertOut(**dict(zip(WaterAlertOut.model_fields, r, strict=True))) for r in rows],
-                   key=lambda a: (a.opened_at, a.alert_id))
+    rows = conn.execute(sql + tail, {**params, **keyset}).fetchall()
+    return page.of([_water_alert(r) for r in rows], key=lambda a: (a.opened_at, a.alert_id))
+
+
+@router.get("/water/alerts.csv", response_class=StreamingResponse, summary="Water alerts as CSV (as /water/alerts)",
+            description=_WATER_DESC + f" Every matching alert, no pages; more than {EXPORT_MAX_ROWS:,} is a 422.",
+            responses=_csv_responses("the water alerts, newest first"))
+def export_water_alerts(key: Viewer, conn: Conn,
+                        kind: Annotated[WaterKind | None, Query()] = None,
+                        is_open: Annotated[bool | None, Query(alias="open",
+                                                              description="true: open only; false: closed only")] = None,
+                        city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
+                        since: Annotated[datetime | None, Query(description="opened at or after")] = None,
+                        until: Annotated[datetime | None, Query(description="opened before")] = None
+                        ) -> StreamingResponse:
+    sql, params = _water_query(key, kind, is_open, city, site, device, since, until)
+    rows = _export_rows(conn, sql + " ORDER BY a.opened_at DESC, a.alert_id DESC", params)
+    return _csv(WaterAlertOut, [_water_alert(r) for r in rows], "water-alerts.csv")

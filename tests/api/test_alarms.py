@@ -4,6 +4,9 @@ count of the episodes, each role and a city-scoped key."""
 
 from __future__ import annotations
 
+import csv
+import io
+
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -139,6 +142,26 @@ def test_a_city_scoped_key_sees_its_cities_only(fire_db, client, keys):
                             (jiujiang,)).fetchone() == (None, None)
 
 
+def _csv_rows(client: TestClient, key: str, path: str, params: dict | None = None) -> list[dict]:
+    answer = client.get(path, params=params, headers=bearer(key))
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.headers["content-type"].startswith("text/csv")
+    return list(csv.DictReader(io.StringIO(answer.text)))
+
+
+def test_the_csv_export_is_the_list_in_full_and_scoped(fire_db, client, keys):
+    expected = _episodes(fire_db)
+    rows = _csv_rows(client, keys.viewer, "/alarms.csv")
+    assert [(r["device_id"], int(r["component_address"]), r["kind"], _t(r["raised_at"]), _t(r["restored_at"] or None))
+            for r in rows] == expected
+    assert [(r["device_id"], r["kind"]) for r in _csv_rows(client, keys.nanchang_viewer, "/alarms.csv")] == \
+        [(e[0], e[2]) for e in expected if e[0] == NANCHANG_PANEL]
+    assert [r["kind"] for r in _csv_rows(client, keys.viewer, "/alarms.csv", {"kind": "fault"})] == \
+        [e[2] for e in expected if e[2] == "fault"]
+    refused = client.get("/alarms.csv", params={"city": JIUJIANG}, headers=bearer(keys.nanchang_viewer))
+    assert refused.status_code == 403 and refused.headers["content-type"] == "application/problem+json"
+
+
 def test_acknowledge_and_clear_record_who_and_when_and_refuse_invalid_transitions(fire_db, client, keys):
     alarms = {(a["component_address"], a["kind"]): a for a in _walk(client, keys.viewer, "/alarms")}
     fault, restored = alarms[(18, "fault")]["alarm_id"], alarms[(17, "alarm")]["alarm_id"]
@@ -217,6 +240,11 @@ def test_water_alerts_newest_first_filtered_and_scoped(db_url, client, keys):
     assert got(keys.viewer, {"city": 360600}) == sql("device_id = %s", (meters[1][0],))
     assert got(keys.nanchang_viewer) == sql("device_id = %s", (meters[0][0],))
     assert client.get("/water/alerts", params={"city": 360600}, headers=bearer(keys.nanchang_viewer)).status_code == 403
+    csv_got = [(int(r["alert_id"]), r["device_id"], r["kind"]) for r in _csv_rows(client, keys.viewer, "/water/alerts.csv")]
+    assert csv_got == sql()
+    assert [(int(r["alert_id"]), r["device_id"], r["kind"]) for r in
+            _csv_rows(client, keys.nanchang_viewer, "/water/alerts.csv", {"open": "false"})] == \
+        sql("device_id = %s AND closed_at IS NOT NULL", (meters[0][0],))
 
 
 def test_kpis_equal_a_plain_sql_recount_within_the_keys_cities(fire_db, client, keys):

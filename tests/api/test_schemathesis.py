@@ -49,7 +49,8 @@ def test_every_operation_conforms_to_the_openapi_document(settings, who):
                     ("GET", "/targets/{target_id}/history"), ("POST", "/sites"), ("POST", "/sites/bulk"),
                     ("GET", "/devices/{device_id}/telemetry"), ("GET", "/sites/{site_id}/telemetry"),
                     # a time window's until after its since
-                    ("GET", "/alarms"), ("GET", "/alarms/kpis"), ("GET", "/water/alerts"), ("GET", "/rejects"),
+                    ("GET", "/alarms"), ("GET", "/alarms.csv"), ("GET", "/alarms/kpis"), ("GET", "/water/alerts"),
+                    ("GET", "/water/alerts.csv"), ("GET", "/rejects"),
                     ("POST", "/rejects/redecode"),
                     ("GET", "/devices"), ("GET", "/devices.csv"), ("GET", "/cities"), ("PATCH", "/devices/{device_id}"),
                     # the figures' windows: from before to, at most a bounded span, from in the past
