@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import psycopg
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -149,8 +149,13 @@ _ALARM_LIST_DESC = ("Alarm and fault episodes per component (GB/T 26875.3 compon
 EXPORT_MAX_ROWS = 100_000          # a CSV export's rows at most (a narrower window or filter for more)
 
 
-def _alarm_query(key, kind, state, city, site, device, since, until) -> tuple[str, dict]:  # noqa: ANN001
-    """The alarm list's SELECT … WHERE (no order, no limit) and its parameters."""
+def _alarm_query(key: Viewer, kind: Annotated[Kind | None, Query()] = None,
+                 state: Annotated[State | None, Query(description="a state, or open (not cleared)")] = None,
+                 city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
+                 since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
+                 until: Annotated[datetime | None, Query(description="raised before")] = None) -> tuple[str, dict]:
+    """The alarm list's filters (a dependency of the list and its CSV): SELECT … WHERE (no order, no
+    limit) and its parameters."""
     since, until = time_window(since, until)
     _city_in_scope(key, city)
     where, params = _filters(key, "a.raised_at", kind=kind, city=city, site=site, device=device, since=since,
@@ -160,6 +165,9 @@ def _alarm_query(key, kind, state, city, site, device, since, until) -> tuple[st
     elif state is not None:
         where.append("a.state = %(state)s")
     return _ALARM + " WHERE " + " AND ".join(where), {**params, "state": state}
+
+
+AlarmQuery = Annotated[tuple[str, dict], Depends(_alarm_query)]
 
 
 def _export_rows(conn: psycopg.Connection, sql: str, params: dict) -> list[tuple]:
@@ -297,13 +305,8 @@ class WaterAlertOut(BaseModel):
 @router.get("/alarms", response_model=Page[AlarmOut], responses={403: PROBLEM, 422: PROBLEM},
             summary="Fire alarms and faults, newest raised first",
             description=_ALARM_LIST_DESC + " Cursor-paginated.")
-def list_alarms(key: Viewer, conn: Conn, page: PageQuery, request: Request,
-                kind: Annotated[Kind | None, Query()] = None,
-                state: Annotated[State | None, Query(description="a state, or open (not cleared)")] = None,
-                city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
-                since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
-                until: Annotated[datetime | None, Query(description="raised before")] = None) -> Page[AlarmOut]:
-    sql, params = _alarm_query(key, kind, state, city, site, device, since, until)
+def list_alarms(key: Viewer, query: AlarmQuery, conn: Conn, page: PageQuery, request: Request) -> Page[AlarmOut]:
+    sql, params = query
     tail, keyset = newest_first(page, "a.raised_at", "a.alarm_id")
     refresh_alarms(request, conn)
     rows = conn.execute(sql + tail, {**params, **keyset}).fetchall()
@@ -313,13 +316,8 @@ def list_alarms(key: Viewer, conn: Conn, page: PageQuery, request: Request,
 @router.get("/alarms.csv", response_class=StreamingResponse, summary="Fire alarms and faults as CSV (as /alarms)",
             description=_ALARM_LIST_DESC + f" Every matching alarm, no pages; more than {EXPORT_MAX_ROWS:,} is a 422 "
                                            "(narrow the window).", responses=_csv_responses("the alarms, newest first"))
-def export_alarms(key: Viewer, conn: Conn, request: Request,
-                  kind: Annotated[Kind | None, Query()] = None,
-                  state: Annotated[State | None, Query(description="a state, or open (not cleared)")] = None,
-                  city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
-                  since: Annotated[datetime | None, Query(description="raised at or after (without a zone: UTC)")] = None,
-                  until: Annotated[datetime | None, Query(description="raised before")] = None) -> StreamingResponse:
-    sql, params = _alarm_query(key, kind, state, city, site, device, since, until)
+def export_alarms(key: Viewer, query: AlarmQuery, conn: Conn, request: Request) -> StreamingResponse:
+    sql, params = query
     refresh_alarms(request, conn)
     rows = _export_rows(conn, sql + " ORDER BY a.raised_at DESC, a.alarm_id DESC", params)
     return _csv(AlarmOut, [_alarm(r) for r in rows], "alarms.csv")
@@ -329,7 +327,12 @@ _WATER_DESC = ("Continuous flow, reverse flow, stopped meter, battery low, valve
                "(analytics/water.py), newest `opened_at` first; read-only.")
 
 
-def _water_query(key, kind, is_open, city, site, device, since, until) -> tuple[str, dict]:  # noqa: ANN001
+def _water_query(key: Viewer, kind: Annotated[WaterKind | None, Query()] = None,
+                 is_open: Annotated[bool | None, Query(alias="open", description="true: open only; false: closed only")] = None,
+                 city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
+                 since: Annotated[datetime | None, Query(description="opened at or after")] = None,
+                 until: Annotated[datetime | None, Query(description="opened before")] = None) -> tuple[str, dict]:
+    """The water-alert list's filters (a dependency of the list and its CSV)."""
     since, until = time_window(since, until)
     _city_in_scope(key, city)
     where, params = _filters(key, "a.opened_at", kind=kind, city=city, site=site, device=device, since=since,
@@ -342,21 +345,17 @@ def _water_query(key, kind, is_open, city, site, device, since, until) -> tuple[
         WHERE """ + " AND ".join(where), {**params, "open": is_open})
 
 
+WaterQuery = Annotated[tuple[str, dict], Depends(_water_query)]
+
+
 def _water_alert(r: tuple) -> WaterAlertOut:
     return WaterAlertOut(**dict(zip(WaterAlertOut.model_fields, r, strict=True)))
 
 
 @router.get("/water/alerts", response_model=Page[WaterAlertOut], responses={403: PROBLEM, 422: PROBLEM},
             summary="Per-meter water alerts, newest opened first", description=_WATER_DESC + " Cursor-paginated.")
-def list_water_alerts(key: Viewer, conn: Conn, page: PageQuery,
-                      kind: Annotated[WaterKind | None, Query()] = None,
-                      is_open: Annotated[bool | None, Query(alias="open",
-                                                            description="true: open only; false: closed only")] = None,
-                      city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
-                      since: Annotated[datetime | None, Query(description="opened at or after")] = None,
-                      until: Annotated[datetime | None, Query(description="opened before")] = None
-                      ) -> Page[WaterAlertOut]:
-    sql, params = _water_query(key, kind, is_open, city, site, device, since, until)
+def list_water_alerts(key: Viewer, query: WaterQuery, conn: Conn, page: PageQuery) -> Page[WaterAlertOut]:
+    sql, params = query
     tail, keyset = newest_first(page, "a.opened_at", "a.alert_id")
     rows = conn.execute(sql + tail, {**params, **keyset}).fetchall()
     return page.of([_water_alert(r) for r in rows], key=lambda a: (a.opened_at, a.alert_id))
@@ -365,14 +364,7 @@ def list_water_alerts(key: Viewer, conn: Conn, page: PageQuery,
 @router.get("/water/alerts.csv", response_class=StreamingResponse, summary="Water alerts as CSV (as /water/alerts)",
             description=_WATER_DESC + f" Every matching alert, no pages; more than {EXPORT_MAX_ROWS:,} is a 422.",
             responses=_csv_responses("the water alerts, newest first"))
-def export_water_alerts(key: Viewer, conn: Conn,
-                        kind: Annotated[WaterKind | None, Query()] = None,
-                        is_open: Annotated[bool | None, Query(alias="open",
-                                                              description="true: open only; false: closed only")] = None,
-                        city: CityFilter = None, site: SiteFilter = None, device: DeviceFilter = None,
-                        since: Annotated[datetime | None, Query(description="opened at or after")] = None,
-                        until: Annotated[datetime | None, Query(description="opened before")] = None
-                        ) -> StreamingResponse:
-    sql, params = _water_query(key, kind, is_open, city, site, device, since, until)
+def export_water_alerts(key: Viewer, query: WaterQuery, conn: Conn) -> StreamingResponse:
+    sql, params = query
     rows = _export_rows(conn, sql + " ORDER BY a.opened_at DESC, a.alert_id DESC", params)
     return _csv(WaterAlertOut, [_water_alert(r) for r in rows], "water-alerts.csv")
