@@ -39,6 +39,16 @@ Tz = Annotated[str | None, Query(max_length=64, description="IANA zone of the lo
                AfterValidator(lambda v: v and _zone(v))]
 
 
+class DeviceWhere(BaseModel):
+    """A device of a figure's list, and where it is (the first columns of its CSV too)."""
+    device_id: str
+    model: str
+    city: int | None
+    city_name_zh: str | None
+    city_name_en: str | None
+    site_name: str | None
+
+
 def cities_for(key: ApiKey, city: int | None) -> list[int | None]:
     """The cities one call covers: the one asked (403 outside the key's scope), else the key's cities,
     else [None] (every city, devices without a site included)."""
@@ -134,5 +144,5 @@ def csv_responses(what: str) -> dict:
             403: PROBLEM, 404: PROBLEM, 422: PROBLEM}
 
 
-__all__ = ["Aware", "CityFilter", "Day", "From", "To", "Tz", "cities_for", "city_of", "csv_response", "csv_responses", "day_window",
+__all__ = ["Aware", "CityFilter", "Day", "DeviceWhere", "From", "To", "Tz", "cities_for", "city_of", "csv_response", "csv_responses", "day_window",
            "page_of", "per_city", "site_codes", "window"]

@@ -8,24 +8,18 @@ from datetime import datetime
 import psycopg
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from analytics import fire
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import CityFilter, city_of, csv_response, csv_responses, page_of, per_city
+from api.figures import CityFilter, DeviceWhere, city_of, csv_response, csv_responses, page_of, per_city
 from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 
 router = APIRouter(tags=["fire"])
 
 
-class OfflineDeviceOut(BaseModel):
-    device_id: str
-    model: str
-    city: int | None
-    city_name_zh: str | None
-    city_name_en: str | None
-    site_name: str | None
+class OfflineDeviceOut(DeviceWhere):
     last_seen: datetime | None = Field(description="its last stored uplink; null: never heard since installation")
     interval_s: int = Field(description="the heartbeat (reporting) interval, the device's else its model's")
     silent_s: float = Field(description="now − (last_seen or installed_at)")

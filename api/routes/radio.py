@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from analytics import radio
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, site_codes, window
+from api.figures import (CityFilter, DeviceWhere, From, To, cities_for, city_of, csv_response, csv_responses, site_codes,
+                         window)
 from api.problems import PROBLEM
 
 router = APIRouter(tags=["radio"])
@@ -103,13 +104,7 @@ def summary_csv(key: Viewer, conn: Conn, settings: AppSettings, from_: From, cit
     return csv_response(RadioGroupOut, _summary(key, conn, settings, from_, city, level).groups, "radio-summary.csv")
 
 
-class WeakDeviceOut(BaseModel):
-    device_id: str
-    model: str
-    city: int | None
-    city_name_zh: str | None
-    city_name_en: str | None
-    site_name: str | None
+class WeakDeviceOut(DeviceWhere):
     cell_id: int | None
     rsrp_dbm: float | None
     sinr_db: float | None
