@@ -5,6 +5,7 @@
     python benchmarks/api_latency.py --reuse iotjx_api_bench  # use that database if it is built, else build and keep it
     python benchmarks/api_latency.py --quick                  # 5,000 devices, 500k readings: a smoke run
     python benchmarks/api_latency.py --concurrency 1,4,16 --requests 200 --repeats 2 --json figures.json
+    python benchmarks/api_latency.py --reuse iotjx_api_bench --figures   # every figure route instead (figure_routes.py)
 
 The database is read_latency.py's (benchmarks/_coverage_data.py's registry, then `read_latency.build_readings`:
 water registers, radio figures, the raw log, the rollups and `water_daily` in SQL), plus fire alarms: that build
