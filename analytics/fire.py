@@ -433,12 +433,17 @@ def city_code(conn: psycopg.Connection, city: str | int | None) -> int | None:
 # --------------------------------------------------------------------------- offline devices
 
 def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | None = None, *,
-                    offline_factor: float = OFFLINE_FACTOR) -> list[OfflineDevice]:
+                    offline_factor: float = OFFLINE_FACTOR, after: str | None = None,
+                    limit: int | None = None) -> list[OfflineDevice]:
     """Active fire devices silent for more than `offline_factor` (2) × their reporting interval at `now`,
-    longest silent first (installed after `now`: not yet expected)."""
+    longest silent first (installed after `now`: not yet expected).  With `after` or `limit`: by device id
+    instead, those after device id `after`, the first `limit` (a keyset page, computed for its devices only)."""
     if not offline_factor > 0:
         raise ValueError(f"offline_factor must be > 0, not {offline_factor}")
     code = city_code(conn, city)
+    paged = after is not None or limit is not None
+    order = ("ORDER BY d.device_id" + (" LIMIT %(n)s" if limit is not None else "")) if paged \
+        else "ORDER BY silent_s DESC, d.device_id"
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute("""
             SELECT d.device_id, d.model, s.city_code, s.name AS site_name, st.last_seen,
@@ -451,7 +456,8 @@ def offline_devices(conn: psycopg.Connection, now: datetime, city: str | int | N
               AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
               AND coalesce(st.last_seen, d.installed_at)
                   < %(now)s - %(k)s * coalesce(d.reporting_interval_s, m.reporting_interval_s) * interval '1 second'
-            ORDER BY silent_s DESC, d.device_id""", {"now": now, "c": code, "k": offline_factor}).fetchall()
+            """ + (" AND d.device_id > %(after)s " if after is not None else "") + order,
+                           {"now": now, "c": code, "k": offline_factor, "after": after, "n": limit}).fetchall()
     return [OfflineDevice(**r) for r in rows]
 
 

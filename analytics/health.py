@@ -193,6 +193,34 @@ def not_live(conn: psycopg.Connection, now: datetime, *, live_factor: float,
     return [d for d in devices if not d.malformed], [d for d in devices if d.malformed]
 
 
+def silent_page(conn: psycopg.Connection, now: datetime, *, live_factor: float, city: str | int | None = None,
+                family: str | None = None, after: str | None = None, limit: int | None = None) -> list[SilentDevice]:
+    """The silent devices of `not_live` (malformed senders excluded) of `family` (None: every family), by
+    device id: those after device id `after`, the first `limit` (None: all) — one keyset page computed for
+    its devices only (an index walk along the device ids that stops after `limit` silent ones), not the
+    whole fleet's list.  Same definitions as `_NOT_LIVE`: not live = no stored uplink within live_factor ×
+    the interval; malformed = a reject with its id in that window."""
+    code = city_code(conn, city)
+    # Conditions only when given: a generic plan of a prepared statement keeps every `… IS NULL OR` branch.
+    extra = (" AND coalesce(m.family, m.pilot) = %(fam)s" if family is not None else "") + (
+        " AND d.device_id > %(after)s" if after is not None else "")
+    sql = f"""
+        WITH d AS ({_ACTIVE}{extra})
+        SELECT d.device_id, d.model, d.family, d.network, d.city_code, d.site_name, d.interval_s, st.last_seen,
+               coalesce(st.last_seen, d.installed_at) AS since,
+               extract(epoch FROM %(t)s - coalesce(st.last_seen, d.installed_at))::float8 AS silent_s,
+               false AS malformed, 0 AS rejects, NULL::timestamptz AS last_reject_at, NULL::text AS last_reason,
+               NULL::text AS last_detail
+        FROM d LEFT JOIN device_state st USING (device_id)
+        WHERE NOT coalesce(st.last_seen >= %(t)s - d.w, false)
+          AND NOT EXISTS (SELECT 1 FROM rejected_uplinks x WHERE x.device_id = d.device_id
+                          AND x.received_at > %(t)s - d.w AND x.received_at <= %(t)s)
+        ORDER BY d.device_id{" LIMIT %(n)s" if limit is not None else ""}"""
+    rows = _fetch(conn, sql, {"t": now, "f": live_factor, "c": code, "ids": None, "fam": family, "after": after,
+                              "n": limit})
+    return [SilentDevice(**r) for r in rows]
+
+
 def suppressed_rejects(conn: psycopg.Connection, since: datetime, until: datetime) -> int:
     """Rejects counted in reject_tally without a rejected_uplinks row (so with no device id) in the
     minutes from `since` to `until`."""
@@ -283,9 +311,10 @@ BATTERY_SQL = _BATTERY
 # --------------------------------------------------------------------------- uplink success
 
 # Stored uplinks of each device in [counted_from, until): the raw log's `stored` rows, joined over the
-# window's constant range (only its partitions are read) rather than counted device by device.
-_SUCCESS = f"""
-    WITH d AS ({_ACTIVE}),
+# window's constant range (only its partitions are read) rather than counted device by device.  {page}:
+# empty, or a keyset page of the devices (uplink_success's `after` / `limit`).
+_SUCCESS_PAGED = f"""
+    WITH d AS ({_ACTIVE}{{page}}),
     c AS (SELECT d.*, greatest(%(since)s::timestamptz, d.installed_at) AS counted_from FROM d),
     n AS (SELECT r.device_id, count(*) AS n FROM raw_uplinks r JOIN c USING (device_id)
           WHERE r.outcome = 'stored' AND r.received_at >= %(since)s AND r.received_at < %(until)s
@@ -296,17 +325,25 @@ _SUCCESS = f"""
            coalesce(n.n, 0)::bigint AS received
     FROM c LEFT JOIN n USING (device_id)
     ORDER BY c.device_id"""
+_SUCCESS = _SUCCESS_PAGED.format(page="")
 
 
 def uplink_success(conn: psycopg.Connection, since: datetime, until: datetime | None,
-                   city: str | int | None = None) -> list[UplinkSuccess]:
+                   city: str | int | None = None, *, ids: list[str] | None = None, after: str | None = None,
+                   limit: int | None = None) -> list[UplinkSuccess]:
     """Per active device installed before `until` (None: now): stored uplinks in [since, until) ÷ whole
-    reporting intervals expected in it (from installed_at when later than since), capped at 1."""
+    reporting intervals expected in it (from installed_at when later than since), capped at 1; by device id.
+    `ids`: only these devices; `after` / `limit`: only the devices after device id `after`, the first
+    `limit` (a keyset page: the raw log is counted for those devices only)."""
     until = until or datetime.now(UTC)
     if until <= since:
         raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
     code = city_code(conn, city)
-    rows = _fetch(conn, _SUCCESS, {"t": until, "f": 1.0, "c": code, "ids": None, "since": since, "until": until})
+    page = (" AND d.device_id > %(after)s" if after is not None else "") + (
+        " ORDER BY d.device_id LIMIT %(n)s" if limit is not None else "")
+    sql = _SUCCESS_PAGED.format(page=page) if page else _SUCCESS
+    rows = _fetch(conn, sql, {"t": until, "f": 1.0, "c": code, "ids": ids, "since": since, "until": until,
+                              "after": after, "n": limit})
     return [UplinkSuccess(**r, success=min(1.0, r["received"] / r["expected"]) if r["expected"] > 0 else None)
             for r in rows]
 

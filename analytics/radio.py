@@ -206,6 +206,20 @@ _LATEST = f"""
     ORDER BY dev.device_id"""
 
 
+# A window [since, until) ending at or after a device's newest figures (the usual: a report up to now): each
+# figure's latest value in the window is the writer's all-time latest (rollup_radio_latest) when that one
+# was measured in the window, and there is none when it was measured before `since`; only a device with a
+# figure measured at or after `until` (`rescan`) needs the window's rollups and readings (`_DEVICES_OF`).
+_WITHIN = _LATEST.replace(
+    " AS last_at\n    FROM dev LEFT JOIN rollup_radio_latest",
+    """ AS last_at,
+           coalesce(greatest(l.rsrp_dbm_last_t, l.sinr_db_last_t, l.rsrq_db_last_t, l.ecl_last_t, l.cell_id_last_t,
+                             l.pci_last_t) >= %(until)s, false) AS rescan
+    FROM dev LEFT JOIN rollup_radio_latest""")
+_DEVICES_OF = _DEVICES.replace(_DEV, _DEV[:-1] + "\n          AND d.device_id = ANY(%(ids)s::text[]))")
+assert _WITHIN != _LATEST and _DEVICES_OF != _DEVICES
+
+
 def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | None,
                  city: str | int | None = None, *, tz: ZoneInfo = SHANGHAI, rollups: bool = True) -> list[DeviceRadio]:
     """Every active device installed by `until` (in the city, if given) with its latest radio figures in
@@ -218,9 +232,19 @@ def device_radio(conn: psycopg.Connection, since: datetime, until: datetime | No
     code = city_code(conn, city)
     sql = _LATEST if open_end and rollups else _DEVICES
     ff, ft = whole_days(since, until, tz) if rollups and sql is _DEVICES else (until, until)
+    params = {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET LOCAL jit = off")
-        rows = cur.execute(sql, {"since": since, "until": until, "c": code, "ff": ff, "ft": ft}).fetchall()
+        if rollups and not open_end:
+            rows = cur.execute(_WITHIN, params).fetchall()
+            again = [r["device_id"] for r in rows if r.pop("rescan")]
+            if len(again) > len(rows) // 2:          # a window well in the past: one scan of it for all
+                rows = cur.execute(_DEVICES, params).fetchall()
+            elif again:
+                redo = {r["device_id"]: r for r in cur.execute(_DEVICES_OF, {**params, "ids": again}).fetchall()}
+                rows = [redo.get(r["device_id"], r) for r in rows]
+        else:
+            rows = cur.execute(sql, params).fetchall()
     return [DeviceRadio(**r) for r in rows]
 
 
@@ -309,10 +333,12 @@ def weak_devices(devices: list[DeviceRadio], success: list[UplinkSuccess], *, rs
 
 def radio_report(conn: psycopg.Connection, since: datetime, until: datetime | None, *, rsrp_min_dbm: float,
                  sinr_min_db: float, city: str | int | None = None, tz: ZoneInfo = SHANGHAI,
-                 rollups: bool = True) -> RadioReport:
+                 rollups: bool = True, weak_success_only: bool = False) -> RadioReport:
     """Radio coverage over [since, until): groups, weak devices and uplink success, from one snapshot
     (the function the API exposes; thresholds from Settings.radio_rsrp_min_dbm / radio_sinr_min_db; `tz`
-    and `rollups` from IOTJX_TIMEZONE and IOTJX_ROLLUPS; `until` None: now — see `device_radio`)."""
+    and `rollups` from IOTJX_TIMEZONE and IOTJX_ROLLUPS; `until` None: now — see `device_radio`).
+    `weak_success_only`: uplink success is counted for the weak devices only (what `weak` shows; the raw
+    log of the window is then read for those devices, not the whole fleet) and `success` holds only theirs."""
     open_end = until is None
     until = until or datetime.now(UTC)
     _check_window(since, until)
@@ -321,7 +347,10 @@ def radio_report(conn: psycopg.Connection, since: datetime, until: datetime | No
         if outer:           # one snapshot: a device's radio and its uplink success from the same data
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         devices = device_radio(conn, since, None if open_end else until, city, tz=tz, rollups=rollups)
-        success = uplink_success(conn, since, until, city)
+        ids = None
+        if weak_success_only:
+            ids = [d.device_id for d in devices if d.with_radio and not _covered(d, rsrp_min_dbm, sinr_min_db)]
+        success = uplink_success(conn, since, until, city, ids=ids) if ids is None or ids else []
         names = dict(conn.execute("SELECT code, name_en FROM cities").fetchall())
     groups = coverage_groups(devices, names, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)
     weak = weak_devices(devices, success, rsrp_min_dbm=rsrp_min_dbm, sinr_min_db=sinr_min_db)

@@ -107,6 +107,20 @@ def page_of(items: Sequence[R], page: PageParams, key: Callable[[R], tuple], typ
     return page.of(rows[:page.limit + 1], key=key)
 
 
+def page_by_device(key: ApiKey, city: int | None, page: PageParams,
+                   fetch: Callable[[int | None, str | None, int], Sequence[R]]) -> Page[R]:
+    """One keyset page, by device id, of a device list computed in SQL a page at a time: `fetch(city, after,
+    n)` gives the city's first `n` items (each with a `device_id`) after device id `after` (None: from the
+    first); run for each city the call covers and put together, so no call computes the whole list."""
+    after = page.after(1, (str,))
+    if after is not None and after[0] is None:
+        raise HTTPException(422, "cursor: not a cursor of this list (pass next_cursor of the previous page as is)")
+    n = page.limit + 1
+    rows = sorted((r for c in cities_for(key, city) for r in fetch(c, after and after[0], n)),
+                  key=lambda r: r.device_id)
+    return page.of(rows[:n], key=lambda r: (r.device_id,))
+
+
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
@@ -144,5 +158,5 @@ def csv_responses(what: str) -> dict:
             403: PROBLEM, 404: PROBLEM, 422: PROBLEM}
 
 
-__all__ = ["Aware", "CityFilter", "Day", "DeviceWhere", "From", "To", "Tz", "cities_for", "city_of", "csv_response", "csv_responses", "day_window",
-           "page_of", "per_city", "site_codes", "window"]
+__all__ = ["Aware", "CityFilter", "Day", "DeviceWhere", "From", "To", "Tz", "cities_for", "city_of", "csv_response",
+           "csv_responses", "day_window", "page_by_device", "page_of", "per_city", "site_codes", "window"]

@@ -5,6 +5,7 @@
     python benchmarks/api_latency.py --reuse iotjx_api_bench  # use that database if it is built, else build and keep it
     python benchmarks/api_latency.py --quick                  # 5,000 devices, 500k readings: a smoke run
     python benchmarks/api_latency.py --concurrency 1,4,16 --requests 200 --repeats 2 --json figures.json
+    python benchmarks/api_latency.py --reuse iotjx_api_bench --figures   # every figure route instead (figure_routes.py)
 
 The database is read_latency.py's (benchmarks/_coverage_data.py's registry, then `read_latency.build_readings`:
 water registers, radio figures, the raw log, the rollups and `water_daily` in SQL), plus fire alarms: that build
@@ -103,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use this database when a previous run built it (else build it under this name); kept")
     p.add_argument("--keep-db", action="store_true", help="keep the database built (its name is printed)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--figures", action="store_true",
+                   help="time every figure route (JSON and CSV) instead of the five operations: viewer and "
+                        "city-scoped key, concurrency 1, a day / a week / 30 days where allowed")
+    p.add_argument("--figure-requests", type=int, default=4,
+                   help="requests per figure route, window and key kind (default 4)")
     a = p.parse_args(argv)
     a.devices = a.devices or (5_000 if a.quick else 100_000)
     a.readings = a.readings or (500_000 if a.quick else 10_000_000)
@@ -517,7 +523,11 @@ def main(argv=None) -> int:
                 f"{k} {v:.1f} s" for k, v in took.items() if isinstance(v, float) and k != "total_s"))
         url = data.with_db(args.pg_admin_url, name)
         w = world(url)
-        measured = measure(url, name, w, args)
+        if args.figures:
+            import figure_routes
+            measured = figure_routes.measure_figures(url, w, args, make_keys, start_api, stop_api)
+        else:
+            measured = measure(url, name, w, args)
     finally:
         if not keep:
             data.drop_database(args.pg_admin_url, name)
@@ -526,7 +536,11 @@ def main(argv=None) -> int:
     out = {"machine": machine_info(args.pg_admin_url), "args": {k: str(v) for k, v in vars(args).items()},
            "counts": w.counts, "build_s": took, "database": name, **measured}
     out["args"].update(repeats=args.repeats, requests=args.requests)
-    print_report(out, args.levels)
+    if args.figures:
+        import figure_routes
+        figure_routes.print_figures(out, console)
+    else:
+        print_report(out, args.levels)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0

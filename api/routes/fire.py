@@ -12,7 +12,7 @@ from pydantic import Field
 
 from analytics import fire
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import CityFilter, DeviceWhere, city_of, csv_response, csv_responses, page_of, per_city
+from api.figures import CityFilter, DeviceWhere, city_of, csv_response, csv_responses, page_by_device, per_city
 from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 
@@ -25,11 +25,15 @@ class OfflineDeviceOut(DeviceWhere):
     silent_s: float = Field(description="now − (last_seen or installed_at)")
 
 
-def _offline(key, conn: psycopg.Connection, settings, city: int | None) -> list[OfflineDeviceOut]:
-    now = conn.execute("SELECT now()").fetchone()[0]
-    rows = per_city(key, city, lambda c: fire.offline_devices(conn, now, c, offline_factor=settings.fire_offline_factor))
+def _offline(conn: psycopg.Connection, settings, now: datetime, city: int | None, after: str | None = None,
+             limit: int | None = None) -> list[OfflineDeviceOut]:
+    rows = fire.offline_devices(conn, now, city, offline_factor=settings.fire_offline_factor, after=after, limit=limit)
     return [OfflineDeviceOut(device_id=d.device_id, model=d.model, **city_of(d.city_code), site_name=d.site_name,
                              last_seen=d.last_seen, interval_s=d.interval_s, silent_s=d.silent_s) for d in rows]
+
+
+def _now(conn: psycopg.Connection) -> datetime:
+    return conn.execute("SELECT now()").fetchone()[0]
 
 
 _DOC = ("Active fire devices silent for more than IOTJX_FIRE_OFFLINE_FACTOR (2) × their heartbeat interval now "
@@ -40,11 +44,14 @@ _DOC = ("Active fire devices silent for more than IOTJX_FIRE_OFFLINE_FACTOR (2) 
             summary="Offline fire devices, by device id", description=_DOC + " Cursor-paginated by device id.")
 def offline(key: Viewer, conn: Conn, settings: AppSettings, page: PageQuery,
             city: CityFilter = None) -> Page[OfflineDeviceOut]:
-    return page_of(_offline(key, conn, settings, city), page, lambda d: (d.device_id,), (str,))
+    now = _now(conn)
+    return page_by_device(key, city, page, lambda c, after, n: _offline(conn, settings, now, c, after, n))
 
 
 @router.get("/fire/offline.csv", response_class=StreamingResponse, responses=csv_responses("one device a line"),
             summary="Offline fire devices, as CSV, longest silent first", description=_DOC)
 def offline_csv(key: Viewer, conn: Conn, settings: AppSettings, city: CityFilter = None) -> StreamingResponse:
-    rows = sorted(_offline(key, conn, settings, city), key=lambda d: (-d.silent_s, d.device_id))
+    now = _now(conn)
+    rows = sorted(per_city(key, city, lambda c: _offline(conn, settings, now, c)),
+                  key=lambda d: (-d.silent_s, d.device_id))
     return csv_response(OfflineDeviceOut, rows, "fire-offline.csv")

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from analytics import health
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import (CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, page_of, per_city,
-                         window)
+from api.figures import (CityFilter, From, To, cities_for, city_of, csv_response, csv_responses, page_by_device,
+                         per_city, window)
 from api.pagination import Page, PageQuery
 from api.problems import PROBLEM
 
@@ -156,9 +156,9 @@ class UplinkSuccessOut(BaseModel):
     success: float | None = Field(description="min(1, received / expected); null: nothing expected yet")
 
 
-def _success(key, conn: psycopg.Connection, from_: datetime, to: datetime, city: int | None) -> list[UplinkSuccessOut]:
-    since, until = window(from_, to, MAX_SUCCESS_DAYS)
-    rows = per_city(key, city, lambda c: health.uplink_success(conn, since, until, c))
+def _success(conn: psycopg.Connection, since: datetime, until: datetime, city: int | None, after: str | None = None,
+             limit: int | None = None) -> list[UplinkSuccessOut]:
+    rows = health.uplink_success(conn, since, until, city, after=after, limit=limit)
     return [UplinkSuccessOut(device_id=u.device_id, model=u.model, **city_of(u.city_code), interval_s=u.interval_s,
                              counted_from=u.counted_from, received=u.received, expected=u.expected, success=u.success)
             for u in rows]
@@ -172,11 +172,13 @@ _SUCCESS_DOC = (f"Per active device installed before `to`: stored uplinks in [fr
             summary="Uplink success per device over a window", description=_SUCCESS_DOC + " By device id, paginated.")
 def uplink_success(key: Viewer, conn: Conn, page: PageQuery, from_: From, to: To,
                    city: CityFilter = None) -> Page[UplinkSuccessOut]:
-    return page_of(_success(key, conn, from_, to, city), page, lambda u: (u.device_id,), (str,))
+    since, until = window(from_, to, MAX_SUCCESS_DAYS)
+    return page_by_device(key, city, page, lambda c, after, n: _success(conn, since, until, c, after, n))
 
 
 @router.get("/health/uplink-success.csv", response_class=StreamingResponse, responses=csv_responses("one device a line"),
             summary="Uplink success per device over a window, as CSV (same parameters)", description=_SUCCESS_DOC)
 def uplink_success_csv(key: Viewer, conn: Conn, from_: From, to: To, city: CityFilter = None) -> StreamingResponse:
-    rows = sorted(_success(key, conn, from_, to, city), key=lambda u: u.device_id)
+    since, until = window(from_, to, MAX_SUCCESS_DAYS)
+    rows = sorted(per_city(key, city, lambda c: _success(conn, since, until, c)), key=lambda u: u.device_id)
     return csv_response(UplinkSuccessOut, rows, "health-uplink-success.csv")

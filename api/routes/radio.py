@@ -128,7 +128,8 @@ def _report(key, conn: psycopg.Connection, settings, from_: datetime, to: dateti
     groups, weak = [], []
     for c in cities:
         r = radio.radio_report(conn, since, until, rsrp_min_dbm=settings.radio_rsrp_min_dbm,
-                               sinr_min_db=settings.radio_sinr_min_db, city=c, tz=settings.tz, rollups=settings.rollups)
+                               sinr_min_db=settings.radio_sinr_min_db, city=c, tz=settings.tz, rollups=settings.rollups,
+                               weak_success_only=True)
         groups += r.groups
         weak += r.weak
     weak.sort(key=lambda w: (w.rsrp_dbm is None, w.rsrp_dbm if w.rsrp_dbm is not None else 0.0,

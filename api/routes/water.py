@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 
 from analytics import health, water
 from api.deps import AppSettings, Conn, Viewer
-from api.figures import (CityFilter, Day, cities_for, city_of, csv_response, csv_responses, day_window, page_of,
-                         per_city, site_codes)
+from api.figures import (CityFilter, Day, cities_for, city_of, csv_response, csv_responses, day_window,
+                         page_by_device, per_city, site_codes)
 from api.pagination import Page, PageQuery, newest_first
 from api.problems import PROBLEM
 from api.routes.telemetry import SiteCode
@@ -187,12 +187,17 @@ class SilentMeterOut(BaseModel):
     silent_s: float = Field(description="now − since")
 
 
-def _silent(key, conn: psycopg.Connection, settings, city: int | None) -> list[SilentMeterOut]:
-    now = conn.execute("SELECT now()").fetchone()[0]
-    rows = per_city(key, city, lambda c: health.not_live(conn, now, live_factor=settings.live_factor, city=c)[0])
+def _silent_rows(conn: psycopg.Connection, settings, now, city: int | None, after: str | None = None,
+                 limit: int | None = None) -> list[SilentMeterOut]:
+    rows = health.silent_page(conn, now, live_factor=settings.live_factor, city=city, family="water", after=after,
+                              limit=limit)
     return [SilentMeterOut(device_id=d.device_id, model=d.model, network=d.network, **city_of(d.city_code),
                            site_name=d.site_name, interval_s=d.interval_s, last_seen=d.last_seen, since=d.since,
-                           silent_s=d.silent_s) for d in rows if d.family == "water"]
+                           silent_s=d.silent_s) for d in rows]
+
+
+def _now(conn: psycopg.Connection) -> datetime:
+    return conn.execute("SELECT now()").fetchone()[0]
 
 
 @router.get("/water/silent-meters", response_model=Page[SilentMeterOut], responses={403: PROBLEM, 422: PROBLEM},
@@ -202,13 +207,16 @@ def _silent(key, conn: psycopg.Connection, settings, city: int | None) -> list[S
                         "`/health/report`). Cursor-paginated by device id.")
 def silent_meters(key: Viewer, conn: Conn, settings: AppSettings, page: PageQuery,
                   city: CityFilter = None) -> Page[SilentMeterOut]:
-    return page_of(_silent(key, conn, settings, city), page, lambda m: (m.device_id,), (str,))
+    now = _now(conn)
+    return page_by_device(key, city, page, lambda c, after, n: _silent_rows(conn, settings, now, c, after, n))
 
 
 @router.get("/water/silent-meters.csv", response_class=StreamingResponse, responses=csv_responses("one meter a line"),
             summary="Silent water meters, as CSV, longest silent first")
 def silent_meters_csv(key: Viewer, conn: Conn, settings: AppSettings, city: CityFilter = None) -> StreamingResponse:
-    rows = sorted(_silent(key, conn, settings, city), key=lambda m: (m.since, m.device_id))
+    now = _now(conn)
+    rows = sorted(per_city(key, city, lambda c: _silent_rows(conn, settings, now, c)),
+                  key=lambda m: (m.since, m.device_id))
     return csv_response(SilentMeterOut, rows, "water-silent-meters.csv")
 
 

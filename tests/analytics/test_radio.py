@@ -326,3 +326,42 @@ def test_a_window_open_to_now_reads_the_latest_rollup_and_gives_the_same_figures
     later = radio_summary(fleet, NOW - timedelta(days=1), rsrp_min_dbm=-105.0, sinr_min_db=-3.0, city=city)
     _same_groups(later, list(radio_report(fleet, NOW - timedelta(days=1), None, rsrp_min_dbm=-105.0,
                                           sinr_min_db=-3.0, city=city).groups))
+
+
+_LATEST_IN_WINDOW = """
+    SELECT d.device_id,
+           (SELECT rsrp_dbm FROM radio_readings r WHERE r.device_id = d.device_id AND time >= %(s)s AND time < %(u)s
+              AND rsrp_dbm IS NOT NULL ORDER BY time DESC LIMIT 1),
+           (SELECT sinr_db FROM radio_readings r WHERE r.device_id = d.device_id AND time >= %(s)s AND time < %(u)s
+              AND sinr_db IS NOT NULL ORDER BY time DESC LIMIT 1),
+           (SELECT ecl FROM radio_readings r WHERE r.device_id = d.device_id AND time >= %(s)s AND time < %(u)s
+              AND ecl IS NOT NULL ORDER BY time DESC LIMIT 1),
+           (SELECT cell_id FROM radio_readings r WHERE r.device_id = d.device_id AND time >= %(s)s AND time < %(u)s
+              AND cell_id IS NOT NULL ORDER BY time DESC LIMIT 1),
+           (SELECT pci FROM radio_readings r WHERE r.device_id = d.device_id AND time >= %(s)s AND time < %(u)s
+              AND pci IS NOT NULL ORDER BY time DESC LIMIT 1)
+    FROM devices d WHERE d.status = 'active' AND d.installed_at <= %(u)s ORDER BY d.device_id"""
+
+
+@pytest.mark.parametrize("cut", [None, 0.75, 0.25, "2 days"])
+def test_a_closed_window_gives_each_figures_latest_value_in_it(fleet, cut):
+    """A closed window is served from the all-time latest rollup for the devices whose figures all lie before
+    its end and from the window's rollups and readings for the others (all of them when they are most): per
+    device the latest value of each figure in [since, until) equals a plain SQL lookup in radio_readings, with
+    and without the rollups.  `until`: now, a quantile of the devices' newest readings, or 2 days ago."""
+    since = NOW - timedelta(days=4)
+    if cut is None:
+        until = datetime.now(UTC) + timedelta(seconds=1)
+    elif cut == "2 days":
+        until = NOW - timedelta(days=2)
+    else:
+        until = fleet.execute("""SELECT percentile_disc(%s) WITHIN GROUP (ORDER BY t) + interval '1 microsecond'
+                                 FROM (SELECT max(time) AS t FROM radio_readings GROUP BY device_id) x""",
+                              (cut,)).fetchone()[0]
+    after = fleet.execute("SELECT count(DISTINCT device_id) FROM radio_readings WHERE time >= %s", (until,)).fetchone()[0]
+    assert (after > 0) == (cut is not None)
+    want = [tuple(r) for r in fleet.execute(_LATEST_IN_WINDOW, {"s": since, "u": until})]
+    for rollups in (True, False):
+        got = [(d.device_id, d.rsrp_dbm, d.sinr_db, d.ecl, d.cell_id, d.pci)
+               for d in device_radio(fleet, since, until, rollups=rollups)]
+        assert got == want and any(g[1] is not None for g in got)

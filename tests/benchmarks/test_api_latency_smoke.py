@@ -42,3 +42,28 @@ def test_a_tiny_run_measures_every_operation(pg_admin_url, tmp_path):
     with psycopg.connect(pg_admin_url) as conn:         # the benchmark drops what it built
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s",
                             (report["database"],)).fetchone()[0] == 0
+
+
+def test_a_tiny_figures_run_answers_every_figure_route(pg_admin_url, tmp_path):
+    """`--figures`: every figure route of the route table (JSON and CSV) is driven with both keys and
+    answered 200 (no timing asserted); the routes with no data in the build are named."""
+    from api.routes import fire, health, radio, reports, traffic, water
+
+    out = tmp_path / "figures.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "api_latency.py"), "--figures", "--devices", "600",
+           "--readings", "30000", "--days", "8", "--figure-requests", "1", "--pg-admin-url", pg_admin_url,
+           "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["figure_routes"]
+    for r in rows:
+        assert r["errors"] == {}, r
+        assert r["n"] == 1 or r["route"].endswith(" p3"), r      # a third page exists only for long lists
+    timed = {r["route"].removesuffix(" p1").removesuffix(" p3").split("?")[0] for r in rows if r["n"]}
+    figure_paths = {route.path for module in (water, fire, traffic, radio, health, reports)
+                    for route in module.router.routes}
+    assert len(figure_paths) >= 26
+    assert figure_paths <= timed, figure_paths - timed
+    assert {r["key"] for r in rows} == {"viewer", "city"}
+    assert "no data:" in done.stdout and "p95 > 1000 ms:" in done.stdout
