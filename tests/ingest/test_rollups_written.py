@@ -190,7 +190,9 @@ def test_rollup_series_merges_buckets_as_the_readings_sum(db_url):
     readings counted per local hour and day in SQL; a lane's 5-minute buckets merged to 15 minutes too."""
     from analytics.rollups import rollup_series
 
-    uplinks = _province_mix(db_url, days=1.0, scale=0.003)
+    # 30 hours: whatever the hour, a local midnight with at least 3 hours on each side (one day of data
+    # ending ten minutes before a run just after local midnight had all of a site's events on one day)
+    uplinks = _province_mix(db_url, days=1.25, scale=0.003)
     Pipeline(DeviceRegistry(lambda: connect(db_url)), Writer(lambda: connect(db_url))).process(uplinks)
     tz = ZoneInfo(TZ)
     since, until = datetime.now(tz) - timedelta(days=3), datetime.now(tz) + timedelta(hours=1)
