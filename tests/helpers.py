@@ -48,6 +48,21 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def walk_pages(client, path: str, key: str, params: dict | None = None, *, max_pages: int = 1000) -> list[dict]:
+    """Every item of a cursor-paginated list (api/pagination.py), page by page, following `next_cursor`
+    as given; each page must be a 200, and the last page must come within `max_pages`."""
+    items, cursor = [], None
+    for _ in range(max_pages):
+        answer = client.get(path, params={**(params or {}), **({"cursor": cursor} if cursor else {})},
+                            headers=bearer(key))
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:500])
+        items += answer.json()["items"]
+        cursor = answer.json()["next_cursor"]
+        if cursor is None:
+            return items
+    raise AssertionError(f"{path}: no last page within {max_pages} pages")
+
+
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
     """Poll `predicate` until it is true or `timeout` passes; its last answer (a test asserts it)."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from iotjx.settings import Settings
 from tests.api.conftest import NANCHANG, YINGTAN
-from tests.helpers import bearer, insert_key
+from tests.helpers import bearer, insert_key, walk_pages
 
 
 @dataclass
@@ -37,13 +37,7 @@ class World:
 
     def items(self, path: str, key: str | None = None, **query) -> list[dict]:
         """Every item of a paginated list, following next_cursor (small pages: the cursor is exercised)."""
-        out, cursor = [], None
-        while True:
-            page = self.json(path, key, **query, limit=3, **({"cursor": cursor} if cursor else {}))
-            out += page["items"]
-            cursor = page["next_cursor"]
-            if cursor is None:
-                return out
+        return walk_pages(self.client, path, key or self.viewer, {**query, "limit": 3})
 
     def csv(self, path: str, key: str | None = None, **query) -> list[dict[str, str]]:
         answer = self.get(path, key, **query)

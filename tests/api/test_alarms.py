@@ -23,7 +23,8 @@ from iotjx.db import connect
 from iotjx.devices import DeviceRecord, register_devices
 from iotjx.model import Uplink
 from tests.api.conftest import key_id
-from tests.helpers import bearer
+from tests.analytics.test_fire import _hand_count
+from tests.helpers import bearer, walk_pages
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 T0 = NOW - timedelta(hours=6)
@@ -61,20 +62,9 @@ def fire_db(db_url):
 
 
 def _episodes(db_url: str) -> list[tuple]:
-    """The episodes by plain SQL (gaps and islands over the component-state rows), newest raised first."""
+    """The episodes by plain SQL (tests/analytics/test_fire.py's gaps-and-islands count), newest raised first."""
     with psycopg.connect(db_url) as conn:
-        return conn.execute("""
-            WITH s AS (
-                SELECT device_id, component_address, k.kind, coalesce(event_time, sent_at, time) AS at, time, k.flag
-                FROM fire_events CROSS JOIN LATERAL (VALUES ('alarm', fire_alarm), ('fault', fault)) k(kind, flag)
-                WHERE app_type = 2 AND k.flag IS NOT NULL),
-            m AS (SELECT *, lag(flag) OVER w AS prev FROM s
-                  WINDOW w AS (PARTITION BY device_id, component_address, kind ORDER BY at, time))
-            SELECT device_id, component_address, kind, at,
-                   (SELECT min(s2.at) FROM s s2 WHERE (s2.device_id, s2.component_address, s2.kind)
-                        = (m.device_id, m.component_address, m.kind) AND s2.at > m.at AND NOT s2.flag)
-            FROM m WHERE flag AND (prev IS NULL OR NOT prev)
-            ORDER BY at DESC""").fetchall()
+        return sorted(_hand_count(conn), key=lambda e: e[3], reverse=True)
 
 
 def _t(text: str | None) -> datetime | None:
@@ -82,16 +72,7 @@ def _t(text: str | None) -> datetime | None:
 
 
 def _walk(client: TestClient, key: str, path: str, params: dict | None = None) -> list[dict]:
-    got, cursor = [], None
-    for _ in range(100):
-        answer = client.get(path, params={**(params or {}), **({"cursor": cursor} if cursor else {})},
-                            headers=bearer(key))
-        assert answer.status_code == 200, answer.text
-        got += answer.json()["items"]
-        cursor = answer.json()["next_cursor"]
-        if cursor is None:
-            return got
-    raise AssertionError("no last page")
+    return walk_pages(client, path, key, params, max_pages=100)
 
 
 def _key(a: dict) -> tuple:

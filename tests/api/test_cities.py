@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from iotjx.devices import DeviceRecord, register_devices
 from tests.api.conftest import NANCHANG
-from tests.helpers import bearer
+from tests.helpers import bearer, walk_pages
 
 
 def _devices(db_url: str) -> None:
@@ -36,14 +36,7 @@ def test_cities_with_device_counts_equal_a_plain_sql_count(settings, keys):
         assert [c["city"] for c in body["items"]] == sorted(want)
         assert want[NANCHANG][2] == {"active": 2, "inactive": 1, "retired": 0}
         # paged: the same cities, in order
-        items, cursor = [], None
-        while True:
-            page = client.get("/cities", params={"limit": 4, **({"cursor": cursor} if cursor else {})},
-                              headers=bearer(keys.viewer)).json()
-            items += page["items"]
-            if (cursor := page["next_cursor"]) is None:
-                break
-        assert items == body["items"]
+        assert walk_pages(client, "/cities", keys.viewer, {"limit": 4}) == body["items"]
         scoped = client.get("/cities", headers=bearer(keys.nanchang_viewer)).json()["items"]
         assert [c["city"] for c in scoped] == [NANCHANG] and scoped[0]["devices"]["active"] == 2
         assert client.get("/cities").status_code == 401

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from ingest.coap import set_device_token
 from tests.api.conftest import NANCHANG, YINGTAN, key_id
-from tests.helpers import bearer, insert_key
+from tests.helpers import bearer, insert_key, walk_pages
 
 DEVICE = {"model": "cjt188-nb-water-std", "network": "nbiot", "site_kind": "residential"}
 Y1, Y2, N1 = "869975035000011", "869975035000029", "869975035000037"
@@ -57,16 +57,7 @@ def _tuple(item: dict) -> tuple:
 
 
 def _walk(client: TestClient, key: str, params: dict) -> list[dict]:
-    got, cursor = [], None
-    for _ in range(50):
-        page = client.get("/credentials", params={**params, **({"cursor": cursor} if cursor else {})},
-                          headers=bearer(key))
-        assert page.status_code == 200, page.text
-        got += page.json()["items"]
-        cursor = page.json()["next_cursor"]
-        if cursor is None:
-            return got
-    raise AssertionError("no last page")
+    return walk_pages(client, "/credentials", key, params, max_pages=50)
 
 
 def test_the_list_is_the_tables_and_the_audit_log_and_never_a_secret(world, settings, keys):

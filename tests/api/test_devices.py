@@ -26,7 +26,7 @@ from iotjx.mqtt_accounts import set_device_password
 from iotjx.sites import SiteRecord, import_sites
 from tests.analytics import test_health as story
 from tests.api.conftest import NANCHANG, YINGTAN, key_id
-from tests.helpers import bearer
+from tests.helpers import bearer, walk_pages
 
 FACTOR = 1.5                    # the settings' default live_factor, which the API uses
 CSV = {"content-type": "text/csv"}
@@ -57,15 +57,7 @@ def client(settings):
 
 def _all(client: TestClient, key: str, path: str = "/devices", **query) -> list[dict]:
     """Every item of a list, page by page (3 a page, so that paging is exercised)."""
-    items, cursor = [], None
-    while True:
-        r = client.get(path, params={**query, "limit": 3, **({"cursor": cursor} if cursor else {})},
-                       headers=bearer(key))
-        assert r.status_code == 200, r.text
-        items += r.json()["items"]
-        cursor = r.json()["next_cursor"]
-        if cursor is None:
-            return items
+    return walk_pages(client, path, key, {**query, "limit": 3})
 
 
 def _ids(conn: psycopg.Connection, where: str = "true", params: dict | None = None) -> list[str]:

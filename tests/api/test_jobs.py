@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.jobs import INTERRUPTED, JOB_LOCK
 from tests.api.conftest import NANCHANG, YINGTAN, key_id
-from tests.helpers import bearer
+from tests.helpers import bearer, walk_pages
 
 
 def _wait(client: TestClient, key: str, job_id: int, states: tuple[str, ...] = ("done", "failed")) -> dict:
@@ -103,15 +103,7 @@ def test_the_list_pages_newest_first_filters_and_keeps_to_the_key_s_cities(setti
                          ("done" if k % 2 else "failed", cities, 60 - k))
 
     def walk(key: str, params: dict) -> list[int]:
-        got, cursor = [], None
-        for _ in range(50):
-            page = client.get("/jobs", params={**params, **({"cursor": cursor} if cursor else {})}, headers=bearer(key))
-            assert page.status_code == 200, page.text
-            got += [j["job_id"] for j in page.json()["items"]]
-            cursor = page.json()["next_cursor"]
-            if cursor is None:
-                return got
-        raise AssertionError("no last page")
+        return [j["job_id"] for j in walk_pages(client, "/jobs", key, params, max_pages=50)]
 
     def sql(where: str) -> list[int]:
         with psycopg.connect(db_url) as conn:

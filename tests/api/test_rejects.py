@@ -24,7 +24,7 @@ from iotjx.db import connect
 from iotjx.devices import DeviceRecord, register_devices
 from iotjx.model import Uplink
 from tests.api.conftest import key_id
-from tests.helpers import bearer
+from tests.helpers import bearer, walk_pages
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 T0 = NOW - timedelta(hours=3)
@@ -245,17 +245,8 @@ def _sql_rejects(db_url: str, where: str = "true", params: tuple = ()) -> list[t
 
 
 def _walk(client: TestClient, key: str, params: dict) -> list[tuple]:
-    got, cursor = [], None
-    for _ in range(100):
-        answer = client.get("/rejects", params={**params, **({"cursor": cursor} if cursor else {})},
-                            headers=bearer(key))
-        assert answer.status_code == 200, answer.text
-        page = answer.json()
-        got += [(r["reject_id"], r["device_id"], r["reason"], r["payload_hex"]) for r in page["items"]]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return got
-    raise AssertionError("no last page")
+    return [(r["reject_id"], r["device_id"], r["reason"], r["payload_hex"])
+            for r in walk_pages(client, "/rejects", key, params, max_pages=100)]
 
 
 def test_list_filters_pages_and_city_scope(story, settings, keys):
