@@ -8,21 +8,18 @@ rows of devices without a site (city 0) are seen only by a key without a scope, 
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import psycopg
 from fastapi import HTTPException, Query
-from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel
 
+from api.csv_export import csv_response, csv_responses
 from api.pagination import Page, PageParams
 from api.routes.alarms import CityFilter, time_window
 from api.routes.telemetry import Aware, _zone            # the telemetry series' time and zone parameters
-from api.problems import PROBLEM
 from api.schemas import city_names
 from iotjx.apikeys import ApiKey
 
@@ -119,43 +116,6 @@ def page_by_device(key: ApiKey, city: int | None, page: PageParams,
     rows = sorted((r for c in cities_for(key, city) for r in fetch(c, after and after[0], n)),
                   key=lambda r: r.device_id)
     return page.of(rows[:n], key=lambda r: (r.device_id,))
-
-
-def _cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
-
-
-def csv_response(model: type[BaseModel], rows: Iterable[BaseModel], filename: str) -> StreamingResponse:
-    """The rows as CSV (UTF-8, a header line of the model's fields, empty for null), streamed."""
-    fields = list(model.model_fields)
-
-    def chunks() -> Iterator[bytes]:
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\r\n")
-        writer.writerow(fields)
-        for n, row in enumerate(rows, 1):
-            values = row.model_dump()
-            writer.writerow([_cell(values[f]) for f in fields])
-            if n % 1000 == 0:
-                yield out.getvalue().encode()
-                out.seek(0)
-                out.truncate()
-        yield out.getvalue().encode()
-
-    return StreamingResponse(chunks(), media_type="text/csv; charset=utf-8",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-
-
-def csv_responses(what: str) -> dict:
-    """The OpenAPI responses of a CSV twin."""
-    return {200: {"description": what, "content": {"text/csv": {"schema": {"type": "string"}}}},
-            403: PROBLEM, 404: PROBLEM, 422: PROBLEM}
 
 
 __all__ = ["Aware", "CityFilter", "Day", "DeviceWhere", "From", "To", "Tz", "cities_for", "city_of", "csv_response",

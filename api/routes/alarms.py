@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from analytics import fire
+from api.csv_export import csv_response, csv_responses
 from api.deps import Conn, Operator, RowId, Viewer, audit_write
 from api.pagination import Page, PageQuery, newest_first
 from api.problems import PROBLEM
@@ -177,16 +178,6 @@ def _export_rows(conn: psycopg.Connection, sql: str, params: dict) -> list[tuple
     return rows
 
 
-def _csv(model, rows, filename: str) -> StreamingResponse:  # noqa: ANN001
-    from api.figures import csv_response            # api.figures imports this module's window and filters
-    return csv_response(model, rows, filename)
-
-
-def _csv_responses(what: str) -> dict:
-    return {200: {"description": what, "content": {"text/csv": {"schema": {"type": "string"}}}},
-            403: PROBLEM, 422: PROBLEM}
-
-
 def _visible(conn: psycopg.Connection, key, alarm_id: int, *, lock: bool = False) -> AlarmOut:  # noqa: ANN001
     row = conn.execute(_ALARM + " WHERE a.alarm_id = %s" + (" FOR UPDATE OF a" if lock else ""),
                        (alarm_id,)).fetchone()
@@ -315,12 +306,12 @@ def list_alarms(key: Viewer, query: AlarmQuery, conn: Conn, page: PageQuery, req
 
 @router.get("/alarms.csv", response_class=StreamingResponse, summary="Fire alarms and faults as CSV (as /alarms)",
             description=_ALARM_LIST_DESC + f" Every matching alarm, no pages; more than {EXPORT_MAX_ROWS:,} is a 422 "
-                                           "(narrow the window).", responses=_csv_responses("the alarms, newest first"))
+                                           "(narrow the window).", responses=csv_responses("the alarms, newest first", (403, 422)))
 def export_alarms(key: Viewer, query: AlarmQuery, conn: Conn, request: Request) -> StreamingResponse:
     sql, params = query
     refresh_alarms(request, conn)
     rows = _export_rows(conn, sql + " ORDER BY a.raised_at DESC, a.alarm_id DESC", params)
-    return _csv(AlarmOut, [_alarm(r) for r in rows], "alarms.csv")
+    return csv_response(AlarmOut, [_alarm(r) for r in rows], "alarms.csv")
 
 
 _WATER_DESC = ("Continuous flow, reverse flow, stopped meter, battery low, valve closed or abnormal "
@@ -363,8 +354,8 @@ def list_water_alerts(key: Viewer, query: WaterQuery, conn: Conn, page: PageQuer
 
 @router.get("/water/alerts.csv", response_class=StreamingResponse, summary="Water alerts as CSV (as /water/alerts)",
             description=_WATER_DESC + f" Every matching alert, no pages; more than {EXPORT_MAX_ROWS:,} is a 422.",
-            responses=_csv_responses("the water alerts, newest first"))
+            responses=csv_responses("the water alerts, newest first", (403, 422)))
 def export_water_alerts(key: Viewer, query: WaterQuery, conn: Conn) -> StreamingResponse:
     sql, params = query
     rows = _export_rows(conn, sql + " ORDER BY a.opened_at DESC, a.alert_id DESC", params)
-    return _csv(WaterAlertOut, [_water_alert(r) for r in rows], "water-alerts.csv")
+    return csv_response(WaterAlertOut, [_water_alert(r) for r in rows], "water-alerts.csv")
