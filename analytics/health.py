@@ -164,15 +164,21 @@ _ACTIVE = """
       AND (%(c)s::int IS NULL OR coalesce(s.city_code, 0) = %(c)s)
       AND (%(ids)s::text[] IS NULL OR d.device_id = ANY(%(ids)s::text[]))"""
 
+# The two definitions of README "Device health", each written once: not live (no stored uplink within
+# live_factor × the interval; `d` the active device, `st` its device_state) and malformed (a reject with its
+# id in that window; `x` the reject, {d} the device's alias).
+_NOT_SEEN = "NOT coalesce(st.last_seen >= %(t)s - d.w, false)"
+_IN_WINDOW = "x.received_at > %(t)s - {d}.w AND x.received_at <= %(t)s"
+
 _NOT_LIVE = f"""
     WITH d AS ({_ACTIVE}),
     q AS (SELECT d.*, st.last_seen FROM d LEFT JOIN device_state st USING (device_id)
-          WHERE NOT coalesce(st.last_seen >= %(t)s - d.w, false)),
+          WHERE {_NOT_SEEN}),
     r AS (SELECT x.device_id, count(*) AS rejects, max(x.received_at) AS last_reject_at,
                  (array_agg(x.reason ORDER BY x.received_at DESC, x.reject_id DESC))[1] AS last_reason,
                  (array_agg(x.detail ORDER BY x.received_at DESC, x.reject_id DESC))[1] AS last_detail
           FROM rejected_uplinks x JOIN q ON q.device_id = x.device_id
-          WHERE x.received_at > %(t)s - q.w AND x.received_at <= %(t)s
+          WHERE {_IN_WINDOW.format(d="q")}
             AND x.received_at > %(t)s - (SELECT max(w) FROM q)      -- a bound the time index can use
           GROUP BY x.device_id)
     SELECT q.device_id, q.model, q.family, q.network, q.city_code, q.site_name, q.interval_s, q.last_seen,
@@ -198,8 +204,7 @@ def silent_page(conn: psycopg.Connection, now: datetime, *, live_factor: float, 
     """The silent devices of `not_live` (malformed senders excluded) of `family` (None: every family), by
     device id: those after device id `after`, the first `limit` (None: all) — one keyset page computed for
     its devices only (an index walk along the device ids that stops after `limit` silent ones), not the
-    whole fleet's list.  Same definitions as `_NOT_LIVE`: not live = no stored uplink within live_factor ×
-    the interval; malformed = a reject with its id in that window."""
+    whole fleet's list; `_NOT_LIVE`'s definitions (`_NOT_SEEN`, `_IN_WINDOW`)."""
     code = city_code(conn, city)
     # Conditions only when given: a generic plan of a prepared statement keeps every `… IS NULL OR` branch.
     extra = (" AND coalesce(m.family, m.pilot) = %(fam)s" if family is not None else "") + (
@@ -212,9 +217,9 @@ def silent_page(conn: psycopg.Connection, now: datetime, *, live_factor: float, 
                false AS malformed, 0 AS rejects, NULL::timestamptz AS last_reject_at, NULL::text AS last_reason,
                NULL::text AS last_detail
         FROM d LEFT JOIN device_state st USING (device_id)
-        WHERE NOT coalesce(st.last_seen >= %(t)s - d.w, false)
+        WHERE {_NOT_SEEN}
           AND NOT EXISTS (SELECT 1 FROM rejected_uplinks x WHERE x.device_id = d.device_id
-                          AND x.received_at > %(t)s - d.w AND x.received_at <= %(t)s)
+                          AND {_IN_WINDOW.format(d="d")})
         ORDER BY d.device_id{" LIMIT %(n)s" if limit is not None else ""}"""
     rows = _fetch(conn, sql, {"t": now, "f": live_factor, "c": code, "ids": None, "fam": family, "after": after,
                               "n": limit})
